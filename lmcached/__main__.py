@@ -1,0 +1,3 @@
+from lmcached.cli import main
+
+raise SystemExit(main())

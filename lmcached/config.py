@@ -1,0 +1,534 @@
+"""Load, validate and describe the daemon's configuration.
+
+Every key is one field of :class:`Config`, declared with :func:`option`: its converter, its
+documentation and whether it holds a secret. Values come from YAML, then ``LMCACHED_<KEY>``
+environment overrides. Every value passes through its named converter at load time, so a bad
+value fails at start with one line naming the key, never in the hot path.
+
+Key names and units follow LMCache where LMCache has the key (``chunk_size``,
+``max_local_cpu_size`` in GiB, ``local_disk``, ``remote_url`` ...), so an LMCache user's file
+mostly works.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import re
+import tempfile
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import yaml
+
+from lmcached.errors import ConfigError
+
+ENV_PREFIX = "LMCACHED_"
+GIB = 1 << 30
+
+Converter = Callable[[Any], Any]
+
+
+# --------------------------------------------------------------------------------------------
+# Named converters. Each raises ValueError with a sentence saying what was expected.
+# --------------------------------------------------------------------------------------------
+
+_SIZE_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1000,
+    "kb": 1000,
+    "kib": 1 << 10,
+    "m": 1000**2,
+    "mb": 1000**2,
+    "mib": 1 << 20,
+    "g": 1000**3,
+    "gb": 1000**3,
+    "gib": 1 << 30,
+    "t": 1000**4,
+    "tb": 1000**4,
+    "tib": 1 << 40,
+}
+_SIZE_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]*)?)\s*([a-zA-Z]*)\s*$")
+
+
+def byte_size(value: Any) -> int:
+    """Convert a size to bytes: a number means GiB (as in LMCache); '512MiB', '2GB' carry units."""
+    if isinstance(value, bool):
+        raise ValueError(f"expected a size such as 2.5 (GiB) or '512MiB', got {value!r}")
+    if isinstance(value, (int, float)):
+        if value < 0:
+            raise ValueError(f"expected a non-negative size, got {value!r}")
+        return int(value * GIB)
+    if isinstance(value, str):
+        m = _SIZE_RE.match(value)
+        if m:
+            number, unit = m.groups()
+            unit_bytes = _SIZE_UNITS.get(unit.lower())
+            if unit_bytes is not None:
+                # A bare number in a string still means GiB, like the YAML number would.
+                return int(float(number) * (unit_bytes if unit else GIB))
+    raise ValueError(f"expected a size such as 2.5 (GiB) or '512MiB', got {value!r}")
+
+
+def positive_int(value: Any) -> int:
+    """Convert to an int greater than zero."""
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"expected a positive integer, got {value!r}")
+    return value
+
+
+def non_negative_int(value: Any) -> int:
+    """Convert to an int of zero or more."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"expected an integer >= 0, got {value!r}")
+    return value
+
+
+def port_number(value: Any) -> int:
+    """Convert to a TCP port; 0 asks the OS for an ephemeral port."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 65535:
+        raise ValueError(f"expected a port number 0..65535 (0 = ephemeral), got {value!r}")
+    return value
+
+
+def seconds(value: Any) -> float:
+    """Convert to a duration in seconds (> 0)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        raise ValueError(f"expected a duration in seconds > 0, got {value!r}")
+    return float(value)
+
+
+def non_negative_seconds(value: Any) -> float:
+    """Convert to a duration in seconds (>= 0)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+        raise ValueError(f"expected a duration in seconds >= 0, got {value!r}")
+    return float(value)
+
+
+def boolean(value: Any) -> bool:
+    """Convert to a bool; accepts YAML booleans and the strings true/false/yes/no/1/0."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in {"true", "yes", "on", "1"}:
+        return True
+    if isinstance(value, str) and value.strip().lower() in {"false", "no", "off", "0"}:
+        return False
+    raise ValueError(f"expected true or false, got {value!r}")
+
+
+def string(value: Any) -> str:
+    """Convert to a string (numbers are not silently accepted)."""
+    if not isinstance(value, str):
+        raise ValueError(f"expected a string, got {value!r}")
+    return value
+
+
+def optional_string(value: Any) -> str | None:
+    """Convert to a string, or None when null or empty."""
+    if value is None or value == "":
+        return None
+    return string(value)
+
+
+def optional_path(value: Any) -> str | None:
+    """Convert to an absolute path string with ~ expanded, or None when null or empty."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, str) and value.startswith("file://"):
+        value = value[len("file://") :]
+    return str(Path(string(value)).expanduser().absolute())
+
+
+def path_list(value: Any) -> list[str]:
+    """Convert a path or a list of paths to a list of absolute path strings."""
+    if value is None:
+        return []
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list):
+        raise ValueError(f"expected a path or a list of paths, got {value!r}")
+    out = []
+    for item in items:
+        p = optional_path(item)
+        if p is None:
+            raise ValueError(f"expected a path or a list of paths, got {value!r}")
+        out.append(p)
+    return out
+
+
+def string_list(value: Any) -> list[str]:
+    """Convert a list of strings (a single string becomes a one-item list)."""
+    if value is None:
+        return []
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list) or not all(isinstance(i, str) for i in items):
+        raise ValueError(f"expected a list of strings, got {value!r}")
+    return list(items)
+
+
+def mapping(value: Any) -> dict[str, Any]:
+    """Convert to a mapping with string keys."""
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
+        raise ValueError(f"expected a mapping with string keys, got {value!r}")
+    return dict(value)
+
+
+def choice(*allowed: str) -> Converter:
+    """Build a converter that accepts one of ``allowed`` (case-insensitive)."""
+
+    def convert(value: Any) -> str:
+        if isinstance(value, str) and value.lower() in allowed:
+            return value.lower()
+        raise ValueError(f"expected one of {', '.join(allowed)}, got {value!r}")
+
+    convert.__name__ = f"choice({', '.join(allowed)})"
+    return convert
+
+
+def optional_url(value: Any) -> str | None:
+    """Convert to a URL with a scheme (scheme://...), or None when null or empty."""
+    if value is None or value == "":
+        return None
+    s = string(value)
+    if "://" not in s or not urlsplit(s).scheme:
+        raise ValueError(f"expected a URL such as redis://host:6379, got {value!r}")
+    return s
+
+
+def bind_host(value: Any) -> str:
+    """Convert to a host name or IP address to bind."""
+    s = string(value).strip()
+    if not s or any(c in s for c in "/ \t"):
+        raise ValueError(f"expected a host name or IP address, got {value!r}")
+    return s
+
+
+def default_runtime_dir() -> str:
+    """Return the per-user runtime folder: $XDG_RUNTIME_DIR/lmcached, else /tmp/lmcached-<uid>."""
+    xdg = os.environ.get("XDG_RUNTIME_DIR")
+    if xdg and os.path.isdir(xdg):
+        return os.path.join(xdg, "lmcached")
+    return os.path.join(tempfile.gettempdir(), f"lmcached-{os.getuid()}")
+
+
+# --------------------------------------------------------------------------------------------
+# The schema.
+# --------------------------------------------------------------------------------------------
+
+
+def option(
+    default: Any,
+    convert: Converter,
+    doc: str,
+    *,
+    secret: bool = False,
+    default_factory: Callable[[], Any] | None = None,
+) -> Any:
+    """Declare one config key: its default, named converter and one-line documentation."""
+    meta = {"convert": convert, "doc": doc, "secret": secret}
+    if default_factory is not None:
+        return field(default_factory=default_factory, metadata=meta)
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class Config:
+    """The effective configuration of one daemon (after YAML and env overrides)."""
+
+    # --- core: processes and endpoints -----------------------------------------------------
+    num_workers: int = option(2, positive_int, "Worker processes; each owns 1/N of the keys.")
+    host: str = option("127.0.0.1", bind_host, "Address the control and data endpoints bind.")
+    port: int = option(
+        7470,
+        port_number,
+        "Control port; worker i binds port+1+i. 0 makes every port ephemeral "
+        "(the real ones are written to the runtime file).",
+    )
+    runtime_dir: str = option(
+        None,
+        optional_path,
+        "Folder for ipc sockets, the lock and the endpoints file. "
+        "Default: $XDG_RUNTIME_DIR/lmcached, else /tmp/lmcached-<uid>.",
+    )
+    instance_name: str | None = option(
+        None,
+        optional_string,
+        "Subfolder of runtime_dir for this daemon. Default: derived from the config file path, "
+        "so two daemons with different configs never collide.",
+    )
+    # --- core: KV blocks ---------------------------------------------------------------------
+    chunk_size: int = option(256, positive_int, "Tokens per KV block (LMCache's chunk_size).")
+    local_cpu: bool = option(True, boolean, "Keep blocks in the CPU-memory tier.")
+    max_local_cpu_size: int = option(
+        2.0, byte_size, "CPU tier budget, split evenly across workers. A number is GiB."
+    )
+    eviction_policy: str = option("lru", string, "Eviction policy of the CPU tier, by name.")
+    # --- core: limits ------------------------------------------------------------------------
+    max_block_size: int = option("64MiB", byte_size, "Largest accepted block payload.")
+    max_keys_per_batch: int = option(4096, positive_int, "Most keys in one request.")
+    max_key_length: int = option(512, positive_int, "Longest accepted key, in bytes.")
+    max_inflight_bytes: int = option(
+        "512MiB",
+        byte_size,
+        "Most payload bytes one client connection may have unacknowledged; also the largest "
+        "single request.",
+    )
+    wire_frame_size: int = option(
+        "16MiB",
+        byte_size,
+        "Blocks larger than this travel as several sub-frames (keeps libzmq's buffers below "
+        "glibc's mmap threshold).",
+    )
+    request_timeout: float = option(10.0, seconds, "Default deadline of a client call.")
+    # --- core: supervision and logging -------------------------------------------------------
+    worker_start_timeout: float = option(
+        20.0, seconds, "How long a worker may take to report ready."
+    )
+    worker_restart_backoff: float = option(
+        0.2, seconds, "First delay before restarting a crashed worker; doubles up to 10 s."
+    )
+    shutdown_timeout: float = option(
+        5.0, seconds, "How long workers get to exit after SIGTERM before SIGKILL."
+    )
+    log_level: str = option(
+        "info", choice("debug", "info", "warning", "error"), "Log level of every process."
+    )
+    log_format: str = option(
+        "auto", choice("auto", "console", "json"), "auto: readable on a TTY, JSON otherwise."
+    )
+    # --- passthrough ---------------------------------------------------------------------
+    extra_config: dict[str, Any] = option(
+        {}, mapping, "Free-form settings for extensions (LMCache's extra_config)."
+    )
+
+    # Set by load(); not a key.
+    source: str | None = field(default=None, metadata={"internal": True})
+
+    # ---------------------------------------------------------------------------------------
+
+    @property
+    def effective_runtime_dir(self) -> str:
+        return self.runtime_dir or default_runtime_dir()
+
+    @property
+    def effective_instance_name(self) -> str:
+        if self.instance_name:
+            return self.instance_name
+        if self.source:
+            import xxhash
+
+            digest = xxhash.xxh3_64_hexdigest(os.path.realpath(self.source).encode())
+            return f"d{digest[:10]}"
+        return "default"
+
+    @property
+    def instance_dir(self) -> str:
+        return os.path.join(self.effective_runtime_dir, self.effective_instance_name)
+
+    @property
+    def cpu_budget_per_worker(self) -> int:
+        return self.max_local_cpu_size // self.num_workers if self.local_cpu else 0
+
+    def to_dict(self, *, redact: bool = True) -> dict[str, Any]:
+        """Return every key with its effective value; secrets redacted unless asked not to."""
+        out: dict[str, Any] = {}
+        for f in _key_fields():
+            value = getattr(self, f.name)
+            out[f.name] = (
+                redact_value(f.name, value, f.metadata.get("secret", False)) if redact else value
+            )
+        return out
+
+
+# LMCache spellings accepted as aliases of our keys.
+ALIASES: dict[str, str] = {}
+
+
+def _key_fields() -> list[dataclasses.Field[Any]]:
+    return [f for f in dataclasses.fields(Config) if not f.metadata.get("internal")]
+
+
+def key_names() -> list[str]:
+    """Return every valid config key, in schema order."""
+    return [f.name for f in _key_fields()]
+
+
+def describe_keys() -> list[tuple[str, Any, str]]:
+    """Return (key, default, doc) for every key, for docs and `config show`."""
+    out = []
+    for f in _key_fields():
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        out.append((f.name, default, f.metadata["doc"]))
+    return out
+
+
+_URL_SECRET = re.compile(r"(password|token|secret|key)", re.IGNORECASE)
+REDACTED = "***"
+
+
+def redact_url(url: str) -> str:
+    """Replace the password of a URL (and secret-looking query values) with ***."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return REDACTED
+    netloc = parts.netloc
+    if "@" in netloc:
+        userinfo, hostinfo = netloc.rsplit("@", 1)
+        user = userinfo.split(":", 1)[0]
+        netloc = f"{user}:{REDACTED}@{hostinfo}" if ":" in userinfo else f"{REDACTED}@{hostinfo}"
+        if not user and ":" in userinfo:
+            netloc = f":{REDACTED}@{hostinfo}"
+    query = "&".join(
+        f"{k}={REDACTED}" if _URL_SECRET.search(k) else (f"{k}={v}" if v else k)
+        for k, _, v in (q.partition("=") for q in parts.query.split("&") if q)
+    )
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+def redact_value(key: str, value: Any, secret: bool = False) -> Any:
+    """Return ``value`` with secrets removed: secret keys, URL passwords, secret-named entries."""
+    if value is None:
+        return None
+    if secret or (isinstance(key, str) and _URL_SECRET.search(key) and isinstance(value, str)):
+        return REDACTED
+    if isinstance(value, str) and "://" in value:
+        return redact_url(value)
+    if isinstance(value, dict):
+        return {k: redact_value(str(k), v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [redact_value(key, v) for v in value]
+    return value
+
+
+def _suggest(key: str) -> str:
+    close = difflib.get_close_matches(key, key_names() + list(ALIASES), n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
+    """Return the known keys set through LMCACHED_<KEY>; other LMCACHED_* names are ignored."""
+    known = {name.upper(): name for name in key_names()}
+    known.update({alias.upper(): alias for alias in ALIASES})
+    out: dict[str, Any] = {}
+    for env_name, raw in environ.items():
+        if not env_name.startswith(ENV_PREFIX):
+            continue
+        key = known.get(env_name[len(ENV_PREFIX) :])
+        if key is None:
+            # LMCACHED_PLUGINS, LMCACHED_CONTROL_ENDPOINT ... are not config keys.
+            continue
+        try:
+            out[key] = yaml.safe_load(raw) if raw != "" else None
+        except yaml.YAMLError:
+            out[key] = raw
+    return out
+
+
+def from_mapping(
+    data: Mapping[str, Any],
+    *,
+    source: str | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Config:
+    """Build a validated Config from a mapping plus env overrides."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(
+            "<file>",
+            f"expected a mapping of keys at the top level, got {type(data).__name__}",
+            source,
+        )
+    merged: dict[str, Any] = dict(data)
+    merged.update(_env_overrides(os.environ if environ is None else environ))
+    fields = {f.name: f for f in _key_fields()}
+    values: dict[str, Any] = {}
+    for raw_key, raw_value in merged.items():
+        if not isinstance(raw_key, str):
+            raise ConfigError(repr(raw_key), "config keys must be strings", source)
+        key = ALIASES.get(raw_key, raw_key)
+        f = fields.get(key)
+        if f is None:
+            raise ConfigError(raw_key, f"unknown key{_suggest(raw_key)}", source)
+        if key in values and raw_key != key and key in merged:
+            raise ConfigError(
+                raw_key, f"is an alias of '{key}', which is also set; keep one", source
+            )
+        try:
+            values[key] = f.metadata["convert"](raw_value)
+        except ValueError as exc:
+            raise ConfigError(raw_key, str(exc), source) from None
+    # Defaults pass through their converters too, so sizes like "64MiB" become ints.
+    for name, f in fields.items():
+        if name in values:
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        values[name] = f.metadata["convert"](default) if default is not None else None
+    cfg = Config(**values, source=source)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Check rules that span several keys; raise ConfigError with an actionable sentence."""
+    src = cfg.source
+    if cfg.max_block_size > cfg.max_inflight_bytes:
+        raise ConfigError(
+            "max_block_size",
+            f"{cfg.max_block_size} bytes exceeds max_inflight_bytes ({cfg.max_inflight_bytes}); "
+            "a single block must fit in one request",
+            src,
+        )
+    if cfg.wire_frame_size < 4096:
+        raise ConfigError("wire_frame_size", "must be at least 4KiB", src)
+    if cfg.port != 0 and cfg.port + cfg.num_workers > 65535:
+        raise ConfigError("port", f"port {cfg.port} + {cfg.num_workers} workers exceeds 65535", src)
+    for check in EXTRA_VALIDATORS:
+        check(cfg)
+
+
+# Cross-field checks contributed by other modules (tiers, plugins ...), run by validate().
+EXTRA_VALIDATORS: list[Callable[[Config], None]] = []
+
+
+def load(
+    path: str | os.PathLike[str] | None, *, environ: Mapping[str, str] | None = None
+) -> Config:
+    """Load and validate a config file (None: defaults plus env overrides)."""
+    if path is None:
+        return from_mapping({}, environ=environ)
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as exc:
+        raise ConfigError("--config", f"cannot read {p}: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError("<file>", f"not valid YAML: {exc}".replace("\n", " "), str(p)) from None
+    return from_mapping(data or {}, source=str(p.absolute()), environ=environ)
+
+
+def memory_warning(cfg: Config) -> str | None:
+    """Return a warning when the CPU budget exceeds the memory available, else None."""
+    if not cfg.local_cpu:
+        return None
+    try:
+        import psutil
+
+        available = psutil.virtual_memory().available
+    except Exception:
+        return None
+    if cfg.max_local_cpu_size > available:
+        return (
+            f"max_local_cpu_size ({cfg.max_local_cpu_size / GIB:.1f} GiB) exceeds the memory "
+            f"available now ({available / GIB:.1f} GiB); the daemon may be OOM-killed"
+        )
+    return None

@@ -1,0 +1,38 @@
+"""The error hierarchy that clients and the CLI catch.
+
+Transient errors (the daemon is down, restarting or slow) derive from ``LMCachedUnavailable`` so a
+caller can retry them; a bad request (``LMCachedRequestError``) is the caller's bug and retrying
+will not help.
+"""
+
+from __future__ import annotations
+
+
+class LMCachedError(Exception):
+    """Root of every error lmcached raises on purpose."""
+
+
+class LMCachedUnavailable(LMCachedError):
+    """The daemon, or the worker owning a key, cannot be reached right now."""
+
+
+class LMCachedTimeout(LMCachedUnavailable):
+    """A call did not complete before its deadline."""
+
+
+class LMCachedRequestError(LMCachedError):
+    """The daemon rejected a request as malformed or over a limit."""
+
+    def __init__(self, message: str, code: str = "bad_request") -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class ConfigError(LMCachedError):
+    """A configuration value is missing, unknown or invalid."""
+
+    def __init__(self, key: str, message: str, source: str | None = None) -> None:
+        self.key = key
+        self.source = source
+        where = f"{source}: " if source else ""
+        super().__init__(f"{where}{key}: {message}")

@@ -1,0 +1,1 @@
+"""Storage tiers: the StorageBackend interface, the CPU tier, eviction policies, the TieredStore."""
