@@ -75,6 +75,14 @@ def byte_size(value: Any) -> int:
     raise ValueError(f"expected a size such as 2.5 (GiB) or '512MiB', got {value!r}")
 
 
+def format_size(n: int) -> str:
+    """Render bytes with an exact unit ('2GiB', '512MiB', '1000B'); byte_size reads it back."""
+    for unit, factor in (("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n and n % factor == 0:
+            return f"{n // factor}{unit}"
+    return f"{n}B"
+
+
 def positive_int(value: Any) -> int:
     """Convert to an int greater than zero."""
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
@@ -342,6 +350,9 @@ class Config:
         out: dict[str, Any] = {}
         for f in _key_fields():
             value = getattr(self, f.name)
+            if f.metadata["convert"] is byte_size and isinstance(value, int):
+                # An int would read back as GiB; an explicit unit round-trips exactly.
+                value = format_size(value)
             out[f.name] = (
                 redact_value(f.name, value, f.metadata.get("secret", False)) if redact else value
             )
@@ -490,6 +501,14 @@ def validate(cfg: Config) -> None:
         raise ConfigError("wire_frame_size", "must be at least 4KiB", src)
     if cfg.port != 0 and cfg.port + cfg.num_workers > 65535:
         raise ConfigError("port", f"port {cfg.port} + {cfg.num_workers} workers exceeds 65535", src)
+    from lmcached.storage.eviction import POLICIES
+
+    if cfg.eviction_policy not in POLICIES:
+        raise ConfigError(
+            "eviction_policy",
+            f"unknown policy {cfg.eviction_policy!r}; known: {', '.join(sorted(POLICIES))}",
+            src,
+        )
     for check in EXTRA_VALIDATORS:
         check(cfg)
 

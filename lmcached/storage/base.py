@@ -24,11 +24,15 @@ class Block:
     frames: tuple[Buffer, ...]
     nbytes: int
     meta: dict[str, Any] | None = None
+    # xxh3-64 of the payload, computed once where the block enters (the client's put header).
+    checksum: int | None = None
 
     @classmethod
-    def from_bytes(cls, data: Buffer, meta: dict[str, Any] | None = None) -> Block:
+    def from_bytes(
+        cls, data: Buffer, meta: dict[str, Any] | None = None, checksum: int | None = None
+    ) -> Block:
         mv = memoryview(data).cast("B")
-        return cls(frames=(mv,), nbytes=mv.nbytes, meta=meta)
+        return cls(frames=(mv,), nbytes=mv.nbytes, meta=meta, checksum=checksum)
 
     def tobytes(self) -> bytes:
         """Return the payload as one bytes object (a copy; for tiers that serialise)."""

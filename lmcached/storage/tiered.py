@@ -38,6 +38,9 @@ class TieredStore:
                 return block
         return None
 
+    def get_many(self, keys: Sequence[bytes]) -> list[Block | None]:
+        return [self.get(k) for k in keys]
+
     def put(self, key: bytes, block: Block) -> bool:
         return self.top.put(key, block)
 

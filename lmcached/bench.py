@@ -1,0 +1,410 @@
+"""`lmcached bench`: store/retrieve throughput and latency next to baselines from the same run.
+
+Baselines, measured in the same run on the same machine:
+- ``memcpy``: one thread copying a block into a preallocated buffer (ctypes.memmove);
+- ``zmq``: a bare DEALER/ROUTER round trip between two processes over the same transport,
+  copy=False, with the same 16 MiB sub-frames and malloc tuning lmcached uses; ``store`` sends
+  the block and gets a tiny ack, ``retrieve`` sends a tiny request and gets the block back.
+
+Every lmcached figure is printed with its ratio to the ZMQ baseline of the same transport.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import multiprocessing as mp
+import os
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import msgpack
+import yaml
+
+from lmcached.config import byte_size
+from lmcached.malloc import tune_for_large_messages
+
+MiB = 1 << 20
+FRAME = 16 * MiB
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--sizes", default="256KiB,2MiB,32MiB", help="block sizes (comma-separated)")
+    p.add_argument("--clients", default="1,4", help="concurrent client processes (comma-separated)")
+    p.add_argument("--transports", default="ipc,tcp", help="ipc, tcp or both")
+    p.add_argument("--bytes-per-point", default="512MiB", help="payload moved per measurement")
+    p.add_argument(
+        "--repeats", type=int, default=3, help="measurements per point; the best is kept"
+    )
+    p.add_argument("--json", metavar="FILE", help="also write the results as JSON ('-' for stdout)")
+    p.add_argument("--quick", action="store_true", help="tiny sizes and volumes (for smoke tests)")
+
+
+@dataclass
+class Row:
+    op: str
+    size: int
+    transport: str
+    clients: int
+    gbps: float
+    p50_ms: float | None = None
+    p99_ms: float | None = None
+    baseline_gbps: float | None = None
+    ratio: float | None = None
+
+
+@dataclass
+class Report:
+    memcpy: dict[str, float] = field(default_factory=dict)
+    zmq: dict[str, float] = field(default_factory=dict)
+    rows: list[Row] = field(default_factory=list)
+    lookup: dict[str, float] = field(default_factory=dict)
+    memory: dict[str, Any] = field(default_factory=dict)
+    checks: dict[str, Any] = field(default_factory=dict)
+
+
+def progress(msg: str) -> None:
+    print(f"  .. {msg}", file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------------------ baselines
+def memcpy_gbps(size: int, total: int) -> float:
+    src = bytearray(os.urandom(size))
+    dst = bytearray(size)
+    s = (ctypes.c_char * size).from_buffer(src)
+    d = (ctypes.c_char * size).from_buffer(dst)
+    n = max(4, total // size)
+    ctypes.memmove(d, s, size)
+    t = time.perf_counter()
+    for _ in range(n):
+        ctypes.memmove(d, s, size)
+    dt = time.perf_counter() - t
+    del s, d
+    return n * size / dt / 1e9
+
+
+def _zmq_echo_server(endpoint_q: Any, transport: str, ipc_dir: str) -> None:
+    import zmq
+
+    tune_for_large_messages()
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.ROUTER)
+    if transport == "ipc":
+        ep = f"ipc://{ipc_dir}/raw.sock"
+        sock.bind(ep)
+    else:
+        ep = f"tcp://127.0.0.1:{sock.bind_to_random_port('tcp://127.0.0.1')}"
+    endpoint_q.put(ep)
+    kept: list[Any] = []
+    while True:
+        msg = sock.recv_multipart(copy=False)
+        op = msg[1].bytes
+        if op == b"quit":
+            break
+        if op == b"store":
+            kept = msg[2:]  # hold the frames like a cache would
+            sock.send_multipart([msg[0], b"ok"])
+        elif op == b"load":
+            sock.send_multipart([msg[0], b"ok", *kept], copy=False)
+        else:  # lookup-sized header round trip
+            sock.send_multipart([msg[0], b"x" * 16])
+    sock.close(linger=0)
+    ctx.term()
+
+
+class RawZmq:
+    """A bare ZMQ peer process, to measure the transport lmcached rides on."""
+
+    def __init__(self, transport: str) -> None:
+        import zmq
+
+        self._dir = tempfile.mkdtemp(prefix="lmb-", dir="/tmp")
+        ctx = mp.get_context("spawn")
+        q = ctx.Queue()
+        self.proc = ctx.Process(
+            target=_zmq_echo_server, args=(q, transport, self._dir), daemon=True
+        )
+        self.proc.start()
+        self.endpoint = q.get(timeout=30)
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.DEALER)
+        self.sock.connect(self.endpoint)
+
+    def store_gbps(self, size: int, total: int) -> float:
+        block = memoryview(os.urandom(size))
+        frames = [block[i : i + FRAME] for i in range(0, size, FRAME)]
+        n = max(4, total // size)
+        self.sock.send_multipart([b"store", *frames], copy=False)
+        self.sock.recv()
+        t = time.perf_counter()
+        for _ in range(n):
+            self.sock.send_multipart([b"store", *frames], copy=False)
+            self.sock.recv()
+        return n * size / (time.perf_counter() - t) / 1e9
+
+    def retrieve_gbps(self, size: int, total: int) -> float:
+        self.store_gbps(size, size * 4)
+        n = max(4, total // size)
+        t = time.perf_counter()
+        for _ in range(n):
+            self.sock.send(b"load")
+            self.sock.recv_multipart(copy=False)
+        return n * size / (time.perf_counter() - t) / 1e9
+
+    def header_roundtrip_s(self, header: bytes, n: int) -> float:
+        samples = []
+        for _ in range(n):
+            t = time.perf_counter()
+            self.sock.send_multipart([b"hdr", header])
+            self.sock.recv()
+            samples.append(time.perf_counter() - t)
+        return statistics.median(samples)
+
+    def close(self) -> None:
+        self.sock.send(b"quit")
+        self.proc.join(10)
+        self.sock.close(linger=0)
+        self.ctx.term()
+
+
+# ------------------------------------------------------------------------------ lmcached
+def _client_loop(
+    endpoint: str,
+    transport: str,
+    op: str,
+    size: int,
+    count: int,
+    tag: str,
+    start_at: float,
+    out: Any,
+) -> None:
+    from lmcached.client import Client
+
+    value = os.urandom(size)
+    keys = [f"bench/{tag}/{i}".encode() for i in range(max(1, min(count, (256 * MiB) // size)))]
+    with Client(endpoint, timeout=60, transport=transport) as c:
+        if op == "retrieve":
+            for k in keys:
+                c.put([k], [value])
+        while time.time() < start_at:
+            time.sleep(0.001)
+        lat = []
+        t0 = time.perf_counter()
+        for i in range(count):
+            k = keys[i % len(keys)]
+            t = time.perf_counter()
+            if op == "store":
+                c.put([k], [value])
+            else:
+                got = c.get([k])[0]
+                if got is None or len(got) != size:
+                    raise RuntimeError(f"bench: block {k!r} missing or wrong size")
+            lat.append(time.perf_counter() - t)
+        out.put((time.perf_counter() - t0, lat))
+
+
+def run_point(endpoint: str, transport: str, op: str, size: int, clients: int, total: int) -> Row:
+    count = max(4, total // size // clients)
+    if clients == 1:
+        q: Any = _ListQueue()
+        _client_loop(endpoint, transport, op, size, count, f"{op}{size}", 0.0, q)
+        results = q.items
+    else:
+        ctx = mp.get_context("spawn")
+        mq = ctx.Queue()
+        start_at = time.time() + 1.5
+        procs = [
+            ctx.Process(
+                target=_client_loop,
+                args=(endpoint, transport, op, size, count, f"{op}{size}c{i}", start_at, mq),
+            )
+            for i in range(clients)
+        ]
+        for p in procs:
+            p.start()
+        results = [mq.get(timeout=300) for _ in procs]
+        for p in procs:
+            p.join(30)
+    wall = max(r[0] for r in results)
+    lat = sorted(x for r in results for x in r[1])
+    return Row(
+        op=op,
+        size=size,
+        transport=transport,
+        clients=clients,
+        gbps=count * clients * size / wall / 1e9,
+        p50_ms=lat[len(lat) // 2] * 1e3,
+        p99_ms=lat[min(len(lat) - 1, int(len(lat) * 0.99))] * 1e3,
+    )
+
+
+class _ListQueue:
+    def __init__(self) -> None:
+        self.items: list[Any] = []
+
+    def put(self, item: Any) -> None:
+        self.items.append(item)
+
+
+def lookup_latency(endpoint: str, transport: str, raw: RawZmq, n: int) -> dict[str, float]:
+    from lmcached.client import Client
+    from lmcached.keys import KeyBuilder
+
+    kb = KeyBuilder(namespace="bench", model="lookup", chunk_size=256)
+    keys = kb.chunk_keys(list(range(128 * 256)))
+    with Client(endpoint, timeout=30, transport=transport) as c:
+        c.put(keys, [b"x"] * len(keys))
+        samples = []
+        for _ in range(n):
+            t = time.perf_counter()
+            hit = c.lookup(keys)
+            samples.append(time.perf_counter() - t)
+        if hit != len(keys):
+            raise RuntimeError(f"bench: lookup found {hit} of {len(keys)} keys")
+        c.delete(keys)
+    header = msgpack.packb({"v": 1, "op": "exists", "id": 1, "keys": keys}, use_bin_type=True)
+    bare = raw.header_roundtrip_s(header, n)
+    p50 = statistics.median(samples)
+    return {"keys": 128, "p50_us": p50 * 1e6, "bare_zmq_p50_us": bare * 1e6, "ratio": p50 / bare}
+
+
+# ----------------------------------------------------------------------------------- main
+def _parse_list(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def run(args: argparse.Namespace) -> Report:
+    from lmcached.testing import DaemonProcess
+
+    sizes = [byte_size(s) for s in _parse_list(args.sizes)]
+    clients = [int(c) for c in _parse_list(args.clients)]
+    transports = _parse_list(args.transports)
+    total = byte_size(args.bytes_per_point)
+    repeats = args.repeats
+    if args.quick:
+        sizes = [64 * 1024, 1 * MiB]
+        clients = [1]
+        total = 8 * MiB
+        repeats = 1
+    tune_for_large_messages()
+    report = Report()
+    daemon = None
+    endpoint = args.endpoint
+    if endpoint is None:
+        overrides: dict[str, Any] = {}
+        if args.config:
+            with open(args.config) as f:
+                overrides = yaml.safe_load(f) or {}
+        overrides["port"] = 0
+        overrides.pop("runtime_dir", None)  # the private daemon gets its own runtime folder
+        overrides.setdefault("max_local_cpu_size", "2GiB")
+        overrides.setdefault("log_level", "warning")
+        progress("starting a private daemon")
+        daemon = DaemonProcess(**overrides).start()
+        endpoint = daemon.endpoint
+    try:
+        from lmcached.client import Client
+
+        with Client(endpoint, timeout=30) as c:
+            status = c.stats()
+            report.memory["idle_worker_uss_mb"] = [
+                round((w.get("memory") or {}).get("uss", 0) / 1e6, 1) for w in status["workers"]
+            ]
+        for size in sizes:
+            progress(f"memcpy {size // 1024} KiB")
+            report.memcpy[str(size)] = max(memcpy_gbps(size, total) for _ in range(repeats))
+        for transport in transports:
+            raw = RawZmq(transport)
+            try:
+                for size in sizes:
+                    progress(f"raw zmq {transport} {size // 1024} KiB")
+                    report.zmq[f"store/{transport}/{size}"] = max(
+                        raw.store_gbps(size, total) for _ in range(repeats)
+                    )
+                    report.zmq[f"retrieve/{transport}/{size}"] = max(
+                        raw.retrieve_gbps(size, total) for _ in range(repeats)
+                    )
+                if transport == transports[0]:
+                    progress("lookup of 128 keys")
+                    report.lookup = lookup_latency(
+                        endpoint, transport, raw, 50 if args.quick else 300
+                    )
+            finally:
+                raw.close()
+            for size in sizes:
+                for op in ("store", "retrieve"):
+                    for n in clients:
+                        progress(f"lmcached {op} {transport} {size // 1024} KiB x{n} clients")
+                        best = max(
+                            (
+                                run_point(endpoint, transport, op, size, n, total)
+                                for _ in range(repeats)
+                            ),
+                            key=lambda r: r.gbps,
+                        )
+                        base = report.zmq.get(f"{op}/{transport}/{size}")
+                        best.baseline_gbps = base
+                        best.ratio = best.gbps / base if base else None
+                        report.rows.append(best)
+        by = {(r.op, r.transport, r.clients, r.size): r.gbps for r in report.rows}
+        if 2 * MiB in sizes and 32 * MiB in sizes:
+            for (op, tr, n, size), g in by.items():
+                if size == 32 * MiB and (op, tr, n, 2 * MiB) in by:
+                    report.checks[f"32MiB_vs_2MiB/{op}/{tr}/x{n}"] = round(
+                        g / by[(op, tr, n, 2 * MiB)], 3
+                    )
+    finally:
+        if daemon is not None:
+            daemon.close()
+    return report
+
+
+def render(report: Report) -> str:
+    lines = ["", "baselines (same run):"]
+    for size, g in report.memcpy.items():
+        lines.append(f"  memcpy {int(size) // 1024:>6} KiB  {g:6.2f} GB/s")
+    for k, g in report.zmq.items():
+        op, tr, size = k.split("/")
+        lines.append(f"  raw zmq {op:<8} {tr} {int(size) // 1024:>6} KiB  {g:6.2f} GB/s")
+    lines.append("")
+    lines.append(
+        f"{'op':<9}{'transport':<10}{'clients':>7}{'block':>10}{'GB/s':>8}{'p50 ms':>9}{'p99 ms':>9}{'zmq GB/s':>10}{'ratio':>7}"
+    )
+    for r in report.rows:
+        lines.append(
+            f"{r.op:<9}{r.transport:<10}{r.clients:>7}{r.size // 1024:>7}KiB{r.gbps:>8.2f}"
+            f"{r.p50_ms or 0:>9.2f}{r.p99_ms or 0:>9.2f}{r.baseline_gbps or 0:>10.2f}{r.ratio or 0:>7.2f}"
+        )
+    if report.lookup:
+        lk = report.lookup
+        lines.append("")
+        lines.append(
+            f"lookup of {lk['keys']} keys: p50 {lk['p50_us']:.0f} us; bare zmq round trip with the same "
+            f"payload {lk['bare_zmq_p50_us']:.0f} us; ratio {lk['ratio']:.2f}"
+        )
+    if report.checks:
+        lines.append("")
+        for k, v in report.checks.items():
+            lines.append(f"{k}: {v}")
+    if report.memory:
+        lines.append(f"idle worker USS (MB): {report.memory.get('idle_worker_uss_mb')}")
+    return "\n".join(lines)
+
+
+def main(args: argparse.Namespace) -> int:
+    report = run(args)
+    print(render(report))
+    if args.json:
+        doc = asdict(report)
+        text = json.dumps(doc, indent=2)
+        if args.json == "-":
+            print(text)
+        else:
+            with open(args.json, "w") as f:
+                f.write(text)
+    return 0

@@ -1,0 +1,43 @@
+"""Tune glibc malloc so that large ZMQ messages reuse heap memory instead of fresh mmaps.
+
+glibc serves every allocation above M_MMAP_THRESHOLD with a new mmap and unmaps it on free, so
+each large received message pays one page fault per 4 KiB (measured here: 32 MiB blocks drop
+from ~5 GB/s to ~1.6 GB/s). Raising the threshold to its maximum (32 MiB on 64-bit) and keeping
+freed memory (M_TRIM_THRESHOLD) lets libzmq's buffers come from the heap; payloads travel in
+sub-frames of at most 16 MiB so every buffer stays below the threshold. Users never have to set
+GLIBC_TUNABLES.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import sys
+
+M_TRIM_THRESHOLD = -1
+M_MMAP_THRESHOLD = -3
+MMAP_THRESHOLD_MAX = 32 << 20
+TRIM_THRESHOLD = 512 << 20
+
+_applied: bool | None = None
+
+
+def tune_for_large_messages() -> bool:
+    """Apply the mallopt settings once per process; return True when glibc accepted them."""
+    global _applied
+    if _applied is not None:
+        return _applied
+    _applied = False
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # musl and other libcs have no mallopt
+        return False
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    ok = bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_MAX)) and bool(
+        mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD)
+    )
+    _applied = ok
+    return ok

@@ -1,0 +1,24 @@
+"""Build a worker's TieredStore from the config: the one place that decides which tiers exist."""
+
+from __future__ import annotations
+
+from lmcached.config import Config
+from lmcached.storage.base import StorageBackend
+from lmcached.storage.cpu import CPUBackend
+from lmcached.storage.tiered import TieredStore
+
+
+def build_tiers(cfg: Config, worker_id: int) -> list[StorageBackend]:
+    """Return the tiers of worker ``worker_id`` in lookup order (CPU first)."""
+    # With local_cpu off the CPU tier still exists with no budget, so every put is rejected
+    # there and lower tiers (when configured) hold the data.
+    return [CPUBackend(cfg.cpu_budget_per_worker, cfg.eviction_policy)]
+
+
+def build_store(cfg: Config, worker_id: int) -> TieredStore:
+    return TieredStore(build_tiers(cfg, worker_id))
+
+
+def needs_checksums(cfg: Config) -> bool:
+    """Return True when blocks leave process memory, so clients must send payload checksums."""
+    return False
