@@ -117,6 +117,11 @@ def cmd_config_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_config_example(args: argparse.Namespace) -> int:
+    print(config_mod.example_yaml())
+    return 0
+
+
 def cmd_purge(args: argparse.Namespace) -> int:
     prefix = args.prefix.encode()
     with _client(args, timeout=args.timeout) as client:
@@ -172,6 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
             "print the effective config (env overrides applied, secrets redacted)",
         ),
         ("check", cmd_config_check, "validate a config file and exit"),
+        ("example", cmd_config_example, "print every key with its default and documentation"),
     ):
         p = cfg_sub.add_parser(name, help=help)
         p.add_argument("--config", help=DEFAULT_CONFIG_HELP)

@@ -731,6 +731,11 @@ class Client:
                         inflight_bytes[w] -= r.nbytes
                         remaining_count -= 1
                         progressed = True
+                        if reply.get("d") != self._map.get("daemon_id"):
+                            # A restarted daemon answered on the old path: our map (and so our
+                            # routing) may be stale. Refresh and resend.
+                            failed.append(r)
+                            continue
                         if not reply.get("ok"):
                             code = str(reply.get("code"))
                             if code == protocol.E_UNAVAILABLE:

@@ -265,11 +265,17 @@ def split_payload(buf: Any, frame_size: int) -> list[memoryview]:
     return [mv[i : i + frame_size] for i in range(0, n, frame_size)]
 
 
+# Stamped on every worker reply as "d", so a client notices a restarted daemon whose workers
+# reappeared on the same ipc paths and refreshes its map instead of trusting a stale one.
+REPLY_STAMP: dict[str, Any] = {}
+
+
 def error_reply(rid: int, code: str, message: str) -> bytes:
-    return pack({"id": rid, "ok": False, "code": code, "error": message})
+    return pack({"id": rid, "ok": False, "code": code, "error": message, **REPLY_STAMP})
 
 
 def ok_reply(rid: int, **fields: Any) -> bytes:
     fields["id"] = rid
     fields["ok"] = True
+    fields.update(REPLY_STAMP)
     return pack(fields)

@@ -164,6 +164,8 @@ class Scheduler:
             str(slot.id),
             "--internal",
             self._internal_endpoint,
+            "--daemon-id",
+            self.daemon_id,
         ]
         slot.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, close_fds=True)
         slot.pid = slot.proc.pid

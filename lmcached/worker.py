@@ -364,7 +364,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config-json", required=True)
     parser.add_argument("--worker-id", type=int, required=True)
     parser.add_argument("--internal", required=True, help="scheduler's internal endpoint")
+    parser.add_argument("--daemon-id", required=True, help="the scheduler's id, stamped on replies")
     args = parser.parse_args(argv)
+    protocol.REPLY_STAMP["d"] = args.daemon_id
     _die_with_parent()
     tune_for_large_messages()
     with open(args.config_json) as f:
