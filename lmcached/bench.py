@@ -6,7 +6,10 @@ Baselines, measured in the same run on the same machine:
   copy=False, with the same 16 MiB sub-frames and malloc tuning lmcached uses; ``store`` sends
   the block and gets a tiny ack, ``retrieve`` sends a tiny request and gets the block back.
 
-Every lmcached figure is printed with its ratio to the ZMQ baseline of the same transport.
+lmcached ops: ``store`` (put), ``retrieve`` (get: a buffer the caller owns; blocks above 16 MiB
+are joined from sub-frames, one copy) and ``retrieve_into`` (get_into: copied into memory the
+caller reuses, as an engine loads into its KV cache). Every figure is printed with its ratio to
+the ZMQ baseline of the same transport and direction.
 """
 
 from __future__ import annotations
@@ -187,8 +190,9 @@ def _client_loop(
 
     value = os.urandom(size)
     keys = [f"bench/{tag}/{i}".encode() for i in range(max(1, min(count, (256 * MiB) // size)))]
+    sink = bytearray(size)  # retrieve_into: the caller's own, reused memory (an engine's KV)
     with Client(endpoint, timeout=60, transport=transport) as c:
-        if op == "retrieve":
+        if op != "store":
             for k in keys:
                 c.put([k], [value])
         while time.time() < start_at:
@@ -200,6 +204,9 @@ def _client_loop(
             t = time.perf_counter()
             if op == "store":
                 c.put([k], [value])
+            elif op == "retrieve_into":
+                if c.get_into([k], [sink]) != [True]:
+                    raise RuntimeError(f"bench: block {k!r} missing")
             else:
                 got = c.get([k])[0]
                 if got is None or len(got) != size:
@@ -337,7 +344,7 @@ def run(args: argparse.Namespace) -> Report:
             finally:
                 raw.close()
             for size in sizes:
-                for op in ("store", "retrieve"):
+                for op in ("store", "retrieve", "retrieve_into"):
                     for n in clients:
                         progress(f"lmcached {op} {transport} {size // 1024} KiB x{n} clients")
                         best = max(
@@ -347,7 +354,7 @@ def run(args: argparse.Namespace) -> Report:
                             ),
                             key=lambda r: r.gbps,
                         )
-                        base = report.zmq.get(f"{op}/{transport}/{size}")
+                        base = report.zmq.get(f"{op.replace('_into', '')}/{transport}/{size}")
                         best.baseline_gbps = base
                         best.ratio = best.gbps / base if base else None
                         report.rows.append(best)
@@ -377,7 +384,7 @@ def render(report: Report) -> str:
     )
     for r in report.rows:
         lines.append(
-            f"{r.op:<9}{r.transport:<10}{r.clients:>7}{r.size // 1024:>7}KiB{r.gbps:>8.2f}"
+            f"{r.op:<14}{r.transport:<10}{r.clients:>7}{r.size // 1024:>7}KiB{r.gbps:>8.2f}"
             f"{r.p50_ms or 0:>9.2f}{r.p99_ms or 0:>9.2f}{r.baseline_gbps or 0:>10.2f}{r.ratio or 0:>7.2f}"
         )
     if report.lookup:

@@ -221,8 +221,7 @@ class Client:
         with self._lock:
             deadline = self._start(timeout)
             limits = self._require_limits(deadline)
-            for k in keys:
-                self._check_key(k, limits)
+            self._check_keys(keys, limits)
             # Keys are owned by different workers, so each worker answers for its own keys and
             # the prefix ends at the first key any worker reports missing.
             requests = self._keyed_requests("exists", keys, limits)
@@ -246,8 +245,7 @@ class Client:
         with self._lock:
             deadline = self._start(timeout)
             limits = self._require_limits(deadline)
-            for k in keys:
-                self._check_key(k, limits)
+            self._check_keys(keys, limits)
             requests = self._keyed_requests("exists", keys, limits)
             self._execute(requests, deadline)
             out = [False] * len(keys)
@@ -264,8 +262,7 @@ class Client:
         with self._lock:
             deadline = self._start(timeout)
             limits = self._require_limits(deadline)
-            for k in keys:
-                self._check_key(k, limits)
+            self._check_keys(keys, limits)
             requests = self._keyed_requests("delete", keys, limits)
             self._execute(requests, deadline)
             return sum(int(r.reply.get("count", 0)) for r in requests if r.reply)
@@ -499,6 +496,16 @@ class Client:
             if wid >= len(self._map["workers"]):
                 self._conns.pop(wid).sock.close(linger=0)
 
+    def _check_keys(self, keys: Sequence[Any], limits: Limits) -> None:
+        """Validate a batch of keys; the common all-good case costs two C-level passes."""
+        if (
+            all(type(k) is bytes and k for k in keys)
+            and max(map(len, keys)) <= limits.max_key_length
+        ):
+            return
+        for k in keys:
+            self._check_key(k, limits)
+
     def _check_key(self, key: Any, limits: Limits) -> None:
         if not isinstance(key, bytes) or not key:
             raise LMCachedRequestError(f"keys must be non-empty bytes, got {type(key).__name__}")
@@ -513,7 +520,7 @@ class Client:
         n = int(self._map["num_workers"])
         groups: dict[int, list[int]] = {}
         for pos, key in enumerate(keys):
-            groups.setdefault(routing.owner(key, n), []).append(pos)
+            groups.setdefault(routing.cached_owner(key, n), []).append(pos)
         return groups
 
     def _keyed_requests(self, op: str, keys: Sequence[bytes], limits: Limits) -> list[_Request]:
@@ -565,8 +572,7 @@ class Client:
         with self._lock:
             deadline = self._start(timeout)
             limits = self._require_limits(deadline)
-            for k in keys:
-                self._check_key(k, limits)
+            self._check_keys(keys, limits)
             requests = self._keyed_requests("get", keys, limits)
             self._execute(requests, deadline)
             out = []
@@ -683,7 +689,10 @@ class Client:
                 r.rid = next(self._ids)
                 header = protocol.pack({"v": PROTOCOL_VERSION, "id": r.rid, **r.header})
                 try:
-                    conn.sock.send_multipart([header, *r.frames], copy=False, flags=zmq.NOBLOCK)
+                    if r.frames:
+                        conn.sock.send_multipart([header, *r.frames], copy=False, flags=zmq.NOBLOCK)
+                    else:
+                        conn.sock.send(header, flags=zmq.NOBLOCK)  # small: a copy is cheapest
                 except zmq.Again:
                     return  # not connected yet; retried when the socket turns writable
                 q.pop(0)

@@ -7,6 +7,8 @@ every host (never Python's salted ``hash()``).
 
 from __future__ import annotations
 
+import functools
+
 import xxhash
 
 _MASK = (1 << 64) - 1
@@ -27,3 +29,9 @@ def jump_hash(key: int, buckets: int) -> int:
 def owner(key: bytes, num_workers: int) -> int:
     """Return the id of the worker that owns ``key``."""
     return jump_hash(xxhash.xxh3_64_intdigest(key), num_workers)
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def cached_owner(key: bytes, num_workers: int) -> int:
+    """``owner`` with a bounded cache: engines look up, get and put the same keys repeatedly."""
+    return owner(key, num_workers)
