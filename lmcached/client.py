@@ -216,27 +216,14 @@ class Client:
 
     def lookup(self, keys: Sequence[bytes], timeout: float | None = None) -> int:
         """Return how many leading keys are present (the prefix hit)."""
-        if not keys:
-            return 0
-        with self._lock:
-            deadline = self._start(timeout)
-            limits = self._require_limits(deadline)
-            self._check_keys(keys, limits)
-            # Keys are owned by different workers, so each worker answers for its own keys and
-            # the prefix ends at the first key any worker reports missing.
-            requests = self._keyed_requests("exists", keys, limits)
-            self._execute(requests, deadline)
-            present = [False] * len(keys)
-            for req in requests:
-                assert req.reply is not None
-                for pos, flag in zip(req.positions, req.reply.get("flags", []), strict=False):
-                    present[pos] = bool(flag)
-            hit = 0
-            for flag in present:
-                if not flag:
-                    break
-                hit += 1
-            return hit
+        # Keys of one prefix live on different workers, so each worker answers for its own keys
+        # in one parallel round trip and the prefix ends at the first missing key.
+        hit = 0
+        for flag in self.exists(keys, timeout):
+            if not flag:
+                break
+            hit += 1
+        return hit
 
     def exists(self, keys: Sequence[bytes], timeout: float | None = None) -> list[bool]:
         """Return whether each key is present."""

@@ -16,6 +16,16 @@ def _worker_endpoint(d, wid=0):
         return c.cluster_map["workers"][wid]["ipc"]
 
 
+@pytest.fixture
+def worker_sock(shared_daemon):
+    """A raw DEALER connected straight to worker 0's data endpoint."""
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(_worker_endpoint(shared_daemon))
+    yield sock
+    sock.close()
+
+
 def _send(sock, frames, expect_reply=True, timeout_ms=3000):
     sock.send_multipart(frames)
     if not expect_reply:
@@ -62,64 +72,45 @@ CASES = [
 
 
 @pytest.mark.parametrize("name,frames,code", CASES, ids=[c[0] for c in CASES])
-def test_malformed_request_gets_error_reply(shared_daemon, name, frames, code):
-    ctx = zmq.Context.instance()
-    sock = ctx.socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.connect(_worker_endpoint(shared_daemon))
-    try:
-        reply = _send(sock, frames)
-        assert reply is not None, f"no reply to {name}"
-        if code is None:
-            assert reply["ok"] is True
-        else:
-            assert reply["ok"] is False and reply["code"] == code, reply
-    finally:
-        sock.close()
+def test_malformed_request_gets_error_reply(worker_sock, name, frames, code):
+    reply = _send(worker_sock, frames)
+    assert reply is not None, f"no reply to {name}"
+    if code is None:
+        assert reply["ok"] is True
+    else:
+        assert reply["ok"] is False and reply["code"] == code, reply
 
 
-def test_limits_violations_get_limit_errors(shared_daemon):
+def test_limits_violations_get_limit_errors(shared_daemon, worker_sock):
+    sock = worker_sock
     with shared_daemon.client() as c:
         limits = c.cluster_map["limits"]
-    ctx = zmq.Context.instance()
-    sock = ctx.socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.connect(_worker_endpoint(shared_daemon))
-    try:
-        too_many = [f"k{i}".encode() for i in range(limits["max_keys_per_batch"] + 1)]
-        assert _send(sock, [hdr(op="exists", keys=too_many)])["code"] == "limit"
-        long_key = b"k" * (limits["max_key_length"] + 1)
-        assert _send(sock, [hdr(op="exists", keys=[long_key])])["code"] == "limit"
-        max_frames = 1 + limits["max_keys_per_batch"] * -(
-            -limits["max_block_size"] // limits["wire_frame_size"]
-        )
-        frames = [hdr(op="put", keys=[b"a"], sizes=[1], nframes=[1])] + [b"x"] * (max_frames + 1)
-        reply = _send(sock, frames)
-        assert reply["ok"] is False and reply["code"] == "limit"
-    finally:
-        sock.close()
+    too_many = [f"k{i}".encode() for i in range(limits["max_keys_per_batch"] + 1)]
+    assert _send(sock, [hdr(op="exists", keys=too_many)])["code"] == "limit"
+    long_key = b"k" * (limits["max_key_length"] + 1)
+    assert _send(sock, [hdr(op="exists", keys=[long_key])])["code"] == "limit"
+    max_frames = 1 + limits["max_keys_per_batch"] * -(
+        -limits["max_block_size"] // limits["wire_frame_size"]
+    )
+    frames = [hdr(op="put", keys=[b"a"], sizes=[1], nframes=[1])] + [b"x"] * (max_frames + 1)
+    reply = _send(sock, frames)
+    assert reply["ok"] is False and reply["code"] == "limit"
 
 
-def test_oversized_frame_is_dropped_and_the_worker_keeps_serving(shared_daemon):
+def test_oversized_frame_is_dropped_and_the_worker_keeps_serving(shared_daemon, worker_sock):
+    sock = worker_sock
     with shared_daemon.client() as c:
         limits = c.cluster_map["limits"]
-    ctx = zmq.Context.instance()
-    sock = ctx.socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.connect(_worker_endpoint(shared_daemon))
-    try:
-        # Above ZMQ_MAXMSGSIZE libzmq drops the connection without a reply: the backstop.
-        big = bytes(limits["wire_frame_size"] + (1 << 16))
-        assert (
-            _send(
-                sock,
-                [hdr(op="put", keys=[b"a"], sizes=[len(big)], nframes=[1]), big],
-                timeout_ms=500,
-            )
-            is None
+    # Above ZMQ_MAXMSGSIZE libzmq drops the connection without a reply: the backstop.
+    big = bytes(limits["wire_frame_size"] + (1 << 16))
+    assert (
+        _send(
+            sock,
+            [hdr(op="put", keys=[b"a"], sizes=[len(big)], nframes=[1]), big],
+            timeout_ms=500,
         )
-    finally:
-        sock.close()
+        is None
+    )
     with shared_daemon.client() as c:
         c.put([b"after-oversize"], [b"fine"])
         assert bytes(c.get([b"after-oversize"])[0]) == b"fine"
