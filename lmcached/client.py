@@ -229,30 +229,22 @@ class Client:
         """Return whether each key is present."""
         if not keys:
             return []
-        with self._lock:
-            deadline = self._start(timeout)
-            limits = self._require_limits(deadline)
-            self._check_keys(keys, limits)
-            requests = self._keyed_requests("exists", keys, limits)
-            self._execute(requests, deadline)
-            out = [False] * len(keys)
-            for req in requests:
-                assert req.reply is not None
-                for pos, flag in zip(req.positions, req.reply.get("flags", []), strict=False):
-                    out[pos] = bool(flag)
-            return out
+        out = [False] * len(keys)
+        for req in self._run_keyed("exists", keys, timeout):
+            assert req.reply is not None
+            for pos, flag in zip(req.positions, req.reply.get("flags", []), strict=False):
+                out[pos] = bool(flag)
+        return out
 
     def delete(self, keys: Sequence[bytes], timeout: float | None = None) -> int:
         """Remove the keys from every tier; return how many were present."""
         if not keys:
             return 0
-        with self._lock:
-            deadline = self._start(timeout)
-            limits = self._require_limits(deadline)
-            self._check_keys(keys, limits)
-            requests = self._keyed_requests("delete", keys, limits)
-            self._execute(requests, deadline)
-            return sum(int(r.reply.get("count", 0)) for r in requests if r.reply)
+        return sum(
+            int(r.reply.get("count", 0))
+            for r in self._run_keyed("delete", keys, timeout)
+            if r.reply
+        )
 
     def purge(self, prefix: bytes, timeout: float | None = None) -> int:
         """Remove every key starting with ``prefix`` from every tier; return how many."""
@@ -510,6 +502,16 @@ class Client:
             groups.setdefault(routing.cached_owner(key, n), []).append(pos)
         return groups
 
+    def _run_keyed(self, op: str, keys: Sequence[bytes], timeout: float | None) -> list[_Request]:
+        """Validate ``keys``, send one ``op`` request per owning worker and wait for the replies."""
+        with self._lock:
+            deadline = self._start(timeout)
+            limits = self._require_limits(deadline)
+            self._check_keys(keys, limits)
+            requests = self._keyed_requests(op, keys, limits)
+            self._execute(requests, deadline)
+            return requests
+
     def _keyed_requests(self, op: str, keys: Sequence[bytes], limits: Limits) -> list[_Request]:
         requests = []
         for worker, positions in self._group(keys).items():
@@ -556,39 +558,34 @@ class Client:
         """Run a get; return (position, frames, meta) for every found key."""
         if not keys:
             return []
-        with self._lock:
-            deadline = self._start(timeout)
-            limits = self._require_limits(deadline)
-            self._check_keys(keys, limits)
-            requests = self._keyed_requests("get", keys, limits)
-            self._execute(requests, deadline)
-            out = []
-            for req in requests:
-                reply = req.reply
-                assert reply is not None
-                found, nframes, metas = (
-                    reply.get("found", []),
-                    reply.get("nframes", []),
-                    reply.get("metas", []),
-                )
-                if len(found) != len(req.positions) or sum(nframes) != len(req.reply_frames):
-                    raise LMCachedUnavailable("malformed get reply from worker")
-                frame_pos = 0
-                hit = 0
-                for pos, flag in zip(req.positions, found, strict=True):
-                    if not flag:
-                        continue
-                    count = nframes[hit]
-                    out.append(
-                        (
-                            pos,
-                            req.reply_frames[frame_pos : frame_pos + count],
-                            metas[hit] if hit < len(metas) else None,
-                        )
+        requests = self._run_keyed("get", keys, timeout)
+        out = []
+        for req in requests:
+            reply = req.reply
+            assert reply is not None
+            found, nframes, metas = (
+                reply.get("found", []),
+                reply.get("nframes", []),
+                reply.get("metas", []),
+            )
+            if len(found) != len(req.positions) or sum(nframes) != len(req.reply_frames):
+                raise LMCachedUnavailable("malformed get reply from worker")
+            frame_pos = 0
+            hit = 0
+            for pos, flag in zip(req.positions, found, strict=True):
+                if not flag:
+                    continue
+                count = nframes[hit]
+                out.append(
+                    (
+                        pos,
+                        req.reply_frames[frame_pos : frame_pos + count],
+                        metas[hit] if hit < len(metas) else None,
                     )
-                    frame_pos += count
-                    hit += 1
-            return out
+                )
+                frame_pos += count
+                hit += 1
+        return out
 
     def _broadcast(
         self, op: str, fields: dict[str, Any], timeout: float | None
