@@ -312,6 +312,38 @@ class Config:
     log_format: str = option(
         "auto", choice("auto", "console", "json"), "auto: readable on a TTY, JSON otherwise."
     )
+    # --- extensions (issue 5): see lmcached/plugins and docs/extensions.md -------------------
+    external_backends: list[str] = option(
+        [],
+        string_list,
+        "External storage backends by name (LMCache's key), each defined in extra_config by "
+        "external_backend.<name>.module_path and .class_name. They join the TieredStore after "
+        "the built-in tiers; earlier names are looked up first.",
+    )
+    storage_plugins: list[str] = option(
+        [],
+        string_list,
+        "Deprecated: LMCache's newer spelling of external_backends (with "
+        "storage_plugin.<name>.* in extra_config). Accepted; prefer external_backends.",
+    )
+    strict_plugins: bool = option(
+        False,
+        boolean,
+        "Make an external plugin that fails in on_startup fatal. Default: disable it, log the "
+        "error and start without it.",
+    )
+    disk_codec: str | None = option(
+        None, optional_string, "Codec of blocks written to the disk tier: none, zstd, lz4 ..."
+    )
+    remote_codec: str | None = option(
+        None, optional_string, "Codec of blocks written to the remote tier: none, zstd, lz4 ..."
+    )
+    remote_serde: str | None = option(
+        None,
+        optional_string,
+        "LMCache's remote serializer: naive (no codec) or a codec name. kivi and cachegen are "
+        "refused at start with the lmcached equivalent.",
+    )
     # --- passthrough ---------------------------------------------------------------------
     extra_config: dict[str, Any] = option(
         {}, mapping, "Free-form settings for extensions (LMCache's extra_config)."
@@ -535,6 +567,19 @@ def validate(cfg: Config) -> None:
 
 # Cross-field checks contributed by other modules (tiers, plugins ...), run by validate().
 EXTRA_VALIDATORS: list[Callable[[Config], None]] = []
+
+
+# Plugin checks (issue 5): every registry entry the config uses is imported and checked against
+# its interface when the config is loaded, so a broken plugin fails `lmcached start` and
+# `lmcached config check`, never the first request. Imported lazily: the plugins package
+# imports this module.
+def _check_plugins(cfg: Config) -> None:
+    from lmcached.plugins.startup import check_config
+
+    check_config(cfg)
+
+
+EXTRA_VALIDATORS.append(_check_plugins)
 
 
 def load(

@@ -1,0 +1,1 @@
+"""Example lmcached extensions, installable with pip; see plugins.yaml and register.py."""
