@@ -269,7 +269,7 @@ class GuardedBackend(StorageBackend):
         return [self.put(k, b) for k, b in items]
 
     def stats(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"plugin_errors": sum(self.errors.values())}
+        out: dict[str, Any] = {}
         try:
             out.update(self.inner.stats())
         except Exception as exc:
@@ -279,6 +279,9 @@ class GuardedBackend(StorageBackend):
                 out["plugin"] = dict(self.inner.get_metrics())
             except Exception as exc:
                 self._failed("get_metrics", exc)
+        # Counted last, so a failure of the two calls above is included.
+        with self._lock:
+            out["plugin_errors"] = sum(self.errors.values())
         return out
 
     def close(self) -> None:

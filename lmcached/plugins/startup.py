@@ -279,13 +279,16 @@ def build_remote_connector(
     cfg: Config,
     worker_id: int = 0,
     registry: PluginRegistry | None = None,
+    *,
+    remote_url: str | None = None,
 ) -> RemoteConnector | None:
     """Build the registry's connector for ``remote_url``'s scheme, or None when none is registered.
 
     Built as ``cls(url, options, context)``. None also when it failed in ``on_startup`` and
-    ``strict_plugins`` is false (the daemon runs without its remote tier).
+    ``strict_plugins`` is false (the daemon runs without its remote tier). ``remote_url``
+    overrides the config's.
     """
-    remote_url = getattr(cfg, "remote_url", None)
+    remote_url = remote_url or getattr(cfg, "remote_url", None)
     if not remote_url:
         return None
     registry = registry or get_registry()
