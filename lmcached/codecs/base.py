@@ -71,7 +71,10 @@ def make_codec(name: str) -> Codec:
         codec = _CODECS.get(name)
     if codec is not None:
         return codec
+    from lmcached.plugins import sources
+
     registry = get_registry()
+    sources.load(registry)  # once per process: codecs from packages are known here too
     cls = registry.get_class("codec", name)
     try:
         codec = cls()
@@ -79,6 +82,12 @@ def make_codec(name: str) -> Codec:
         raise PluginValidationError("codec", name, f"cannot be built: {exc}") from exc
     with _CODECS_LOCK:
         return _CODECS.setdefault(name, codec)
+
+
+def forget_codecs() -> None:
+    """Drop the shared codec instances (after the registry is reset)."""
+    with _CODECS_LOCK:
+        _CODECS.clear()
 
 
 def encode_payload(name: str, data: Buffer, meta: Mapping[str, Any] | None = None) -> bytes:

@@ -18,9 +18,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from collections.abc import Sequence
 from typing import Any, TextIO
+
+import structlog
 
 from lmcached.errors import ConfigError
 from lmcached.plugins import sources
@@ -64,6 +67,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
     """Run ``lmcached plugins`` with parsed arguments; return the exit status."""
     out = out or sys.stdout
+    _quiet_logs()
     registry = get_registry()
     report = sources.load(registry)
     if args.config:
@@ -224,6 +228,16 @@ def _validate(
         else f"{len(checked)} entries ok\n"
     )
     return EXIT_OK if ok else EXIT_BROKEN
+
+
+def _quiet_logs() -> None:
+    # stdout carries the table or the JSON: log lines (warnings and up) go to stderr, unless
+    # the caller already configured structlog.
+    if not structlog.is_configured():
+        structlog.configure(
+            logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+            wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING),
+        )
 
 
 def _first_line(text: str) -> str:

@@ -628,9 +628,11 @@ def reset_registry() -> PluginRegistry:
     global _REGISTRY
     with _REGISTRY_LOCK:
         _REGISTRY = PluginRegistry()
+    from lmcached.codecs.base import forget_codecs
     from lmcached.plugins import sources
 
     sources.forget_loaded()
+    forget_codecs()
     return _REGISTRY
 
 

@@ -127,7 +127,6 @@ def load_entry_points(
         seen.add((ep.name, ep.value))
         if allow is not None and ep.name not in allow and package not in allow:
             report.skipped.append(ep.name)
-            log.debug("plugin not in allow-list", plugin=ep.name, env=ALLOW_ENV)
             continue
         try:
             load_entry_point(registry, ep)

@@ -130,7 +130,13 @@ def broken_dist(tmp_path: Path) -> Path:
     return root
 
 
-def run_cli(*args: str, pythonpath: list[Path] | None = None, env: dict | None = None):
+@pytest.fixture
+def run_cli():
+    """Return a function running `lmcached plugins ...` as a real subprocess."""
+    return _run_cli
+
+
+def _run_cli(*args: str, pythonpath: list[Path] | None = None, env: dict | None = None):
     """Run `lmcached plugins ...` as a real subprocess; return the CompletedProcess."""
     environ = {k: v for k, v in os.environ.items() if k != "LMCACHED_PLUGINS"}
     paths = [str(p) for p in (pythonpath or [])] + [str(REPO)]
