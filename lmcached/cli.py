@@ -10,6 +10,7 @@ from typing import Any
 
 from lmcached import config as config_mod
 from lmcached.errors import ConfigError, LMCachedError, LMCachedUnavailable
+from lmcached.plugins import cli as plugins_cli
 from lmcached.version import PROTOCOL_VERSION, __version__
 
 DEFAULT_CONFIG_HELP = "config file (default: built-in defaults plus LMCACHED_* env overrides)"
@@ -199,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # Subcommands contributed by other modules: each is called with the subparsers object.
-EXTRA_COMMANDS: list[Callable[[Any], None]] = []
+EXTRA_COMMANDS: list[Callable[[Any], None]] = [plugins_cli.add_parser]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -25,6 +25,7 @@ import zmq
 
 from lmcached import config as config_mod
 from lmcached import logs, protocol
+from lmcached.plugins.lifecycle import EXIT_PLUGIN_FATAL
 from lmcached.protocol import CONTROL_OPS, ProtocolError
 from lmcached.runtime import (
     InstanceLock,
@@ -91,6 +92,7 @@ class Scheduler:
         self._internal_endpoint = ""
         self._config_json = instance_dir(cfg) / "config.json"
         self._stopping = False
+        self.exit_code = 0
         self._reload_requested = False
         self._ready = False
         self._next_rid = 1
@@ -238,6 +240,11 @@ class Scheduler:
             slot.backoff = min(
                 max(slot.backoff * 2, self.cfg.worker_restart_backoff), MAX_BACKOFF_S
             )
+        if code == EXIT_PLUGIN_FATAL:
+            # A plugin failed on_startup under strict_plugins: restarting will not help.
+            self.log.error("worker_plugin_fatal", worker=slot.id, hint="see the worker's log")
+            self.exit_code = code
+            self._stopping = True
         slot.state = "backoff"
         slot.next_start_at = now + slot.backoff
         self.log.error(
@@ -542,4 +549,4 @@ def run(cfg: config_mod.Config) -> int:
         scheduler.serve()
     finally:
         scheduler.shutdown()
-    return 0
+    return scheduler.exit_code

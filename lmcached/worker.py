@@ -27,6 +27,8 @@ import zmq
 from lmcached import config as config_mod
 from lmcached import logs, protocol
 from lmcached.malloc import tune_for_large_messages
+from lmcached.plugins.lifecycle import EXIT_PLUGIN_FATAL, PluginStartupError
+from lmcached.plugins.startup import plugin_states
 from lmcached.protocol import DATA_OPS, Limits, ProtocolError, Request
 from lmcached.runtime import ipc_endpoint
 from lmcached.storage.base import Block
@@ -307,6 +309,7 @@ class Worker:
             "uptime_s": round(time.time() - self.started_at, 3),
             "store": self.store.stats(),
             "ops": self.ops.as_dict(),
+            "plugins": plugin_states(),
         }
 
     # --------------------------------------------------------------------------------- loop
@@ -374,7 +377,11 @@ def main(argv: list[str] | None = None) -> int:
     logs.configure("worker", args.worker_id, cfg.log_level, cfg.log_format)
     log = logs.get_logger("lmcached.worker")
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the scheduler decides when workers stop
-    worker = Worker(cfg, args.worker_id)
+    try:
+        worker = Worker(cfg, args.worker_id)
+    except PluginStartupError as exc:  # strict_plugins: the scheduler stops the daemon
+        log.error("plugin_start_failed", error=str(exc))
+        return EXIT_PLUGIN_FATAL
     signal.signal(signal.SIGTERM, lambda *_: worker.stop())
     try:
         endpoints = worker.bind()

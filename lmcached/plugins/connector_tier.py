@@ -56,14 +56,14 @@ class ConnectorBackend(StorageBackend):
 
     def contains(self, key: bytes) -> bool:
         try:
-            return bool(self.connector.exists(key))
+            return bool(self.connector.exists_many([key])[0])
         except Exception as exc:
             self._error("exists", exc)
             return False
 
     def get(self, key: bytes) -> Block | None:
         try:
-            value = self.connector.get(key)
+            value = self.connector.get_many([key])[0]
         except Exception as exc:
             self._error("get", exc)
             value = None
@@ -88,7 +88,7 @@ class ConnectorBackend(StorageBackend):
         # One copy to join the frames: every codec, 'none' included, needs one contiguous input.
         value = encode_payload(self.codec, block.tobytes())
         try:
-            self.connector.put(key, value)
+            self.connector.put_many([(key, [value])], None)
         except Exception as exc:
             self._error("put", exc)
             return False
@@ -98,14 +98,14 @@ class ConnectorBackend(StorageBackend):
 
     def remove(self, key: bytes) -> bool:
         try:
-            return bool(self.connector.delete(key))
+            return bool(self.connector.delete_many([key])[0])
         except Exception as exc:
             self._error("delete", exc)
             return False
 
     def iter_keys(self) -> Iterator[bytes]:
         try:
-            return iter(list(self.connector.iter_keys()))
+            return iter(list(self.connector.scan(b"")))
         except Exception as exc:
             self._error("iter_keys", exc)
             return iter(())

@@ -1,61 +1,66 @@
-"""Interfaces of the registry categories that are not defined by a storage module.
+"""The interface of the ``remote_connector`` category.
 
 ``storage_backend`` uses :class:`lmcached.storage.base.StorageBackend`, ``eviction_policy``
 :class:`lmcached.storage.eviction.EvictionPolicy` and ``codec`` :class:`lmcached.codecs.base.Codec`.
-The remote connector's interface lives here: it is the byte-level contract an external store
-implements (LMCache's ``RemoteConnector``), below the remote tier's headers, checksums and
-write queues.
+A remote connector is the byte-level contract of the remote tier (LMCache's
+``RemoteConnector``): batched raw values in and out of one shared store, below the tier's block
+format, checksums and write queues. The tiers module defines it
+(``lmcached.storage.remote.connector``); until that module is present this file carries the same
+interface, so external connectors are written against one shape either way.
+
+External connectors are built as ``cls(url, timeout=seconds, options=dict, context=ctx)``:
+``options`` are the ``extra_config`` keys ``external_connector.<scheme>.<option>`` (less
+``module_path`` and ``class_name``), ``context`` a :class:`lmcached.plugins.lifecycle.PluginContext`.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
-# Anything exposing the buffer protocol.
 Buffer = Any
 
+try:  # the tiers' definition, once present, is the one interface
+    from lmcached.storage.remote.connector import RemoteConnector  # type: ignore[import-not-found]
+except ImportError:
 
-class RemoteConnector(ABC):
-    """Store and fetch opaque byte values by key in a remote store chosen by URL scheme.
+    class RemoteConnector(ABC):  # type: ignore[no-redef]
+        """Move raw values (already-encoded blocks) to and from one shared store."""
 
-    Constructed as ``cls(url, options, context)``: ``url`` is the config's ``remote_url``,
-    ``options`` the ``extra_config`` entries ``external_connector.<scheme>.<key>`` (less
-    ``module_path``/``class_name``), ``context`` a
-    :class:`lmcached.plugins.lifecycle.PluginContext`.
-    Methods may raise; the caller counts the error and treats the operation as a miss.
-    """
+        @abstractmethod
+        def get_many(self, keys: Sequence[bytes]) -> list[Buffer | None]:
+            """Return each key's value, or None where it is absent."""
 
-    @abstractmethod
-    def get(self, key: bytes) -> bytes | None:
-        """Return the stored value, or None when the key is absent."""
+        @abstractmethod
+        def put_many(
+            self, items: Sequence[tuple[bytes, Sequence[Buffer]]], ttl: float | None
+        ) -> None:
+            """Store each key's value, given as pieces to concatenate; expire after ``ttl`` s."""
 
-    @abstractmethod
-    def put(self, key: bytes, value: Buffer) -> None:
-        """Store ``value`` under ``key``, replacing any previous value."""
+        @abstractmethod
+        def exists_many(self, keys: Sequence[bytes]) -> list[bool]:
+            """Return whether each key is present."""
 
-    @abstractmethod
-    def exists(self, key: bytes) -> bool:
-        """Return True when the key is stored."""
+        @abstractmethod
+        def delete_many(self, keys: Sequence[bytes]) -> list[bool]:
+            """Delete the keys; return, per key, whether it existed."""
 
-    @abstractmethod
-    def delete(self, key: bytes) -> bool:
-        """Remove the key; return True when it was present."""
+        @abstractmethod
+        def scan(self, prefix: bytes) -> Iterator[bytes]:
+            """Iterate over the stored keys that start with ``prefix``."""
 
-    @abstractmethod
-    def close(self) -> None:
-        """Release connections. Idempotent."""
+        @abstractmethod
+        def ping(self) -> None:
+            """Round-trip to the store; raise when it does not answer."""
 
-    def iter_keys(self) -> Iterator[bytes]:
-        """Iterate over stored keys; connectors that cannot list return nothing."""
-        return iter(())
+        @abstractmethod
+        def close(self) -> None:
+            """Release connections. Idempotent."""
 
-    def get_many(self, keys: Sequence[bytes]) -> list[bytes | None]:
-        return [self.get(k) for k in keys]
+        def describe(self) -> str:
+            """Return where this connector points, without secrets (for status)."""
+            return type(self).__name__
 
-    def exists_many(self, keys: Sequence[bytes]) -> list[bool]:
-        return [self.exists(k) for k in keys]
 
-    def stats(self) -> Mapping[str, Any]:
-        return {}
+__all__ = ["RemoteConnector"]

@@ -284,11 +284,12 @@ def build_remote_connector(
 ) -> RemoteConnector | None:
     """Build the registry's connector for ``remote_url``'s scheme, or None when none is registered.
 
-    Built as ``cls(url, options, context)``. None also when it failed in ``on_startup`` and
+    Built as ``cls(url, timeout=..., options=..., context=...)``. None also when it failed in ``on_startup`` and
     ``strict_plugins`` is false (the daemon runs without its remote tier). ``remote_url``
     overrides the config's.
     """
     remote_url = remote_url or getattr(cfg, "remote_url", None)
+    timeout = float(getattr(cfg, "remote_timeout", None) or cfg.request_timeout)
     if not remote_url:
         return None
     registry = registry or get_registry()
@@ -305,7 +306,7 @@ def build_remote_connector(
     options: Mapping[str, Any] = dict(spec.options)
     return _start(
         cls,
-        lambda: cls(remote_url, options, ctx),
+        lambda: cls(remote_url, timeout=timeout, options=options, context=ctx),
         spec,
         cfg.strict_plugins,
         "remote_connector",
@@ -328,3 +329,30 @@ def shutdown_plugins() -> None:
         for state in _STATES.values():
             if state.state == "running":
                 state.state = "stopped"
+
+
+def plugin_tiers(
+    cfg: Config, worker_id: int, *, include_remote: bool = True
+) -> list[StorageBackend]:
+    """Return the tiers that plugins add after the built-in ones, in lookup order.
+
+    First the remote tier over a registry connector, when ``remote_url``'s scheme names one
+    (encoded with :func:`tier_codec` ``(cfg, "remote")``), then the external backends in
+    their listed order. ``lmcached.storage.factory.build_tiers`` appends these to its own.
+    """
+    from lmcached.plugins.connector_tier import ConnectorBackend
+
+    tiers: list[StorageBackend] = []
+    if include_remote:
+        connector = build_remote_connector(cfg, worker_id)
+        if connector is not None:
+            tiers.append(
+                ConnectorBackend(
+                    connector,
+                    name="remote",
+                    codec=tier_codec(cfg, "remote"),
+                    max_block_size=cfg.max_block_size,
+                )
+            )
+    tiers.extend(build_external_backends(cfg, worker_id))
+    return tiers

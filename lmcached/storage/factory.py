@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from lmcached.config import Config
+from lmcached.plugins.startup import plugin_tiers
 from lmcached.storage.base import StorageBackend
 from lmcached.storage.cpu import CPUBackend
 from lmcached.storage.tiered import TieredStore
@@ -12,7 +13,10 @@ def build_tiers(cfg: Config, worker_id: int) -> list[StorageBackend]:
     """Return the tiers of worker ``worker_id`` in lookup order (CPU first)."""
     # With local_cpu off the CPU tier still exists with no budget, so every put is rejected
     # there and lower tiers (when configured) hold the data.
-    return [CPUBackend(cfg.cpu_budget_per_worker, cfg.eviction_policy)]
+    tiers: list[StorageBackend] = [CPUBackend(cfg.cpu_budget_per_worker, cfg.eviction_policy)]
+    # Extensions: a remote tier over an external connector, then external backends in order.
+    tiers.extend(plugin_tiers(cfg, worker_id))
+    return tiers
 
 
 def build_store(cfg: Config, worker_id: int) -> TieredStore:

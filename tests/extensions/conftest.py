@@ -143,7 +143,7 @@ def _run_cli(*args: str, pythonpath: list[Path] | None = None, env: dict | None 
     environ["PYTHONPATH"] = os.pathsep.join(paths)
     environ.update(env or {})
     return subprocess.run(
-        [sys.executable, "-m", "lmcached.plugins.cli", *args],
+        [sys.executable, "-m", "lmcached", "plugins", *args],
         capture_output=True,
         text=True,
         env=environ,

@@ -11,13 +11,14 @@ an LMCache-style config::
       external_connector.folder.fsync: false
 
 or install this package: its register function adds the same entry to the registry.
+TTLs are ignored (a folder has no expiry); a real connector would honour them.
 """
 
 from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -38,13 +39,19 @@ class FolderConnector(PluginBase, RemoteConnector):
     config_class = FolderConfig
 
     def __init__(
-        self, url: str, options: dict[str, Any] | None = None, context: Any = None
+        self,
+        url: str,
+        *,
+        timeout: float = 5.0,
+        options: dict[str, Any] | None = None,
+        context: Any = None,
     ) -> None:
         super().__init__(options, context)
         parts = urlsplit(url)
         if parts.scheme != "folder" or not parts.path:
             raise ValueError(f"expected a URL such as folder:///abs/path, got {url!r}")
         self.root = unquote(parts.path)
+        self.timeout = timeout  # local files: nothing to bound, kept for the interface
         self.puts = 0
         self.gets = 0
 
@@ -54,46 +61,64 @@ class FolderConnector(PluginBase, RemoteConnector):
     def _path(self, key: bytes) -> str:
         return os.path.join(self.root, key.hex())
 
-    def get(self, key: bytes) -> bytes | None:
-        self.gets += 1
-        try:
-            with open(self._path(key), "rb") as f:
-                return f.read()
-        except FileNotFoundError:
-            return None
+    def get_many(self, keys: Sequence[bytes]) -> list[bytes | None]:
+        out: list[bytes | None] = []
+        for key in keys:
+            self.gets += 1
+            try:
+                with open(self._path(key), "rb") as f:
+                    out.append(f.read())
+            except FileNotFoundError:
+                out.append(None)
+        return out
 
-    def put(self, key: bytes, value: Any) -> None:
-        fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".tmp-")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(value)
-                if self.config.fsync:
-                    f.flush()
-                    os.fsync(f.fileno())
-            os.replace(tmp, self._path(key))
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
-        self.puts += 1
+    def put_many(self, items: Sequence[tuple[bytes, Sequence[Any]]], ttl: float | None) -> None:
+        for key, pieces in items:
+            fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".tmp-")
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    for piece in pieces:
+                        f.write(piece)
+                    if self.config.fsync:
+                        f.flush()
+                        os.fsync(f.fileno())
+                os.replace(tmp, self._path(key))
+            except BaseException:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+                raise
+            self.puts += 1
 
-    def exists(self, key: bytes) -> bool:
-        return os.path.exists(self._path(key))
+    def exists_many(self, keys: Sequence[bytes]) -> list[bool]:
+        return [os.path.exists(self._path(k)) for k in keys]
 
-    def delete(self, key: bytes) -> bool:
-        try:
-            os.unlink(self._path(key))
-        except FileNotFoundError:
-            return False
-        return True
+    def delete_many(self, keys: Sequence[bytes]) -> list[bool]:
+        out = []
+        for key in keys:
+            try:
+                os.unlink(self._path(key))
+                out.append(True)
+            except FileNotFoundError:
+                out.append(False)
+        return out
 
-    def iter_keys(self) -> Iterator[bytes]:
+    def scan(self, prefix: bytes) -> Iterator[bytes]:
         for name in os.listdir(self.root):
-            if not name.startswith(".tmp-"):
-                try:
-                    yield bytes.fromhex(name)
-                except ValueError:
-                    continue
+            if name.startswith(".tmp-"):
+                continue
+            try:
+                key = bytes.fromhex(name)
+            except ValueError:
+                continue
+            if key.startswith(prefix):
+                yield key
+
+    def ping(self) -> None:
+        if not os.path.isdir(self.root):
+            raise OSError(f"folder {self.root} is gone")
+
+    def describe(self) -> str:
+        return f"folder://{self.root}"
 
     def get_metrics(self) -> dict[str, Any]:
         return {"root": self.root, "puts": self.puts, "gets": self.gets}
