@@ -79,6 +79,7 @@ def render_status(status: dict[str, Any]) -> str:
             f"{w.get('id'):>6} {w.get('pid') or '-':>8} {state:<10} {blocks:>8} {_fmt_bytes(used):>10} "
             f"{rate:>8} {cpu.get('evictions', 0):>7} {_fmt_bytes(mem.get('uss')):>9} {w.get('restarts', 0):>8}"
         )
+    lines.extend(plugins_cli.status_lines(status))
     return "\n".join(lines)
 
 

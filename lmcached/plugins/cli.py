@@ -230,6 +230,31 @@ def _validate(
     return EXIT_OK if ok else EXIT_BROKEN
 
 
+def status_lines(status: dict[str, Any]) -> list[str]:
+    """Return the plugin section of ``lmcached status``: each plugin's state per worker."""
+    rows = []
+    for w in status.get("workers", []):
+        stats = w.get("stats") or {}
+        store = stats.get("store") or {}
+        for name, state in sorted((stats.get("plugins") or {}).items()):
+            tier = store.get(name) or {}
+            metrics = state.get("metrics") or tier.get("plugin") or {}
+            shown = ", ".join(f"{k}={v}" for k, v in metrics.items() if isinstance(v, (int, float)))
+            rows.append(
+                [
+                    str(w.get("id")),
+                    name,
+                    state.get("category", "?"),
+                    state.get("state", "?"),
+                    str(tier.get("plugin_errors", 0)),
+                    state.get("error") or shown or "-",
+                ]
+            )
+    if not rows:
+        return []
+    return ["", *_table_lines(["WORKER", "PLUGIN", "CATEGORY", "STATE", "ERRORS", "DETAIL"], rows)]
+
+
 def _quiet_logs() -> None:
     # stdout carries the table or the JSON: log lines (warnings and up) go to stderr, unless
     # the caller already configured structlog.
@@ -245,11 +270,17 @@ def _first_line(text: str) -> str:
     return line if len(line) <= 60 else line[:57] + "..."
 
 
-def _table(out: TextIO, header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
+def _table_lines(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    for row in [header, *rows]:
-        cells = [str(c).ljust(w) for c, w in zip(row, widths, strict=True)]
-        out.write("  " + "  ".join(cells).rstrip() + "\n")
+    return [
+        "  " + "  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
+        for row in [header, *rows]
+    ]
+
+
+def _table(out: TextIO, header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
+    for line in _table_lines(header, rows):
+        out.write(line + "\n")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

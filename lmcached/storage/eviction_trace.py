@@ -80,13 +80,24 @@ def compare(
     return [replay(p, trace, capacity_blocks) for p in policies]
 
 
-def main() -> int:
+def summary_lines() -> list[str]:
+    """Return the comparison as text lines, the LRU baseline first (for ``lmcached bench``)."""
     results = compare()
     base = results[0]
-    print(f"scan workload: {base.accesses} accesses, cache of 150 blocks, hot set of 100")
-    print(f"{'policy':<8} {'hits':>6} {'hit ratio':>9} {'vs ' + base.policy:>8}")
+    lines = [
+        f"eviction, scan workload ({base.accesses} accesses, 150-block cache, hot set of 100, "
+        "6 one-time scans of 300):",
+    ]
     for r in results:
-        print(f"{r.policy:<8} {r.hits:>6} {r.hit_ratio:>9.3f} {r.hits / base.hits:>7.2f}x")
+        lines.append(
+            f"  {r.policy:<8} hits {r.hits:>6}  hit ratio {r.hit_ratio:.3f}  "
+            f"{r.hits / base.hits:.2f}x {base.policy}"
+        )
+    return lines
+
+
+def main() -> int:
+    print("\n".join(summary_lines()))
     return 0
 
 

@@ -4,6 +4,8 @@ stats, a failing on_startup disables it (or, with strict_plugins, stops the daem
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -71,6 +73,19 @@ def test_backend_failing_on_startup_is_disabled_and_the_daemon_serves(example_in
             assert state["state"] == "disabled"
             assert "unable to open database file" in state["error"]
             assert "sqlite" not in w["stats"]["store"]
+        out = subprocess.run(
+            [sys.executable, "-m", "lmcached", "status", "--config", str(d.config_path)],
+            capture_output=True,
+            text=True,
+            env=d.env,
+            timeout=60,
+        )
+        assert out.returncode == 0, out.stderr
+        rows = [line.split() for line in out.stdout.splitlines() if " sqlite " in line]
+        assert [r[:4] for r in rows] == [
+            ["0", "sqlite", "storage_backend", "disabled"],
+            ["1", "sqlite", "storage_backend", "disabled"],
+        ]
     assert "plugin failed to start" in d.log()
 
 
