@@ -167,7 +167,7 @@ def _codec_name(name: str | None) -> str | None:
 
 
 @dataclass
-class PluginState:
+class ExtensionState:
     """How one external plugin is doing in this process."""
 
     name: str
@@ -193,7 +193,7 @@ class PluginState:
         return out
 
 
-_STATES: dict[str, PluginState] = {}
+_STATES: dict[str, ExtensionState] = {}
 _STATES_LOCK = threading.Lock()
 
 
@@ -204,7 +204,7 @@ def plugin_states() -> dict[str, dict[str, Any]]:
     return {s.name: s.as_dict() for s in states}
 
 
-def _record(state: PluginState) -> None:
+def _record(state: ExtensionState) -> None:
     with _STATES_LOCK:
         _STATES[state.name] = state
 
@@ -242,9 +242,9 @@ def _start(
             error=error,
             hint="set strict_plugins: true to make this fatal",
         )
-        _record(PluginState(spec.name, category, class_path, "disabled", error))
+        _record(ExtensionState(spec.name, category, class_path, "disabled", error))
         return None
-    _record(PluginState(spec.name, category, class_path, "running", instance=instance))
+    _record(ExtensionState(spec.name, category, class_path, "running", instance=instance))
     return instance
 
 
