@@ -398,6 +398,24 @@ class PluginRegistry:
         finally:
             self._default_package.reset(token)
 
+    def remove_package(self, package: str) -> int:
+        """Forget every entry that ``package`` registered; return how many.
+
+        The config's LMCache-style declarations are re-registered on each load under the
+        package ``config``, so a reloaded or different config never resolves to a stale class.
+        """
+        removed = 0
+        with self._lock:
+            for names in self._entries.values():
+                for name in list(names):
+                    kept = [e for e in names[name] if e.package != package]
+                    removed += len(names[name]) - len(kept)
+                    if kept:
+                        names[name] = kept
+                    else:
+                        del names[name]
+        return removed
+
     def note_package(self, name: str, **info: Any) -> None:
         """Record a package that contributed entries (shown by ``lmcached plugins --packages``)."""
         with self._lock:
@@ -426,7 +444,9 @@ class PluginRegistry:
 
     def shadowed(self, category: str, name: str) -> list[PluginEntry]:
         """Return the entries that lost the conflict for ``name``, best first."""
-        self._category(category, name)
+        cat = self._category(category, name)
+        if cat.keyed_by == "URL scheme":
+            name = name.lower()
         with self._lock:
             rivals = list(self._entries[category].get(name, []))
         if not rivals:
@@ -460,6 +480,7 @@ class PluginRegistry:
         """Yield every entry, shadowed ones included."""
         cats = [category] if category else list(CATEGORIES)
         for cat in cats:
+            self._category(cat, "")
             with self._lock:
                 groups = [list(v) for _, v in sorted(self._entries[cat].items())]
             for rivals in groups:

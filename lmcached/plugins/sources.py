@@ -278,8 +278,12 @@ def _spec(
 
 
 def register_config_plugins(plugins: ConfigPlugins, registry: PluginRegistry | None = None) -> None:
-    """Register the config's backends and connectors at priority ``CONFIG_PRIORITY``."""
+    """Register the config's backends and connectors at priority ``CONFIG_PRIORITY``.
+
+    Replaces whatever an earlier config registered, so the entries always match this config.
+    """
     registry = registry or get_registry()
+    registry.remove_package(CONFIG_PACKAGE)
     for spec in [*plugins.backends, *plugins.connectors.values()]:
         try:
             registry.register(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from lmcached.codecs.tier import apply_tier_codecs
 from lmcached.config import Config
 from lmcached.plugins.startup import plugin_tiers
 from lmcached.storage.base import StorageBackend
@@ -16,7 +17,7 @@ def build_tiers(cfg: Config, worker_id: int) -> list[StorageBackend]:
     tiers: list[StorageBackend] = [CPUBackend(cfg.cpu_budget_per_worker, cfg.eviction_policy)]
     # Extensions: a remote tier over an external connector, then external backends in order.
     tiers.extend(plugin_tiers(cfg, worker_id))
-    return tiers
+    return apply_tier_codecs(cfg, tiers)  # disk_codec / remote_codec on the tiers named so
 
 
 def build_store(cfg: Config, worker_id: int) -> TieredStore:

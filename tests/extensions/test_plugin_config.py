@@ -199,3 +199,22 @@ def test_remote_serde_values_map_to_codecs_or_fail_clearly(registry):
 def test_a_codec_from_a_package_is_usable_per_tier(example_installed):
     cfg = load(disk_codec="zlib")
     assert startup.tier_codec(cfg, "disk") == "zlib"
+
+
+def test_a_second_config_replaces_the_first_ones_declarations(example_installed, tmp_path):
+    from lmcached.plugins.registry import get_registry
+
+    first = backend_keys("x", tmp_path / "x.sqlite")
+    load(external_backends=["x"], extra_config=first)
+    assert get_registry().get_entry("storage_backend", "x").class_path.endswith(":SqliteBackend")
+    second = {
+        "external_backend.x.module_path": "lmcached.storage.cpu",
+        "external_backend.x.class_name": "CPUBackend",
+    }
+    load(external_backends=["x"], extra_config=second)
+    assert get_registry().get_entry("storage_backend", "x").class_path == (
+        "lmcached.storage.cpu:CPUBackend"
+    )
+    assert get_registry().shadowed("storage_backend", "x") == []
+    load()  # a config without declarations leaves none behind
+    assert not get_registry().has("storage_backend", "x")
