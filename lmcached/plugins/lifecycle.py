@@ -287,6 +287,9 @@ class GuardedBackend(StorageBackend):
         # Counted last, so a failure of the two calls above is included.
         with self._lock:
             out["plugin_errors"] = sum(self.errors.values())
+        # Also in the generic tier counter, so the metrics endpoint's lmcached_tier_errors
+        # counts them under the plugin's name without knowing about plugins.
+        out["errors"] = int(out.get("errors", 0) or 0) + out["plugin_errors"]
         return out
 
     def close(self) -> None:
