@@ -275,6 +275,22 @@ def build_external_backends(
     return out
 
 
+def uses_plugin_connector(cfg: Config, registry: PluginRegistry | None = None) -> bool:
+    """Return True when ``remote_url``'s scheme is served by a registry connector.
+
+    That is an ``external_connector.<scheme>.*`` declaration or a package's entry; the store
+    factory then builds the connector with :func:`build_remote_connector` instead of its
+    built-in scheme table.
+    """
+    remote_url = getattr(cfg, "remote_url", None)
+    if not remote_url:
+        return False
+    registry = registry or get_registry()
+    sources.load(registry)
+    sources.register_config_plugins(sources.parse_config_plugins(cfg), registry)
+    return registry.has("remote_connector", urlsplit(remote_url).scheme)
+
+
 def build_remote_connector(
     cfg: Config,
     worker_id: int = 0,
@@ -302,6 +318,10 @@ def build_remote_connector(
     spec = plugins.connectors.get(scheme) or sources.ExternalSpec(
         "external_connector", scheme, cls.__module__, cls.__qualname__, {}, scheme
     )
+    entry = registry.get_entry("remote_connector", scheme)
+    if entry.builtin and not issubclass(cls, PluginBase):
+        # Built-in connectors take (url, timeout=...) and have no lifecycle hooks.
+        return cls(remote_url, timeout=timeout)
     ctx = _context(cfg, scheme, "remote_connector", worker_id)
     options: Mapping[str, Any] = dict(spec.options)
     return _start(
@@ -343,7 +363,7 @@ def plugin_tiers(
     from lmcached.plugins.connector_tier import ConnectorBackend
 
     tiers: list[StorageBackend] = []
-    if include_remote:
+    if include_remote and uses_plugin_connector(cfg):
         connector = build_remote_connector(cfg, worker_id)
         if connector is not None:
             tiers.append(
