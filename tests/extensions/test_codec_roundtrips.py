@@ -133,3 +133,11 @@ def test_int8_tensor_helpers_match_the_bytes_codec():
     amax = t.float().abs().amax(dim=0, keepdim=True)
     bound = amax / 254 + back.float().abs() * 2**-8
     assert ((back.float() - t.float()).abs() <= bound * (1 + 1e-6)).all()
+
+
+def test_bf16_rounding_matches_torch():
+    torch = pytest.importorskip("torch")
+    x = np.random.default_rng(3).standard_normal(10_000, dtype=np.float32) * 100
+    ours = np.frombuffer(int8._from_float32(x, "bfloat16"), dtype="<u2")
+    theirs = torch.from_numpy(x).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+    assert (ours == theirs).all()
