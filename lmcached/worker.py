@@ -28,7 +28,7 @@ from lmcached import config as config_mod
 from lmcached import logs, protocol
 from lmcached.malloc import tune_for_large_messages
 from lmcached.plugins.lifecycle import EXIT_PLUGIN_FATAL, PluginStartupError
-from lmcached.plugins.startup import plugin_states
+from lmcached.plugins.startup import extension_states
 from lmcached.protocol import DATA_OPS, Limits, ProtocolError, Request
 from lmcached.runtime import ipc_endpoint
 from lmcached.storage.base import Block
@@ -309,7 +309,7 @@ class Worker:
             "uptime_s": round(time.time() - self.started_at, 3),
             "store": self.store.stats(),
             "ops": self.ops.as_dict(),
-            "plugins": plugin_states(),
+            "extensions": extension_states(),
         }
 
     # --------------------------------------------------------------------------------- loop

@@ -236,7 +236,7 @@ def status_lines(status: dict[str, Any]) -> list[str]:
     for w in status.get("workers", []):
         stats = w.get("stats") or {}
         store = stats.get("store") or {}
-        for name, state in sorted((stats.get("plugins") or {}).items()):
+        for name, state in sorted((stats.get("extensions") or {}).items()):
             tier = store.get(name) or {}
             metrics = state.get("metrics") or tier.get("plugin") or {}
             shown = ", ".join(f"{k}={v}" for k, v in metrics.items() if isinstance(v, (int, float)))

@@ -10,7 +10,7 @@
   raises there is disabled and the daemon starts without it, unless ``strict_plugins`` is set.
 - :func:`tier_codec` names the codec of a tier (``disk_codec``, ``remote_codec``,
   ``remote_serde``).
-- :func:`plugin_states` is what ``stats()`` reports under ``plugins``.
+- :func:`extension_states` is what ``stats()`` reports under ``extensions``.
 """
 
 from __future__ import annotations
@@ -197,7 +197,7 @@ _STATES: dict[str, ExtensionState] = {}
 _STATES_LOCK = threading.Lock()
 
 
-def plugin_states() -> dict[str, dict[str, Any]]:
+def extension_states() -> dict[str, dict[str, Any]]:
     """Return every external plugin of this process by name: state, error, metrics."""
     with _STATES_LOCK:
         states = list(_STATES.values())

@@ -54,7 +54,7 @@ def test_daemon_reads_through_an_external_backend(example_installed, tmp_path):
             assert c.get([key]) == [b"stored by sqlite"]
             status = c.stats()
         mine = next(w for w in status["workers"] if w["id"] == owner(key, 2))
-        assert mine["stats"]["plugins"]["sqlite"]["state"] == "running"
+        assert mine["stats"]["extensions"]["sqlite"]["state"] == "running"
         assert mine["stats"]["store"]["sqlite"]["plugin"]["hits"] == 1
         assert mine["stats"]["store"]["sqlite"]["plugin_errors"] == 0
 
@@ -69,7 +69,7 @@ def test_backend_failing_on_startup_is_disabled_and_the_daemon_serves(example_in
             assert c.get([b"k/1"]) == [b"v"]
             status = c.stats()
         for w in status["workers"]:
-            state = w["stats"]["plugins"]["sqlite"]
+            state = w["stats"]["extensions"]["sqlite"]
             assert state["state"] == "disabled"
             assert "unable to open database file" in state["error"]
             assert "sqlite" not in w["stats"]["store"]

@@ -50,7 +50,7 @@ def test_external_backend_and_connector_load_from_lmcache_config(example_install
         assert bytes(store.get(b"k1").tobytes()) == b"from sqlite"
         assert store.tiers[0].contains(b"k1")  # promoted into CPU
         assert store.stats()["sqlite"]["plugin"]["hits"] == 1  # metrics under the plugin's name
-        assert startup.plugin_states()["sqlite"]["state"] == "running"
+        assert startup.extension_states()["sqlite"]["state"] == "running"
     finally:
         store.close()
         store.close()
@@ -151,7 +151,7 @@ def test_backend_failing_on_startup_is_disabled_and_the_rest_start(example_insta
     cfg = load(external_backends=["broken", "good"], extra_config=extra)
     externals = startup.build_external_backends(cfg)
     assert [b.name for b in externals] == ["good"]
-    states = startup.plugin_states()
+    states = startup.extension_states()
     assert states["broken"]["state"] == "disabled"
     assert "unable to open database file" in states["broken"]["error"]
     assert states["good"]["state"] == "running"

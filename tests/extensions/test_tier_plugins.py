@@ -70,7 +70,9 @@ def test_remote_url_with_an_external_connector_scheme(example_installed, tmp_pat
             c.put(keys, values)
             c.flush()
             status = c.stats()
-        assert all(w["stats"]["plugins"]["folder"]["state"] == "running" for w in status["workers"])
+        assert all(
+            w["stats"]["extensions"]["folder"]["state"] == "running" for w in status["workers"]
+        )
         files = sorted(remote.iterdir())
         assert len(files) == len(keys)
         daemon.stop()
