@@ -176,7 +176,7 @@ class _Plugin:
         self.tokens_at = time.monotonic()
         self.dropped = 0
         self.dropped_reported = 0
-        self.dropped_reported_at = time.monotonic()
+        self.dropped_reported_at = float("-inf")  # the first drop is reported at once
 
     @property
     def name(self) -> str:
