@@ -56,6 +56,7 @@ _READ_CHUNK = 1 << 16
 _BURST_FACTOR = 10  # the bucket holds 10 s worth of lines
 _PAUSE_WHEN_LIMITED = 0.2  # stop reading a flooding stream for this long (the plugin then waits)
 _DROP_REPORT_INTERVAL = 1.0
+_ENV_WORD = re.compile(r"[^A-Za-z0-9]+")
 _CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
 
 # Supervision.
@@ -667,6 +668,12 @@ class PluginLauncher:
         for key, value in values.items():
             env[f"LMCACHE_PLUGIN_{key}"] = value
             env[f"LMCACHE_RUNTIME_PLUGIN_{key}"] = value
+        # Scalar settings also come as LMCACHE_PLUGIN_SETTING_<KEY>, so a shell plugin needs no
+        # JSON parser for them.
+        for key, value in p.policy.settings.items():
+            if isinstance(value, (str, int, float, bool)):
+                text = str(value).lower() if isinstance(value, bool) else str(value)
+                env[f"LMCACHE_PLUGIN_SETTING_{_ENV_WORD.sub('_', key).upper()}"] = text
         if self.control_endpoint:
             env["LMCACHED_CONTROL_ENDPOINT"] = self.control_endpoint
         env["PYTHONUNBUFFERED"] = "1"

@@ -155,6 +155,8 @@ def test_environment_and_redacted_config(
     assert env["LMCACHE_PLUGIN_WORKER_COUNT"] == "3"
     assert env["LMCACHED_CONTROL_ENDPOINT"] == "tcp://127.0.0.1:7470"
     assert env["PYTHONUNBUFFERED"] == "1"
+    assert env["LMCACHE_PLUGIN_SETTING_INTERVAL"] == "5"
+    assert env["LMCACHE_PLUGIN_SETTING_TOKEN"] == "mine"
     for key in ("ROLE", "WORKER_ID", "WORKER_COUNT", "CONFIG"):
         assert env[f"LMCACHE_RUNTIME_PLUGIN_{key}"] == env[f"LMCACHE_PLUGIN_{key}"]
     raw = env["LMCACHE_PLUGIN_CONFIG"]
@@ -453,3 +455,39 @@ def test_lifecycle_errors(make_config: Any) -> None:
     pl.stop()
     with pytest.raises(RuntimeError, match="stopped"):
         pl.start()
+
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "plugin_examples"
+
+
+def test_shell_examples_beat_and_exit_cleanly_on_stop(
+    launcher: Any, plugin_dir: PluginDir, tmp_path: Path
+) -> None:
+    for name in ("worker_health.sh", "all_heartbeat.sh"):
+        plugin_dir.write(name, (EXAMPLES / name).read_text())
+    beats = tmp_path / "beats"
+    beats.mkdir()
+    pl, logs = launcher(
+        "worker",
+        2,
+        plugin_config={
+            "worker_health.sh": {"settings": {"interval": 0.1, "heartbeat_dir": str(beats)}},
+            "all_heartbeat.sh": {"settings": {"interval": 0.1}},
+        },
+    )
+    pl.start()
+    alive = beats / "worker-2.alive"
+    wait_for(alive.exists, what="the heartbeat file")
+    wait_for(lambda: len(logs.output("worker_health.sh")) >= 3, what="heartbeats")
+    lines = wait_for(lambda: logs.output("all_heartbeat.sh"), what="the all_ heartbeat")
+    assert lines[0][1].startswith(
+        f"[all_heartbeat.sh] heartbeat role=WORKER worker=2 pid={os.getpid()}"
+    )
+    pl.stop()
+    # The trap ran: clean exit (not a signal), file removed, goodbye logged.
+    assert plugin_status(pl, "worker_health.sh")["exit_code"] == 0
+    assert plugin_status(pl, "all_heartbeat.sh")["exit_code"] == 0
+    assert not alive.exists()
+    assert ("info", "[worker_health.sh] worker 2 health: stopping") in logs.output(
+        "worker_health.sh"
+    )
