@@ -481,8 +481,6 @@ class PluginLauncher:
         self._close_process_fds(p)
         p.shim = None
         self._report_drops(p, time.monotonic(), force=True)
-        if shim.returncode != 0 and p.exit_code is None and p.spawn_error is None:
-            p.last_error = f"plugin shim exited with {shim.returncode}"
         if p.state == S.STOPPING:
             self._transition(p, S.STOPPED, exit_code=p.exit_code)
             return
@@ -490,6 +488,8 @@ class PluginLauncher:
             p.last_error = p.spawn_error
             self._transition(p, S.FATAL, error=p.spawn_error)
             return
+        if p.exit_code is None:
+            p.last_error = f"plugin shim exited with {shim.returncode} before reporting"
         failed = p.exit_code != 0
         if p.exit_code is not None and p.exit_code != 0:
             p.last_error = f"exited with {_describe_exit(p.exit_code)}"
@@ -696,6 +696,11 @@ class PluginLauncher:
             self._selector.unregister(fd)
             os.close(fd)
             p.status_fd = None
+            if p.shim is not None:
+                # The shim closes its status pipe only when it exits: reap it now, so the next
+                # state is decided at once rather than at the next tick.
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    p.shim.wait(1.0)
             data, p.status_pending = p.status_pending + b"\n", b""
         lines = (p.status_pending + data).split(b"\n")
         p.status_pending = lines.pop()
@@ -766,11 +771,10 @@ class PluginLauncher:
         p.tokens = min(rate * _BURST_FACTOR, p.tokens + (now - p.tokens_at) * rate)
         p.tokens_at = now
         log = self.log.info if stream.stream == "stdout" else self.log.warning
-        for raw in lines:
-            if p.tokens < 1.0:
-                p.dropped += 1
-                continue
-            p.tokens -= 1.0
+        allowed = min(len(lines), int(p.tokens))
+        p.tokens -= allowed
+        p.dropped += len(lines) - allowed
+        for raw in lines[:allowed]:
             log(f"[{p.name}] {decode_line(raw)}", plugin=p.name, stream=stream.stream)
         self._report_drops(p, now)
 
