@@ -20,7 +20,6 @@ import sys
 import threading
 
 from lmcached.client import Client
-
 from lmcached.errors import LMCachedError
 
 stop = threading.Event()

@@ -30,7 +30,6 @@ import time
 from pathlib import Path
 
 from lmcached.client import Client
-
 from lmcached.errors import LMCachedError, LMCachedUnavailable
 
 

@@ -38,6 +38,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
@@ -242,6 +243,7 @@ class PluginLauncher:
         self._snapshot: list[dict[str, Any]] = []
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
+        self._stop_requested = False
         self._stopped = False
         self._stopping_all = False
 
@@ -250,7 +252,7 @@ class PluginLauncher:
     def start(self) -> dict[str, list[str]]:
         """Scan the plugin locations and launch this process's plugins; return what started."""
         with self._lock:
-            if self._stopped:
+            if self._stop_requested:
                 raise RuntimeError("PluginLauncher was stopped; make a new one")
             if self._thread is None:
                 self._thread = threading.Thread(
@@ -259,7 +261,7 @@ class PluginLauncher:
                 self._thread.start()
         return self._call("reload", None)
 
-    def reload(self, cfg: Config | None = None) -> dict[str, list[str]]:
+    def reload(self, cfg: Config | None = None, timeout: float = 30.0) -> dict[str, list[str]]:
         """Rescan: start new plugins, stop removed ones, restart changed ones; return the names.
 
         ``cfg`` replaces the configuration (plugin locations and per-plugin settings) when given.
@@ -268,26 +270,47 @@ class PluginLauncher:
         """
         if self._thread is None:
             raise RuntimeError("PluginLauncher.reload() before start()")
-        return self._call("reload", cfg)
+        return self._call("reload", cfg, timeout)
+
+    def request_reload(self, load_config: Callable[[], Config] | None = None) -> None:
+        """Queue a reload without waiting; safe to call from a signal handler.
+
+        ``load_config`` runs on the supervisor thread and returns the new configuration; if it
+        raises, the error is logged and the current configuration is kept.
+        """
+        if self._thread is None or self._stopped:
+            return
+        # SimpleQueue.put is reentrant, so this may run inside a signal handler.
+        self._commands.put(("reload_with", load_config, Future()))
+        self._wake()
 
     def status(self) -> list[dict[str, Any]]:
         """Return one dict per plugin: name, state, pid, restarts, exit code, last error ..."""
         return [dict(s) for s in self._snapshot]
+
+    def request_stop(self) -> None:
+        """Start stopping every plugin without waiting (see :meth:`stop`). Idempotent."""
+        with self._lock:
+            if self._stop_requested:
+                return
+            self._stop_requested = True
+            thread = self._thread
+        if thread is not None:
+            self._commands.put(("stop_all", None, Future()))
+            self._wake()
 
     def stop(self, timeout: float | None = None) -> None:
         """Stop every plugin (SIGTERM, then SIGKILL after plugin_stop_timeout) and the thread.
 
         Idempotent. Returns within about ``plugin_stop_timeout`` + 5 s even if a shim hangs.
         """
+        self.request_stop()
         with self._lock:
             if self._stopped:
                 return
             self._stopped = True
             thread = self._thread
         if thread is not None:
-            done: Future[Any] = Future()
-            self._commands.put(("stop_all", None, done))
-            self._wake()
             limit = timeout if timeout is not None else self.cfg.plugin_stop_timeout + 5.0
             thread.join(limit)
             if thread.is_alive():
@@ -348,6 +371,15 @@ class PluginLauncher:
             try:
                 if op == "reload":
                     done.set_result(self._reload(arg))
+                elif op == "reload_with":
+                    try:
+                        new_cfg = arg() if arg is not None else None
+                    except Exception as exc:
+                        self.log.error("plugin reload: cannot load the config", error=str(exc))
+                        new_cfg = None
+                        done.set_exception(exc)
+                        continue
+                    done.set_result(self._reload(new_cfg))
                 elif op == "stop_all":
                     self._stop_all()
                     done.set_result(None)

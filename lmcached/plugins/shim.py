@@ -72,12 +72,17 @@ def _descendants() -> list[psutil.Process]:
 
 
 def _signal_all(pgid: int, sig: int) -> None:
-    """Send ``sig`` to the plugin's process group and to every other descendant of the shim."""
+    """Send ``sig`` to the plugin's process group and to every other descendant of the shim.
+
+    Each process gets the signal once: a second SIGTERM could land while a Python plugin is
+    already exiting from the first, after its handler was reset, and kill it uncleanly.
+    """
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, sig)
     for proc in _descendants():
-        with contextlib.suppress(psutil.Error):
-            proc.send_signal(sig)
+        with contextlib.suppress(psutil.Error, OSError):
+            if os.getpgid(proc.pid) != pgid:  # left the group (setsid): reached only this way
+                proc.send_signal(sig)
 
 
 class Shim:
@@ -105,6 +110,9 @@ class Shim:
 
     def _preexec(self) -> None:
         # Runs in the forked child of this single-threaded shim, where preexec_fn is safe.
+        # Ignored signals stay ignored across exec: give the plugin the default dispositions.
+        for sig in (signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_DFL)
         _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
         for name, value in self.rlimits.items():
             resource.setrlimit(_RLIMITS[name], (value, value))

@@ -491,3 +491,38 @@ def test_shell_examples_beat_and_exit_cleanly_on_stop(
     assert ("info", "[worker_health.sh] worker 2 health: stopping") in logs.output(
         "worker_health.sh"
     )
+
+
+def test_plugin_gets_default_signals_and_one_sigterm(
+    launcher: Any, plugin_dir: PluginDir, tmp_path: Path
+) -> None:
+    # Stopping sends SIGTERM once per process: a second one could arrive while a Python plugin
+    # exits (handlers are reset during interpreter shutdown) and kill it uncleanly.
+    plugin_dir.write(
+        "polite.py",
+        """
+        import os, signal, sys, time
+        out = os.environ["PLUGIN_OUT"]
+        dispositions = [signal.getsignal(s) for s in (signal.SIGHUP, signal.SIGTERM)]
+        with open(os.path.join(out, "signals"), "w") as f:
+            f.write(repr([d == signal.SIG_DFL for d in dispositions]))
+            f.write(repr(signal.pthread_sigmask(signal.SIG_BLOCK, [])))
+        got = []
+        def count(*_):
+            got.append(1)
+            with open(os.path.join(out, "sigterms"), "w") as f:
+                f.write(str(len(got)))
+        signal.signal(signal.SIGTERM, count)
+        print("ready", flush=True)
+        while not got:
+            time.sleep(0.05)
+        time.sleep(0.3)  # a duplicate SIGTERM would arrive while we wind down
+        """,
+    )
+    pl, logs = launcher("worker", 0)
+    pl.start()
+    wait_for(lambda: ("info", "[polite.py] ready") in logs.output("polite.py"))
+    assert (tmp_path / "out" / "signals").read_text() == "[True, True]set()"
+    pl.stop()
+    assert (tmp_path / "out" / "sigterms").read_text() == "1"
+    assert plugin_status(pl, "polite.py")["exit_code"] == 0
