@@ -54,15 +54,17 @@ def read_manifest(path: Path) -> list[tuple[bytes, Path]]:
 
 
 def wait_until_ready(client: Client, wait: float) -> None:
+    """Wait until every worker is up: worker plugins start before the whole daemon is ready."""
     deadline = time.monotonic() + wait
     while True:
         try:
-            client.ping(timeout=2)
-            return
+            if client.ping(timeout=2).get("ready"):
+                return
         except LMCachedUnavailable:
-            if time.monotonic() >= deadline:
-                raise
-            time.sleep(0.5)
+            pass
+        if time.monotonic() >= deadline:
+            raise LMCachedUnavailable(f"the daemon was not ready within {wait}s")
+        time.sleep(0.2)
 
 
 def main() -> int:
