@@ -270,6 +270,8 @@ class PluginLauncher:
         """
         if self._thread is None:
             raise RuntimeError("PluginLauncher.reload() before start()")
+        if self._stop_requested:
+            raise RuntimeError("PluginLauncher is stopped")
         return self._call("reload", cfg, timeout)
 
     def request_reload(self, load_config: Callable[[], Config] | None = None) -> None:
@@ -339,7 +341,9 @@ class PluginLauncher:
             os.write(self._wake_w, b"x")
 
     def _close_fds(self) -> None:
-        for fd in (self._lifeline_w, self._lifeline_r, self._wake_r, self._wake_w):
+        """Close the launcher's own fds; called once, after the supervisor thread ended."""
+        self._close_lifeline()
+        for fd in (self._lifeline_r, self._wake_r, self._wake_w):
             with contextlib.suppress(OSError):
                 os.close(fd)
         with contextlib.suppress(Exception):
@@ -360,6 +364,24 @@ class PluginLauncher:
             self.log.exception("plugin supervisor crashed; stopping every plugin")
             self._kill_all_now()
             self._publish()
+        finally:
+            self._close_lifeline()
+            with self._lock:
+                self._stop_requested = True  # nothing will serve commands from now on
+            while True:  # answer what is still queued, so no caller waits for nothing
+                try:
+                    _, _, done = self._commands.get_nowait()
+                except queue.Empty:
+                    break
+                if not done.done():
+                    done.set_exception(RuntimeError("PluginLauncher is stopped"))
+
+    def _close_lifeline(self) -> None:
+        # Closed exactly once: a second close could hit an fd number reused meanwhile.
+        fd, self._lifeline_w = self._lifeline_w, -1
+        if fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
     def _handle_commands(self) -> bool:
         """Run queued commands; return True when the supervisor is done (stop_all finished)."""
@@ -595,8 +617,7 @@ class PluginLauncher:
             self._advance_all()
             self._publish()
             self._wait_for_events()
-        with contextlib.suppress(OSError):
-            os.close(self._lifeline_w)
+        self._close_lifeline()
 
     def _kill_all_now(self) -> None:
         for p in self._plugins.values():

@@ -178,7 +178,7 @@ def test_scheduler_env_has_worker_id_minus_one(
     plugin_dir.write("scheduler_env.sh", RECORD)
     pl, _ = launcher("scheduler")
     pl.start()
-    wait_for(lambda: recorded(tmp_path), what="the plugin to run")
+    wait_for(lambda: plugin_status(pl, "scheduler_env.sh")["state"] == "EXITED")
     assert (tmp_path / "out" / "scheduler_env.sh@SCHEDULER-1").read_text() == "SCHEDULER -1\n"
 
 
@@ -455,6 +455,21 @@ def test_lifecycle_errors(make_config: Any) -> None:
     pl.stop()
     with pytest.raises(RuntimeError, match="stopped"):
         pl.start()
+
+
+def test_stop_is_idempotent_and_later_calls_fail_fast(launcher: Any, plugin_dir: PluginDir):
+    plugin_dir.write("p.sh", "sleep 1000\n")
+    pl, _ = launcher("worker", 0)
+    pl.start()
+    wait_for(lambda: states(pl) == {"p.sh": "RUNNING"})
+    pl.request_stop()
+    pl.request_stop()
+    pl.stop()
+    pl.stop()
+    assert states(pl) == {"p.sh": "STOPPED"}
+    with pytest.raises(RuntimeError, match="stopped"):
+        pl.reload()
+    pl.request_reload()  # a late SIGHUP: ignored, no error
 
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "plugin_examples"
