@@ -311,7 +311,10 @@ OWNER = textwrap.dedent(
     import sys
     from lmcached.config import from_mapping
     from lmcached.plugins import PluginLauncher
-    cfg = from_mapping({"plugin_locations": [sys.argv[1]], "num_workers": 1}, environ={})
+    cfg = from_mapping(
+        {"plugin_locations": [sys.argv[1]], "num_workers": 1, "plugin_stop_timeout": 1},
+        environ={},
+    )
     launcher = PluginLauncher(cfg, "worker", 0)
     launcher.start()
     print("started", flush=True)
