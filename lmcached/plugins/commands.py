@@ -37,6 +37,8 @@ def cmd_reload(args: argparse.Namespace) -> int:
     print(f"scheduler plugins: {'; '.join(done) if done else 'no change'}")
     workers = result.get("workers_signalled", [])
     print(f"workers asked to rescan: {', '.join(map(str, workers)) if workers else 'none'}")
+    if result.get("needs_restart"):
+        print(f"changed keys that need a restart: {', '.join(result['needs_restart'])}")
     return 0
 
 

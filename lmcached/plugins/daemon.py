@@ -57,9 +57,8 @@ class SchedulerPlugins:
         self.log = logs.get_logger("lmcached.plugins")
         # A copy: a reload replaces the plugin keys here without touching the scheduler's.
         self.cfg = dataclasses.replace(scheduler.cfg)
-        self.launcher = PluginLauncher(
-            self.cfg, "scheduler", control_endpoint=control_endpoint(self.cfg)
-        )
+        # The control endpoint is known once the scheduler has bound it: set in start().
+        self.launcher = PluginLauncher(self.cfg, "scheduler")
         self._started = False
         scheduler.on_ready.append(self.start)
         scheduler.on_reload.append(self.reload)
@@ -70,6 +69,8 @@ class SchedulerPlugins:
     def start(self) -> None:
         if not self._started:
             self._started = True
+            endpoints = self.scheduler.control_endpoints
+            self.launcher.control_endpoint = endpoints.get("ipc") or endpoints.get("tcp")
             self.launcher.start()
 
     def status(self) -> dict[str, Any]:
@@ -77,12 +78,20 @@ class SchedulerPlugins:
 
     def reload(self) -> dict[str, Any]:
         """Re-read the plugin keys, rescan here, and ask every worker to rescan (SIGHUP)."""
+        ignored: list[str] = []
         if self.cfg.source:
             try:
                 new = config_mod.load(self.cfg.source)
             except config_mod.ConfigError as exc:
                 self.log.error("plugin reload refused: config error", error=str(exc))
                 return {"plugins": {"error": str(exc)}}
+            ignored = [
+                k
+                for k, v in new.to_dict(redact=False).items()
+                if k not in PLUGIN_KEYS and v != getattr(self.cfg, k)
+            ]
+            if ignored:
+                self.log.warning("reload applies plugin keys only; restart for", keys=ignored)
             self.cfg = with_plugin_keys(self.cfg, new)
             self._update_worker_config(self.cfg)
         changes: dict[str, Any] = {}
@@ -98,7 +107,10 @@ class SchedulerPlugins:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(slot.pid, signal.SIGHUP)
                     signalled.append(slot.id)
-        return {"plugins": {"scheduler": changes, "workers_signalled": signalled}}
+        result: dict[str, Any] = {"scheduler": changes, "workers_signalled": signalled}
+        if self.cfg.source and ignored:
+            result["needs_restart"] = ignored
+        return {"plugins": result}
 
     def _update_worker_config(self, cfg: config_mod.Config) -> None:
         """Rewrite the plugin keys in the config file workers read (mode 0600, atomic)."""

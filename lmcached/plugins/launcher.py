@@ -538,12 +538,16 @@ class PluginLauncher:
         if p.state == S.STOPPING:
             self._transition(p, S.STOPPED, exit_code=p.exit_code)
             return
+        if p.spawn_error is None and p.pid is None:
+            # The shim died before it could start the plugin: an internal failure, not the
+            # plugin's; its stderr (a traceback) is in the log under the plugin's name.
+            p.spawn_error = f"the plugin shim exited with {shim.returncode} before starting it"
         if p.spawn_error is not None:
             p.last_error = p.spawn_error
             self._transition(p, S.FATAL, error=p.spawn_error)
             return
         if p.exit_code is None:
-            p.last_error = f"plugin shim exited with {shim.returncode} before reporting"
+            p.last_error = f"the plugin shim exited with {shim.returncode} without an exit status"
         failed = p.exit_code != 0
         if p.exit_code is not None and p.exit_code != 0:
             p.last_error = f"exited with {_describe_exit(p.exit_code)}"

@@ -279,12 +279,15 @@ def test_reload_command_and_sighup_rescan_every_process(
     # SIGHUP does the same, and a config change is picked up: disable one plugin.
     config = yaml.safe_load(d.config_path.read_text())
     config["plugin_config"] = {"all_keep.sh": {"enabled": False}}
+    config["chunk_size"] = 128  # not a plugin key: reported, not applied
     d.config_path.write_text(yaml.safe_dump(config))
     os.kill(d.pid, signal.SIGHUP)
     wait_for(lambda: not any(k.endswith("all_keep.sh") for k in rows()), what="the disable")
     with d.client(timeout=10) as c:
         c.put([b"reload/still"], [b"ok"])
         assert bytes(c.get([b"reload/still"])[0]) == b"ok"
+        assert c.cluster_map["chunk_size"] == 256
+    assert "reload applies plugin keys only" in full_log(d) and "chunk_size" in full_log(d)
 
 
 def test_warmup_example_preloads_blocks(start: Any, pdir: PluginDir, tmp_path: Path) -> None:

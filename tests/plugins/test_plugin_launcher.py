@@ -544,3 +544,29 @@ def test_plugin_gets_default_signals_and_one_sigterm(
     pl.stop()
     assert (tmp_path / "out" / "sigterms").read_text() == "1"
     assert plugin_status(pl, "polite.py")["exit_code"] == 0
+
+
+def test_plugin_whose_exec_fails_is_fatal(
+    launcher: Any, plugin_dir: PluginDir, tmp_path: Path
+) -> None:
+    # An "interpreter" that exists and is executable but is no program: exec fails in the shim.
+    bogus = tmp_path / "bogus-interpreter"
+    bogus.write_bytes(b"\x00not a program\n")
+    bogus.chmod(0o755)
+    plugin_dir.write("bad.sh", f"#!{bogus}\necho never\n")
+    plugin_dir.write("fine.sh", "echo fine\n")
+    pl, logs = launcher("worker", 0)
+    pl.start()
+    wait_for(lambda: states(pl) == {"bad.sh": "FATAL", "fine.sh": "EXITED"})
+    error = plugin_status(pl, "bad.sh")["last_error"]
+    assert "cannot start" in error and "format error" in error.lower(), error
+    assert not logs.output("bad.sh")
+
+
+def test_memory_rlimit_is_enforced(launcher: Any, plugin_dir: PluginDir) -> None:
+    plugin_dir.write("hog.py", "x = bytearray(256 << 20)\nprint('allocated')\n")
+    pl, logs = launcher("worker", 0, plugin_config={"hog.py": {"rlimits": {"memory": "128MiB"}}})
+    pl.start()
+    wait_for(lambda: plugin_status(pl, "hog.py")["state"] == "EXITED")
+    assert plugin_status(pl, "hog.py")["exit_code"] == 1
+    assert any("MemoryError" in line for _, line in logs.output("hog.py", "stderr"))
