@@ -87,7 +87,7 @@ _TRANSITIONS: dict[PluginState, frozenset[PluginState]] = {
     S.BACKOFF: frozenset({S.STARTING, S.FATAL, S.STOPPED}),
     S.STOPPING: frozenset({S.STOPPED}),
     S.EXITED: frozenset({S.STARTING, S.FATAL, S.STOPPED}),
-    S.FATAL: frozenset({S.STARTING, S.STOPPED}),
+    S.FATAL: frozenset({S.STARTING, S.FATAL, S.STOPPED}),  # FATAL again: a retry that failed
 }
 
 
@@ -170,7 +170,6 @@ class _Plugin:
         self.argv: list[str] | None = None
         self.backoff_until = 0.0
         self.stop_deadline = 0.0
-        self.stop_requested = False
         self.replacement: tuple[PluginFile, PluginPolicy] | None = None
         self.remove_when_stopped = False
         # Output rate limit: a token bucket shared by stdout and stderr.
@@ -475,7 +474,6 @@ class PluginLauncher:
         p.exit_code = None
         p.pid = None
         p.spawn_error = None
-        p.stop_requested = False
         try:
             p.argv = discovery.interpreter_command(p.file.path)
         except (InterpreterError, OSError) as exc:
@@ -572,7 +570,6 @@ class PluginLauncher:
 
     def _request_stop(self, p: _Plugin) -> None:
         """Ask ``p`` to stop: SIGTERM to its shim (which signals the plugin's whole group)."""
-        p.stop_requested = True
         if p.state in (S.STARTING, S.RUNNING) and p.shim is not None:
             self._transition(p, S.STOPPING)
             p.stop_deadline = time.monotonic() + self.cfg.plugin_stop_timeout + _SHIM_GRACE

@@ -170,8 +170,42 @@ def test_kill_9_of_the_whole_daemon_leaves_no_plugin_process(
     d.kill9()
 
 
+def alive(procs: list[psutil.Process]) -> list[psutil.Process]:
+    out = []
+    for p in procs:
+        try:
+            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                out.append(p)
+        except psutil.NoSuchProcess:
+            continue
+    return out
+
+
 def full_log(d: Any) -> str:
     return d.log_path.read_text(errors="replace")
+
+
+def test_kill_9_of_one_worker_replaces_its_plugins(start: Any, pdir: PluginDir) -> None:
+    pdir.write("worker_tree.sh", "sleep 1000 &\nsetsid sleep 1001 &\nwait\n")
+    d = start(num_workers=2)
+
+    def rows() -> dict[str, dict[str, Any]]:
+        with d.client(timeout=10) as c:
+            return all_plugin_status(c.stats())
+
+    def plugin_pid(key: str) -> int | None:
+        return rows().get(key, {}).get("pid")
+
+    wait_for(lambda: plugin_pid("worker0/worker_tree.sh") and plugin_pid("worker1/worker_tree.sh"))
+    before = rows()
+    shim = psutil.Process(before["worker1/worker_tree.sh"]["shim_pid"])
+    old_tree = [shim, *shim.children(recursive=True)]
+    assert len(old_tree) == 4  # shim, bash, sleep, setsid sleep
+    os.kill(shim.ppid(), signal.SIGKILL)  # worker 1 crashes
+    wait_for(lambda: not alive(old_tree), what="the crashed worker's plugin tree to die")
+    old_pid = before["worker1/worker_tree.sh"]["pid"]
+    wait_for(lambda: plugin_pid("worker1/worker_tree.sh") not in (None, old_pid), 30)
+    assert plugin_pid("worker0/worker_tree.sh") == before["worker0/worker_tree.sh"]["pid"]
 
 
 def _pgid(pid: int) -> int | None:

@@ -418,17 +418,24 @@ def test_reload_retries_fatal_and_applies_new_plugin_config(
     launcher: Any, plugin_dir: PluginDir, make_config: Any
 ) -> None:
     plugin_dir.write("fails.sh", "exit 1\n")
+    plugin_dir.write("nointerp.sh", "#!/nonexistent/sh\n")
     pl, _ = launcher("worker", 0)
     pl.start()
     wait_for(lambda: plugin_status(pl, "fails.sh")["state"] == "EXITED")
+    assert plugin_status(pl, "nointerp.sh")["state"] == "FATAL"
+    # Unchanged FATAL plugins are tried again on every reload; still missing: still FATAL.
+    assert pl.reload()["retried"] == ["nointerp.sh"]
+    assert plugin_status(pl, "nointerp.sh")["state"] == "FATAL"
     cfg = make_config(plugin_config={"fails.sh": {"restart": "on-failure", "max_retries": 0}})
     assert pl.reload(cfg)["changed"] == ["fails.sh"]
     wait_for(lambda: plugin_status(pl, "fails.sh")["state"] == "FATAL")
     plugin_dir.write("fails.sh", "sleep 1000\n")
     pl.reload()
     wait_for(lambda: plugin_status(pl, "fails.sh")["state"] == "RUNNING")
-    disabled = make_config(plugin_config={"fails.sh": {"enabled": False}})
-    assert pl.reload(disabled)["removed"] == ["fails.sh"]
+    disabled = make_config(
+        plugin_config={"fails.sh": {"enabled": False}, "nointerp.sh": {"enabled": False}}
+    )
+    assert pl.reload(disabled)["removed"] == ["fails.sh", "nointerp.sh"]
     wait_for(lambda: pl.status() == [])
 
 
