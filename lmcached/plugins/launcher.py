@@ -528,6 +528,11 @@ class PluginLauncher:
         """The shim is gone, so nothing of the plugin runs: decide the plugin's next state."""
         shim = p.shim
         assert shim is not None
+        if p.pid is not None and p.exit_code is None:
+            # The shim died without cleaning up (killed by the OOM killer, say): its plugin got
+            # SIGKILL through the death signal; take down what is left of the plugin's group.
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(p.pid, signal.SIGKILL)
         for stream in p.streams:
             self._drain(p, stream)
         self._close_process_fds(p)

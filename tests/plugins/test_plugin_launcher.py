@@ -577,3 +577,19 @@ def test_memory_rlimit_is_enforced(launcher: Any, plugin_dir: PluginDir) -> None
     wait_for(lambda: plugin_status(pl, "hog.py")["state"] == "EXITED")
     assert plugin_status(pl, "hog.py")["exit_code"] == 1
     assert any("MemoryError" in line for _, line in logs.output("hog.py", "stderr"))
+
+
+def test_kill_9_of_a_shim_takes_its_plugin_group_down(
+    launcher: Any, plugin_dir: PluginDir, marker: str
+) -> None:
+    plugin_dir.write("tree.sh", "sleep 1000 &\nsleep 1001 &\nwait\n")
+    pl, _ = launcher("worker", 0, plugin_config={"tree.sh": {"restart": "on-failure"}})
+    pl.start()
+    first = wait_for(lambda: plugin_status(pl, "tree.sh")["pid"] and plugin_status(pl, "tree.sh"))
+    wait_for(lambda: len(processes_with_marker(marker)) == 4, what="shim, bash and 2 sleeps")
+    old = {p.pid for p in processes_with_marker(marker)}
+    os.kill(first["shim_pid"], signal.SIGKILL)
+    # The plugin dies with its shim (death signal), its sleeps through the group kill, and the
+    # failure is restarted like any other.
+    wait_for(lambda: not old & {p.pid for p in processes_with_marker(marker)}, what="old tree gone")
+    wait_for(lambda: plugin_status(pl, "tree.sh")["restarts"] == 1, what="the restart")
