@@ -25,8 +25,8 @@ import zmq
 
 from lmcached import config as config_mod
 from lmcached import logs, protocol
-from lmcached.plugins.lifecycle import EXIT_PLUGIN_FATAL
 from lmcached.plugins.daemon import SchedulerPlugins
+from lmcached.plugins.lifecycle import EXIT_PLUGIN_FATAL
 from lmcached.protocol import CONTROL_OPS, ProtocolError
 from lmcached.runtime import (
     InstanceLock,

@@ -27,9 +27,9 @@ import zmq
 from lmcached import config as config_mod
 from lmcached import logs, protocol
 from lmcached.malloc import tune_for_large_messages
+from lmcached.plugins.daemon import WorkerPlugins
 from lmcached.plugins.lifecycle import EXIT_PLUGIN_FATAL, PluginStartupError
 from lmcached.plugins.startup import extension_states
-from lmcached.plugins.daemon import WorkerPlugins
 from lmcached.protocol import DATA_OPS, Limits, ProtocolError, Request
 from lmcached.runtime import ipc_endpoint
 from lmcached.storage.base import Block
