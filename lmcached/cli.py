@@ -80,6 +80,9 @@ def render_status(status: dict[str, Any]) -> str:
             f"{rate:>8} {cpu.get('evictions', 0):>7} {_fmt_bytes(mem.get('uss')):>9} {w.get('restarts', 0):>8}"
         )
     lines.extend(plugins_cli.status_lines(status))
+    from lmcached.plugins.commands import render_plugins
+
+    lines += render_plugins(status)
     return "\n".join(lines)
 
 
@@ -195,6 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
             endpoint=True,
         )
     )
+    from lmcached.plugins.commands import add_reload_command
+
+    add_reload_command(add)
     for register in EXTRA_COMMANDS:
         register(sub)
     return parser

@@ -225,6 +225,68 @@ def default_runtime_dir() -> str:
     return os.path.join(tempfile.gettempdir(), f"lmcached-{os.getuid()}")
 
 
+# --- plugins (issue 4) ------------------------------------------------------------------------
+
+PLUGIN_RESTART_POLICIES = ("never", "on-failure", "always")
+_PLUGIN_RLIMIT_CONVERTERS: dict[str, Converter] = {
+    "memory": byte_size,
+    "cpu_seconds": positive_int,
+    "open_files": positive_int,
+}
+
+
+def _plugin_rlimits(value: Any) -> dict[str, int]:
+    limits = mapping(value)
+    out = {}
+    for name, raw in limits.items():
+        convert = _PLUGIN_RLIMIT_CONVERTERS.get(name)
+        if convert is None:
+            known = ", ".join(_PLUGIN_RLIMIT_CONVERTERS)
+            raise ValueError(f"unknown rlimit '{name}' (known: {known})")
+        try:
+            out[name] = convert(raw)
+        except ValueError as exc:
+            raise ValueError(f"rlimits.{name}: {exc}") from None
+    return out
+
+
+_PLUGIN_ENTRY_CONVERTERS: dict[str, Converter] = {
+    "restart": choice(*PLUGIN_RESTART_POLICIES),
+    "max_retries": non_negative_int,
+    "backoff": seconds,
+    "start_seconds": non_negative_seconds,
+    "enabled": boolean,
+    "rlimits": _plugin_rlimits,
+    "settings": mapping,
+}
+
+
+def plugin_config_map(value: Any) -> dict[str, dict[str, Any]]:
+    """Convert the per-plugin settings mapping ``{file name: {restart: ..., ...}}``."""
+    entries = mapping(value)
+    out: dict[str, dict[str, Any]] = {}
+    for plugin_name, entry in entries.items():
+        if "/" in plugin_name:
+            raise ValueError(
+                f"plugin_config is keyed by plugin file name, got a path {plugin_name!r}"
+            )
+        if not isinstance(entry, Mapping):
+            raise ValueError(f"{plugin_name}: expected a mapping of settings, got {entry!r}")
+        converted: dict[str, Any] = {}
+        for key, raw in entry.items():
+            convert = _PLUGIN_ENTRY_CONVERTERS.get(key)
+            if convert is None:
+                close = difflib.get_close_matches(str(key), list(_PLUGIN_ENTRY_CONVERTERS), n=1)
+                hint = f" (did you mean '{close[0]}'?)" if close else ""
+                raise ValueError(f"{plugin_name}: unknown setting '{key}'{hint}")
+            try:
+                converted[key] = convert(raw)
+            except ValueError as exc:
+                raise ValueError(f"{plugin_name}.{key}: {exc}") from None
+        out[plugin_name] = converted
+    return out
+
+
 # --------------------------------------------------------------------------------------------
 # The schema.
 # --------------------------------------------------------------------------------------------
@@ -344,6 +406,34 @@ class Config:
         "LMCache's remote serializer: naive (no codec) or a codec name. kivi and cachegen are "
         "refused at start with the lmcached equivalent.",
     )
+    # --- plugins (issue 4): script plugins run by a PluginLauncher in every process ---------
+    plugin_locations: list[str] = option(
+        [],
+        path_list,
+        "Folders (scanned at their top level) or single files holding script plugins. "
+        "Alias: runtime_plugin_locations.",
+    )
+    plugin_stop_timeout: float = option(
+        5.0, seconds, "How long a plugin's process group gets after SIGTERM before SIGKILL."
+    )
+    plugin_config: dict[str, Any] = option(
+        {},
+        plugin_config_map,
+        "Per-plugin settings keyed by plugin file name: restart (never|on-failure|always), "
+        "max_retries, backoff, start_seconds, enabled, rlimits {memory, cpu_seconds, "
+        "open_files} and settings (free-form, passed to the plugin in LMCACHE_PLUGIN_CONFIG).",
+    )
+    allow_insecure_plugin_locations: bool = option(
+        False,
+        boolean,
+        "Run plugins from folders that are world-writable or owned by another non-root user.",
+    )
+    plugin_log_rate_limit: int = option(
+        100,
+        positive_int,
+        "Most output lines per second one plugin may log (bursts of 10x allowed); the rest "
+        "are dropped and counted.",
+    )
     # --- passthrough ---------------------------------------------------------------------
     extra_config: dict[str, Any] = option(
         {}, mapping, "Free-form settings for extensions (LMCache's extra_config)."
@@ -392,7 +482,10 @@ class Config:
 
 
 # LMCache spellings accepted as aliases of our keys.
-ALIASES: dict[str, str] = {}
+ALIASES: dict[str, str] = {
+    # --- plugins (issue 4)
+    "runtime_plugin_locations": "plugin_locations",
+}
 
 
 def _key_fields() -> list[dataclasses.Field[Any]]:
@@ -580,6 +673,30 @@ def _check_plugins(cfg: Config) -> None:
 
 
 EXTRA_VALIDATORS.append(_check_plugins)
+
+
+# --- plugins (issue 4) ------------------------------------------------------------------------
+
+
+def _check_plugin_locations(cfg: Config) -> None:
+    """Refuse plugin folders that someone else can write (they would run code as the daemon)."""
+    if cfg.allow_insecure_plugin_locations:
+        return
+    from lmcached.plugins.discovery import insecure_location_reason
+
+    for location in cfg.plugin_locations:
+        reason = insecure_location_reason(location)
+        if reason is not None:
+            raise ConfigError(
+                "plugin_locations",
+                f"refusing {location}: {reason}; anyone who can write there runs code as the "
+                "daemon. Fix the permissions (chmod o-w / chown) or set "
+                "allow_insecure_plugin_locations: true",
+                cfg.source,
+            )
+
+
+EXTRA_VALIDATORS.append(_check_plugin_locations)
 
 
 def load(

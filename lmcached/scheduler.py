@@ -25,6 +25,7 @@ import zmq
 
 from lmcached import config as config_mod
 from lmcached import logs, protocol
+from lmcached.plugins.daemon import SchedulerPlugins
 from lmcached.plugins.lifecycle import EXIT_PLUGIN_FATAL
 from lmcached.protocol import CONTROL_OPS, ProtocolError
 from lmcached.runtime import (
@@ -490,7 +491,9 @@ class Scheduler:
         for proc in procs:
             with contextlib.suppress(ProcessLookupError):
                 proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + self.cfg.shutdown_timeout
+        # Workers stop their plugins first (SIGTERM, SIGKILL after plugin_stop_timeout).
+        grace = max(self.cfg.shutdown_timeout, self.cfg.plugin_stop_timeout + 2.0)
+        deadline = time.monotonic() + grace
         for proc in procs:
             try:
                 proc.wait(timeout=max(0.0, deadline - time.monotonic()))
@@ -543,10 +546,12 @@ def run(cfg: config_mod.Config) -> int:
     if warning:
         log.warning("memory_budget", message=warning)
     scheduler = Scheduler(cfg)
+    plugins = SchedulerPlugins(scheduler)
     scheduler.install_signal_handlers()
     try:
         scheduler.start()
         scheduler.serve()
     finally:
         scheduler.shutdown()
+        plugins.stop()
     return scheduler.exit_code

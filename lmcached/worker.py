@@ -27,6 +27,7 @@ import zmq
 from lmcached import config as config_mod
 from lmcached import logs, protocol
 from lmcached.malloc import tune_for_large_messages
+from lmcached.plugins.daemon import WorkerPlugins
 from lmcached.plugins.lifecycle import EXIT_PLUGIN_FATAL, PluginStartupError
 from lmcached.plugins.startup import extension_states
 from lmcached.protocol import DATA_OPS, Limits, ProtocolError, Request
@@ -99,6 +100,8 @@ class Worker:
         os.set_blocking(self._wake_r, False)
         self.endpoints: dict[str, str] = {}
         self._closed = False
+        # Extra sections of the stats reply (plugins ...), each a callable returning a dict.
+        self.stats_extras: list[Callable[[], dict[str, Any]]] = []
 
     # ----------------------------------------------------------------------------- set-up
     def bind(self) -> dict[str, str]:
@@ -303,7 +306,7 @@ class Worker:
         self.reply(envelope, protocol.ok_reply(req.id, **self.stats()))
 
     def stats(self) -> dict[str, Any]:
-        return {
+        out = {
             "worker_id": self.worker_id,
             "pid": os.getpid(),
             "uptime_s": round(time.time() - self.started_at, 3),
@@ -311,6 +314,9 @@ class Worker:
             "ops": self.ops.as_dict(),
             "extensions": extension_states(),
         }
+        for extra in self.stats_extras:
+            out.update(extra())
+        return out
 
     # --------------------------------------------------------------------------------- loop
     def serve(self) -> None:
@@ -382,9 +388,11 @@ def main(argv: list[str] | None = None) -> int:
     except PluginStartupError as exc:  # strict_plugins: the scheduler stops the daemon
         log.error("plugin_start_failed", error=str(exc))
         return EXIT_PLUGIN_FATAL
+    plugins = WorkerPlugins(worker, args.config_json)
     signal.signal(signal.SIGTERM, lambda *_: worker.stop())
     try:
         endpoints = worker.bind()
+        plugins.start()
         worker.register(args.internal)
         log.info("worker_ready", endpoints=endpoints, version=__version__)
         worker.serve()
@@ -392,6 +400,7 @@ def main(argv: list[str] | None = None) -> int:
         log.exception("worker_failed")
         return 1
     finally:
+        plugins.stop()
         worker.close()
     log.info("worker_stopped")
     return 0
