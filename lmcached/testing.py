@@ -176,10 +176,14 @@ class DaemonProcess:
         return code
 
     def kill9(self) -> None:
-        """SIGKILL the scheduler and every worker at once (a crash, not a shutdown)."""
+        """SIGKILL the scheduler and every worker at once (a crash, not a shutdown).
+
+        Only daemon processes are killed: plugin processes must die on their own, so a test
+        that uses this would see an orphan.
+        """
         if self.proc is None:
             return
-        for pid in self.all_pids():
+        for pid in [self.proc.pid, *self.worker_pids()]:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         self.proc.wait()
