@@ -1,0 +1,1 @@
+"""Operations: systemd notification, metrics and health, authentication, benchmarks."""
