@@ -217,6 +217,26 @@ def bind_host(value: Any) -> str:
     return s
 
 
+def optional_port(value: Any) -> int | None:
+    """Convert to a TCP port, or None (null) to disable the listener."""
+    if value is None or value == "":
+        return None
+    return port_number(value)
+
+
+def quota_map(value: Any) -> dict[str, int]:
+    """Convert a mapping of namespace -> byte size (a number is GiB)."""
+    out: dict[str, int] = {}
+    for name, size in mapping(value).items():
+        if not name or "/" in name:
+            raise ValueError(f"a namespace is a key prefix without '/', got {name!r}")
+        try:
+            out[name] = byte_size(size)
+        except ValueError as exc:
+            raise ValueError(f"namespace {name!r}: {exc}") from None
+    return out
+
+
 def default_runtime_dir() -> str:
     """Return the per-user runtime folder: $XDG_RUNTIME_DIR/lmcached, else /tmp/lmcached-<uid>."""
     xdg = os.environ.get("XDG_RUNTIME_DIR")
@@ -434,6 +454,57 @@ class Config:
         "Most output lines per second one plugin may log (bursts of 10x allowed); the rest "
         "are dropped and counted.",
     )
+    # --- operations (issue 7): metrics, health, authentication, quotas ---------------------
+    metrics_port: int | None = option(
+        9470,
+        optional_port,
+        "Port of the Prometheus /metrics and /healthz HTTP endpoint (null disables it). "
+        "Ephemeral when `port` is 0.",
+    )
+    metrics_host: str = option(
+        "127.0.0.1", bind_host, "Address the metrics endpoint binds (it has no authentication)."
+    )
+    health_deadline: float = option(
+        2.0, seconds, "How long each worker has to answer a health probe before it counts as down."
+    )
+    health_interval: float = option(
+        5.0,
+        seconds,
+        "Seconds between the scheduler's health checks (the systemd watchdog is pinged only "
+        "after a passing check, at least every WatchdogSec/2).",
+    )
+    curve_secret_key_file: str | None = option(
+        None,
+        optional_path,
+        "Daemon's CURVE secret certificate (from `lmcached keygen`); enables authentication on "
+        "every endpoint. Required when `host` is not a loopback address.",
+    )
+    curve_authorized_keys: str | None = option(
+        None,
+        optional_path,
+        "Folder of client public certificates (*.key) allowed to connect under CURVE.",
+    )
+    curve_client_key_file: str | None = option(
+        None,
+        optional_path,
+        "Client side: this client's CURVE secret certificate (env LMCACHED_CURVE_CLIENT_KEY_FILE).",
+    )
+    curve_server_key_file: str | None = option(
+        None,
+        optional_path,
+        "Client side: the daemon's public certificate (env LMCACHED_CURVE_SERVER_KEY_FILE).",
+    )
+    socket_group: str | None = option(
+        None,
+        optional_string,
+        "Group owning ipc sockets and shared memory (mode 0660). Default: the daemon's group.",
+    )
+    namespace_quotas: dict[str, int] = option(
+        {},
+        quota_map,
+        "Byte quota per key namespace (the prefix before the first '/'), split across workers "
+        "like the CPU budget; a namespace's blocks are evicted only by its own puts.",
+    )
     # --- passthrough ---------------------------------------------------------------------
     extra_config: dict[str, Any] = option(
         {}, mapping, "Free-form settings for extensions (LMCache's extra_config)."
@@ -466,6 +537,11 @@ class Config:
     @property
     def cpu_budget_per_worker(self) -> int:
         return self.max_local_cpu_size // self.num_workers if self.local_cpu else 0
+
+    @property
+    def namespace_quotas_per_worker(self) -> dict[str, int]:
+        """Each namespace's quota in one worker: split like the CPU budget."""
+        return {ns: q // self.num_workers for ns, q in self.namespace_quotas.items()}
 
     def to_dict(self, *, redact: bool = True) -> dict[str, Any]:
         """Return every key with its effective value; secrets redacted unless asked not to."""
@@ -733,3 +809,55 @@ def memory_warning(cfg: Config) -> str | None:
             f"available now ({available / GIB:.1f} GiB); the daemon may be OOM-killed"
         )
     return None
+
+
+# --- operations (issue 7) cross-field checks --------------------------------------------------
+
+
+def is_loopback_host(host: str) -> bool:
+    """Return True for 127.0.0.0/8, ::1 and 'localhost'; every other name counts as exposed."""
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _check_authentication(cfg: Config) -> None:
+    if not is_loopback_host(cfg.host) and not cfg.curve_secret_key_file:
+        raise ConfigError(
+            "host",
+            f"binding {cfg.host} exposes the cache beyond this machine; set "
+            "curve_secret_key_file and curve_authorized_keys (create keys with `lmcached keygen`)",
+            cfg.source,
+        )
+    if cfg.curve_secret_key_file and not cfg.curve_authorized_keys:
+        raise ConfigError(
+            "curve_authorized_keys",
+            "is required with curve_secret_key_file: without an allow-list of client public "
+            "keys any CURVE client could connect",
+            cfg.source,
+        )
+    for key in ("curve_secret_key_file", "curve_authorized_keys"):
+        path = getattr(cfg, key)
+        if path and not os.path.exists(path):
+            raise ConfigError(key, f"{path} does not exist", cfg.source)
+
+
+def _check_namespace_quotas(cfg: Config) -> None:
+    total = sum(cfg.namespace_quotas.values())
+    if cfg.namespace_quotas and not cfg.local_cpu:
+        raise ConfigError("namespace_quotas", "needs the CPU tier (local_cpu: true)", cfg.source)
+    if total > cfg.max_local_cpu_size:
+        raise ConfigError(
+            "namespace_quotas",
+            f"the quotas add up to {total} bytes, more than max_local_cpu_size "
+            f"({cfg.max_local_cpu_size}); a quota is a reservation, so they must fit",
+            cfg.source,
+        )
+
+
+EXTRA_VALIDATORS.extend([_check_authentication, _check_namespace_quotas])
