@@ -1,0 +1,164 @@
+"""The metrics collector and HTTP endpoint, fed with real tier and op counters.
+
+The end-to-end scrape of a running daemon is in test_metrics_daemon.py; these tests pin the
+aggregation rules (sums across workers, monotonic across restarts, split hit ratios).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import urllib.error
+import urllib.request
+
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from lmcached.ops.latency import LATENCY_BUCKETS, OpStats
+from lmcached.ops.metrics import ClusterSnapshot, MetricsServer, WorkerSample
+from lmcached.storage.base import Block
+from lmcached.storage.cpu import CPUBackend
+
+
+def worker_stats(worker_id: int, pid: int, puts: int, gets: int) -> dict:
+    """Stats as a worker reports them, from a real CPU tier and real op counters."""
+    cpu = CPUBackend(capacity_bytes=1 << 20)
+    ops = OpStats()
+    for i in range(puts):
+        cpu.put(b"k%d" % i, Block.from_bytes(b"x" * 100))
+        ops.observe("put", 0.0003)
+    found = sum(cpu.get(b"k%d" % i) is not None for i in range(gets))
+    ops.observe("get", 0.002)
+    ops.count_retrieve(gets, found)
+    ops.count_lookup(4, 1)
+    return {
+        "worker_id": worker_id,
+        "pid": pid,
+        "store": {"cpu": cpu.stats()},
+        "latency": ops.as_dict(),
+    }
+
+
+def scrape(snapshot: ClusterSnapshot) -> dict[str, dict]:
+    """Render through prometheus-client's exposition and parse it back with its parser."""
+    server = MetricsServer("127.0.0.1", 0, lambda: snapshot)
+    text = generate_latest(server.registry).decode()
+    out: dict[str, dict] = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            out.setdefault(s.name, {})[tuple(sorted(s.labels.items()))] = s.value
+    return out
+
+
+def test_tier_and_op_counters_are_summed_across_workers():
+    snap = ClusterSnapshot(
+        workers=[
+            WorkerSample(0, worker_stats(0, 100, puts=3, gets=5), 0.001),
+            WorkerSample(1, worker_stats(1, 101, puts=2, gets=1), 0.001),
+        ],
+        expected_workers=2,
+        deadline=1.0,
+    )
+    m = scrape(snap)
+    cpu = (("tier", "cpu"),)
+    assert m["lmcached_tier_hits_total"][cpu] == 3 + 1
+    assert m["lmcached_tier_misses_total"][cpu] == 2 + 0
+    assert m["lmcached_tier_stored_bytes"][cpu] == 500
+    assert m["lmcached_tier_queue_drops_total"][cpu] == 0
+    assert m["lmcached_tier_checksum_failures_total"][cpu] == 0
+    assert m["lmcached_requests_total"][(("op", "put"),)] == 5
+    # Buckets are cumulative and end at +Inf == count.
+    put = "lmcached_request_duration_seconds_bucket"
+    assert m[put][(("le", "+Inf"), ("op", "put"))] == 5
+    assert m[put][(("le", "0.0001"), ("op", "put"))] == 0
+    assert m[put][(("le", "0.0005"), ("op", "put"))] == 5
+    assert m["lmcached_request_duration_seconds_count"][(("op", "get"),)] == 2
+    assert len([k for k in m[put] if ("op", "put") in k]) == len(LATENCY_BUCKETS) + 1
+    # Retrieve and lookup ratios are separate.
+    assert m["lmcached_retrieve_hit_ratio"][()] == 4 / 6
+    assert m["lmcached_lookup_hit_ratio"][()] == 2 / 8
+    assert m["lmcached_worker_up"][(("worker", "0"),)] == 1
+    assert m["lmcached_healthy"][()] == 1
+
+
+def test_counters_stay_monotonic_when_a_worker_restarts():
+    first = ClusterSnapshot([WorkerSample(0, worker_stats(0, 100, 4, 0), 0.001)], 1, 1.0)
+    server = MetricsServer("127.0.0.1", 0, lambda: first)
+    fams = server.collector.families(first)
+    puts = {f.name: f for f in fams}["lmcached_tier_puts"].samples[0].value
+    assert puts == 4
+    # Same worker id, new pid, counting from zero again.
+    restarted = ClusterSnapshot([WorkerSample(0, worker_stats(0, 200, 1, 0), 0.001)], 1, 1.0)
+    fams = server.collector.families(restarted)
+    assert {f.name: f for f in fams}["lmcached_tier_puts"].samples[0].value == 4 + 1
+    # A worker that misses the deadline keeps its last values and is reported down.
+    silent = ClusterSnapshot([WorkerSample(0, None, 1.0, "no answer within 1.0 s")], 1, 1.0)
+    fams = {f.name: f for f in server.collector.families(silent)}
+    assert fams["lmcached_tier_puts"].samples[0].value == 5
+    assert fams["lmcached_worker_up"].samples[0].value == 0
+    assert fams["lmcached_healthy"].samples[0].value == 0
+
+
+def test_hit_ratio_is_unknown_before_any_request():
+    snap = ClusterSnapshot([WorkerSample(0, {"pid": 1, "store": {}}, 0.0)], 1, 1.0)
+    m = scrape(snap)
+    assert math.isnan(m["lmcached_lookup_hit_ratio"][()])
+    assert math.isnan(m["lmcached_retrieve_hit_ratio"][()])
+
+
+def test_plugin_states_and_restarts():
+    snap = ClusterSnapshot(
+        [WorkerSample(0, {"pid": 1, "store": {}}, 0.0)],
+        1,
+        1.0,
+        scheduler={
+            "plugins": [
+                {"name": "exporter.py", "role": "scheduler", "state": "BACKOFF", "restarts": 3}
+            ]
+        },
+    )
+    m = scrape(snap)
+    labels = (
+        ("lmcached_plugin_state", "BACKOFF"),
+        ("plugin", "exporter.py"),
+        ("role", "scheduler"),
+        ("worker", ""),
+    )
+    assert m["lmcached_plugin_state"][labels] == 1
+    running = tuple((k, "RUNNING" if k == "lmcached_plugin_state" else v) for k, v in labels)
+    assert m["lmcached_plugin_state"][running] == 0
+    assert m["lmcached_plugin_restarts_total"][labels[1:]] == 3
+
+
+def get(url: str) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read()
+
+
+def test_http_endpoint_serves_metrics_and_healthz():
+    state = {"snap": ClusterSnapshot([WorkerSample(0, {"pid": 1, "store": {}}, 0.0)], 2, 1.0)}
+    server = MetricsServer("127.0.0.1", 0, lambda: state["snap"])
+    server.start()
+    try:
+        base = f"http://127.0.0.1:{server.port}"
+        status, body = get(base + "/healthz")
+        assert status == 503
+        health = json.loads(body)
+        assert health["status"] == "unhealthy"
+        assert "worker 1 is not running" in health["problems"]
+        state["snap"] = ClusterSnapshot(
+            [WorkerSample(0, {"pid": 1}, 0.0), WorkerSample(1, {"pid": 2}, 0.0)], 2, 1.0
+        )
+        status, body = get(base + "/healthz")
+        assert (status, json.loads(body)["status"]) == (200, "ok")
+        status, body = get(base + "/metrics")
+        assert status == 200
+        names = {f.name for f in text_string_to_metric_families(body.decode())}
+        assert {"lmcached_tier_hits", "lmcached_request_duration_seconds"} <= names
+        assert get(base + "/nope")[0] == 404
+    finally:
+        server.stop()
+        server.stop()
