@@ -206,8 +206,14 @@ def flatten_worker_stats(
     if isinstance(auth, Mapping) and _number(auth.get("refused")) is not None:
         counters[("auth_refused", ("data",))] = float(auth["refused"])
 
-    namespaces = stats.get("namespaces")
-    if isinstance(namespaces, Mapping):
+    # Namespace figures come from the quota'd CPU tier (storage.namespaces) or the top level.
+    namespaces: dict[str, Any] = {}
+    for _, tier_stats in _tier_items(stats):
+        if isinstance(tier_stats.get("namespaces"), Mapping):
+            namespaces.update(tier_stats["namespaces"])
+    if isinstance(stats.get("namespaces"), Mapping):
+        namespaces.update(stats["namespaces"])
+    if namespaces:
         for ns, ns_stats in namespaces.items():
             if not isinstance(ns_stats, Mapping):
                 continue

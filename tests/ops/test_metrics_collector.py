@@ -162,3 +162,20 @@ def test_http_endpoint_serves_metrics_and_healthz():
     finally:
         server.stop()
         server.stop()
+
+
+def test_namespace_figures_come_from_the_quota_tier():
+    from lmcached.storage.namespaces import NamespacedBackend
+
+    tier = NamespacedBackend(4096, {"a": 1024})
+    for i in range(3):
+        tier.put(b"a/%d" % i, Block.from_bytes(b"x" * 512))
+    snap = ClusterSnapshot(
+        [WorkerSample(0, {"pid": 1, "store": {"cpu": tier.stats()}}, 0.0)], 1, 1.0
+    )
+    m = scrape(snap)
+    a = (("namespace", "a"),)
+    assert m["lmcached_namespace_stored_bytes"][a] == 1024
+    assert m["lmcached_namespace_quota_bytes"][a] == 1024
+    assert m["lmcached_namespace_evictions_total"][a] == 1
+    assert m["lmcached_tier_evictions_total"][(("tier", "cpu"),)] == 1

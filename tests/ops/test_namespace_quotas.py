@@ -1,0 +1,75 @@
+"""Namespace quotas: tenant A's puts cannot evict tenant B's blocks within B's quota."""
+
+from __future__ import annotations
+
+import pytest
+
+from lmcached import config
+from lmcached.errors import ConfigError
+from lmcached.storage.base import Block
+from lmcached.storage.namespaces import NamespacedBackend, namespace_of
+
+KIB = 1024
+
+
+def block(n: int = KIB) -> Block:
+    return Block.from_bytes(b"\x01" * n)
+
+
+def test_namespace_is_the_prefix_before_the_first_slash():
+    assert namespace_of(b"tenant-a/llama@0/any/00ff") == "tenant-a"
+    assert namespace_of(b"no-slash-key") == ""
+
+
+def test_a_flood_from_one_tenant_evicts_only_its_own_blocks():
+    tier = NamespacedBackend(16 * KIB, {"a": 4 * KIB, "b": 4 * KIB})
+    b_keys = [b"b/m@0/any/%04d" % i for i in range(4)]
+    for k in b_keys:
+        assert tier.put(k, block())
+    for i in range(100):
+        assert tier.put(b"a/m@0/any/%04d" % i, block())
+    for i in range(100):
+        assert tier.put(b"shared-%04d" % i, block())  # keys outside any quota share the rest
+    assert all(tier.contains(k) for k in b_keys)
+    assert tier.get(b_keys[0]) is not None
+    ns = tier.namespace_stats()
+    assert ns["a"]["used_bytes"] == 4 * KIB
+    assert ns["a"]["evictions"] == 96
+    assert ns["b"] == {
+        "used_bytes": 4 * KIB,
+        "quota_bytes": 4 * KIB,
+        "entries": 4,
+        "evictions": 0,
+        "rejected": 0,
+    }
+    assert tier.usage().used_bytes <= 16 * KIB
+    tier.close()
+    tier.close()
+
+
+def test_a_tenant_over_its_own_quota_evicts_its_oldest_blocks():
+    tier = NamespacedBackend(8 * KIB, {"b": 2 * KIB})
+    tier.put(b"b/1", block())
+    tier.put(b"b/2", block())
+    tier.put(b"b/3", block())
+    assert not tier.contains(b"b/1")
+    assert tier.contains(b"b/3")
+    assert not tier.put(b"b/huge", block(4 * KIB))  # alone larger than the quota
+    assert tier.namespace_stats()["b"]["rejected"] == 1
+    stats = tier.stats()
+    assert stats["evictions"] == 1
+    assert stats["capacity_bytes"] == 8 * KIB
+
+
+def test_quotas_are_split_across_workers_and_must_fit_the_budget():
+    cfg = config.from_mapping(
+        {"num_workers": 4, "max_local_cpu_size": "8GiB", "namespace_quotas": {"a": "2GiB"}},
+        environ={},
+    )
+    assert cfg.namespace_quotas_per_worker == {"a": (2 << 30) // 4}
+    with pytest.raises(ConfigError, match="add up to"):
+        config.from_mapping(
+            {"max_local_cpu_size": 1, "namespace_quotas": {"a": 1, "b": "1MiB"}}, environ={}
+        )
+    with pytest.raises(ConfigError, match="without '/'"):
+        config.from_mapping({"namespace_quotas": {"a/b": 1}}, environ={})
