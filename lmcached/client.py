@@ -79,6 +79,7 @@ class Client:
         *,
         transport: str = "auto",
         config_path: str | os.PathLike[str] | None = None,
+        curve: Any = None,
     ) -> None:
         if endpoint is None and config_path is None:
             raise ValueError("Client needs an endpoint such as tcp://127.0.0.1:7470 or config_path")
@@ -98,6 +99,10 @@ class Client:
         self._limits: Limits | None = None
         self._conns: dict[int, _Conn] = {}
         self._closed = False
+        # CURVE credentials (lmcached.ops.security.ClientCurve): given, else from the config
+        # file's curve_* keys, else from LMCACHED_CURVE_*_KEY_FILE; None talks plain ZMQ.
+        self._curve = curve
+        self._curve_loaded = curve is not None
         tune_for_large_messages()
 
     @classmethod
@@ -352,10 +357,25 @@ class Client:
             )
         return ep
 
+    def _secure(self, sock: zmq.Socket) -> None:
+        if not self._curve_loaded:
+            from lmcached.ops.security import ClientCurve
+
+            if self._config_path is not None:
+                from lmcached import config as config_mod
+
+                self._curve = ClientCurve.from_config(config_mod.load(self._config_path))
+            else:
+                self._curve = ClientCurve.load()
+            self._curve_loaded = True
+        if self._curve is not None:
+            self._curve.apply(sock)
+
     def _control_socket(self) -> zmq.Socket:
         if self._control is None:
             ep = self._resolve_control()
             sock = self._context().socket(zmq.DEALER)
+            self._secure(sock)
             sock.setsockopt(zmq.LINGER, 0)
             sock.setsockopt(zmq.IMMEDIATE, 1)
             sock.connect(ep)
@@ -465,6 +485,7 @@ class Client:
             if conn is not None:
                 conn.sock.close(linger=0)
             sock = self._context().socket(zmq.DEALER)
+            self._secure(sock)
             sock.setsockopt(zmq.LINGER, 0)
             sock.setsockopt(zmq.IMMEDIATE, 1)
             sock.setsockopt(zmq.SNDHWM, 0)

@@ -25,6 +25,7 @@ import zmq
 
 from lmcached import config as config_mod
 from lmcached import logs, protocol
+from lmcached.ops.security import secure_ipc_socket
 from lmcached.plugins.daemon import SchedulerPlugins
 from lmcached.plugins.lifecycle import EXIT_PLUGIN_FATAL
 from lmcached.protocol import CONTROL_OPS, ProtocolError
@@ -106,6 +107,23 @@ class Scheduler:
         self.on_reload: list[Callable[[], dict[str, Any]]] = []
         self.on_stopping: list[Callable[[], None]] = []
         self.status_extras: list[Callable[[], dict[str, Any]]] = []
+        # Set by lmcached.ops.service when CURVE is configured: guards our server sockets and
+        # authenticates us to the workers.
+        self.auth: Any = None
+        self.worker_curve: Any = None
+
+    @property
+    def zmq_context(self) -> zmq.Context:
+        return self._ctx
+
+    @property
+    def ready(self) -> bool:
+        """True once every worker has served at least once."""
+        return self._ready
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping
 
     # ------------------------------------------------------------------------------ set-up
     def start(self) -> None:
@@ -115,6 +133,8 @@ class Scheduler:
         control = self._ctx.socket(zmq.ROUTER)
         control.setsockopt(zmq.LINGER, 0)
         control.setsockopt(zmq.MAXMSGSIZE, 1 << 20)
+        if self.auth is not None:
+            self.auth.secure(control)
         if cfg.port == 0:
             port = control.bind_to_random_port(f"tcp://{cfg.host}")
         else:
@@ -124,7 +144,7 @@ class Scheduler:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(ipc[len("ipc://") :])
         control.bind(ipc)
-        os.chmod(ipc[len("ipc://") :], 0o660)
+        secure_ipc_socket(ipc, cfg.socket_group)
         self._control = control
         self.control_endpoints = {"tcp": f"tcp://{cfg.host}:{port}", "ipc": ipc}
 
@@ -271,6 +291,8 @@ class Scheduler:
         slot.state = "up"
         sock = self._ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
+        if self.worker_curve is not None:
+            self.worker_curve.apply(sock)
         sock.connect(slot.endpoints["ipc"])
         slot.sock = sock
         self._bump("worker_up", wid)
@@ -549,6 +571,9 @@ def run(cfg: config_mod.Config) -> int:
     plugins = SchedulerPlugins(scheduler)
     scheduler.install_signal_handlers()
     try:
+        from lmcached.ops.service import attach
+
+        attach(scheduler)  # sd_notify, health checks, /metrics, CURVE
         scheduler.start()
         scheduler.serve()
     finally:

@@ -27,6 +27,8 @@ import zmq
 from lmcached import config as config_mod
 from lmcached import logs, protocol
 from lmcached.malloc import tune_for_large_messages
+from lmcached.ops.latency import OpLatency
+from lmcached.ops.security import AuthGuard, ServerCurve, secure_ipc_socket
 from lmcached.plugins.daemon import WorkerPlugins
 from lmcached.plugins.lifecycle import EXIT_PLUGIN_FATAL, PluginStartupError
 from lmcached.plugins.startup import extension_states
@@ -89,6 +91,7 @@ class Worker:
         self.log = logs.get_logger("lmcached.worker")
         self.store = build_store(cfg, worker_id)
         self.ops = OpStats()
+        self.latency = OpLatency()
         self.started_at = time.time()
         self._stop = threading.Event()
         self._ctx = zmq.Context(io_threads=1)
@@ -102,6 +105,10 @@ class Worker:
         self._closed = False
         # Extra sections of the stats reply (plugins ...), each a callable returning a dict.
         self.stats_extras: list[Callable[[], dict[str, Any]]] = []
+        curve = ServerCurve.from_config(cfg)
+        self.auth = AuthGuard(self._ctx, curve) if curve is not None else None
+        if self.auth is not None and curve is not None:
+            self.auth.authorize(curve.public)  # the scheduler probes us with the daemon's keys
 
     # ----------------------------------------------------------------------------- set-up
     def bind(self) -> dict[str, str]:
@@ -113,6 +120,8 @@ class Worker:
         )
         sock.setsockopt(zmq.RCVHWM, 10_000)
         sock.setsockopt(zmq.SNDHWM, 10_000)
+        if self.auth is not None:
+            self.auth.secure(sock)
         cfg = self.cfg
         if cfg.port == 0:
             port = sock.bind_to_random_port(f"tcp://{cfg.host}")
@@ -123,7 +132,7 @@ class Worker:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(ipc[len("ipc://") :])
         sock.bind(ipc)
-        os.chmod(ipc[len("ipc://") :], 0o660)
+        secure_ipc_socket(ipc, cfg.socket_group)
         self._router = sock
         self.endpoints = {"tcp": f"tcp://{cfg.host}:{port}", "ipc": ipc}
         return self.endpoints
@@ -194,6 +203,7 @@ class Worker:
         """Validate one ROUTER message and serve it; malformed input gets an error reply."""
         if len(frames) < 2:
             return  # no header frame: nothing to answer
+        received = time.perf_counter()
         envelope = frames[0]
         if len(frames) - 1 > self.limits.max_frames:
             self.reply_error(
@@ -223,6 +233,8 @@ class Worker:
         except Exception as exc:  # a bug must cost one request, never the worker
             self.log.exception("request_failed", op=req.op)
             self.reply_error(envelope, req.id, protocol.E_INTERNAL, f"{type(exc).__name__}: {exc}")
+        # Receipt to reply for ops answered on the loop; to hand-off for ops sent to the I/O pool.
+        self.latency.observe(req.op, time.perf_counter() - received)
 
     def op_put(self, envelope: Any, req: Request) -> None:
         metas = req.header.get("metas") or [None] * len(req.keys)
@@ -240,6 +252,7 @@ class Worker:
 
     def op_get(self, envelope: Any, req: Request) -> None:
         blocks = self.store.get_many(req.keys)
+        self.latency.count_retrieve(len(blocks), sum(1 for b in blocks if b is not None))
         self.send_blocks(envelope, req.id, blocks)
 
     def send_blocks(self, envelope: Any, rid: int, blocks: list[Block | None]) -> None:
@@ -313,6 +326,8 @@ class Worker:
             "store": self.store.stats(),
             "ops": self.ops.as_dict(),
             "extensions": extension_states(),
+            "latency": self.latency.as_dict(),
+            "auth": {"refused": self.auth.refused if self.auth is not None else 0},
         }
         for extra in self.stats_extras:
             out.update(extra())
@@ -357,6 +372,8 @@ class Worker:
             self._io_pool.shutdown(wait=True, cancel_futures=False)
         self._drain_completions()
         self.store.close()
+        if self.auth is not None:
+            self.auth.stop()
         if self._router is not None:
             ipc = self.endpoints.get("ipc", "")
             self._router.close(linger=0)

@@ -56,37 +56,25 @@ class LatencyHistogram:
         return {"counts": list(self.counts), "sum": self.total}
 
 
-class OpStats:
-    """Requests, errors and latency per op, plus the keys behind the two hit ratios.
+class OpLatency:
+    """Latency histograms per op, plus the retrieve-hit counters, kept by each worker.
 
-    *Lookup* hits (``lookup``/``exists``: "would a retrieve find it?") are kept apart from
-    *retrieve* hits (``get``: "did we return the bytes?"). LMCache reported one ratio that mixed
-    both and read 1.0 forever; these are separate on purpose.
+    Request counts and lookup hits are in the worker's own ``OpStats``. *Retrieve* hits
+    (``get``: "did we return the bytes?") are counted here, apart from *lookup* hits ("would a
+    retrieve find it?"): LMCache reported one ratio that mixed both and read 1.0 forever.
     """
 
     def __init__(self) -> None:
-        self.requests: dict[str, int] = {}
-        self.errors: dict[str, int] = {}
         self.latency: dict[str, LatencyHistogram] = {}
-        self.lookup_keys = 0
-        self.lookup_hits = 0
         self.retrieve_keys = 0
         self.retrieve_hits = 0
 
-    def observe(self, op: str, seconds: float, *, error: bool = False) -> None:
-        """Record one finished request of ``op`` that took ``seconds``."""
-        self.requests[op] = self.requests.get(op, 0) + 1
-        if error:
-            self.errors[op] = self.errors.get(op, 0) + 1
+    def observe(self, op: str, seconds: float) -> None:
+        """Record one request of ``op`` that took ``seconds`` from receipt to reply."""
         hist = self.latency.get(op)
         if hist is None:
             hist = self.latency[op] = LatencyHistogram()
         hist.observe(seconds)
-
-    def count_lookup(self, asked: int, hits: int) -> None:
-        """Record a lookup/exists over ``asked`` keys of which ``hits`` were found."""
-        self.lookup_keys += asked
-        self.lookup_hits += hits
 
     def count_retrieve(self, asked: int, hits: int) -> None:
         """Record a get over ``asked`` keys of which ``hits`` returned bytes."""
@@ -96,11 +84,7 @@ class OpStats:
     def as_dict(self) -> dict[str, Any]:
         return {
             "buckets": list(LATENCY_BUCKETS),
-            "requests": dict(self.requests),
-            "errors": dict(self.errors),
             "latency": {op: h.as_dict() for op, h in self.latency.items()},
-            "lookup_keys": self.lookup_keys,
-            "lookup_hits": self.lookup_hits,
             "retrieve_keys": self.retrieve_keys,
             "retrieve_hits": self.retrieve_hits,
         }

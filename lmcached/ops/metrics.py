@@ -107,6 +107,9 @@ class ClusterSnapshot:
         """Return one sentence per reason the daemon is not healthy (empty when healthy)."""
         out = []
         state = self.scheduler.get("state", "running")
+        if state == "unresponsive":
+            # The loop did not take the probe: worker figures would be guesses.
+            return [f"scheduler loop did not answer within {self.deadline} s"]
         if state != "running":
             out.append(f"scheduler is {state}")
         seen = {w.worker_id for w in self.workers}
@@ -181,15 +184,27 @@ def flatten_worker_stats(
             elif name in TIER_GAUGES:
                 gauges[("tier:" + name, (tier,))] = number
 
+    ops = stats.get("ops")
+    if isinstance(ops, Mapping):
+        for op, n in dict(ops.get("requests", {})).items():
+            counters[("requests", (str(op),))] = float(n)
+        for code, n in dict(ops.get("errors", {})).items():
+            counters[("request_errors", (str(code),))] = float(n)
+        for raw, name in (
+            ("lookup_keys", "lookup_keys"),
+            ("lookup_hits", "lookup_hits"),
+            ("bytes_in", "received_bytes"),
+            ("bytes_out", "sent_bytes"),
+        ):
+            number = _number(ops.get(raw))
+            if number is not None:
+                counters[(name, ())] = number
+
     latency = stats.get("latency")
     if isinstance(latency, Mapping):
-        if tuple(latency.get("buckets", ())) not in ((), LATENCY_BUCKETS):
+        if tuple(latency.get("buckets", ())) != LATENCY_BUCKETS:
             # A worker from another version with other bounds: summing would lie.
             latency = {}
-        for op, n in dict(latency.get("requests", {})).items():
-            counters[("requests", (str(op),))] = float(n)
-        for op, n in dict(latency.get("errors", {})).items():
-            counters[("request_errors", (str(op),))] = float(n)
         for op, hist in dict(latency.get("latency", {})).items():
             counts = list(hist.get("counts", ()))
             if len(counts) != len(LATENCY_BUCKETS) + 1:
@@ -197,7 +212,7 @@ def flatten_worker_stats(
             for i, c in enumerate(counts):
                 counters[(f"hist:{i}", (str(op),))] = float(c)
             counters[("hist:sum", (str(op),))] = float(hist.get("sum", 0.0))
-        for name in ("lookup_keys", "lookup_hits", "retrieve_keys", "retrieve_hits"):
+        for name in ("retrieve_keys", "retrieve_hits"):
             number = _number(latency.get(name))
             if number is not None:
                 counters[(name, ())] = number
@@ -339,7 +354,9 @@ class ClusterCollector(Collector):
             "lmcached_requests", "Requests served by the workers, by op.", labels=["op"]
         )
         errors = CounterMetricFamily(
-            "lmcached_request_errors", "Requests answered with an error, by op.", labels=["op"]
+            "lmcached_request_errors",
+            "Requests answered with an error, by error code.",
+            labels=["code"],
         )
         for (series, labels), value in sorted(counters.items()):
             if series == "requests":
@@ -348,6 +365,11 @@ class ClusterCollector(Collector):
                 errors.add_metric(list(labels), value)
         yield requests
         yield errors
+        for name, doc in (
+            ("received_bytes", "Payload bytes received by put requests."),
+            ("sent_bytes", "Payload bytes sent in get replies."),
+        ):
+            yield CounterMetricFamily(f"lmcached_{name}", doc, value=counters.get((name, ()), 0.0))
 
         hist = HistogramMetricFamily(
             "lmcached_request_duration_seconds",

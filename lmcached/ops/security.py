@@ -134,6 +134,7 @@ class AuthGuard:
         self._ctx = ctx
         self._auth = ThreadAuthenticator(ctx, log=_quiet_logger())
         self._auth.start()
+        self._extra_keys: set[bytes] = set()
         self._load_keys()
         self._refused = 0
         self._lock = threading.Lock()
@@ -152,8 +153,20 @@ class AuthGuard:
         if not os.path.isdir(folder):
             raise ConfigError("curve_authorized_keys", f"{folder} is not a folder")
         self._auth.configure_curve(domain=ZAP_DOMAIN, location=folder)
-        count = len(self._auth.certs.get(ZAP_DOMAIN, {}))
-        log.info("CURVE authentication on", authorized_keys=folder, clients=count)
+        certs = self._auth.certs.setdefault(ZAP_DOMAIN, {})
+        log.info("CURVE authentication on", authorized_keys=folder, clients=len(certs))
+        for key in self._extra_keys:
+            certs[key] = True
+
+    @property
+    def authorized_count(self) -> int:
+        """Client keys admitted now (from the folder, plus keys added with authorize())."""
+        return len(self._auth.certs.get(ZAP_DOMAIN, {}))
+
+    def authorize(self, public_key: bytes) -> None:
+        """Admit one more public key (z85), kept across reloads: the daemon's own processes."""
+        self._extra_keys.add(public_key)
+        self._auth.certs.setdefault(ZAP_DOMAIN, {})[public_key] = True
 
     def reload(self) -> None:
         """Re-read the authorised client keys (new files admitted, removed ones refused)."""
@@ -296,6 +309,13 @@ def restrict_to_group(path: str, gid: int) -> None:
     if gid != os.stat(path).st_gid:
         os.chown(path, -1, gid)
     os.chmod(path, 0o660)
+
+
+def secure_ipc_socket(endpoint: str, group: str | None) -> None:
+    """Apply mode 0660 and ``socket_group`` (default: the daemon's group) to an ipc endpoint."""
+    path = ipc_path(endpoint)
+    if path is not None:
+        restrict_to_group(path, resolve_group(group))
 
 
 def ipc_path(endpoint: str) -> str | None:

@@ -14,7 +14,15 @@ def build_tiers(cfg: Config, worker_id: int) -> list[StorageBackend]:
     """Return the tiers of worker ``worker_id`` in lookup order (CPU first)."""
     # With local_cpu off the CPU tier still exists with no budget, so every put is rejected
     # there and lower tiers (when configured) hold the data.
-    tiers: list[StorageBackend] = [CPUBackend(cfg.cpu_budget_per_worker, cfg.eviction_policy)]
+    if cfg.namespace_quotas:
+        from lmcached.storage.namespaces import NamespacedBackend
+
+        cpu: StorageBackend = NamespacedBackend(
+            cfg.cpu_budget_per_worker, cfg.namespace_quotas_per_worker, cfg.eviction_policy
+        )
+    else:
+        cpu = CPUBackend(cfg.cpu_budget_per_worker, cfg.eviction_policy)
+    tiers: list[StorageBackend] = [cpu]
     # Extensions: a remote tier over an external connector, then external backends in order.
     tiers.extend(plugin_tiers(cfg, worker_id))
     return apply_tier_codecs(cfg, tiers)  # disk_codec / remote_codec on the tiers named so

@@ -14,28 +14,33 @@ import urllib.request
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from lmcached.ops.latency import LATENCY_BUCKETS, OpStats
+from lmcached.ops.latency import LATENCY_BUCKETS, OpLatency
 from lmcached.ops.metrics import ClusterSnapshot, MetricsServer, WorkerSample
 from lmcached.storage.base import Block
 from lmcached.storage.cpu import CPUBackend
+from lmcached.worker import OpStats
 
 
 def worker_stats(worker_id: int, pid: int, puts: int, gets: int) -> dict:
-    """Stats as a worker reports them, from a real CPU tier and real op counters."""
+    """Stats as a worker reports them, from a real CPU tier and the worker's op counters."""
     cpu = CPUBackend(capacity_bytes=1 << 20)
-    ops = OpStats()
+    ops, latency = OpStats(), OpLatency()
     for i in range(puts):
         cpu.put(b"k%d" % i, Block.from_bytes(b"x" * 100))
-        ops.observe("put", 0.0003)
+        ops.requests["put"] = ops.requests.get("put", 0) + 1
+        latency.observe("put", 0.0003)
     found = sum(cpu.get(b"k%d" % i) is not None for i in range(gets))
-    ops.observe("get", 0.002)
-    ops.count_retrieve(gets, found)
-    ops.count_lookup(4, 1)
+    ops.requests["get"] = 1
+    latency.observe("get", 0.002)
+    latency.count_retrieve(gets, found)
+    ops.lookup_keys += 4
+    ops.lookup_hits += 1
     return {
         "worker_id": worker_id,
         "pid": pid,
         "store": {"cpu": cpu.stats()},
-        "latency": ops.as_dict(),
+        "ops": ops.as_dict(),
+        "latency": latency.as_dict(),
     }
 
 
@@ -73,6 +78,7 @@ def test_tier_and_op_counters_are_summed_across_workers():
     assert m[put][(("le", "0.0001"), ("op", "put"))] == 0
     assert m[put][(("le", "0.0005"), ("op", "put"))] == 5
     assert m["lmcached_request_duration_seconds_count"][(("op", "get"),)] == 2
+    assert m["lmcached_requests_total"][(("op", "get"),)] == 2
     assert len([k for k in m[put] if ("op", "put") in k]) == len(LATENCY_BUCKETS) + 1
     # Retrieve and lookup ratios are separate.
     assert m["lmcached_retrieve_hit_ratio"][()] == 4 / 6
