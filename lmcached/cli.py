@@ -10,6 +10,7 @@ from typing import Any
 
 from lmcached import config as config_mod
 from lmcached.errors import ConfigError, LMCachedError, LMCachedUnavailable
+from lmcached.ops.cli import register as register_ops_commands
 from lmcached.plugins import cli as plugins_cli
 from lmcached.version import PROTOCOL_VERSION, __version__
 
@@ -83,6 +84,12 @@ def render_status(status: dict[str, Any]) -> str:
     from lmcached.plugins.commands import render_plugins
 
     lines += render_plugins(status)
+    problems = status.get("problems")
+    if problems is not None:
+        lines.append("")
+        lines.append("health: ok" if not problems else "health: UNHEALTHY: " + "; ".join(problems))
+    if status.get("metrics"):
+        lines.append(f"metrics: {status['metrics']}/metrics  health: {status['metrics']}/healthz")
     return "\n".join(lines)
 
 
@@ -97,6 +104,9 @@ def cmd_status(args: argparse.Namespace) -> int:
             print(f"lmcached is not running: {exc}", file=sys.stderr)
         return 3
     status["running"] = True
+    from lmcached.ops.service import health_of_status
+
+    status["problems"] = health_of_status(status)  # the rules /healthz applies
     if args.json:
         print(json.dumps(status, indent=2, default=str))
     else:
@@ -207,7 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # Subcommands contributed by other modules: each is called with the subparsers object.
-EXTRA_COMMANDS: list[Callable[[Any], None]] = [plugins_cli.add_parser]
+EXTRA_COMMANDS: list[Callable[[Any], None]] = [plugins_cli.add_parser, register_ops_commands]
 
 
 def main(argv: list[str] | None = None) -> int:

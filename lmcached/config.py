@@ -551,6 +551,8 @@ class Config:
             if f.metadata["convert"] is byte_size and isinstance(value, int):
                 # An int would read back as GiB; an explicit unit round-trips exactly.
                 value = format_size(value)
+            elif f.metadata["convert"] is quota_map:
+                value = {ns: format_size(q) for ns, q in value.items()}
             out[f.name] = (
                 redact_value(f.name, value, f.metadata.get("secret", False)) if redact else value
             )

@@ -290,9 +290,11 @@ class Worker:
         self.reply(envelope, protocol.ok_reply(req.id, hit=hit))
 
     def op_exists(self, envelope: Any, req: Request) -> None:
-        self.reply(
-            envelope, protocol.ok_reply(req.id, flags=[self.store.contains(k) for k in req.keys])
-        )
+        flags = [self.store.contains(k) for k in req.keys]
+        # Client.lookup() is answered with exists; its keys count toward the lookup hit ratio.
+        self.ops.lookup_keys += len(flags)
+        self.ops.lookup_hits += sum(flags)
+        self.reply(envelope, protocol.ok_reply(req.id, flags=flags))
 
     def op_delete(self, envelope: Any, req: Request) -> None:
         count = sum(1 for k in req.keys if self.store.remove(k))

@@ -13,7 +13,6 @@ Certificates are the files ``zmq.auth.create_certificates`` writes (``NAME.key``
 
 from __future__ import annotations
 
-import argparse
 import grp
 import os
 import stat
@@ -273,8 +272,18 @@ class ClientCurve:
         return cls(public, secret, server_public)
 
     @classmethod
-    def from_config(cls, cfg: Any) -> ClientCurve | None:
-        return cls.load(cfg.curve_client_key_file, cfg.curve_server_key_file)
+    def from_config(cls, cfg: Any, environ: Mapping[str, str] | None = None) -> ClientCurve | None:
+        """Load from the config's curve_client_* keys or the env; else, on the daemon's host,
+        use the daemon's own key pair when it is readable (an admin running `lmcached status`
+        as the service user), which every lmcached process admits.
+        """
+        found = cls.load(cfg.curve_client_key_file, cfg.curve_server_key_file, environ)
+        if found is not None or not cfg.curve_secret_key_file:
+            return found
+        if not os.access(cfg.curve_secret_key_file, os.R_OK):
+            return None
+        public, secret = load_secret_certificate(cfg.curve_secret_key_file, "curve_secret_key_file")
+        return cls(public, secret, public)
 
     def apply(self, sock: zmq.Socket[Any]) -> None:
         """Set the CURVE client options on ``sock``; call before connect()."""
@@ -323,37 +332,3 @@ def ipc_path(endpoint: str) -> str | None:
     if endpoint.startswith("ipc://") and not endpoint.startswith("ipc://@"):
         return endpoint[len("ipc://") :]
     return None
-
-
-# ---------------------------------------------------------------------------------------------
-# `lmcached keygen`.
-# ---------------------------------------------------------------------------------------------
-
-
-def add_keygen_parser(subparsers: Any) -> None:
-    """Register `lmcached keygen DIR [NAME]`."""
-    p = subparsers.add_parser(
-        "keygen",
-        help="create a CURVE key pair (NAME.key public, NAME.key_secret secret)",
-        description=(
-            "Create a ZMQ CURVE key pair for the daemon (name 'server') or for a client. "
-            "Give the daemon server.key_secret (curve_secret_key_file); copy each client's "
-            "NAME.key into the daemon's curve_authorized_keys folder; give clients their "
-            "NAME.key_secret and the daemon's server.key."
-        ),
-    )
-    p.add_argument("directory", help="folder to write the key files into (created 0750)")
-    p.add_argument("name", nargs="?", default="server", help="key name (default: server)")
-    p.add_argument("--force", action="store_true", help="replace an existing key pair")
-    p.set_defaults(func=run_keygen)
-
-
-def run_keygen(args: argparse.Namespace) -> int:
-    try:
-        public, secret = keygen(args.directory, args.name, force=args.force)
-    except (FileExistsError, ValueError, OSError) as exc:
-        print(f"lmcached keygen: {exc}")
-        return 1
-    print(f"public key:  {public}")
-    print(f"secret key:  {secret}  (mode 0600; never copy it off this machine's owner)")
-    return 0

@@ -41,6 +41,20 @@ class FakeNotifySocket:
                 raise AssertionError(f"no {key} message within {timeout}s: {self.messages}")
             self.poll(min(left, 0.5))
 
+    def wait_for_match(
+        self, predicate, timeout: float = 30.0, since: int = 0
+    ) -> tuple[int, dict[str, str]]:
+        """Return (index, message) of the first message at index >= since matching predicate."""
+        deadline = time.monotonic() + timeout
+        while True:
+            for i in range(since, len(self.messages)):
+                if predicate(self.messages[i]):
+                    return i, self.messages[i]
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f"no matching message within {timeout}s: {self.messages}")
+            self.poll(min(left, 0.5))
+
     def close(self) -> None:
         if self.sock.fileno() != -1:
             self.sock.close()

@@ -73,3 +73,9 @@ def test_quotas_are_split_across_workers_and_must_fit_the_budget():
         )
     with pytest.raises(ConfigError, match="without '/'"):
         config.from_mapping({"namespace_quotas": {"a/b": 1}}, environ={})
+
+
+def test_quotas_round_trip_through_the_workers_config_file():
+    cfg = config.from_mapping({"namespace_quotas": {"a": "512KiB", "b": 0.25}}, environ={})
+    again = config.from_mapping(cfg.to_dict(redact=False), environ={})
+    assert again.namespace_quotas == cfg.namespace_quotas == {"a": 512 << 10, "b": 1 << 28}

@@ -1,0 +1,114 @@
+"""CURVE on a real daemon, keys from `lmcached keygen`; namespace quotas through the client."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from lmcached.errors import LMCachedUnavailable
+from lmcached.ops.security import ClientCurve
+from lmcached.testing import wait_until
+
+from .test_daemon_operations import scrape
+
+
+def keygen(directory, name: str) -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "lmcached", "keygen", str(directory), name],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+
+
+@pytest.fixture
+def curve_keys(tmp_path):
+    keys = tmp_path / "keys"
+    keygen(keys, "server")
+    keygen(keys / "clients", "engine")
+    keygen(keys / "strangers", "stranger")
+    allowed = keys / "authorized"
+    allowed.mkdir()
+    (allowed / "engine.key").write_bytes((keys / "clients" / "engine.key").read_bytes())
+    return keys
+
+
+def test_curve_admits_authorised_clients_and_counts_refusals(daemon_factory, curve_keys):
+    d = daemon_factory(
+        curve_secret_key_file=str(curve_keys / "server.key_secret"),
+        curve_authorized_keys=str(curve_keys / "authorized"),
+    )
+    server_key = str(curve_keys / "server.key")
+    engine = ClientCurve.load(str(curve_keys / "clients" / "engine.key_secret"), server_key)
+    with d.client(curve=engine, timeout=10) as c:
+        c.put([b"secure/k"], [b"payload"])
+        assert c.get([b"secure/k"]) == [b"payload"]
+
+    stranger = ClientCurve.load(str(curve_keys / "strangers" / "stranger.key_secret"), server_key)
+    from lmcached.client import Client
+
+    for curve in (stranger, None):
+        with (
+            Client(d.endpoint, timeout=1.0, curve=curve) as c,
+            pytest.raises(LMCachedUnavailable),
+        ):
+            c.ping()
+
+    def refused() -> float:
+        return scrape(d)["lmcached_auth_refused_total"][(("endpoint", "control"),)]
+
+    wait_until(lambda: refused() >= 2, 20, what="both refusals to be counted")
+
+    # The admin CLI on the daemon's host authenticates with the daemon's own key pair.
+    out = subprocess.run(
+        [sys.executable, "-m", "lmcached", "status", "--config", str(d.config_path), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    assert '"problems": []' in out.stdout
+
+    # No key material reaches the logs.
+    d.stop()
+    log = d.log()
+    for secret_file in (
+        curve_keys / "server.key_secret",
+        curve_keys / "clients" / "engine.key_secret",
+    ):
+        secret = ClientCurve.load(str(secret_file), server_key).secret.decode()
+        assert secret not in log
+
+
+def test_loopback_default_needs_no_keys(daemon_factory):
+    d = daemon_factory()
+    with d.client() as c:
+        c.put([b"k"], [b"v"])
+        assert c.get([b"k"]) == [b"v"]
+    assert scrape(d)["lmcached_auth_refused_total"][(("endpoint", "control"),)] == 0
+
+
+def test_tenant_a_cannot_evict_tenant_b_within_its_quota(daemon_factory):
+    d = daemon_factory(
+        num_workers=2,
+        max_local_cpu_size="2MiB",
+        namespace_quotas={"tenant-a": "512KiB", "tenant-b": "512KiB"},
+    )
+    block = b"\x07" * (16 << 10)
+    b_keys = [b"tenant-b/m@0/any/%04d" % i for i in range(8)]  # 128 KiB: within any split
+    a_keys = [b"tenant-a/m@0/any/%04d" % i for i in range(200)]  # 3.2 MiB: far over
+    with d.client() as c:
+        c.put(b_keys, [block] * len(b_keys))
+        for i in range(0, len(a_keys), 20):
+            c.put(a_keys[i : i + 20], [block] * 20)
+        assert c.exists(b_keys) == [True] * len(b_keys)
+        a_kept = sum(c.exists(a_keys))
+        # Each worker holds at most its share of tenant-a's quota (512 KiB / 2 workers).
+        assert 0 < a_kept <= 2 * ((512 << 10) // 2) // len(block)
+    m = scrape(d)
+    assert m["lmcached_namespace_evictions_total"][(("namespace", "tenant-a"),)] > 0
+    assert m["lmcached_namespace_evictions_total"][(("namespace", "tenant-b"),)] == 0
+    assert m["lmcached_namespace_quota_bytes"][(("namespace", "tenant-b"),)] == 512 << 10
