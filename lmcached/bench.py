@@ -47,6 +47,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON ('-' for stdout)")
     p.add_argument("--quick", action="store_true", help="tiny sizes and volumes (for smoke tests)")
+    p.add_argument(
+        "--workload",
+        default="throughput,lookup",
+        help="comma-separated: throughput, lookup, mixed, tiers, or all",
+    )
+    p.add_argument("--plot", metavar="PNG", help="draw GB/s against block size (needs matplotlib)")
+    p.add_argument("--prompts", type=int, default=200, help="mixed: distinct prompts")
+    p.add_argument("--chunks", type=int, default=8, help="mixed: 256-token chunks per prompt")
+    p.add_argument("--requests", type=int, default=2000, help="mixed: requests in the trace")
+    p.add_argument("--zipf", type=float, default=1.1, help="mixed: Zipf exponent of reuse")
+    p.add_argument("--mixed-block", default="512KiB", help="mixed: bytes per chunk")
+    p.add_argument(
+        "--budget-fraction",
+        type=float,
+        default=0.25,
+        help="mixed: CPU budget as a fraction of the trace's working set",
+    )
+    p.add_argument("--tier-block", default="2MiB", help="tiers: block size")
+    p.add_argument("--tier-blocks", type=int, default=64, help="tiers: blocks per tier")
 
 
 @dataclass
@@ -60,6 +79,8 @@ class Row:
     p99_ms: float | None = None
     baseline_gbps: float | None = None
     ratio: float | None = None
+    redis_gbps: float | None = None  # plain redis-py SET (store) / GET (retrieve), same size
+    redis_ratio: float | None = None
 
 
 @dataclass
@@ -70,10 +91,22 @@ class Report:
     lookup: dict[str, float] = field(default_factory=dict)
     memory: dict[str, Any] = field(default_factory=dict)
     checks: dict[str, Any] = field(default_factory=dict)
+    # Added with the operations issue (see docs/operations.md for every field).
+    workloads: list[str] = field(default_factory=list)
+    redis: dict[str, float] = field(default_factory=dict)
+    mixed: dict[str, Any] = field(default_factory=dict)
+    tiers: dict[str, Any] = field(default_factory=dict)
+
+
+# The run's progress bar (lmcached.ops.bench_workloads.ProgressBar); None: plain lines.
+_BAR: Any = None
 
 
 def progress(msg: str) -> None:
-    print(f"  .. {msg}", file=sys.stderr, flush=True)
+    if _BAR is not None:
+        _BAR.step(msg)
+    else:
+        print(f"  .. {msg}", file=sys.stderr, flush=True)
 
 
 # ------------------------------------------------------------------------------ baselines
@@ -278,7 +311,15 @@ def lookup_latency(endpoint: str, transport: str, raw: RawZmq, n: int) -> dict[s
     header = msgpack.packb({"v": 1, "op": "exists", "id": 1, "keys": keys}, use_bin_type=True)
     bare = raw.header_roundtrip_s(header, n)
     p50 = statistics.median(samples)
-    return {"keys": 128, "p50_us": p50 * 1e6, "bare_zmq_p50_us": bare * 1e6, "ratio": p50 / bare}
+    out = {"keys": 128, "p50_us": p50 * 1e6, "bare_zmq_p50_us": bare * 1e6, "ratio": p50 / bare}
+    from lmcached.ops.bench_workloads import redis_exists_p50_us, redis_server
+
+    with redis_server() as r:
+        if r is not None:
+            out["redis_exists_p50_us"] = redis_exists_p50_us(r, keys, n)
+            out["redis_ratio"] = p50 * 1e6 / out["redis_exists_p50_us"]
+    out["tokens"] = 128 * 256
+    return out
 
 
 # ----------------------------------------------------------------------------------- main
@@ -289,18 +330,44 @@ def _parse_list(text: str) -> list[str]:
 def run(args: argparse.Namespace) -> Report:
     from lmcached.testing import DaemonProcess
 
+    global _BAR
+    from lmcached.ops import bench_workloads as wl
+
+    workloads = _parse_list(args.workload)
+    if workloads == ["all"]:
+        workloads = ["throughput", "lookup", "mixed", "tiers"]
+    unknown = set(workloads) - {"throughput", "lookup", "mixed", "tiers"}
+    if unknown:
+        raise SystemExit(f"lmcached bench: unknown workload(s) {', '.join(sorted(unknown))}")
     sizes = [byte_size(s) for s in _parse_list(args.sizes)]
     clients = [int(c) for c in _parse_list(args.clients)]
     transports = _parse_list(args.transports)
     total = byte_size(args.bytes_per_point)
     repeats = args.repeats
+    mixed = {
+        "prompts": args.prompts,
+        "chunks_per_prompt": args.chunks,
+        "requests": args.requests,
+        "zipf_s": args.zipf,
+        "block_size": byte_size(args.mixed_block),
+        "budget_fraction": args.budget_fraction,
+    }
+    tier_block, tier_blocks = byte_size(args.tier_block), args.tier_blocks
     if args.quick:
         sizes = [64 * 1024, 1 * MiB]
         clients = [1]
         total = 8 * MiB
         repeats = 1
+        mixed.update(prompts=12, chunks_per_prompt=4, requests=60, block_size=64 * 1024)
+        tier_block, tier_blocks = 64 * 1024, 8
     tune_for_large_messages()
-    report = Report()
+    report = Report(workloads=workloads)
+    steps = 0
+    if "throughput" in workloads:
+        steps += len(sizes) * (1 + len(transports) * (1 + 3 * len(clients))) + len(sizes)
+    steps += ("lookup" in workloads) + 2 * ("mixed" in workloads)
+    steps += (1 + len(wl.available_tiers())) * ("tiers" in workloads)
+    _BAR = wl.ProgressBar(steps)
     daemon = None
     endpoint = args.endpoint
     if endpoint is None:
@@ -323,13 +390,22 @@ def run(args: argparse.Namespace) -> Report:
             report.memory["idle_worker_uss_mb"] = [
                 round((w.get("memory") or {}).get("uss", 0) / 1e6, 1) for w in status["workers"]
             ]
-        for size in sizes:
+        for size in sizes if "throughput" in workloads else []:
             progress(f"memcpy {size // 1024} KiB")
             report.memcpy[str(size)] = max(memcpy_gbps(size, total) for _ in range(repeats))
-        for transport in transports:
+        if "throughput" in workloads:
+            with wl.redis_server() as r:
+                for size in sizes if r is not None else []:
+                    progress(f"redis-py {size // 1024} KiB")
+                    best = max(
+                        (wl.redis_set_get_gbps(r, size, total) for _ in range(repeats)),
+                        key=lambda sg: sg[0] + sg[1],
+                    )
+                    report.redis[f"set/{size}"], report.redis[f"get/{size}"] = best
+        for transport in transports if {"throughput", "lookup"} & set(workloads) else []:
             raw = RawZmq(transport)
             try:
-                for size in sizes:
+                for size in sizes if "throughput" in workloads else []:
                     progress(f"raw zmq {transport} {size // 1024} KiB")
                     report.zmq[f"store/{transport}/{size}"] = max(
                         raw.store_gbps(size, total) for _ in range(repeats)
@@ -337,14 +413,14 @@ def run(args: argparse.Namespace) -> Report:
                     report.zmq[f"retrieve/{transport}/{size}"] = max(
                         raw.retrieve_gbps(size, total) for _ in range(repeats)
                     )
-                if transport == transports[0]:
-                    progress("lookup of 128 keys")
+                if transport == transports[0] and "lookup" in workloads:
+                    progress("lookup of 128 keys (a 32k-token prompt)")
                     report.lookup = lookup_latency(
                         endpoint, transport, raw, 50 if args.quick else 300
                     )
             finally:
                 raw.close()
-            for size in sizes:
+            for size in sizes if "throughput" in workloads else []:
                 for op in ("store", "retrieve", "retrieve_into"):
                     for n in clients:
                         progress(f"lmcached {op} {transport} {size // 1024} KiB x{n} clients")
@@ -358,6 +434,9 @@ def run(args: argparse.Namespace) -> Report:
                         base = report.zmq.get(f"{op.replace('_into', '')}/{transport}/{size}")
                         best.baseline_gbps = base
                         best.ratio = best.gbps / base if base else None
+                        redis_base = report.redis.get(f"{'set' if op == 'store' else 'get'}/{size}")
+                        best.redis_gbps = redis_base
+                        best.redis_ratio = best.gbps / redis_base if redis_base else None
                         report.rows.append(best)
         by = {(r.op, r.transport, r.clients, r.size): r.gbps for r in report.rows}
         if 2 * MiB in sizes and 32 * MiB in sizes:
@@ -366,35 +445,108 @@ def run(args: argparse.Namespace) -> Report:
                     report.checks[f"32MiB_vs_2MiB/{op}/{tr}/x{n}"] = round(
                         g / by[(op, tr, n, 2 * MiB)], 3
                     )
+        daemon_overrides = {"log_level": "warning"}
+        if "mixed" in workloads:
+            report.mixed = wl.run_mixed(mixed, _BAR, daemon_overrides)
+        if "tiers" in workloads:
+
+            def zmq_retrieve(size: int) -> float:
+                raw = RawZmq("ipc")
+                try:
+                    return raw.retrieve_gbps(size, tier_block * tier_blocks)
+                finally:
+                    raw.close()
+
+            report.tiers = wl.run_tiers(
+                tier_block, tier_blocks, _BAR, daemon_overrides, zmq_retrieve
+            )
     finally:
         if daemon is not None:
             daemon.close()
+        if _BAR is not None:
+            _BAR.finish()
+            _BAR = None
     return report
 
 
+def _fmt_block(size: int) -> str:
+    return f"{size // MiB}MiB" if size >= MiB and size % MiB == 0 else f"{size // 1024}KiB"
+
+
 def render(report: Report) -> str:
-    lines = ["", "baselines (same run):"]
+    lines = []
+    if report.memcpy or report.zmq or report.redis:
+        lines += ["", "baselines (same run):"]
     for size, g in report.memcpy.items():
-        lines.append(f"  memcpy {int(size) // 1024:>6} KiB  {g:6.2f} GB/s")
+        lines.append(f"  memcpy            {_fmt_block(int(size)):>8}  {g:6.2f} GB/s")
     for k, g in report.zmq.items():
         op, tr, size = k.split("/")
-        lines.append(f"  raw zmq {op:<8} {tr} {int(size) // 1024:>6} KiB  {g:6.2f} GB/s")
-    lines.append("")
-    lines.append(
-        f"{'op':<9}{'transport':<10}{'clients':>7}{'block':>10}{'GB/s':>8}{'p50 ms':>9}{'p99 ms':>9}{'zmq GB/s':>10}{'ratio':>7}"
-    )
-    for r in report.rows:
+        lines.append(f"  raw zmq {op:<8} {tr} {_fmt_block(int(size)):>8}  {g:6.2f} GB/s")
+    for k, g in report.redis.items():
+        op, _, size = k.partition("/")
+        lines.append(f"  redis-py {op:<12} {_fmt_block(int(size)):>8}  {g:6.2f} GB/s")
+    if report.rows:
+        lines.append("")
         lines.append(
-            f"{r.op:<14}{r.transport:<10}{r.clients:>7}{r.size // 1024:>7}KiB{r.gbps:>8.2f}"
-            f"{r.p50_ms or 0:>9.2f}{r.p99_ms or 0:>9.2f}{r.baseline_gbps or 0:>10.2f}{r.ratio or 0:>7.2f}"
+            f"{'op':<14}{'transport':<10}{'clients':>7}{'block':>9}{'GB/s':>8}{'p50 ms':>9}"
+            f"{'p99 ms':>9}{'zmq GB/s':>10}{'x zmq':>7}{'redis GB/s':>11}{'x redis':>8}"
         )
+        for r in report.rows:
+            lines.append(
+                f"{r.op:<14}{r.transport:<10}{r.clients:>7}{_fmt_block(r.size):>9}{r.gbps:>8.2f}"
+                f"{r.p50_ms or 0:>9.2f}{r.p99_ms or 0:>9.2f}{r.baseline_gbps or 0:>10.2f}"
+                f"{r.ratio or 0:>7.2f}{r.redis_gbps or 0:>11.2f}{r.redis_ratio or 0:>8.2f}"
+            )
     if report.lookup:
         lk = report.lookup
         lines.append("")
-        lines.append(
-            f"lookup of {lk['keys']} keys: p50 {lk['p50_us']:.0f} us; bare zmq round trip with the same "
-            f"payload {lk['bare_zmq_p50_us']:.0f} us; ratio {lk['ratio']:.2f}"
+        line = (
+            f"lookup of {lk['keys']} keys ({lk.get('tokens', 0)} tokens): p50 {lk['p50_us']:.0f} us; "
+            f"bare zmq round trip, same payload {lk['bare_zmq_p50_us']:.0f} us (x{lk['ratio']:.2f})"
         )
+        if "redis_exists_p50_us" in lk:
+            line += (
+                f"; redis-py EXISTS {lk['redis_exists_p50_us']:.0f} us (x{lk['redis_ratio']:.2f})"
+            )
+        lines.append(line)
+    if report.mixed:
+        m = report.mixed
+        lines += [
+            "",
+            f"mixed: {m['requests']} requests over {m['prompts']} prompts x {m['chunks_per_prompt']} "
+            f"chunks of {_fmt_block(m['block_size'])}, Zipf s={m['zipf_s']}, budget "
+            f"{m['budget_bytes'] / MiB:.0f} MiB = {m['budget_fraction']:.0%} of the working set; "
+            f"memcpy {m['memcpy_gbps']:.2f} GB/s",
+            f"  {'':<10}{'req/s':>9}{'hit rate':>10}{'hit GB/s':>10}",
+        ]
+        for name in ("lmcached", "redis"):
+            res = m.get(name)
+            if res:
+                lines.append(
+                    f"  {name:<10}{res['requests_per_s']:>9.0f}{res['hit_rate']:>10.1%}"
+                    f"{res['retrieved_gbps']:>10.2f}"
+                )
+        if m.get("ratio_requests_per_s"):
+            lines.append(
+                f"  lmcached / redis-py requests per second: x{m['ratio_requests_per_s']:.2f}"
+            )
+    if report.tiers:
+        t = report.tiers
+        redis_get = t.get("redis_get_gbps") or 0
+        lines += [
+            "",
+            f"tiers: retrieve of {t['blocks']} blocks of {_fmt_block(t['block_size'])}; baselines "
+            f"memcpy {t['memcpy_gbps']:.2f}, raw zmq {t['zmq_retrieve_gbps']:.2f}, "
+            f"redis-py GET {redis_get:.2f} GB/s",
+            f"  {'tier':<8}{'GB/s':>7}{'hits':>9}{'p50 ms':>9}{'p99 ms':>9}{'x memcpy':>10}"
+            f"{'x zmq':>7}{'x redis':>9}",
+        ]
+        for row in t["rows"]:
+            lines.append(
+                f"  {row['tier']:<8}{row['gbps']:>7.2f}{row['hits']:>5}/{row['asked']:<3}"
+                f"{row['p50_ms']:>9.2f}{row['p99_ms']:>9.2f}{row['ratio_to_memcpy']:>10.2f}"
+                f"{row['ratio_to_zmq']:>7.2f}{row.get('ratio_to_redis') or 0:>9.2f}"
+            )
     if report.checks:
         lines.append("")
         for k, v in report.checks.items():
@@ -407,7 +559,8 @@ def render(report: Report) -> str:
 
 def main(args: argparse.Namespace) -> int:
     report = run(args)
-    print(render(report))
+    # With --json - the JSON owns stdout, so the table goes to stderr.
+    print(render(report), file=sys.stderr if args.json == "-" else sys.stdout)
     if args.json:
         doc = asdict(report)
         text = json.dumps(doc, indent=2)
@@ -416,4 +569,9 @@ def main(args: argparse.Namespace) -> int:
         else:
             with open(args.json, "w") as f:
                 f.write(text)
+    if args.plot:
+        from lmcached.ops.bench_workloads import plot
+
+        plot(report, args.plot)
+        print(f"plot written to {args.plot}", file=sys.stderr)
     return 0
