@@ -175,6 +175,19 @@ class Operations:
                 stats = {k: v for k, v in reply.items() if k not in ("id", "ok")}
                 workers.append(WorkerSample(slot.id, stats, elapsed))
         state = "stopping" if s.stopping else ("running" if s.ready else "starting")
+        # Plugin supervisors report through `status` extras ({"plugins": [{name, role, state,
+        # restarts, worker_id}]}); the same list becomes lmcached_plugin_* metrics.
+        plugins: list[Any] = []
+        for extra in s.status_extras:
+            if extra == self._status_extra:
+                continue
+            try:
+                reported = extra().get("plugins")
+            except Exception:
+                self.log.exception("status_extra_failed")
+                continue
+            if isinstance(reported, list):
+                plugins.extend(reported)
         return ClusterSnapshot(
             workers=workers,
             expected_workers=len(s.slots),
@@ -184,6 +197,7 @@ class Operations:
                 "epoch": s.epoch,
                 "worker_restarts": {slot.id: slot.restarts for slot in s.slots},
                 "auth_refused": self.auth.refused if self.auth is not None else 0,
+                "plugins": plugins,
             },
         )
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 import urllib.error
 import urllib.request
 
@@ -185,3 +186,33 @@ def test_namespace_figures_come_from_the_quota_tier():
     assert m["lmcached_namespace_quota_bytes"][a] == 1024
     assert m["lmcached_namespace_evictions_total"][a] == 1
     assert m["lmcached_tier_evictions_total"][(("tier", "cpu"),)] == 1
+
+
+def test_plugins_reported_in_status_extras_become_metrics(tmp_path):
+    from lmcached import config
+    from lmcached.ops.sdnotify import Notifier
+    from lmcached.ops.service import Operations
+    from lmcached.scheduler import PendingStatus, Scheduler
+
+    cfg = config.from_mapping(
+        {"runtime_dir": str(tmp_path), "metrics_port": None, "num_workers": 1}, environ={}
+    )
+    scheduler = Scheduler(cfg)
+    try:
+        ops = Operations(scheduler, notifier=Notifier(None))
+        ops.attach()
+        scheduler.status_extras.append(
+            lambda: {"plugins": [{"name": "warmup.py", "role": "worker", "worker_id": 0,
+                                  "state": "RUNNING", "restarts": 1}]}
+        )  # fmt: skip
+        pending = PendingStatus(None, 0, time.monotonic(), {})
+        snap = ops.snapshot_from(pending)
+        assert snap.problems() == ["scheduler is starting", "worker 0: worker is stopped"]
+        m = scrape(snap)
+        labels = (("plugin", "warmup.py"), ("role", "worker"), ("worker", "0"))
+        assert m["lmcached_plugin_restarts_total"][labels] == 1
+        assert m["lmcached_plugin_state"][(("lmcached_plugin_state", "RUNNING"), *labels)] == 1
+        ops.stop()
+        ops.stop()
+    finally:
+        scheduler.shutdown()
