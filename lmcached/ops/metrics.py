@@ -38,6 +38,7 @@ from lmcached.version import __version__
 
 # Supervisor's process states; plugin_state exposes one of them as 1, the rest as 0.
 PLUGIN_STATES = ("STOPPED", "STARTING", "RUNNING", "BACKOFF", "STOPPING", "EXITED", "FATAL")
+EXTENSION_STATES = ("running", "disabled", "stopped")
 
 # Tier counter name in a worker's store stats -> (metric name without _total, help).
 # Aliases let tiers spell a counter their own way without the metric changing name.
@@ -452,6 +453,24 @@ class ClusterCollector(Collector):
             restarts.add_metric(values, float(p.get("restarts", 0)))
         yield state
         yield restarts
+
+        # In-process extensions (lmcached.plugins.startup.extension_states) per worker.
+        ext = StateSetMetricFamily(
+            "lmcached_extension_state",
+            "State of each in-process extension (external backend, connector) per worker.",
+            labels=["extension", "category", "worker"],
+        )
+        for w in sorted(snap.workers, key=lambda w: w.worker_id):
+            extensions = (w.stats or {}).get("extensions")
+            if not isinstance(extensions, Mapping):
+                continue
+            for name, info in sorted(extensions.items()):
+                if not isinstance(info, Mapping):
+                    continue
+                current = str(info.get("state", ""))
+                values = [str(name), str(info.get("category", "")), str(w.worker_id)]
+                ext.add_metric(values, {s: s == current for s in EXTENSION_STATES})
+        yield ext
 
     @staticmethod
     def _namespace_families(

@@ -207,11 +207,20 @@ def test_plugins_reported_in_status_extras_become_metrics(tmp_path):
         )  # fmt: skip
         pending = PendingStatus(None, 0, time.monotonic(), {})
         snap = ops.snapshot_from(pending)
-        assert snap.problems() == ["scheduler is starting", "worker 0: worker is stopped"]
+        ext = {"mystore": {"category": "storage_backend", "class": "x:Y", "state": "disabled"}}
+        snap.workers.append(WorkerSample(1, {"pid": 9, "extensions": ext}, 0.0))
+        assert snap.problems()[:2] == ["scheduler is starting", "worker 0: worker is stopped"]
         m = scrape(snap)
         labels = (("plugin", "warmup.py"), ("role", "worker"), ("worker", "0"))
         assert m["lmcached_plugin_restarts_total"][labels] == 1
         assert m["lmcached_plugin_state"][(("lmcached_plugin_state", "RUNNING"), *labels)] == 1
+        ext_labels = (("category", "storage_backend"), ("extension", "mystore"), ("worker", "1"))
+        assert (
+            m["lmcached_extension_state"][
+                (*ext_labels[:2], ("lmcached_extension_state", "disabled"), ext_labels[2])
+            ]
+            == 1
+        )
         ops.stop()
         ops.stop()
     finally:
