@@ -366,7 +366,7 @@ def run(args: argparse.Namespace) -> Report:
     if "throughput" in workloads:
         steps += len(sizes) * (1 + len(transports) * (1 + 3 * len(clients))) + len(sizes)
     steps += ("lookup" in workloads) + 2 * ("mixed" in workloads)
-    steps += (1 + len(wl.available_tiers())) * ("tiers" in workloads)
+    steps += (1 + len(wl.available_tiers())) * ("tiers" in workloads)  # upper bound
     _BAR = wl.ProgressBar(steps)
     daemon = None
     endpoint = args.endpoint
@@ -547,6 +547,10 @@ def render(report: Report) -> str:
                 f"{row['p50_ms']:>9.2f}{row['p99_ms']:>9.2f}{row['ratio_to_memcpy']:>10.2f}"
                 f"{row['ratio_to_zmq']:>7.2f}{row.get('ratio_to_redis') or 0:>9.2f}"
             )
+    if report.tiers.get("detail"):
+        from lmcached.bench_tiers import render_tiers
+
+        lines.append(render_tiers(report.tiers["detail"]))
     if report.checks:
         lines.append("")
         for k, v in report.checks.items():

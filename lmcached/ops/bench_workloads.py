@@ -14,6 +14,7 @@ Also here: the progress bar every workload reports to, and ``--plot``.
 from __future__ import annotations
 
 import bisect
+import importlib.util
 import itertools
 import os
 import random
@@ -308,8 +309,11 @@ def run_tiers(
         out["redis_get_gbps"] = (
             None if r is None else redis_set_get_gbps(r, block, count * block)[1]
         )
+    detailed = importlib.util.find_spec("lmcached.bench_tiers") is not None
     with tempfile.TemporaryDirectory(prefix="lmbench-") as tmp:
         for tier in available_tiers():
+            if detailed and tier != "cpu":
+                continue  # the tiers' own section below measures disk and remote in depth
             bar.step(f"tiers: {tier}")
             overrides = {**daemon_overrides, "max_local_cpu_size": f"{4 * count * block}B"}
             if tier != "cpu":
@@ -335,6 +339,11 @@ def run_tiers(
             if out["redis_get_gbps"]:
                 row["ratio_to_redis"] = row["gbps"] / out["redis_get_gbps"]
             out["rows"].append(row)
+    if detailed:
+        from lmcached import bench_tiers
+
+        bar.step("tiers: disk and remote (lmcached.bench_tiers)")
+        out["detail"] = bench_tiers.run_tiers(quick=block < MiB, repeats=1 if block < MiB else 3)
     return out
 
 
