@@ -92,6 +92,9 @@ class Worker:
         self.store = build_store(cfg, worker_id)
         self.ops = OpStats()
         self.latency = OpLatency()
+        # (op, receipt time) of the request being dispatched on the loop; submit_io takes it
+        # over so that an op answered from the I/O pool is timed until its reply.
+        self._dispatching: tuple[str, float] | None = None
         self.started_at = time.time()
         self._stop = threading.Event()
         self._ctx = zmq.Context(io_threads=1)
@@ -164,6 +167,16 @@ class Worker:
             self._io_pool = ThreadPoolExecutor(
                 max_workers=4, thread_name_prefix=f"w{self.worker_id}-io"
             )
+        if self._dispatching is not None:
+            op, received = self._dispatching
+            self._dispatching = None  # timed when done() has replied, not at hand-off
+            answer = done
+
+            def done(result: Any, exc: BaseException | None) -> None:
+                try:
+                    answer(result, exc)
+                finally:
+                    self.latency.observe(op, time.perf_counter() - received)
 
         def finished(fut: Future[Any]) -> None:
             exc = fut.exception()
@@ -228,13 +241,15 @@ class Worker:
             self.reply_error(envelope, rid, exc.code, exc.message)
             return
         self.ops.requests[req.op] = self.ops.requests.get(req.op, 0) + 1
+        self._dispatching = (req.op, received)
         try:
             getattr(self, f"op_{req.op}")(envelope, req)
         except Exception as exc:  # a bug must cost one request, never the worker
             self.log.exception("request_failed", op=req.op)
             self.reply_error(envelope, req.id, protocol.E_INTERNAL, f"{type(exc).__name__}: {exc}")
-        # Receipt to reply for ops answered on the loop; to hand-off for ops sent to the I/O pool.
-        self.latency.observe(req.op, time.perf_counter() - received)
+        if self._dispatching is not None:  # answered on the loop: receipt to reply
+            self._dispatching = None
+            self.latency.observe(req.op, time.perf_counter() - received)
 
     def op_put(self, envelope: Any, req: Request) -> None:
         metas = req.header.get("metas") or [None] * len(req.keys)
@@ -252,11 +267,12 @@ class Worker:
 
     def op_get(self, envelope: Any, req: Request) -> None:
         blocks = self.store.get_many(req.keys)
-        self.latency.count_retrieve(len(blocks), sum(1 for b in blocks if b is not None))
         self.send_blocks(envelope, req.id, blocks)
 
     def send_blocks(self, envelope: Any, rid: int, blocks: list[Block | None]) -> None:
         """Reply to a get with the found blocks' frames (sent zero-copy)."""
+        # Every get reply passes here, from the loop or from the I/O pool: count retrieve hits.
+        self.latency.count_retrieve(len(blocks), sum(1 for b in blocks if b is not None))
         found: list[bool] = []
         sizes: list[int] = []
         nframes: list[int] = []

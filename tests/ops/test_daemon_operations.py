@@ -119,6 +119,7 @@ def test_metrics_scrape_parses_and_counters_move_after_traffic(daemon_factory):
         assert all(v is not None for v in c.get(keys))
         assert c.get([b"tenant/m@0/any/missing"]) == [None]
         assert c.lookup(keys) == 8
+        c.flush()  # answered from the worker's I/O pool: timed until its reply
     after = scrape(d)
     assert after["lmcached_tier_hits_total"][cpu] >= 8
     assert after["lmcached_tier_misses_total"][cpu] >= 1
@@ -126,6 +127,9 @@ def test_metrics_scrape_parses_and_counters_move_after_traffic(daemon_factory):
     assert after["lmcached_requests_total"][(("op", "put"),)] >= 1
     put_count = after["lmcached_request_duration_seconds_count"][(("op", "put"),)]
     assert put_count == after["lmcached_requests_total"][(("op", "put"),)]
+    flush = (("op", "flush"),)
+    assert after["lmcached_requests_total"][flush] == 2  # one per worker
+    assert after["lmcached_request_duration_seconds_count"][flush] == 2
     assert after["lmcached_retrieve_hit_keys_total"][()] == 8
     assert after["lmcached_retrieve_keys_total"][()] == 9
     assert after["lmcached_retrieve_hit_ratio"][()] == pytest.approx(8 / 9)
