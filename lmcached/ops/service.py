@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 from lmcached import logs, runtime
 from lmcached.ops.metrics import ClusterSnapshot, MetricsServer, WorkerSample
 from lmcached.ops.sdnotify import Notifier
-from lmcached.ops.security import AuthGuard, ClientCurve, ServerCurve
+from lmcached.ops.security import AuthGuard, ClientCurve, ServerCurve, share_runtime_files
 
 if TYPE_CHECKING:
     from lmcached.scheduler import PendingStatus, Scheduler
@@ -89,6 +89,7 @@ class Operations:
             data = runtime.read_endpoints(self.cfg) or {}
             data["metrics"] = self.metrics_url
             runtime.write_endpoints(self.cfg, data)
+        share_runtime_files(self.cfg.instance_dir, self.cfg.socket_group)
         n = len(self.scheduler.slots)
         self.notifier.ready(status=f"{n}/{n} workers serving")
         self._next_check = time.monotonic()

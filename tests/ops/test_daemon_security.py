@@ -112,3 +112,39 @@ def test_tenant_a_cannot_evict_tenant_b_within_its_quota(daemon_factory):
     assert m["lmcached_namespace_evictions_total"][(("namespace", "tenant-a"),)] > 0
     assert m["lmcached_namespace_evictions_total"][(("namespace", "tenant-b"),)] == 0
     assert m["lmcached_namespace_quota_bytes"][(("namespace", "tenant-b"),)] == 512 << 10
+
+
+def _foreign_group() -> str | None:
+    """A group we may chown to that is not our primary one (root: any; else a supplementary)."""
+    import grp
+    import os
+
+    candidates = (
+        [g.gr_name for g in grp.getgrall()]
+        if os.geteuid() == 0
+        else [grp.getgrgid(g).gr_name for g in os.getgroups()]
+    )
+    primary = grp.getgrgid(os.getegid()).gr_name
+    return next((g for g in candidates if g != primary), None)
+
+
+def test_sockets_and_runtime_files_belong_to_socket_group(daemon_factory):
+    import grp
+    import os
+    import stat
+
+    group = _foreign_group()
+    if group is None:
+        pytest.skip("no second group to hand the sockets to")
+    d = daemon_factory(socket_group=group)
+    gid = grp.getgrnam(group).gr_gid
+    folder = d.cfg.instance_dir
+    sockets = [f for f in os.listdir(folder) if f.endswith(".sock") and f != "internal.sock"]
+    assert {"control.sock", "worker-0.sock", "worker-1.sock"} <= set(sockets)
+    for name in sockets:
+        st = os.stat(os.path.join(folder, name))
+        assert (st.st_gid, stat.S_IMODE(st.st_mode)) == (gid, 0o660), name
+    st = os.stat(folder)
+    assert (st.st_gid, stat.S_IMODE(st.st_mode)) == (gid, 0o750)
+    st = os.stat(os.path.join(folder, "endpoints.json"))
+    assert (st.st_gid, stat.S_IMODE(st.st_mode)) == (gid, 0o640)
