@@ -432,10 +432,14 @@ class ClusterCollector(Collector):
 
     @staticmethod
     def _plugin_families(snap: ClusterSnapshot) -> Iterator[Metric]:
-        plugins = list(snap.scheduler.get("plugins", []))
+        # Script plugins (lmcached.plugins.launcher snapshots): the scheduler's own, then each
+        # worker's; role and worker default to where the list came from.
+        plugins: list[tuple[Any, str, int | None]] = [
+            (p, "scheduler", None) for p in snap.scheduler.get("plugins", []) or []
+        ]
         for w in snap.workers:
-            if w.stats is not None:
-                plugins.extend(w.stats.get("plugins", []) or [])
+            if w.stats is not None and isinstance(w.stats.get("plugins"), list):
+                plugins.extend((p, "worker", w.worker_id) for p in w.stats["plugins"])
         labels = ["plugin", "role", "worker"]
         state = StateSetMetricFamily(
             "lmcached_plugin_state", "Supervision state of each script plugin.", labels=labels
@@ -443,11 +447,11 @@ class ClusterCollector(Collector):
         restarts = CounterMetricFamily(
             "lmcached_plugin_restarts", "Times a script plugin was restarted.", labels=labels
         )
-        for p in plugins:
+        for p, role, worker_id in plugins:
             if not isinstance(p, Mapping) or "name" not in p:
                 continue
-            wid = p.get("worker_id")
-            values = [str(p["name"]), str(p.get("role", "")), "" if wid is None else str(wid)]
+            wid = p.get("worker_id", worker_id)
+            values = [str(p["name"]), str(p.get("role", role)), "" if wid is None else str(wid)]
             current = str(p.get("state", "")).upper()
             state.add_metric(values, {s: s == current for s in PLUGIN_STATES})
             restarts.add_metric(values, float(p.get("restarts", 0)))

@@ -128,18 +128,27 @@ class AuthGuard:
     the authorised keys, and :meth:`stop` at shutdown (idempotent).
     """
 
+    # How often the allow-list folder is checked for added or removed keys.
+    WATCH_INTERVAL_S = 1.0
+
     def __init__(self, ctx: zmq.Context[Any], curve: ServerCurve) -> None:
         self.curve = curve
         self._ctx = ctx
         self._auth = ThreadAuthenticator(ctx, log=_quiet_logger())
         self._auth.start()
         self._extra_keys: set[bytes] = set()
+        self._keys_lock = threading.Lock()
+        self._signature: tuple[Any, ...] = ()
         self._load_keys()
         self._refused = 0
         self._lock = threading.Lock()
         self._monitors: list[threading.Thread] = []
         self._stop = threading.Event()
         self._stopped = False
+        # Workers have no reload hook of their own (SIGHUP belongs to their plugins), so every
+        # process watches the folder: a key added or removed takes effect within a second.
+        self._watcher = threading.Thread(target=self._watch_keys, name="auth-keys", daemon=True)
+        self._watcher.start()
 
     @property
     def refused(self) -> int:
@@ -147,15 +156,39 @@ class AuthGuard:
         with self._lock:
             return self._refused
 
+    def _folder_signature(self) -> tuple[Any, ...]:
+        folder = self.curve.authorized_keys
+        try:
+            entries = sorted(
+                (e.name, e.stat().st_mtime_ns, e.stat().st_size)
+                for e in os.scandir(folder)
+                if e.name.endswith(".key")
+            )
+        except OSError:
+            return ()
+        return tuple(entries)
+
     def _load_keys(self) -> None:
         folder = self.curve.authorized_keys
         if not os.path.isdir(folder):
             raise ConfigError("curve_authorized_keys", f"{folder} is not a folder")
-        self._auth.configure_curve(domain=ZAP_DOMAIN, location=folder)
-        certs = self._auth.certs.setdefault(ZAP_DOMAIN, {})
-        log.info("CURVE authentication on", authorized_keys=folder, clients=len(certs))
-        for key in self._extra_keys:
-            certs[key] = True
+        with self._keys_lock:
+            self._signature = self._folder_signature()
+            certs = dict(zmq.auth.load_certificates(folder))
+            for key in self._extra_keys:
+                certs[key] = True
+            # One assignment: the ZAP thread sees the old allow-list or the new one, never a
+            # half-built one.
+            self._auth.certs[ZAP_DOMAIN] = certs
+        log.info("CURVE allow-list loaded", authorized_keys=folder, clients=len(certs))
+
+    def _watch_keys(self) -> None:
+        while not self._stop.wait(self.WATCH_INTERVAL_S):
+            if self._folder_signature() != self._signature:
+                try:
+                    self._load_keys()
+                except Exception as exc:  # a half-written key file: try again next time
+                    log.warning("CURVE allow-list reload failed", error=str(exc))
 
     @property
     def authorized_count(self) -> int:
@@ -164,8 +197,11 @@ class AuthGuard:
 
     def authorize(self, public_key: bytes) -> None:
         """Admit one more public key (z85), kept across reloads: the daemon's own processes."""
-        self._extra_keys.add(public_key)
-        self._auth.certs.setdefault(ZAP_DOMAIN, {})[public_key] = True
+        with self._keys_lock:
+            self._extra_keys.add(public_key)
+            certs = dict(self._auth.certs.get(ZAP_DOMAIN, {}))
+            certs[public_key] = True
+            self._auth.certs[ZAP_DOMAIN] = certs
 
     def reload(self) -> None:
         """Re-read the authorised client keys (new files admitted, removed ones refused)."""
@@ -212,6 +248,7 @@ class AuthGuard:
             return
         self._stopped = True
         self._stop.set()
+        self._watcher.join(timeout=2 * self.WATCH_INTERVAL_S + 1)
         for t in self._monitors:
             t.join(timeout=2)
         self._auth.stop()

@@ -165,3 +165,27 @@ def test_healthz_flips_to_503_under_sigstop_and_back_after_sigcont(daemon_factor
         lambda: (r := http_get(url))[0] == 200 and r, 20, what="/healthz back to 200"
     )
     assert json.loads(body)["status"] == "ok"
+
+
+def test_script_plugin_states_are_exported(daemon_factory, tmp_path):
+    plugins = tmp_path / "plugins"
+    plugins.mkdir()
+    tmp_path.chmod(0o755)
+    plugins.chmod(0o755)
+    for name in ("scheduler_idle.sh", "worker_0_idle.sh"):
+        (plugins / name).write_text("sleep 1000\n")
+    d = daemon_factory(plugin_locations=[str(plugins)], plugin_stop_timeout=1.0)
+    state = "lmcached_plugin_state"
+
+    def running() -> dict[tuple, float]:
+        m = scrape(d)[state]
+        return {k: v for k, v in m.items() if (state, "RUNNING") in k and v == 1}
+
+    found = wait_until(lambda: len(running()) == 2 and running(), 20, what="plugins RUNNING")
+    labels = {tuple(kv for kv in k if kv[0] != state) for k in found}
+    assert labels == {
+        (("plugin", "scheduler_idle.sh"), ("role", "scheduler"), ("worker", "")),
+        (("plugin", "worker_0_idle.sh"), ("role", "worker"), ("worker", "0")),
+    }
+    restarts = scrape(d)["lmcached_plugin_restarts_total"]
+    assert restarts[(("plugin", "worker_0_idle.sh"), ("role", "worker"), ("worker", "0"))] == 0

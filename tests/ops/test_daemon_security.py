@@ -62,6 +62,26 @@ def test_curve_admits_authorised_clients_and_counts_refusals(daemon_factory, cur
 
     wait_until(lambda: refused() >= 2, 20, what="both refusals to be counted")
 
+    # A keyless peer at a worker's data endpoint is refused and counted there.
+    import zmq
+
+    with d.client(curve=engine, timeout=10) as c:
+        data_endpoint = c.cluster_map["workers"][0]["tcp"]
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.linger = 0
+    sock.connect(data_endpoint)
+    sock.send(b"hello?")
+    try:
+        wait_until(
+            lambda: scrape(d)["lmcached_auth_refused_total"][(("endpoint", "data"),)] >= 1,
+            20,
+            what="the data endpoint refusal to be counted",
+        )
+    finally:
+        sock.close()
+        ctx.term()
+
     # The admin CLI on the daemon's host authenticates with the daemon's own key pair.
     out = subprocess.run(
         [sys.executable, "-m", "lmcached", "status", "--config", str(d.config_path), "--json"],

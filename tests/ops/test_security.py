@@ -204,3 +204,32 @@ def test_ipc_socket_gets_mode_0660_and_the_group(tmp_path):
     finally:
         sock.close(linger=0)
         ctx.term()
+
+
+def test_a_key_added_to_the_folder_is_admitted_without_a_reload(keys):
+    ctx = zmq.Context()
+    guard = AuthGuard(ctx, ServerCurve(*_server_keys(keys), keys["allowed"]))
+    server = ctx.socket(zmq.ROUTER)
+    server.linger = 0
+    guard.secure(server)
+    endpoint = f"tcp://127.0.0.1:{server.bind_to_random_port('tcp://127.0.0.1')}"
+    try:
+        bad = ClientCurve.load(keys["bad_sec"], keys["server_pub"], environ={})
+        bad_pub = keys["bad_sec"].replace(".key_secret", ".key")
+        os.link(bad_pub, os.path.join(keys["allowed"], "bad.key"))
+        # Workers have no reload hook: the guard notices the folder change by itself.
+        wait_until(lambda: guard.authorized_count == 2, what="the folder watcher to reload")
+        sock = ctx.socket(zmq.DEALER)
+        sock.linger = 0
+        bad.apply(sock)
+        sock.connect(endpoint)
+        sock.send(b"hello")
+        assert server.poll(5000)
+        assert server.recv_multipart()[1] == b"hello"
+        sock.close()
+        os.unlink(os.path.join(keys["allowed"], "bad.key"))
+        wait_until(lambda: guard.authorized_count == 1, what="the removed key to be dropped")
+    finally:
+        guard.stop()
+        server.close()
+        ctx.term()
