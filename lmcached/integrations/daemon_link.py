@@ -119,6 +119,14 @@ class DaemonLink:
             )
         )
 
+    def get(self, keys: Sequence[bytes]) -> list[Any]:
+        """Return each key's block as a bytes-like view, or None (all None when down)."""
+        if not keys:
+            return []
+        return list(
+            self._call("get", lambda c: c.get(list(keys), timeout=self.timeout), [None] * len(keys))
+        )
+
     def get_into(self, keys: Sequence[bytes], buffers: Sequence[Any]) -> list[bool]:
         """Copy found blocks into ``buffers``; return which were found (none when down)."""
         if not keys:

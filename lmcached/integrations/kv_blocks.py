@@ -6,19 +6,21 @@ blocks as ``tensor.index_select(block_dim, block_ids)`` lays them out. So a payl
 engine's own physical block layout; the layout tag in every key says which layout that is,
 so that engines with different layouts never read each other's bytes.
 
-CPU tensors (vLLM's CPU backend) are gathered straight into the host buffer with one copy
-(``index_select(out=...)``) and scattered back with one copy (``index_copy_``). CUDA tensors
-are gathered on the device, then copied into pinned host buffers that are reused from a pool,
-never allocated per block. The CUDA path did not run in our CI (no GPU); it uses only the
+CPU tensors (vLLM's CPU backend) are gathered straight into a reused host buffer with one
+copy (``index_select(out=...)``) and scattered with one copy (``index_copy_``) from the
+received payload. CUDA tensors are gathered on the device, then copied into pinned host
+buffers that are reused from a pool, never allocated per block; loads copy the received
+payload to the device (a synchronous host-to-device copy from pageable memory). The CUDA path did not run in our CI (no GPU); it uses only the
 documented ``copy_``/``index_copy_`` semantics, and the same code paths are tested on CPU.
 """
 
 from __future__ import annotations
 
 import threading
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch
@@ -42,6 +44,19 @@ def find_block_dim(shape: Sequence[int], num_blocks: int, name: str) -> int:
         f"KV cache tensor {name!r} has shape {tuple(shape)}, with no dimension of size "
         f"num_blocks={num_blocks}; LMCachedConnector cannot find its blocks"
     )
+
+
+def payload_tensor(payload: Any) -> torch.Tensor:
+    """View a received payload (any bytes-like object, read-only included) as a uint8 tensor.
+
+    No copy: the tensor shares the payload's memory and keeps it alive. It is only read.
+    """
+    import torch
+
+    with warnings.catch_warnings():
+        # torch warns that a read-only buffer could be written through the tensor; we never do.
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.frombuffer(payload, dtype=torch.uint8)
 
 
 class HostBufferPool:

@@ -21,9 +21,10 @@ How it works:
   exactly that, less the last token of a fully cached prompt, which must be computed. If the
   daemon is down the hit is 0 and a rate-limited warning is logged; the engine never sees an
   exception and never waits on a dead daemon more than once per ``lmcached.retry_interval``.
-* **Worker side**: :meth:`start_load_kv` fetches the hit chunks into reused host buffers and
-  scatters them into the request's blocks before the forward pass (synchronous load, so
-  ``wait_for_layer_load`` has nothing to wait for). A chunk that cannot be loaded (missing,
+* **Worker side**: :meth:`start_load_kv` fetches the hit chunks in one batched ``get`` and
+  scatters them from the received frames (no intermediate copy) into the request's blocks
+  before the forward pass (a synchronous load, so ``wait_for_layer_load`` has nothing to wait
+  for). A chunk whose size is not exactly what this engine's layout needs is not loaded. A chunk that cannot be loaded (missing,
   failed checksum in the daemon, timeout, daemon down) is reported through
   :meth:`get_block_ids_with_load_errors` from its first block on, and vLLM recomputes those
   tokens (this needs ``"kv_load_failure_policy": "recompute"``; with vLLM's default ``fail``
@@ -56,7 +57,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 from vllm.logger import init_logger
 
 from lmcached.integrations.daemon_link import DaemonLink
-from lmcached.integrations.kv_blocks import HostBufferPool, PagedKV
+from lmcached.integrations.kv_blocks import HostBufferPool, PagedKV, payload_tensor
 
 if TYPE_CHECKING:
     import torch
@@ -67,6 +68,8 @@ if TYPE_CHECKING:
     from vllm.v1.core.sched.output import SchedulerOutput
     from vllm.v1.kv_cache_interface import KVCacheConfig
     from vllm.v1.request import Request
+
+    from lmcached.keys import KeyBuilder
 
 logger = init_logger(__name__)
 
@@ -196,7 +199,8 @@ def make_client_factory(settings: ConnectorSettings, timeout: float) -> Any:
         from lmcached.client import Client
 
         if settings.config:
-            return Client.from_config(settings.config)
+            # Re-reads the daemon's endpoints file after a failure: follows a restarted daemon.
+            return Client.from_config(settings.config, timeout=timeout)
         endpoint = (
             settings.endpoint or os.environ.get("LMCACHED_CONTROL_ENDPOINT") or DEFAULT_ENDPOINT
         )
@@ -253,41 +257,67 @@ def model_identity(vllm_config: VllmConfig, settings: ConnectorSettings) -> tupl
     return key_part(name), key_part(str(revision))
 
 
-def layout_tag(
-    vllm_config: VllmConfig, kv_cache_config: KVCacheConfig, tp_rank: int, pp_rank: int
-) -> str:
-    """Return the layout part of the keys for one rank: what makes its KV bytes what they are.
-
-    Built only from configuration (not from the KV tensors), so that the scheduler, which has
-    no tensors, computes the same tag as the worker of that rank.
-    """
+def check_kv_cache_config(kv_cache_config: KVCacheConfig) -> None:
+    """Refuse, at start, models whose KV cache this connector cannot store (hybrid models)."""
     groups = kv_cache_config.kv_cache_groups
     if len(groups) != 1:
         raise ValueError(
             f"LMCachedConnector supports models whose KV cache is one group of full-attention "
             f"layers; this model has {len(groups)} KV cache groups"
         )
-    spec = groups[0].kv_cache_spec
+
+
+def layout_tag(vllm_config: VllmConfig, tp_rank: int, pp_rank: int) -> str:
+    """Return the layout part of the keys for one rank: what makes its KV bytes what they are.
+
+    Built only from the engine's configuration, so that the scheduler (which has no KV
+    tensors), every worker, and any tool holding the same config compute the same tag.
+    """
+    model_config = vllm_config.model_config
+    cache_config = vllm_config.cache_config
     parallel = vllm_config.parallel_config
-    block_size = vllm_config.cache_config.block_size
-    dtype = str(getattr(spec, "dtype", vllm_config.cache_config.cache_dtype)).replace("torch.", "")
-    heads = getattr(spec, "num_kv_heads", "x")
-    head_size = getattr(spec, "head_size", "x")
-    layers = len(groups[0].layer_names)
-    # Everything else that shapes the bytes goes into a short hash: the spec's type and fields,
-    # the device (CPU and CUDA backends lay blocks out differently) and the layer names.
+    dtype = str(cache_config.cache_dtype)
+    if dtype == "auto":
+        dtype = str(model_config.dtype)
+    dtype = dtype.replace("torch.", "")
+    heads = model_config.get_num_kv_heads(parallel)
+    head_size = model_config.get_head_size()
+    layers = model_config.get_num_layers(parallel)
+    # What else shapes the bytes goes into a short hash: the device (CPU and CUDA backends lay
+    # blocks out differently), the architecture and any sliding window.
     detail = "|".join(
         [
-            repr(spec),
             str(vllm_config.device_config.device_type),
-            ",".join(groups[0].layer_names),
+            ",".join(getattr(model_config, "architectures", None) or []),
+            str(model_config.get_sliding_window()),
         ]
     )
     short = hashlib.sha256(detail.encode()).hexdigest()[:8]
     return key_part(
-        f"{dtype}.b{block_size}.h{heads}x{head_size}.L{layers}.{short}"
+        f"{dtype}.b{cache_config.block_size}.h{heads}x{head_size}.L{layers}.{short}"
         f".tp{tp_rank}of{parallel.tensor_parallel_size}.pp{pp_rank}of{parallel.pipeline_parallel_size}",
         limit=120,
+    )
+
+
+def key_builder(
+    vllm_config: VllmConfig, chunk_size: int, tp_rank: int = 0, pp_rank: int = 0
+) -> KeyBuilder:
+    """Return the KeyBuilder that the connector of this engine and rank uses.
+
+    Public so that tools (and tests) can find, purge or pre-warm exactly the connector's keys.
+    """
+    from lmcached.keys import KeyBuilder
+
+    kv_transfer = vllm_config.kv_transfer_config
+    settings = parse_settings(kv_transfer.kv_connector_extra_config if kv_transfer else None)
+    model, revision = model_identity(vllm_config, settings)
+    return KeyBuilder(
+        namespace=settings.namespace,
+        model=model,
+        revision=revision,
+        layout=layout_tag(vllm_config, tp_rank, pp_rank),
+        chunk_size=chunk_size,
     )
 
 
@@ -382,7 +412,8 @@ class LMCachedConnector(KVConnectorBase_V1):
         parallel = vllm_config.parallel_config
         self.tp_size = parallel.tensor_parallel_size
         self.pp_size = parallel.pipeline_parallel_size
-        self._key_builders: dict[tuple[int, int, int], Any] = {}
+        self._key_builders: dict[tuple[int, int, int], KeyBuilder] = {}
+        check_kv_cache_config(kv_cache_config)
 
         if role == KVConnectorRole.SCHEDULER:
             self._link = DaemonLink(
@@ -394,8 +425,6 @@ class LMCachedConnector(KVConnectorBase_V1):
             self.chunk_size = self._resolve_chunk_size()
             # Every rank's layout tag, to look a prefix up for all of them.
             self._ranks = [(t, p) for p in range(self.pp_size) for t in range(self.tp_size)]
-            for t, p in self._ranks:
-                layout_tag(vllm_config, kv_cache_config, t, p)  # fails at start if unsupported
             self._requests: dict[str, _RequestState] = {}
             logger.info(
                 "LMCachedConnector (scheduler): model=%s revision=%s chunk_size=%d block_size=%d",
@@ -409,7 +438,7 @@ class LMCachedConnector(KVConnectorBase_V1):
 
             self.tp_rank = get_tp_group().rank_in_group
             self.pp_rank = get_pp_group().rank_in_group
-            self.layout = layout_tag(vllm_config, kv_cache_config, self.tp_rank, self.pp_rank)
+            self.layout = layout_tag(vllm_config, self.tp_rank, self.pp_rank)
             self._link = DaemonLink(
                 make_client_factory(self.settings, self.settings.timeout),
                 logger,
@@ -461,17 +490,9 @@ class LMCachedConnector(KVConnectorBase_V1):
     ) -> list[bytes]:
         builder = self._key_builders.get((chunk_size, tp_rank, pp_rank))
         if builder is None:
-            from lmcached.keys import KeyBuilder
-
-            builder = KeyBuilder(
-                namespace=self.settings.namespace,
-                model=self.model,
-                revision=self.revision,
-                layout=layout_tag(self._vllm_config, self._kv_cache_config, tp_rank, pp_rank),
-                chunk_size=chunk_size,
-            )
+            builder = key_builder(self._vllm_config, chunk_size, tp_rank, pp_rank)
             self._key_builders[(chunk_size, tp_rank, pp_rank)] = builder
-        return list(builder.chunk_keys(list(tokens), extra=extra))
+        return builder.chunk_keys(list(tokens), extra=extra)
 
     # ---------------------------------------------------------------- scheduler side
 
@@ -634,41 +655,40 @@ class LMCachedConnector(KVConnectorBase_V1):
         keys = self._keys(load.tokens, load.extra, meta.chunk_size, self.tp_rank, self.pp_rank)
         keys = keys[load.first_chunk : load.first_chunk + count]
         blocks_per_chunk = meta.chunk_size // meta.block_size
-        pool, buffers = self._buffers(blocks_per_chunk, count)
-        try:
-            found = (
-                self._link.get_into(keys, [b.numpy() for b in buffers])
-                if len(keys) == count
-                else [False] * count
-            )
-            first_block = load.start_token // meta.block_size
-            end_block = (load.end_token + meta.block_size - 1) // meta.block_size
-            for i, (ok, blocks) in enumerate(zip(found, load.chunk_blocks, strict=True)):
-                chunk_first = (load.first_chunk + i) * blocks_per_chunk
-                wanted = [
-                    p for p in range(len(blocks)) if first_block <= chunk_first + p < end_block
-                ]
-                if not ok:
-                    # vLLM recomputes from the first failed block; report every block from
-                    # here to the end of the load.
-                    failed = [
-                        b
-                        for j, chunk in enumerate(load.chunk_blocks[i:])
-                        for p, b in enumerate(chunk)
-                        if first_block
-                        <= (load.first_chunk + i + j) * blocks_per_chunk + p
-                        < end_block
-                    ]
-                    self._load_errors.update(failed)
-                    self.stats["failed_chunks"] += count - i
-                    logger.debug(
-                        "LMCachedConnector: request %s: chunk %d not loaded", load.req_id, i
+        expected = self._paged.block_nbytes * blocks_per_chunk
+        # Zero-copy views of the received frames: the scatter below is the one copy of a load.
+        values = self._link.get(keys) if len(keys) == count else [None] * count
+        first_block = load.start_token // meta.block_size
+        end_block = (load.end_token + meta.block_size - 1) // meta.block_size
+
+        def in_load(chunk: int, position: int) -> bool:
+            return first_block <= chunk * blocks_per_chunk + position < end_block
+
+        for i, (value, blocks) in enumerate(zip(values, load.chunk_blocks, strict=True)):
+            chunk = load.first_chunk + i
+            size = None if value is None else memoryview(value).nbytes
+            if size != expected:
+                if size is not None:
+                    self._link.log.warning(
+                        "size",
+                        "LMCachedConnector: stored chunk has %d bytes, expected %d; recomputing",
+                        size,
+                        expected,
                     )
-                    return
-                self._paged.scatter(buffers[i], blocks, wanted)
-                self.stats["loaded_chunks"] += 1
-        finally:
-            pool.release(buffers)
+                # vLLM recomputes from the first failed block: report every block of the load
+                # from this chunk on.
+                failed = [
+                    block
+                    for j, later in enumerate(load.chunk_blocks[i:])
+                    for p, block in enumerate(later)
+                    if in_load(chunk + j, p)
+                ]
+                self._load_errors.update(failed)
+                self.stats["failed_chunks"] += count - i
+                return
+            wanted = [p for p in range(len(blocks)) if in_load(chunk, p)]
+            self._paged.scatter(payload_tensor(value), blocks, wanted)
+            self.stats["loaded_chunks"] += 1
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         """Return at once: :meth:`start_load_kv` finished every layer before the forward."""

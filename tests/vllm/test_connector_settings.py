@@ -33,7 +33,7 @@ def test_settings_are_read_and_converted():
 
 
 def test_unknown_key_suggests_the_nearest():
-    with pytest.raises(ValueError, match="did you mean 'lmcached.chunk_size'"):
+    with pytest.raises(ValueError, match=r"did you mean 'lmcached\.chunk_size'"):
         parse_settings({"lmcached.chunksize": 256})
 
 
