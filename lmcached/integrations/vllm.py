@@ -257,6 +257,16 @@ def model_identity(vllm_config: VllmConfig, settings: ConnectorSettings) -> tupl
     return key_part(name), key_part(str(revision))
 
 
+def check_chunk_size(chunk_size: int, block_size: int, source: str) -> None:
+    """Fail at start unless vLLM's block size divides the chunk size (chunks are whole blocks)."""
+    if chunk_size % block_size != 0:
+        raise ValueError(
+            f"LMCachedConnector: {source} is {chunk_size}, which vLLM's block_size "
+            f"{block_size} does not divide; set lmcached.chunk_size (and the daemon's "
+            f"chunk_size) to a multiple of {block_size}, or change --block-size"
+        )
+
+
 def check_kv_cache_config(kv_cache_config: KVCacheConfig) -> None:
     """Refuse, at start, models whose KV cache this connector cannot store (hybrid models)."""
     groups = kv_cache_config.kv_cache_groups
@@ -477,12 +487,7 @@ class LMCachedConnector(KVConnectorBase_V1):
                 "that every engine builds the same keys.",
                 chunk_size,
             )
-        if chunk_size % self.block_size != 0:
-            raise ValueError(
-                f"LMCachedConnector: {source} is {chunk_size}, which vLLM's block_size "
-                f"{self.block_size} does not divide; set lmcached.chunk_size (and the daemon's "
-                f"chunk_size) to a multiple of {self.block_size}, or change --block-size"
-            )
+        check_chunk_size(chunk_size, self.block_size, source)
         return chunk_size
 
     def _keys(

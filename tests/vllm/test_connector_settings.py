@@ -9,6 +9,7 @@ import pytest
 
 from lmcached.integrations.vllm import (
     ConnectorSettings,
+    check_chunk_size,
     checkpoint_fingerprint,
     key_part,
     parse_settings,
@@ -80,3 +81,11 @@ def test_checkpoint_fingerprint_changes_with_the_weights(tmp_path):
     (tmp_path / "model.safetensors").write_bytes(b"\x02" * 100)
     assert checkpoint_fingerprint(str(tmp_path)) != first
     assert checkpoint_fingerprint(str(tmp_path / "missing")) is None
+
+
+def test_a_chunk_size_that_is_not_whole_blocks_fails_with_the_fix():
+    check_chunk_size(256, 32, "lmcached.chunk_size")
+    with pytest.raises(
+        ValueError, match=r"the daemon's chunk_size is 100, which vLLM's block_size 32"
+    ):
+        check_chunk_size(100, 32, "the daemon's chunk_size")
