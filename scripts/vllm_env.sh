@@ -31,25 +31,37 @@ mkdir -p "$CACHE_ROOT"
 exec 9>"$CACHE_ROOT/vllm-$HASH.lock"
 flock 9
 
+LOG="$CACHE_ROOT/vllm-$HASH.log"
+# pip's output goes to a log, shown only when a step fails, so test output stays readable.
+run_logged() {
+  if ! "$@" >>"$LOG" 2>&1; then
+    echo "vllm_env: failed: $*" >&2
+    tail -n 60 "$LOG" >&2
+    exit 1
+  fi
+}
+
 if [ ! -f "$VENV/.complete" ]; then
-  echo "vllm_env: building $VENV (one-off, a few minutes)" >&2
+  echo "vllm_env: building $VENV (one-off, a few minutes; log in $LOG)" >&2
   rm -rf "$VENV"
-  "$BASE_PYTHON" -m venv "$VENV"
-  "$PY" -m pip install --quiet --upgrade pip >&2
+  : >"$LOG"
+  run_logged "$BASE_PYTHON" -m venv "$VENV"
+  run_logged "$PY" -m pip install --upgrade pip
   # shellcheck disable=SC2086
-  "$PY" -m pip install --quiet $REQUIREMENTS $TEST_TOOLS >&2
+  run_logged "$PY" -m pip install $REQUIREMENTS $TEST_TOOLS
   # shellcheck disable=SC2086
-  "$PY" -m pip uninstall --yes $UNWANTED >&2 || true
+  run_logged "$PY" -m pip uninstall --yes $UNWANTED
   touch "$VENV/.complete"
 fi
 
 # The environment is shared by every clone on this machine, so point its lmcached at THIS
-# clone each time (an editable install is a .pth file; reinstalling it costs a second or two).
-# -I: isolated mode, so the current directory (often the clone itself) does not shadow the check.
-CURRENT="$(cd / && "$PY" -I -c 'import lmcached, os; print(os.path.dirname(os.path.dirname(lmcached.__file__)))' 2>/dev/null || true)"
-if [ "$CURRENT" != "$REPO" ]; then
+# clone, and reinstall when this clone's pyproject.toml (its dependencies) changed. An
+# editable install is a .pth file: reinstalling costs a few seconds.
+WANT="$REPO $(sha256sum "$REPO/pyproject.toml" | cut -c1-16)"
+if [ "$(cat "$VENV/.lmcached-source" 2>/dev/null || true)" != "$WANT" ]; then
   echo "vllm_env: installing lmcached from $REPO" >&2
-  "$PY" -m pip install --quiet -e "$REPO" >&2
+  run_logged "$PY" -m pip install -e "$REPO"
+  echo "$WANT" >"$VENV/.lmcached-source"
 fi
 
 echo "$PY"
