@@ -125,8 +125,12 @@ def main(argv: list[str] | None = None) -> int:
             }
             llm = start_engine(model, kv)
             try:
-                ttft(llm, warmup)
                 with daemon.client(timeout=10) as client:
+                    # Warm up the miss, store and hit paths (connections, first allocations).
+                    ttft(llm, warmup)
+                    wait_stored(llm, client, warmup)
+                    llm.reset_prefix_cache()
+                    ttft(llm, warmup)
                     for prompts in rounds:
                         for tokens in prompts:
                             record("lmcached miss", ttft(llm, tokens))

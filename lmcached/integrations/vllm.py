@@ -267,6 +267,9 @@ def check_chunk_size(chunk_size: int, block_size: int, source: str) -> None:
         )
 
 
+_SUPPORTED_SPECS = ("FullAttentionSpec", "MLAAttentionSpec")
+
+
 def check_kv_cache_config(kv_cache_config: KVCacheConfig) -> None:
     """Refuse, at start, models whose KV cache this connector cannot store (hybrid models)."""
     groups = kv_cache_config.kv_cache_groups
@@ -274,6 +277,14 @@ def check_kv_cache_config(kv_cache_config: KVCacheConfig) -> None:
         raise ValueError(
             f"LMCachedConnector supports models whose KV cache is one group of full-attention "
             f"layers; this model has {len(groups)} KV cache groups"
+        )
+    spec = groups[0].kv_cache_spec
+    # Sliding-window and other partial specs free or reuse blocks inside a prefix, so a
+    # chunk's blocks would not hold the whole chunk's KV.
+    if type(spec).__name__ not in _SUPPORTED_SPECS or getattr(spec, "sliding_window", None):
+        raise ValueError(
+            f"LMCachedConnector supports full-attention KV caches; this model's is "
+            f"{type(spec).__name__}"
         )
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from conftest import Engine, connector_config, make_prompt, shutdown_engine, start_engine
+from vllm_harness import Engine, connector_config, make_prompt, shutdown_engine, start_engine
 
 if __name__ == "__main__":  # vLLM's engine processes re-import this module
     model, config, seed = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])

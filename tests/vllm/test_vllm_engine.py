@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import CHUNK_SIZE, FULL_HIT, Engine, make_prompt
+from vllm_harness import CHUNK_SIZE, FULL_HIT, Engine, make_prompt
 
 from lmcached.config import Config
 from lmcached.integrations.vllm import key_builder
