@@ -213,3 +213,17 @@ def test_a_corrupted_block_on_disk_is_recomputed(engine: Engine) -> None:
     out = engine.fresh(prompt)
 
     assert list(out.outputs[0].token_ids) == list(reference.outputs[0].token_ids)
+    with engine.daemon.client(timeout=10) as client:
+        assert count_field(client.stats(), "checksum_failures") > 0  # the damage was seen
+
+
+def count_field(tree: Any, name: str) -> int:
+    """Sum every integer field called ``name`` anywhere in a nested stats reply."""
+    if isinstance(tree, dict):
+        return sum(
+            value if key == name and isinstance(value, int) else count_field(value, name)
+            for key, value in tree.items()
+        )
+    if isinstance(tree, list):
+        return sum(count_field(item, name) for item in tree)
+    return 0
