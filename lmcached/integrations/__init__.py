@@ -1,0 +1,1 @@
+"""Integrations of lmcached with serving engines (vLLM)."""

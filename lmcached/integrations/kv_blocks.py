@@ -1,0 +1,178 @@
+"""Copy whole KV-cache blocks between an engine's paged KV tensors and flat host buffers.
+
+A stored chunk is ``chunk_size / block_size`` consecutive blocks of one request. Its payload is
+the concatenation, layer after layer (in the order given at construction), of that layer's
+blocks as ``tensor.index_select(block_dim, block_ids)`` lays them out. So a payload is the
+engine's own physical block layout; the layout tag in every key says which layout that is,
+so that engines with different layouts never read each other's bytes.
+
+CPU tensors (vLLM's CPU backend) are gathered straight into a reused host buffer with one
+copy (``index_select(out=...)``) and scattered with one copy (``index_copy_``) from the
+received payload. CUDA tensors are gathered on the device, then copied into pinned host
+buffers that are reused from a pool, never allocated per block; loads copy the received
+payload to the device (a synchronous host-to-device copy from pageable memory). The CUDA path did not run in our CI (no GPU); it uses only the
+documented ``copy_``/``index_copy_`` semantics, and the same code paths are tested on CPU.
+"""
+
+from __future__ import annotations
+
+import threading
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
+
+@dataclass(frozen=True)
+class LayerLayout:
+    """Where the blocks are in one layer's KV tensor, and how many bytes one block holds."""
+
+    name: str
+    block_dim: int
+    block_nbytes: int
+
+
+def find_block_dim(shape: Sequence[int], num_blocks: int, name: str) -> int:
+    """Return the dimension of ``shape`` that indexes blocks (the first of size ``num_blocks``)."""
+    for dim, size in enumerate(shape):
+        if size == num_blocks:
+            return dim
+    raise ValueError(
+        f"KV cache tensor {name!r} has shape {tuple(shape)}, with no dimension of size "
+        f"num_blocks={num_blocks}; LMCachedConnector cannot find its blocks"
+    )
+
+
+def payload_tensor(payload: Any) -> torch.Tensor:
+    """View a received payload (any bytes-like object, read-only included) as a uint8 tensor.
+
+    No copy: the tensor shares the payload's memory and keeps it alive. It is only read.
+    """
+    import torch
+
+    with warnings.catch_warnings():
+        # torch warns that a read-only buffer could be written through the tensor; we never do.
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.frombuffer(payload, dtype=torch.uint8)
+
+
+class HostBufferPool:
+    """Reusable host buffers of one size (pinned when the KV lives on a GPU).
+
+    Buffers come back through :meth:`release`, from any thread. The pool grows to the largest
+    number of buffers ever in use at once; that number is bounded by the connector, which
+    keeps at most one engine step of saves in flight.
+    """
+
+    def __init__(self, nbytes: int, pin: bool) -> None:
+        self.nbytes = nbytes
+        self.pin = pin
+        self._free: list[torch.Tensor] = []
+        self._lock = threading.Lock()
+        self.allocated = 0
+
+    def acquire(self, count: int) -> list[torch.Tensor]:
+        """Return ``count`` buffers of :attr:`nbytes` uint8 each."""
+        import torch
+
+        with self._lock:
+            taken = [self._free.pop() for _ in range(min(count, len(self._free)))]
+        while len(taken) < count:
+            taken.append(torch.empty(self.nbytes, dtype=torch.uint8, pin_memory=self.pin))
+            self.allocated += 1
+        return taken
+
+    def release(self, buffers: Sequence[torch.Tensor]) -> None:
+        """Give buffers back for reuse."""
+        with self._lock:
+            self._free.extend(buffers)
+
+
+class PagedKV:
+    """The engine's per-layer paged KV tensors, as blocks to gather and scatter."""
+
+    def __init__(self, layers: dict[str, torch.Tensor], num_blocks: int) -> None:
+        if not layers:
+            raise ValueError("no KV cache tensors were registered")
+        self.names = sorted(layers)  # one fixed order in every process of every engine
+        self.tensors = [layers[name] for name in self.names]
+        self.device = self.tensors[0].device
+        self.layouts: list[LayerLayout] = []
+        for name, tensor in zip(self.names, self.tensors, strict=True):
+            if tensor.device != self.device:
+                raise ValueError(
+                    f"KV cache tensors live on different devices ({self.device} and "
+                    f"{tensor.device} for {name!r}); LMCachedConnector needs one device per worker"
+                )
+            dim = find_block_dim(tensor.shape, num_blocks, name)
+            nbytes = tensor.numel() * tensor.element_size() // num_blocks
+            self.layouts.append(LayerLayout(name, dim, nbytes))
+        self.block_nbytes = sum(layout.block_nbytes for layout in self.layouts)
+        self.on_gpu = self.device.type == "cuda"
+
+    def describe(self) -> str:
+        """Return the per-layer shapes without the block count, to fold into the layout tag."""
+        parts = []
+        for tensor, layout in zip(self.tensors, self.layouts, strict=True):
+            shape = list(tensor.shape)
+            shape[layout.block_dim] = -1
+            parts.append(f"{tensor.dtype}{shape}")
+        return ";".join(parts)
+
+    def _views(self, buffer: torch.Tensor, count: int) -> list[torch.Tensor]:
+        """Return one view per layer into ``buffer``, shaped as ``count`` gathered blocks."""
+        views = []
+        offset = 0
+        for tensor, layout in zip(self.tensors, self.layouts, strict=True):
+            nbytes = layout.block_nbytes * count
+            shape = list(tensor.shape)
+            shape[layout.block_dim] = count
+            views.append(buffer[offset : offset + nbytes].view(tensor.dtype).view(shape))
+            offset += nbytes
+        return views
+
+    def gather(self, block_ids: Sequence[int], buffer: torch.Tensor) -> None:
+        """Copy the blocks ``block_ids`` of every layer into ``buffer`` (the chunk payload)."""
+        import torch
+
+        index = torch.tensor(list(block_ids), dtype=torch.long, device=self.device)
+        for tensor, layout, view in zip(
+            self.tensors, self.layouts, self._views(buffer, len(block_ids)), strict=True
+        ):
+            if self.on_gpu:
+                # Gather on the device (one kernel), then one DMA into the pinned host buffer.
+                view.copy_(tensor.index_select(layout.block_dim, index), non_blocking=True)
+            else:
+                # The one copy of a CPU save: paged blocks -> contiguous payload.
+                torch.index_select(tensor, layout.block_dim, index, out=view)
+        if self.on_gpu:
+            torch.cuda.current_stream(self.device).synchronize()
+
+    def scatter(
+        self, buffer: torch.Tensor, block_ids: Sequence[int], positions: Sequence[int] | None = None
+    ) -> None:
+        """Copy a chunk payload from ``buffer`` into the blocks ``block_ids`` of every layer.
+
+        ``block_ids`` are the chunk's blocks in order; ``positions`` (indexes into them) picks
+        which ones to write, for a chunk that is only partly needed. Default: all.
+        """
+        import torch
+
+        count = len(block_ids)
+        if positions is None:
+            positions = range(count)
+        targets = torch.tensor([block_ids[p] for p in positions], dtype=torch.long)
+        whole = len(positions) == count
+        picks = None if whole else torch.tensor(list(positions), dtype=torch.long)
+        targets = targets.to(self.device)
+        for tensor, layout, view in zip(
+            self.tensors, self.layouts, self._views(buffer, count), strict=True
+        ):
+            source = view if picks is None else view.index_select(layout.block_dim, picks)
+            if self.on_gpu:
+                source = source.to(self.device, non_blocking=True)
+            # The one copy of a CPU load: payload -> paged blocks.
+            tensor.index_copy_(layout.block_dim, targets, source)

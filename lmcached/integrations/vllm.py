@@ -1,0 +1,817 @@
+"""``LMCachedConnector``: a vLLM KV connector (``KVConnectorBase_V1``) backed by lmcached.
+
+Start vLLM with::
+
+    --kv-transfer-config '{"kv_connector": "LMCachedConnector",
+                           "kv_connector_module_path": "lmcached.integrations.vllm",
+                           "kv_role": "kv_both", "kv_load_failure_policy": "recompute",
+                           "kv_connector_extra_config": {"lmcached.endpoint": "tcp://127.0.0.1:7470"}}'
+
+How it works:
+
+* **Keys** come from :class:`lmcached.keys.KeyBuilder` over the request's prompt token ids, never
+  from vLLM's block hashes (those may be seeded per process, which loses every hit across engine
+  restarts). The key's model part is the served model with a weights revision (given, or a
+  fingerprint of the local checkpoint); its layout part holds the KV dtype, block size, the
+  per-layer KV shapes, the device type and the TP/PP rank; the chained hash mixes in the
+  request's ``cache_salt``, LoRA adapter and multimodal hashes. So different models, layouts,
+  salts or adapters never share KV.
+* **Scheduler side** (:meth:`get_num_new_matched_tokens`): one batched ``lookup`` per request
+  (remembered, so repeated calls are free) gives the leading hit in whole chunks; vLLM loads
+  exactly that, less the last token of a fully cached prompt, which must be computed. If the
+  daemon is down the hit is 0 and a rate-limited warning is logged; the engine never sees an
+  exception and never waits on a dead daemon more than once per ``lmcached.retry_interval``.
+* **Worker side**: :meth:`start_load_kv` fetches the hit chunks in one batched ``get`` and
+  scatters them from the received frames (no intermediate copy) into the request's blocks
+  before the forward pass (a synchronous load, so ``wait_for_layer_load`` has nothing to wait
+  for). A chunk whose size is not exactly what this engine's layout needs is not loaded. A chunk that cannot be loaded (missing,
+  failed checksum in the daemon, timeout, daemon down) is reported through
+  :meth:`get_block_ids_with_load_errors` from its first block on, and vLLM recomputes those
+  tokens (this needs ``"kv_load_failure_policy": "recompute"``; with vLLM's default ``fail``
+  such a request fails instead).
+  :meth:`wait_for_save` gathers the chunks that became complete in this step (prompt tokens
+  only) into host buffers and hands them to a saver thread, which skips chunks the daemon
+  already has and puts the rest; the network time overlaps the next forward pass. At most one
+  step of saves is in flight: the next ``wait_for_save`` waits for the previous step's.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import os
+import queue
+import re
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorBase_V1,
+    KVConnectorMetadata,
+    KVConnectorRole,
+)
+from vllm.logger import init_logger
+
+from lmcached.integrations.daemon_link import DaemonLink
+from lmcached.integrations.kv_blocks import HostBufferPool, PagedKV, payload_tensor
+
+if TYPE_CHECKING:
+    import torch
+    from vllm.config import VllmConfig
+    from vllm.forward_context import ForwardContext
+    from vllm.v1.attention.backend import AttentionMetadata
+    from vllm.v1.core.kv_cache_manager import KVCacheBlocks
+    from vllm.v1.core.sched.output import SchedulerOutput
+    from vllm.v1.kv_cache_interface import KVCacheConfig
+    from vllm.v1.request import Request
+
+    from lmcached.keys import KeyBuilder
+
+logger = init_logger(__name__)
+
+DEFAULT_ENDPOINT = "tcp://127.0.0.1:7470"
+DEFAULT_CHUNK_SIZE = 256
+
+
+# --------------------------------------------------------------------------------------------
+# Settings: the "lmcached.*" keys of kv_connector_extra_config.
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ConnectorSettings:
+    """The connector's settings, read from ``kv_connector_extra_config``."""
+
+    endpoint: str | None = None
+    config: str | None = None
+    chunk_size: int | None = None
+    namespace: str = "vllm"
+    revision: str | None = None
+    timeout: float = 5.0
+    lookup_timeout: float = 1.0
+    retry_interval: float = 5.0
+    save: bool = True
+    load: bool = True
+
+
+# key -> (field, converter, documentation). README's table is generated from the same text.
+SETTINGS_DOC: dict[str, tuple[str, Any, str]] = {
+    "lmcached.endpoint": (
+        "endpoint",
+        str,
+        "Daemon control endpoint, e.g. tcp://127.0.0.1:7470 or ipc:///run/lmcached/control. "
+        f"Default: $LMCACHED_CONTROL_ENDPOINT, else {DEFAULT_ENDPOINT}.",
+    ),
+    "lmcached.config": (
+        "config",
+        str,
+        "Path of the daemon's config file; the endpoint is read from it (instead of "
+        "lmcached.endpoint).",
+    ),
+    "lmcached.chunk_size": (
+        "chunk_size",
+        int,
+        "Tokens per stored chunk. Default: the daemon map's chunk_size (or "
+        f"{DEFAULT_CHUNK_SIZE} if the daemon is down at start). Must be a multiple of vLLM's "
+        "block_size. Every engine sharing KV must use the same value.",
+    ),
+    "lmcached.namespace": (
+        "namespace",
+        str,
+        "First part of every key; `lmcached purge <namespace>/` drops them all. Default: vllm.",
+    ),
+    "lmcached.revision": (
+        "revision",
+        str,
+        "Weights revision in the keys. Default: vLLM's --revision, else a fingerprint of the "
+        "local checkpoint files, else 'unversioned'.",
+    ),
+    "lmcached.timeout": (
+        "timeout",
+        float,
+        "Seconds allowed for one get or put batch (worker side). Default: 5.",
+    ),
+    "lmcached.lookup_timeout": (
+        "lookup_timeout",
+        float,
+        "Seconds allowed for the scheduler's lookup of one request. Default: 1.",
+    ),
+    "lmcached.retry_interval": (
+        "retry_interval",
+        float,
+        "After a failed call, seconds during which the daemon is treated as down (0 hits, no "
+        "saves, no waiting) before it is tried again. Default: 5.",
+    ),
+    "lmcached.save": ("save", bool, "Store newly computed chunks. Default: true."),
+    "lmcached.load": ("load", bool, "Load hits from lmcached. Default: true."),
+}
+
+
+def _to_bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in (
+        "1",
+        "true",
+        "yes",
+        "on",
+        "0",
+        "false",
+        "no",
+        "off",
+    ):
+        return value.lower() in ("1", "true", "yes", "on")
+    raise ValueError(f"expected true or false, got {value!r}")
+
+
+def parse_settings(extra: dict[str, Any] | None) -> ConnectorSettings:
+    """Read the ``lmcached.*`` keys; raise ValueError naming any bad or unknown key."""
+    values: dict[str, Any] = {}
+    for key, raw in (extra or {}).items():
+        if not key.startswith("lmcached."):
+            continue  # keys of other connectors (MultiConnector) are theirs
+        if key not in SETTINGS_DOC:
+            near = difflib.get_close_matches(key, list(SETTINGS_DOC), n=1)
+            hint = f"; did you mean {near[0]!r}?" if near else ""
+            raise ValueError(
+                f"kv_connector_extra_config: unknown key {key!r}{hint} "
+                f"(known: {', '.join(sorted(SETTINGS_DOC))})"
+            )
+        name, convert, _doc = SETTINGS_DOC[key]
+        try:
+            value = _to_bool(raw) if convert is bool else convert(raw)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"kv_connector_extra_config: {key}={raw!r}: {exc}") from None
+        if convert in (int, float) and value <= 0:
+            raise ValueError(f"kv_connector_extra_config: {key}={raw!r}: must be positive")
+        values[name] = value
+    return ConnectorSettings(**values)
+
+
+def make_client_factory(settings: ConnectorSettings, timeout: float) -> Any:
+    """Return a function that builds a :class:`lmcached.client.Client` for these settings."""
+
+    def make() -> Any:
+        from lmcached.client import Client
+
+        if settings.config:
+            # Re-reads the daemon's endpoints file after a failure: follows a restarted daemon.
+            return Client.from_config(settings.config, timeout=timeout)
+        endpoint = (
+            settings.endpoint or os.environ.get("LMCACHED_CONTROL_ENDPOINT") or DEFAULT_ENDPOINT
+        )
+        return Client(endpoint, timeout=timeout)
+
+    return make
+
+
+# --------------------------------------------------------------------------------------------
+# Identity: what goes into a key besides the tokens.
+# --------------------------------------------------------------------------------------------
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def key_part(text: str, limit: int = 64) -> str:
+    """Make ``text`` safe as one ``/``-free part of a key (long values keep a hash suffix)."""
+    safe = _UNSAFE.sub("_", text).strip("_") or "_"
+    if len(safe) > limit:
+        digest = hashlib.sha256(text.encode()).hexdigest()[:12]
+        safe = f"{safe[: limit - 13]}~{digest}"
+    return safe
+
+
+def checkpoint_fingerprint(path: str) -> str | None:
+    """Fingerprint a local checkpoint: its config.json, and each weight file's size and ends.
+
+    Reading the first and last MiB of each weight file (not all of it) keeps this fast for
+    large models while still telling apart retrained or re-initialised weights.
+    """
+    folder = Path(path)
+    if not (folder / "config.json").is_file():
+        return None
+    digest = hashlib.sha256((folder / "config.json").read_bytes())
+    for weights in sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin")):
+        size = weights.stat().st_size
+        digest.update(f"{weights.name}:{size}".encode())
+        with open(weights, "rb") as f:
+            digest.update(f.read(1 << 20))
+            f.seek(max(0, size - (1 << 20)))
+            digest.update(f.read(1 << 20))
+    return "fp-" + digest.hexdigest()[:16]
+
+
+def model_identity(vllm_config: VllmConfig, settings: ConnectorSettings) -> tuple[str, str]:
+    """Return the (model, revision) parts of the keys."""
+    model_config = vllm_config.model_config
+    model_name = str(model_config.model)
+    revision = settings.revision or getattr(model_config, "revision", None)
+    if not revision:
+        revision = checkpoint_fingerprint(model_name) or "unversioned"
+    # A local path names the model by its folder; its revision fingerprint tells copies apart.
+    name = os.path.basename(model_name.rstrip("/")) if os.path.isdir(model_name) else model_name
+    return key_part(name), key_part(str(revision))
+
+
+def check_chunk_size(chunk_size: int, block_size: int, source: str) -> None:
+    """Fail at start unless vLLM's block size divides the chunk size (chunks are whole blocks)."""
+    if chunk_size % block_size != 0:
+        raise ValueError(
+            f"LMCachedConnector: {source} is {chunk_size}, which vLLM's block_size "
+            f"{block_size} does not divide; set lmcached.chunk_size (and the daemon's "
+            f"chunk_size) to a multiple of {block_size}, or change --block-size"
+        )
+
+
+_SUPPORTED_SPECS = ("FullAttentionSpec", "MLAAttentionSpec")
+
+
+def check_kv_cache_config(kv_cache_config: KVCacheConfig) -> None:
+    """Refuse, at start, models whose KV cache this connector cannot store (hybrid models)."""
+    groups = kv_cache_config.kv_cache_groups
+    if len(groups) != 1:
+        raise ValueError(
+            f"LMCachedConnector supports models whose KV cache is one group of full-attention "
+            f"layers; this model has {len(groups)} KV cache groups"
+        )
+    spec = groups[0].kv_cache_spec
+    # Sliding-window and other partial specs free or reuse blocks inside a prefix, so a
+    # chunk's blocks would not hold the whole chunk's KV.
+    if type(spec).__name__ not in _SUPPORTED_SPECS or getattr(spec, "sliding_window", None):
+        raise ValueError(
+            f"LMCachedConnector supports full-attention KV caches; this model's is "
+            f"{type(spec).__name__}"
+        )
+
+
+def layout_tag(vllm_config: VllmConfig, tp_rank: int, pp_rank: int) -> str:
+    """Return the layout part of the keys for one rank: what makes its KV bytes what they are.
+
+    Built only from the engine's configuration, so that the scheduler (which has no KV
+    tensors), every worker, and any tool holding the same config compute the same tag.
+    """
+    model_config = vllm_config.model_config
+    cache_config = vllm_config.cache_config
+    parallel = vllm_config.parallel_config
+    dtype = str(cache_config.cache_dtype)
+    if dtype == "auto":
+        dtype = str(model_config.dtype)
+    dtype = dtype.replace("torch.", "")
+    heads = model_config.get_num_kv_heads(parallel)
+    head_size = model_config.get_head_size()
+    layers = model_config.get_num_layers(parallel)
+    # What else shapes the bytes goes into a short hash: the device (CPU and CUDA backends lay
+    # blocks out differently), the architecture and any sliding window.
+    detail = "|".join(
+        [
+            str(vllm_config.device_config.device_type),
+            ",".join(getattr(model_config, "architectures", None) or []),
+            str(model_config.get_sliding_window()),
+        ]
+    )
+    short = hashlib.sha256(detail.encode()).hexdigest()[:8]
+    return key_part(
+        f"{dtype}.b{cache_config.block_size}.h{heads}x{head_size}.L{layers}.{short}"
+        f".tp{tp_rank}of{parallel.tensor_parallel_size}.pp{pp_rank}of{parallel.pipeline_parallel_size}",
+        limit=120,
+    )
+
+
+def key_builder(
+    vllm_config: VllmConfig, chunk_size: int, tp_rank: int = 0, pp_rank: int = 0
+) -> KeyBuilder:
+    """Return the KeyBuilder that the connector of this engine and rank uses.
+
+    Public so that tools (and tests) can find, purge or pre-warm exactly the connector's keys.
+    """
+    from lmcached.keys import KeyBuilder
+
+    kv_transfer = vllm_config.kv_transfer_config
+    settings = parse_settings(kv_transfer.kv_connector_extra_config if kv_transfer else None)
+    model, revision = model_identity(vllm_config, settings)
+    return KeyBuilder(
+        namespace=settings.namespace,
+        model=model,
+        revision=revision,
+        layout=layout_tag(vllm_config, tp_rank, pp_rank),
+        chunk_size=chunk_size,
+    )
+
+
+def request_extra(request: Request) -> bytes:
+    """Return what besides the tokens makes this request's prefix KV differ, for the key chain."""
+    parts = []
+    salt = getattr(request, "cache_salt", None)
+    if salt:
+        parts.append(b"salt=" + str(salt).encode())
+    lora = getattr(request, "lora_request", None)
+    if lora is not None:
+        parts.append(f"lora={lora.lora_name}:{lora.lora_int_id}:{lora.lora_path}".encode())
+    mm = [str(f.identifier) for f in (getattr(request, "mm_features", None) or [])]
+    if mm:
+        parts.append(b"mm=" + ",".join(mm).encode())
+    return b"\x00".join(parts)
+
+
+# --------------------------------------------------------------------------------------------
+# Metadata sent from the scheduler side to the worker side each step.
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LoadSpec:
+    """Load chunks [first_chunk, first_chunk + len(chunk_blocks)) of a request.
+
+    ``chunk_blocks[i]`` are the block ids of chunk ``first_chunk + i``; only blocks holding
+    tokens in [start_token, end_token) are written.
+    """
+
+    req_id: str
+    tokens: list[int]
+    extra: bytes
+    first_chunk: int
+    chunk_blocks: list[list[int]]
+    start_token: int
+    end_token: int
+
+
+@dataclass
+class SaveSpec:
+    """Save chunks [first_chunk, first_chunk + len(chunk_blocks)) of a request."""
+
+    req_id: str
+    tokens: list[int]
+    extra: bytes
+    first_chunk: int
+    chunk_blocks: list[list[int]]
+
+
+@dataclass
+class LMCachedConnectorMetadata(KVConnectorMetadata):
+    """One engine step's loads and saves."""
+
+    chunk_size: int
+    block_size: int
+    loads: list[LoadSpec] = field(default_factory=list)
+    saves: list[SaveSpec] = field(default_factory=list)
+
+
+@dataclass
+class _RequestState:
+    """What the scheduler side remembers about one request until it finishes."""
+
+    tokens: list[int]
+    extra: bytes
+    hit_tokens: int  # leading tokens the daemon holds, in whole chunks
+    saved_chunks: int  # leading chunks the daemon holds or that were handed to a save
+    asked_from: int = 0  # num_computed_tokens of the last get_num_new_matched_tokens
+    pending_load: tuple[int, int] | None = None
+    block_ids: list[int] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------------------------
+# The connector.
+# --------------------------------------------------------------------------------------------
+
+
+class LMCachedConnector(KVConnectorBase_V1):
+    """vLLM KV connector that loads and stores prefix KV in an lmcached daemon."""
+
+    def __init__(
+        self, vllm_config: VllmConfig, role: KVConnectorRole, kv_cache_config: KVCacheConfig
+    ) -> None:
+        super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
+        extra = self._kv_transfer_config.kv_connector_extra_config
+        self.settings = parse_settings(extra)
+        self.block_size = vllm_config.cache_config.block_size
+        self.model, self.revision = model_identity(vllm_config, self.settings)
+        self.num_blocks = kv_cache_config.num_blocks
+        parallel = vllm_config.parallel_config
+        self.tp_size = parallel.tensor_parallel_size
+        self.pp_size = parallel.pipeline_parallel_size
+        self._key_builders: dict[tuple[int, int, int], KeyBuilder] = {}
+        check_kv_cache_config(kv_cache_config)
+
+        if role == KVConnectorRole.SCHEDULER:
+            self._link = DaemonLink(
+                make_client_factory(self.settings, self.settings.lookup_timeout),
+                logger,
+                timeout=self.settings.lookup_timeout,
+                retry_interval=self.settings.retry_interval,
+            )
+            self.chunk_size = self._resolve_chunk_size()
+            # Every rank's layout tag, to look a prefix up for all of them.
+            self._ranks = [(t, p) for p in range(self.pp_size) for t in range(self.tp_size)]
+            self._requests: dict[str, _RequestState] = {}
+            logger.info(
+                "LMCachedConnector (scheduler): model=%s revision=%s chunk_size=%d block_size=%d",
+                self.model,
+                self.revision,
+                self.chunk_size,
+                self.block_size,
+            )
+        else:
+            from vllm.distributed.parallel_state import get_pp_group, get_tp_group
+
+            self.tp_rank = get_tp_group().rank_in_group
+            self.pp_rank = get_pp_group().rank_in_group
+            self.layout = layout_tag(vllm_config, self.tp_rank, self.pp_rank)
+            self._link = DaemonLink(
+                make_client_factory(self.settings, self.settings.timeout),
+                logger,
+                timeout=self.settings.timeout,
+                retry_interval=self.settings.retry_interval,
+            )
+            self._paged: PagedKV | None = None
+            self._pool: dict[int, HostBufferPool] = {}
+            self._load_errors: set[int] = set()
+            self._saver = _Saver(
+                DaemonLink(
+                    make_client_factory(self.settings, self.settings.timeout),
+                    logger,
+                    timeout=self.settings.timeout,
+                    retry_interval=self.settings.retry_interval,
+                )
+            )
+            # A save is an exists call and a put, each bounded by the timeout.
+            self._save_wait_limit = 2 * self.settings.timeout + 1.0
+            self.stats = {"loaded_chunks": 0, "failed_chunks": 0, "saved_chunks": 0}
+
+    # ---------------------------------------------------------------- shared helpers
+
+    def _resolve_chunk_size(self) -> int:
+        chunk_size = self.settings.chunk_size
+        source = "lmcached.chunk_size"
+        if chunk_size is None:
+            chunk_size = self._link.chunk_size()
+            source = "the daemon's chunk_size"
+        if chunk_size is None:
+            chunk_size = DEFAULT_CHUNK_SIZE
+            source = "the default chunk size (daemon unreachable at start)"
+            logger.warning(
+                "LMCachedConnector: lmcached unreachable at start and lmcached.chunk_size not "
+                "set; using %d. Set lmcached.chunk_size to the daemon's chunk_size to be sure "
+                "that every engine builds the same keys.",
+                chunk_size,
+            )
+        check_chunk_size(chunk_size, self.block_size, source)
+        return chunk_size
+
+    def _keys(
+        self, tokens: Sequence[int], extra: bytes, chunk_size: int, tp_rank: int, pp_rank: int
+    ) -> list[bytes]:
+        builder = self._key_builders.get((chunk_size, tp_rank, pp_rank))
+        if builder is None:
+            builder = key_builder(self._vllm_config, chunk_size, tp_rank, pp_rank)
+            self._key_builders[(chunk_size, tp_rank, pp_rank)] = builder
+        return builder.chunk_keys(list(tokens), extra=extra)
+
+    # ---------------------------------------------------------------- scheduler side
+
+    def get_num_new_matched_tokens(
+        self, request: Request, num_computed_tokens: int
+    ) -> tuple[int | None, bool]:
+        """Return how many tokens past ``num_computed_tokens`` lmcached can supply (sync load)."""
+        state = self._requests.get(request.request_id)
+        if state is None:
+            state = self._lookup(request)
+            self._requests[request.request_id] = state
+        state.asked_from = num_computed_tokens
+        if not self.settings.load:
+            return 0, False
+        # The last prompt token is always computed (its logits are needed), and loads end on
+        # a block boundary so that vLLM's partial-block handling never meets our blocks.
+        usable = min(state.hit_tokens, (len(state.tokens) - 1) // self.block_size * self.block_size)
+        return max(0, usable - num_computed_tokens), False
+
+    def _lookup(self, request: Request) -> _RequestState:
+        tokens = list(request.prompt_token_ids or [])
+        extra = request_extra(request)
+        hit_chunks = 0
+        if len(tokens) >= self.chunk_size and (self.settings.load or self.settings.save):
+            # Normally one rank: one lookup. With TP/PP, a chunk is a hit only if every rank has it.
+            hit_chunks = len(tokens) // self.chunk_size
+            for tp_rank, pp_rank in self._ranks:
+                keys = self._keys(tokens, extra, self.chunk_size, tp_rank, pp_rank)
+                hit_chunks = min(hit_chunks, self._link.lookup(keys[:hit_chunks]))
+                if hit_chunks == 0:
+                    break
+        return _RequestState(
+            tokens=tokens,
+            extra=extra,
+            hit_tokens=hit_chunks * self.chunk_size,
+            saved_chunks=hit_chunks,
+        )
+
+    def update_state_after_alloc(
+        self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int
+    ) -> None:
+        """Remember which tokens to load into the blocks just allocated for ``request``."""
+        state = self._requests.get(request.request_id)
+        if state is None or num_external_tokens <= 0:
+            return
+        start = state.asked_from
+        state.pending_load = (start, start + num_external_tokens)
+        state.block_ids = list(blocks.get_block_ids()[0])
+
+    def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
+        """Turn this step's scheduled requests into loads and saves for the workers."""
+        meta = LMCachedConnectorMetadata(chunk_size=self.chunk_size, block_size=self.block_size)
+        scheduled = scheduler_output.num_scheduled_tokens
+        for new in scheduler_output.scheduled_new_reqs:
+            state = self._requests.get(new.req_id)
+            if state is None:
+                continue
+            state.block_ids = list(new.block_ids[0])
+            self._plan(meta, new.req_id, state, new.num_computed_tokens + scheduled[new.req_id])
+        cached = scheduler_output.scheduled_cached_reqs
+        for i, req_id in enumerate(cached.req_ids):
+            state = self._requests.get(req_id)
+            if state is None:
+                continue
+            new_ids = cached.new_block_ids[i]
+            if req_id in cached.resumed_req_ids:
+                state.block_ids = list(new_ids[0]) if new_ids is not None else []
+            elif new_ids is not None:
+                state.block_ids.extend(new_ids[0])
+            computed = cached.num_computed_tokens[i] + scheduled.get(req_id, 0)
+            self._plan(meta, req_id, state, computed)
+        return meta
+
+    def _plan(
+        self, meta: LMCachedConnectorMetadata, req_id: str, state: _RequestState, computed: int
+    ) -> None:
+        per_chunk = self.chunk_size // self.block_size
+        if state.pending_load is not None:
+            start, end = state.pending_load
+            state.pending_load = None
+            first = start // self.chunk_size
+            last = (end + self.chunk_size - 1) // self.chunk_size
+            meta.loads.append(
+                LoadSpec(
+                    req_id=req_id,
+                    tokens=state.tokens[: last * self.chunk_size],
+                    extra=state.extra,
+                    first_chunk=first,
+                    chunk_blocks=[
+                        state.block_ids[c * per_chunk : (c + 1) * per_chunk]
+                        for c in range(first, last)
+                    ],
+                    start_token=start,
+                    end_token=end,
+                )
+            )
+        if not self.settings.save:
+            return
+        # Save prompt chunks whose every token has been computed by the end of this step.
+        complete = min(computed, len(state.tokens)) // self.chunk_size
+        complete = min(complete, len(state.block_ids) // per_chunk)
+        if complete > state.saved_chunks:
+            first = state.saved_chunks
+            meta.saves.append(
+                SaveSpec(
+                    req_id=req_id,
+                    tokens=state.tokens[: complete * self.chunk_size],
+                    extra=state.extra,
+                    first_chunk=first,
+                    chunk_blocks=[
+                        state.block_ids[c * per_chunk : (c + 1) * per_chunk]
+                        for c in range(first, complete)
+                    ],
+                )
+            )
+            state.saved_chunks = complete
+
+    def request_finished(
+        self, request: Request, block_ids: list[int]
+    ) -> tuple[bool, dict[str, Any] | None]:
+        """Forget the request. Saves copy their data out in the step they run, so blocks can go."""
+        self._requests.pop(request.request_id, None)
+        return False, None
+
+    # ---------------------------------------------------------------- worker side
+
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        """Take the paged KV tensors that loads scatter into and saves gather from."""
+        self._paged = PagedKV(kv_caches, self.num_blocks)
+        logger.info(
+            "LMCachedConnector (worker tp%d pp%d): %d layers, %d bytes per block, layout %s",
+            self.tp_rank,
+            self.pp_rank,
+            len(self._paged.names),
+            self._paged.block_nbytes,
+            self.layout,
+        )
+
+    def _buffers(self, blocks_per_chunk: int, count: int) -> tuple[HostBufferPool, list[Any]]:
+        assert self._paged is not None
+        pool = self._pool.get(blocks_per_chunk)
+        if pool is None:
+            pool = HostBufferPool(
+                self._paged.block_nbytes * blocks_per_chunk, pin=self._paged.on_gpu
+            )
+            self._pool[blocks_per_chunk] = pool
+        return pool, pool.acquire(count)
+
+    def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
+        """Fetch this step's hit chunks and scatter them into their blocks (before the forward)."""
+        meta = self._connector_metadata
+        if not isinstance(meta, LMCachedConnectorMetadata) or not meta.loads or self._paged is None:
+            return
+        for load in meta.loads:
+            self._load(meta, load)
+
+    def _load(self, meta: LMCachedConnectorMetadata, load: LoadSpec) -> None:
+        assert self._paged is not None
+        count = len(load.chunk_blocks)
+        keys = self._keys(load.tokens, load.extra, meta.chunk_size, self.tp_rank, self.pp_rank)
+        keys = keys[load.first_chunk : load.first_chunk + count]
+        blocks_per_chunk = meta.chunk_size // meta.block_size
+        expected = self._paged.block_nbytes * blocks_per_chunk
+        # Zero-copy views of the received frames: the scatter below is the one copy of a load.
+        values = self._link.get(keys) if len(keys) == count else [None] * count
+        first_block = load.start_token // meta.block_size
+        end_block = (load.end_token + meta.block_size - 1) // meta.block_size
+
+        def in_load(chunk: int, position: int) -> bool:
+            return first_block <= chunk * blocks_per_chunk + position < end_block
+
+        for i, (value, blocks) in enumerate(zip(values, load.chunk_blocks, strict=True)):
+            chunk = load.first_chunk + i
+            size = None if value is None else memoryview(value).nbytes
+            if size != expected:
+                if size is not None:
+                    self._link.log.warning(
+                        "size",
+                        "LMCachedConnector: stored chunk has %d bytes, expected %d; recomputing",
+                        size,
+                        expected,
+                    )
+                # vLLM recomputes from the first failed block: report every block of the load
+                # from this chunk on.
+                failed = [
+                    block
+                    for j, later in enumerate(load.chunk_blocks[i:])
+                    for p, block in enumerate(later)
+                    if in_load(chunk + j, p)
+                ]
+                self._load_errors.update(failed)
+                self.stats["failed_chunks"] += count - i
+                return
+            wanted = [p for p in range(len(blocks)) if in_load(chunk, p)]
+            self._paged.scatter(payload_tensor(value), blocks, wanted)
+            self.stats["loaded_chunks"] += 1
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        """Return at once: :meth:`start_load_kv` finished every layer before the forward."""
+        return
+
+    def save_kv_layer(
+        self,
+        layer_name: str,
+        kv_layer: torch.Tensor,
+        attn_metadata: AttentionMetadata,
+        **kwargs: Any,
+    ) -> None:
+        """Do nothing per layer: :meth:`wait_for_save` gathers all layers of a chunk at once."""
+        return
+
+    def wait_for_save(self) -> None:
+        """Gather this step's complete chunks into host buffers and queue them for the daemon."""
+        # Bound the work in flight to one step: wait for the previous step's puts first (they
+        # overlapped this step's forward pass).
+        if not self._saver.wait_idle(self._save_wait_limit):
+            logger.warning(
+                "LMCachedConnector: previous saves still running after %.0fs", self._save_wait_limit
+            )
+        meta = self._connector_metadata
+        if not isinstance(meta, LMCachedConnectorMetadata) or not meta.saves or self._paged is None:
+            return
+        blocks_per_chunk = meta.chunk_size // meta.block_size
+        for save in meta.saves:
+            count = len(save.chunk_blocks)
+            keys = self._keys(save.tokens, save.extra, meta.chunk_size, self.tp_rank, self.pp_rank)
+            keys = keys[save.first_chunk : save.first_chunk + count]
+            if len(keys) != count or self._saver.link.is_down:
+                continue
+            pool, buffers = self._buffers(blocks_per_chunk, count)
+            for blocks, buffer in zip(save.chunk_blocks, buffers, strict=True):
+                self._paged.gather(blocks, buffer)
+            self._saver.submit(keys, buffers, pool)
+            self.stats["saved_chunks"] += count
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        """Return (and forget) the blocks whose load failed in this step."""
+        errors, self._load_errors = self._load_errors, set()
+        return errors
+
+    def shutdown(self) -> None:
+        """Finish queued saves (bounded by the timeout), stop the saver, close the clients."""
+        if self._role == KVConnectorRole.WORKER:
+            self._saver.close()
+        self._link.close()
+
+
+class _Saver:
+    """The worker's saver thread: skip chunks the daemon has, put the rest, free the buffers."""
+
+    def __init__(self, link: DaemonLink) -> None:
+        self.link = link
+        self._jobs: queue.Queue[tuple[list[bytes], list[Any], HostBufferPool] | None] = (
+            queue.Queue()
+        )
+        self._idle = threading.Condition()
+        self._pending = 0
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="lmcached-saver", daemon=True)
+        self._thread.start()
+
+    def submit(self, keys: list[bytes], buffers: list[Any], pool: HostBufferPool) -> None:
+        with self._idle:
+            self._pending += 1
+        self._jobs.put((keys, buffers, pool))
+
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        """Wait until every submitted job is done; return False on timeout."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._idle:
+            while self._pending:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return False
+                self._idle.wait(left)
+        return True
+
+    def _run(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            keys, buffers, pool = job
+            try:
+                have = self.link.exists(keys)
+                missing = [i for i, present in enumerate(have) if not present]
+                if missing and len(have) == len(keys):
+                    # numpy views share the tensors' memory: the client sends them zero-copy.
+                    self.link.put([keys[i] for i in missing], [buffers[i].numpy() for i in missing])
+            except Exception:
+                # A bug here must cost a save, never the engine: keep the thread alive.
+                logger.exception("LMCachedConnector: saving %d chunks failed", len(keys))
+            finally:
+                pool.release(buffers)
+                with self._idle:
+                    self._pending -= 1
+                    self._idle.notify_all()
+
+    def close(self) -> None:
+        """Let queued saves finish (each bounded by the link's timeout), then stop. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self._jobs.put(None)
+        self._thread.join()
+        self.link.close()

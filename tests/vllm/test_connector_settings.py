@@ -1,0 +1,91 @@
+"""The connector's settings and key identity: what makes two requests share KV or not."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import pytest
+
+from lmcached.integrations.vllm import (
+    ConnectorSettings,
+    check_chunk_size,
+    checkpoint_fingerprint,
+    key_part,
+    parse_settings,
+    request_extra,
+)
+
+
+def test_settings_are_read_and_converted():
+    settings = parse_settings(
+        {
+            "lmcached.endpoint": "ipc:///tmp/x",
+            "lmcached.chunk_size": "512",
+            "lmcached.timeout": 2,
+            "lmcached.save": "false",
+            "other_connector.key": 1,  # belongs to another connector: ignored
+        }
+    )
+    assert settings == ConnectorSettings(
+        endpoint="ipc:///tmp/x", chunk_size=512, timeout=2.0, save=False
+    )
+    assert parse_settings(None) == ConnectorSettings()
+
+
+def test_unknown_key_suggests_the_nearest():
+    with pytest.raises(ValueError, match=r"did you mean 'lmcached\.chunk_size'"):
+        parse_settings({"lmcached.chunksize": 256})
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("lmcached.chunk_size", "many"), ("lmcached.timeout", 0), ("lmcached.load", "maybe")],
+)
+def test_bad_values_name_the_key(key, value):
+    with pytest.raises(ValueError, match=key.replace(".", r"\.")):
+        parse_settings({key: value})
+
+
+def test_key_parts_are_slash_free_and_bounded():
+    assert key_part("meta-llama/Llama-3.1-8B") == "meta-llama_Llama-3.1-8B"
+    long = key_part("x" * 200)
+    assert len(long) == 64 and "/" not in long
+    assert key_part("x" * 200) != key_part("x" * 199 + "y")
+
+
+def request(**fields):
+    base = {"cache_salt": None, "lora_request": None, "mm_features": []}
+    base.update(fields)
+    return SimpleNamespace(**base)
+
+
+def test_extra_separates_salts_adapters_and_images():
+    plain = request_extra(request())
+    assert plain == b""  # plain requests build the same keys as any other lmcached client
+    salted = {request_extra(request(cache_salt=s)) for s in ("a", "b")}
+    assert len(salted) == 2 and plain not in salted
+    lora = SimpleNamespace(lora_name="sql", lora_int_id=1, lora_path="/adapters/sql")
+    assert request_extra(request(lora_request=lora)) not in salted | {plain}
+    image = [SimpleNamespace(identifier="abc123")]
+    assert request_extra(request(mm_features=image)) != request_extra(
+        request(mm_features=[SimpleNamespace(identifier="abc124")])
+    )
+
+
+def test_checkpoint_fingerprint_changes_with_the_weights(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"hidden_size": 8}))
+    (tmp_path / "model.safetensors").write_bytes(b"\x01" * 100)
+    first = checkpoint_fingerprint(str(tmp_path))
+    assert first is not None and first == checkpoint_fingerprint(str(tmp_path))
+    (tmp_path / "model.safetensors").write_bytes(b"\x02" * 100)
+    assert checkpoint_fingerprint(str(tmp_path)) != first
+    assert checkpoint_fingerprint(str(tmp_path / "missing")) is None
+
+
+def test_a_chunk_size_that_is_not_whole_blocks_fails_with_the_fix():
+    check_chunk_size(256, 32, "lmcached.chunk_size")
+    with pytest.raises(
+        ValueError, match=r"the daemon's chunk_size is 100, which vLLM's block_size 32"
+    ):
+        check_chunk_size(100, 32, "the daemon's chunk_size")

