@@ -19,7 +19,11 @@ Buffer = Any
 
 @dataclass(slots=True)
 class Block:
-    """One KV block: its payload buffers (in order) plus the client's metadata."""
+    """One KV block: its payload buffers (in order) plus the client's metadata.
+
+    ``checksum`` is the payload's xxh3-64 (see docs/format.md): set by the client in the put
+    header, or by a tier that read and verified the block; computed lazily when absent.
+    """
 
     frames: tuple[Buffer, ...]
     nbytes: int

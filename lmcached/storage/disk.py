@@ -1,0 +1,403 @@
+"""The local-disk tier: one self-describing file per block under ``<local_disk>/<worker_id>/``.
+
+The index (key -> file size) lives in memory and is rebuilt at start by scanning the headers of
+the files, so the tier survives a clean stop and a ``kill -9`` alike: a block is visible only
+once its file was renamed into place, and leftover temporary files are removed at start.
+
+When ``num_workers`` changed since the last run, each worker pulls the files it now owns out of
+the other shard folders before it scans its own (see :meth:`DiskBackend._pull_owned_files`).
+
+Thread safety: the worker's I/O threads read, the write-through thread writes and the request
+loop removes, all at once. The index is guarded by one lock; file I/O happens outside it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import structlog
+
+from lmcached.storage.base import Block, StorageBackend, TierStats, Usage
+from lmcached.storage.blockfile import (
+    BLOCK_SUFFIX,
+    file_name,
+    is_temp_name,
+    read_block_file,
+    read_block_header,
+    write_block_file,
+)
+from lmcached.storage.blockformat import BlockFormatError, encode_header
+from lmcached.storage.eviction import EvictionPolicy, make_policy
+
+log = structlog.get_logger("lmcached.storage.disk")
+
+SHARD_MARKER = ".lmcached-shard.json"
+Owner = Callable[[bytes], int]
+
+
+def shard_dirs(root: str) -> list[tuple[int, str]]:
+    """Return (worker id, path) of every shard folder under ``root``, by id."""
+    try:
+        entries = list(os.scandir(root))
+    except FileNotFoundError:
+        return []
+    out = [(int(e.name), e.path) for e in entries if e.name.isdigit() and e.is_dir()]
+    return sorted(out)
+
+
+class DiskBackend(StorageBackend):
+    """Store blocks as files in one shard folder, under a byte budget with eviction."""
+
+    name = "disk"
+
+    def __init__(
+        self,
+        root: str,
+        worker_id: int,
+        capacity_bytes: int,
+        *,
+        policy: str | EvictionPolicy = "lru",
+        fsync: bool = False,
+        drop_cache: bool = False,
+        owner: Owner | None = None,
+        num_workers: int | None = None,
+    ) -> None:
+        self.root = root
+        self.worker_id = worker_id
+        self.dir = os.path.join(root, str(worker_id))
+        self.capacity = capacity_bytes
+        self.policy = make_policy(policy) if isinstance(policy, str) else policy
+        self.fsync = fsync
+        self.drop_cache = drop_cache
+        self._owner = owner
+        self._num_workers = num_workers
+        self.counters = TierStats()
+        for name in (
+            "checksum_failures",
+            "write_errors",
+            "torn_files_removed",
+            "files_moved_in",
+            "unsupported_version",
+        ):
+            self.counters.extra[name] = 0
+        self._index: dict[bytes, int] = {}  # key -> file size (header + payload)
+        self._used = 0
+        self._lock = threading.Lock()
+        self._closed = False
+        os.makedirs(self.dir, mode=0o700, exist_ok=True)
+        if owner is not None and num_workers is not None:
+            self._pull_owned_files()
+        self._scan()
+
+    # --- start-up ---------------------------------------------------------------------------
+
+    def _owns(self, key: bytes) -> bool:
+        return self._owner is None or self._owner(key) == self.worker_id
+
+    def _read_marker(self) -> dict[str, object]:
+        try:
+            with open(os.path.join(self.dir, SHARD_MARKER)) as f:
+                data = json.load(f)
+            return data if isinstance(data, dict) else {}
+        except (OSError, ValueError):
+            return {}
+
+    def _write_marker(self) -> None:
+        path = os.path.join(self.dir, SHARD_MARKER)
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump({"worker_id": self.worker_id, "num_workers": self._num_workers}, f)
+        os.replace(tmp, path)
+
+    def _pull_owned_files(self) -> None:
+        """Move files this worker now owns out of other shard folders (num_workers changed).
+
+        Each file has exactly one owner, so workers pulling at the same time never contend for
+        a file. The marker is written last: a worker killed halfway pulls again at its next start.
+        """
+        if self._read_marker().get("num_workers") == self._num_workers:
+            return
+        moved = 0
+        for wid, path in shard_dirs(self.root):
+            if wid == self.worker_id:
+                continue
+            for entry in os.scandir(path):
+                if not entry.name.endswith(BLOCK_SUFFIX):
+                    continue
+                try:
+                    header, _ = read_block_header(entry.path)
+                except (OSError, BlockFormatError):
+                    continue  # its own shard's scan, or `lmcached check`, deals with it
+                if self._owns(header.key):
+                    try:
+                        os.replace(entry.path, os.path.join(self.dir, file_name(header.key)))
+                        moved += 1
+                    except FileNotFoundError:
+                        continue
+        self.counters.extra["files_moved_in"] += moved
+        if moved:
+            log.info("disk shard resharded", worker_id=self.worker_id, files_moved_in=moved)
+        self._write_marker()
+
+    def _scan(self) -> None:
+        """Rebuild the index from the files' headers; remove torn and corrupt files."""
+        found: list[tuple[float, bytes, int]] = []
+        for entry in os.scandir(self.dir):
+            if is_temp_name(entry.name):
+                self._unlink(entry.path)
+                self.counters.extra["torn_files_removed"] += 1
+                continue
+            if not entry.name.endswith(BLOCK_SUFFIX):
+                continue
+            try:
+                header, size = read_block_header(entry.path)
+                if entry.name != file_name(header.key):
+                    raise BlockFormatError("bad_header", "file name does not match its key")
+            except BlockFormatError as exc:
+                if exc.kind == "unsupported_version":
+                    self.counters.extra["unsupported_version"] += 1
+                    continue
+                log.warning("removing corrupt disk block", path=entry.path, error=str(exc))
+                self._unlink(entry.path)
+                self.counters.extra["checksum_failures"] += 1
+                continue
+            except OSError:
+                continue
+            if not self._owns(header.key):
+                continue  # its owner pulls it at its own start
+            found.append((entry.stat().st_mtime, header.key, size))
+        # Oldest first, so that LRU order after a restart follows write time.
+        found.sort(key=lambda t: t[0])
+        with self._lock:
+            for _, key, size in found:
+                self._index[key] = size
+                self._used += size
+                self.policy.on_insert(key, size)
+            victims = self._make_room_locked(0)
+        self._delete_files(victims)
+        if found:
+            log.info(
+                "disk index rebuilt", worker_id=self.worker_id, entries=len(found), bytes=self._used
+            )
+
+    # --- StorageBackend ---------------------------------------------------------------------
+
+    def _path(self, key: bytes) -> str:
+        return os.path.join(self.dir, file_name(key))
+
+    def contains(self, key: bytes) -> bool:
+        with self._lock:
+            return key in self._index
+
+    def get(self, key: bytes) -> Block | None:
+        with self._lock:
+            present = key in self._index
+        if not present:
+            self.counters.misses += 1
+            return None
+        try:
+            block = read_block_file(self._path(key), key, drop_cache=self.drop_cache)
+        except FileNotFoundError:
+            self._forget(key)
+            self.counters.misses += 1
+            return None
+        except BlockFormatError as exc:
+            self.counters.misses += 1
+            if exc.kind == "unsupported_version":
+                self.counters.extra["unsupported_version"] += 1
+                return None
+            log.warning("disk block failed verification", key=key, error=str(exc))
+            self.counters.extra["checksum_failures"] += 1
+            self.remove(key)
+            return None
+        except OSError as exc:
+            log.warning("disk read failed", key=key, error=str(exc))
+            self.counters.errors += 1
+            self.counters.misses += 1
+            return None
+        with self._lock:
+            if key in self._index:
+                self.policy.on_access(key)
+        self.counters.hits += 1
+        self.counters.bytes_read += block.nbytes
+        return block
+
+    def put(self, key: bytes, block: Block) -> bool:
+        size = len(encode_header(key, block)) + block.nbytes
+        if size > self.capacity:
+            self.counters.rejected += 1
+            return False
+        # Reserve the room before writing, so concurrent writers never overshoot the budget.
+        with self._lock:
+            old = self._index.pop(key, None)
+            if old is not None:
+                self._used -= old
+                self.policy.on_remove(key)
+            victims = self._make_room_locked(size)
+            self._used += size
+        self._delete_files(victims)
+        try:
+            _, written = write_block_file(
+                self.dir, key, block, fsync=self.fsync, drop_cache=self.drop_cache
+            )
+        except OSError as exc:
+            with self._lock:
+                self._used -= size
+            if old is not None:
+                self._unlink(self._path(key))  # the old file no longer matches the index
+            self.counters.errors += 1
+            self.counters.extra["write_errors"] += 1
+            log.warning("disk write failed", key=key, dir=self.dir, error=str(exc))
+            return False
+        with self._lock:
+            self._used += written - size
+            self._index[key] = written
+            self.policy.on_insert(key, written)
+        self.counters.puts += 1
+        self.counters.bytes_stored += block.nbytes
+        return True
+
+    def _make_room_locked(self, nbytes: int) -> list[str]:
+        victims = []
+        while self._used + nbytes > self.capacity:
+            key = self.policy.victim()
+            if key is None:
+                break
+            self.policy.on_remove(key)
+            self._used -= self._index.pop(key, 0)
+            victims.append(self._path(key))
+            self.counters.evictions += 1
+        return victims
+
+    def _delete_files(self, paths: list[str]) -> None:
+        for p in paths:
+            self._unlink(p)
+
+    @staticmethod
+    def _unlink(path: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+
+    def _forget(self, key: bytes) -> bool:
+        with self._lock:
+            size = self._index.pop(key, None)
+            if size is None:
+                return False
+            self._used -= size
+            self.policy.on_remove(key)
+            return True
+
+    def remove(self, key: bytes) -> bool:
+        present = self._forget(key)
+        if present:
+            self._unlink(self._path(key))
+        return present
+
+    def iter_keys(self) -> Iterator[bytes]:
+        with self._lock:
+            return iter(list(self._index))
+
+    def usage(self) -> Usage:
+        with self._lock:
+            return Usage(
+                used_bytes=self._used, capacity_bytes=self.capacity, entries=len(self._index)
+            )
+
+    def stats(self) -> dict[str, int]:
+        u = self.usage()
+        return {
+            **self.counters.as_dict(),
+            "used_bytes": u.used_bytes,
+            "capacity_bytes": u.capacity_bytes,
+            "entries": u.entries,
+        }
+
+    def close(self) -> None:
+        # Files are the state; nothing is buffered, so closing only drops the index.
+        if self._closed:
+            return
+        self._closed = True
+        with self._lock:
+            self._index.clear()
+
+
+@dataclass
+class CheckReport:
+    """What `lmcached check` found in one disk root, and what it repaired."""
+
+    files: int = 0
+    bytes: int = 0
+    ok: int = 0
+    problems: list[tuple[str, str]] = field(default_factory=list)  # (path, what is wrong)
+    fixed: int = 0
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "files": self.files,
+            "bytes": self.bytes,
+            "ok": self.ok,
+            "problems": [{"path": p, "problem": w} for p, w in self.problems],
+            "fixed": self.fixed,
+        }
+
+
+def check_disk(
+    root: str,
+    *,
+    owner: Owner | None = None,
+    fix: bool = False,
+    verify_payload: bool = True,
+) -> CheckReport:
+    """Reconcile every shard folder under ``root`` with its files' headers.
+
+    Finds torn temporary files, files whose header or payload fails verification, files whose
+    name does not match the key in their header, and (given ``owner``) files in the wrong shard.
+    With ``fix``, removes the broken ones and moves misplaced ones to their owner's folder.
+    """
+    report = CheckReport()
+    for wid, path in shard_dirs(root):
+        for entry in sorted(os.scandir(path), key=lambda e: e.name):
+            if is_temp_name(entry.name):
+                report.problems.append((entry.path, "torn temporary file"))
+                if fix:
+                    DiskBackend._unlink(entry.path)
+                    report.fixed += 1
+                continue
+            if not entry.name.endswith(BLOCK_SUFFIX):
+                continue
+            report.files += 1
+            try:
+                header, size = read_block_header(entry.path)
+                report.bytes += size
+                if entry.name != file_name(header.key):
+                    raise BlockFormatError("bad_header", "file name does not match its key")
+                if verify_payload:
+                    read_block_file(entry.path, header.key)
+            except BlockFormatError as exc:
+                if exc.kind == "unsupported_version":
+                    report.problems.append((entry.path, f"skipped: {exc}"))
+                    continue
+                report.problems.append((entry.path, f"{exc.kind}: {exc}"))
+                if fix:
+                    DiskBackend._unlink(entry.path)
+                    report.fixed += 1
+                continue
+            except OSError as exc:
+                report.problems.append((entry.path, f"unreadable: {exc}"))
+                continue
+            if owner is not None and owner(header.key) != wid:
+                new_owner = owner(header.key)
+                report.problems.append((entry.path, f"belongs to shard {new_owner}"))
+                if fix:
+                    dest = os.path.join(root, str(new_owner))
+                    os.makedirs(dest, mode=0o700, exist_ok=True)
+                    os.replace(entry.path, os.path.join(dest, entry.name))
+                    report.fixed += 1
+                continue
+            report.ok += 1
+    return report
