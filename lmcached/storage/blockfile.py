@@ -65,25 +65,24 @@ def fsync_dir(directory: str) -> None:
         os.close(fd)
 
 
-def write_block_file(
+def write_file_atomic(
     directory: str,
-    key: bytes,
-    block: Block,
+    name: str,
+    pieces: Sequence[Buffer],
     *,
     fsync: bool = False,
     drop_cache: bool = False,
 ) -> tuple[str, int]:
-    """Write ``block`` as ``<directory>/<file_name(key)>`` atomically; return (path, file size).
+    """Write ``pieces`` as ``<directory>/<name>`` atomically; return (path, size).
 
-    On any OSError the temporary file is removed and the error propagates, so a failed write
+    On any error the temporary file is removed and the error propagates, so a failed write
     leaves nothing visible.
     """
-    pieces = encode_block(key, block)
     size = sum(memoryview(p).nbytes for p in pieces)
     with _temp_lock:
         n = next(_temp_counter)
     tmp = os.path.join(directory, f"{TEMP_PREFIX}{os.getpid()}-{threading.get_ident()}-{n}")
-    final = os.path.join(directory, file_name(key))
+    final = os.path.join(directory, name)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     try:
         try:
@@ -106,12 +105,25 @@ def write_block_file(
     return final, size
 
 
-def read_block_file(path: str, key: bytes | None = None, *, drop_cache: bool = False) -> Block:
-    """Read and verify one block file; raise BlockFormatError or OSError (FileNotFoundError)."""
+def write_block_file(
+    directory: str,
+    key: bytes,
+    block: Block,
+    *,
+    fsync: bool = False,
+    drop_cache: bool = False,
+) -> tuple[str, int]:
+    """Write ``block`` as ``<directory>/<file_name(key)>`` atomically; return (path, file size)."""
+    return write_file_atomic(
+        directory, file_name(key), encode_block(key, block), fsync=fsync, drop_cache=drop_cache
+    )
+
+
+def read_file(path: str, *, drop_cache: bool = False) -> memoryview:
+    """Read a whole file into a fresh buffer (one copy, kernel to user) and return a view."""
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         size = os.fstat(fd).st_size
-        # One copy, kernel to a buffer we own; the payload is then a view of it.
         buf = bytearray(size)
         mv = memoryview(buf)
         got = 0
@@ -124,7 +136,12 @@ def read_block_file(path: str, key: bytes | None = None, *, drop_cache: bool = F
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
     finally:
         os.close(fd)
-    _, block = decode_block(mv[:got], key)
+    return mv[:got]
+
+
+def read_block_file(path: str, key: bytes | None = None, *, drop_cache: bool = False) -> Block:
+    """Read and verify one block file; raise BlockFormatError or OSError (FileNotFoundError)."""
+    _, block = decode_block(read_file(path, drop_cache=drop_cache), key)
     return block
 
 

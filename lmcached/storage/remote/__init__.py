@@ -1,0 +1,18 @@
+"""Remote tiers: a connector per URL scheme, wrapped by one RemoteBackend.
+
+A :class:`~lmcached.storage.remote.connector.RemoteConnector` moves raw values to and from a
+shared store (Redis, Redis Cluster, a shared folder). The
+:class:`~lmcached.storage.remote.backend.RemoteBackend` adds what every remote needs once: the
+block format and its verification, the key prefix, the TTL, fail-fast health with reconnect
+backoff, and the counters.
+"""
+
+from lmcached.storage.remote.backend import RemoteBackend
+from lmcached.storage.remote.connector import (
+    CONNECTORS,
+    RemoteConnector,
+    RemoteUnavailable,
+    make_connector,
+)
+
+__all__ = ["CONNECTORS", "RemoteBackend", "RemoteConnector", "RemoteUnavailable", "make_connector"]

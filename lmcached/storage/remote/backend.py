@@ -1,0 +1,285 @@
+"""RemoteBackend: the block format, verification, health and counters around any connector.
+
+Health is a small circuit breaker. After a failure the remote is ``down`` and every call fails
+at once, without touching the network, until the backoff delay has passed; then one call tries
+again. Success makes it ``ok`` and resets the delay; another failure doubles it (up to
+``backoff_max``). So a dead Redis costs one timeout per backoff period, never one per request.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any, TypeVar
+
+import structlog
+
+from lmcached.storage.base import Block, StorageBackend, TierStats, Usage
+from lmcached.storage.blockformat import BlockFormatError, decode_block, encode_block
+from lmcached.storage.remote.connector import RemoteConnector, RemoteUnavailable
+
+log = structlog.get_logger("lmcached.storage.remote")
+T = TypeVar("T")
+
+
+class RemoteHealth:
+    """Track whether the remote answers, and when to try it again after a failure."""
+
+    def __init__(self, backoff_initial: float = 0.1, backoff_max: float = 10.0) -> None:
+        self.backoff_initial = backoff_initial
+        self.backoff_max = backoff_max
+        self.state = "ok"
+        self.consecutive_failures = 0
+        self.last_error: str | None = None
+        self.retry_at = 0.0
+        self._delay = backoff_initial
+        self._lock = threading.Lock()
+
+    def may_try(self) -> bool:
+        with self._lock:
+            return self.state == "ok" or time.monotonic() >= self.retry_at
+
+    def succeeded(self) -> bool:
+        """Record a success; return True when this ended an outage."""
+        with self._lock:
+            recovered = self.state != "ok"
+            self.state = "ok"
+            self.consecutive_failures = 0
+            self._delay = self.backoff_initial
+            return recovered
+
+    def failed(self, error: str) -> bool:
+        """Record a failure; return True when this started an outage."""
+        with self._lock:
+            started = self.state == "ok"
+            self.state = "down"
+            self.consecutive_failures += 1
+            self.last_error = error
+            self.retry_at = time.monotonic() + self._delay
+            self._delay = min(self._delay * 2, self.backoff_max)
+            return started
+
+    def as_dict(self) -> dict[str, Any]:
+        with self._lock:
+            return {
+                "health": self.state,
+                "consecutive_failures": self.consecutive_failures,
+                "last_error": self.last_error,
+                "retry_in_s": round(max(0.0, self.retry_at - time.monotonic()), 3)
+                if self.state != "ok"
+                else 0.0,
+            }
+
+
+class RemoteBackend(StorageBackend):
+    """Store blocks in a shared remote store through a connector, verified on every read.
+
+    Keys are stored as ``key_prefix + key``. Reads that fail verification delete the remote
+    value and count a checksum failure. When the remote is down every call returns at once as a
+    miss (get), False (put) or 0 (remove), and is counted.
+    """
+
+    name = "remote"
+
+    def __init__(
+        self,
+        connector: RemoteConnector,
+        *,
+        key_prefix: bytes = b"lmcached:",
+        ttl: float | None = None,
+        backoff_initial: float = 0.1,
+        backoff_max: float = 10.0,
+        owner: Callable[[bytes], int] | None = None,
+        worker_id: int = 0,
+    ) -> None:
+        self.connector = connector
+        self.prefix = key_prefix
+        self.ttl = ttl or None
+        self.health = RemoteHealth(backoff_initial, backoff_max)
+        self._owner = owner
+        self.worker_id = worker_id
+        self.counters = TierStats()
+        for name in (
+            "checksum_failures",
+            "unavailable",
+            "skipped_while_down",
+            "unsupported_version",
+        ):
+            self.counters.extra[name] = 0
+        self._count_lock = threading.Lock()
+        self._closed = False
+
+    # --- plumbing ---------------------------------------------------------------------------
+
+    def _count(self, name: str, n: int = 1) -> None:
+        with self._count_lock:
+            if hasattr(self.counters, name):
+                setattr(self.counters, name, getattr(self.counters, name) + n)
+            else:
+                self.counters.extra[name] = self.counters.extra.get(name, 0) + n
+
+    def _call(self, fn: Callable[[], T]) -> T:
+        """Run one connector call under the health policy; raise RemoteUnavailable on failure."""
+        if not self.health.may_try():
+            self._count("skipped_while_down")
+            raise RemoteUnavailable(f"remote is down ({self.health.last_error})")
+        try:
+            result = fn()
+        except RemoteUnavailable as exc:
+            self._count("unavailable")
+            if self.health.failed(str(exc)):
+                log.warning(
+                    "remote store unavailable", remote=self.connector.describe(), error=str(exc)
+                )
+            raise
+        if self.health.succeeded():
+            log.info("remote store reachable again", remote=self.connector.describe())
+        return result
+
+    def _full(self, key: bytes) -> bytes:
+        return self.prefix + key
+
+    # --- StorageBackend ---------------------------------------------------------------------
+
+    def contains(self, key: bytes) -> bool:
+        return self.contains_many([key])[0]
+
+    def contains_many(self, keys: Sequence[bytes]) -> list[bool]:
+        full = [self._full(k) for k in keys]
+        try:
+            return self._call(lambda: self.connector.exists_many(full))
+        except RemoteUnavailable:
+            return [False] * len(keys)
+
+    def get(self, key: bytes) -> Block | None:
+        return self.get_many([key])[0]
+
+    def get_many(self, keys: Sequence[bytes]) -> list[Block | None]:
+        full = [self._full(k) for k in keys]
+        try:
+            values = self._call(lambda: self.connector.get_many(full))
+        except RemoteUnavailable:
+            self._count("misses", len(keys))
+            return [None] * len(keys)
+        except Exception as exc:  # a bad reply (e.g. WRONGTYPE): a miss, never a crash
+            log.warning("remote get failed", remote=self.connector.describe(), error=str(exc))
+            self._count("errors")
+            self._count("misses", len(keys))
+            return [None] * len(keys)
+        out: list[Block | None] = []
+        corrupt: list[bytes] = []
+        for key, value in zip(keys, values, strict=True):
+            if value is None:
+                self._count("misses")
+                out.append(None)
+                continue
+            try:
+                _, block = decode_block(value, self._full(key))
+            except BlockFormatError as exc:
+                self._count("misses")
+                out.append(None)
+                if exc.kind == "unsupported_version":
+                    self._count("unsupported_version")
+                    continue
+                log.warning("remote block failed verification", key=key, error=str(exc))
+                self._count("checksum_failures")
+                corrupt.append(self._full(key))
+                continue
+            self._count("hits")
+            self._count("bytes_read", block.nbytes)
+            out.append(block)
+        if corrupt:
+            # When this fails it is counted, and the next reader detects the damage again.
+            with contextlib.suppress(RemoteUnavailable):
+                self._call(lambda: self.connector.delete_many(corrupt))
+        return out
+
+    def put(self, key: bytes, block: Block) -> bool:
+        return self.put_many([(key, block)])[0]
+
+    def put_many(self, items: Iterable[tuple[bytes, Block]]) -> list[bool]:
+        items = list(items)
+        if not items:
+            return []
+        # The header names the stored key (prefix included), so a value describes itself in a
+        # shared store and an fs:// scan can read keys back from the files.
+        encoded = [(self._full(k), encode_block(self._full(k), b)) for k, b in items]
+        try:
+            self._call(lambda: self.connector.put_many(encoded, self.ttl))
+        except RemoteUnavailable:
+            self._count("errors", len(items))
+            return [False] * len(items)
+        except Exception as exc:  # e.g. Redis maxmemory with noeviction: OOM command not allowed
+            log.warning("remote put rejected", remote=self.connector.describe(), error=str(exc))
+            self._count("rejected", len(items))
+            return [False] * len(items)
+        self._count("puts", len(items))
+        self._count("bytes_stored", sum(b.nbytes for _, b in items))
+        return [True] * len(items)
+
+    def remove(self, key: bytes) -> bool:
+        return self.remove_many([key]) > 0
+
+    def remove_many(self, keys: Sequence[bytes]) -> int:
+        full = [self._full(k) for k in keys]
+        try:
+            return self._call(lambda: self.connector.delete_many(full))
+        except RemoteUnavailable:
+            self._count("errors")
+            return 0
+
+    def iter_keys(self) -> Iterator[bytes]:
+        try:
+            full = self._call(lambda: list(self.connector.scan(self.prefix)))
+        except RemoteUnavailable:
+            return iter(())
+        n = len(self.prefix)
+        return iter([k[n:] for k in full])
+
+    def remove_prefix(self, prefix: bytes) -> int:
+        """Delete remote keys under ``prefix`` that this worker owns.
+
+        Every worker of a daemon shares the remote, and `purge` reaches every worker: each one
+        deletes only the keys it owns, so the counts add up and no key is deleted twice.
+        """
+        try:
+            full = self._call(lambda: list(self.connector.scan(self.prefix + prefix)))
+        except RemoteUnavailable:
+            self._count("errors")
+            return 0
+        n = len(self.prefix)
+        mine = [k for k in full if self._owner is None or self._owner(k[n:]) == self.worker_id]
+        removed = 0
+        for start in range(0, len(mine), 512):
+            try:
+                batch = mine[start : start + 512]
+                removed += self._call(lambda b=batch: self.connector.delete_many(b))
+            except RemoteUnavailable:
+                self._count("errors")
+                break
+        return removed
+
+    def usage(self) -> Usage:
+        # The shared store's size is bounded by its own settings (Redis maxmemory), not by us.
+        return Usage(used_bytes=0, capacity_bytes=0, entries=0)
+
+    def probe(self) -> bool:
+        """Ping the remote when a retry is due (used by status); return whether it is healthy."""
+        try:
+            self._call(self.connector.ping)
+        except RemoteUnavailable:
+            return False
+        return True
+
+    def stats(self) -> dict[str, Any]:
+        with self._count_lock:
+            counters = self.counters.as_dict()
+        return {**counters, **self.health.as_dict(), "url": self.connector.describe()}
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self.connector.close()

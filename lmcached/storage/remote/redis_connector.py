@@ -1,0 +1,223 @@
+"""Redis connectors: one server (redis://, rediss://, unix://) and Redis Cluster.
+
+Both use redis-py with the hiredis parser. Batches go out as one pipeline (no MULTI), so a batch
+costs one round trip. redis-py's own retries are switched off: the RemoteBackend decides when to
+try again (fail fast, then reconnect with backoff), so a dead Redis costs at most one timeout.
+
+Cluster URLs list the seed nodes, comma-separated::
+
+    redis+cluster://[user:password@]host1:port1,host2:port2[,...][?opt=value]
+    rediss+cluster://...   (the same over TLS)
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, TypeVar
+from urllib.parse import parse_qsl, unquote, urlsplit
+
+import redis
+import redis.exceptions as rexc
+from redis.backoff import NoBackoff
+from redis.cluster import ClusterNode, RedisCluster
+from redis.retry import Retry
+
+from lmcached.config import redact_url
+from lmcached.storage.base import Buffer
+from lmcached.storage.remote.connector import RemoteConnector, RemoteUnavailable
+
+T = TypeVar("T")
+
+# Errors that mean "the store is unreachable or unhealthy right now", as opposed to a bad request.
+TRANSIENT = (
+    rexc.ConnectionError,  # includes redis.exceptions.TimeoutError's sibling and auth failures
+    rexc.TimeoutError,
+    rexc.BusyLoadingError,
+    rexc.ClusterDownError,
+    rexc.ClusterError,
+    rexc.MasterDownError,
+    rexc.TryAgainError,
+    rexc.SlotNotCoveredError,
+    rexc.MaxConnectionsError,
+    rexc.RedisClusterException,
+    OSError,
+)
+
+_GLOB_SPECIAL = frozenset(b"*?[]\\")
+
+
+def glob_escape(prefix: bytes) -> bytes:
+    """Escape ``prefix`` for a Redis MATCH pattern, so keys with * or [ match literally."""
+    return b"".join(b"\\" + bytes([c]) if c in _GLOB_SPECIAL else bytes([c]) for c in prefix)
+
+
+def _join(pieces: Sequence[Buffer]) -> Buffer:
+    # A Redis value is one argument; the header and payload frames are joined here (one copy,
+    # a few ms for 32 MiB against a ~70 ms SET).
+    return pieces[0] if len(pieces) == 1 else b"".join(pieces)
+
+
+class _RedisBase(RemoteConnector):
+    def __init__(self, url: str, *, timeout: float) -> None:
+        self.url = url
+        self.timeout = timeout
+        self._client: Any = None
+        self._client_lock = threading.Lock()
+        self._closed = False
+
+    def _make_client(self) -> Any:
+        raise NotImplementedError
+
+    def _call(self, fn: Callable[[Any], T]) -> T:
+        if self._closed:
+            raise RemoteUnavailable("connector is closed")
+        try:
+            client = self._client
+            if client is None:
+                with self._client_lock:
+                    if self._client is None:
+                        self._client = self._make_client()
+                    client = self._client
+            return fn(client)
+        except TRANSIENT as exc:
+            raise RemoteUnavailable(f"{type(exc).__name__}: {exc}") from exc
+
+    def get_many(self, keys: Sequence[bytes]) -> list[Buffer | None]:
+        if len(keys) == 1:
+            return [self._call(lambda c: c.get(keys[0]))]
+
+        def run(c: Any) -> list[Buffer | None]:
+            pipe = c.pipeline(transaction=False)
+            for k in keys:
+                pipe.get(k)
+            return list(pipe.execute())
+
+        return self._call(run)
+
+    def put_many(self, items: Sequence[tuple[bytes, Sequence[Buffer]]], ttl: float | None) -> None:
+        px = max(1, int(ttl * 1000)) if ttl else None
+        if len(items) == 1:
+            key, pieces = items[0]
+            self._call(lambda c: c.set(key, _join(pieces), px=px))
+            return
+
+        def run(c: Any) -> None:
+            pipe = c.pipeline(transaction=False)
+            for key, pieces in items:
+                pipe.set(key, _join(pieces), px=px)
+            pipe.execute()
+
+        self._call(run)
+
+    def exists_many(self, keys: Sequence[bytes]) -> list[bool]:
+        def run(c: Any) -> list[bool]:
+            pipe = c.pipeline(transaction=False)
+            for k in keys:
+                pipe.exists(k)
+            return [bool(n) for n in pipe.execute()]
+
+        return self._call(run)
+
+    def delete_many(self, keys: Sequence[bytes]) -> int:
+        if not keys:
+            return 0
+
+        # One DEL per key: in a cluster the keys live in different slots (no CROSSSLOT error).
+        def run(c: Any) -> int:
+            pipe = c.pipeline(transaction=False)
+            for k in keys:
+                pipe.delete(k)
+            return sum(int(n) for n in pipe.execute())
+
+        return self._call(run)
+
+    def scan(self, prefix: bytes) -> Iterator[bytes]:
+        pattern = glob_escape(prefix) + b"*"
+        keys = self._call(lambda c: list(c.scan_iter(match=pattern, count=1000)))
+        return iter(keys)
+
+    def ping(self) -> None:
+        self._call(lambda c: c.ping())
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        client, self._client = self._client, None
+        if client is not None:
+            client.close()
+
+    def describe(self) -> str:
+        return redact_url(self.url)
+
+
+class RedisConnector(_RedisBase):
+    """One Redis server: ``redis://host:port/db``, ``rediss://`` (TLS), ``unix:///path.sock``."""
+
+    def _make_client(self) -> Any:
+        return redis.Redis.from_url(
+            self.url,
+            socket_timeout=self.timeout,
+            socket_connect_timeout=self.timeout,
+            retry=Retry(NoBackoff(), 0),
+            health_check_interval=0,
+        )
+
+
+def parse_cluster_url(url: str) -> tuple[list[tuple[str, int]], dict[str, Any]]:
+    """Split a ``redis+cluster://`` URL into seed nodes and client options."""
+    parts = urlsplit(url)
+    netloc = parts.netloc
+    opts: dict[str, Any] = {}
+    if "@" in netloc:
+        userinfo, netloc = netloc.rsplit("@", 1)
+        user, _, password = userinfo.partition(":")
+        if user:
+            opts["username"] = unquote(user)
+        if password:
+            opts["password"] = unquote(password)
+    nodes = []
+    for item in netloc.split(","):
+        host, sep, port = item.strip().rpartition(":")
+        if not sep or not host or not port.isdigit():
+            raise ValueError(
+                f"cluster node {item!r} in {redact_url(url)!r} is not host:port; "
+                "expected redis+cluster://host1:port1,host2:port2"
+            )
+        nodes.append((host.strip("[]"), int(port)))
+    for k, v in parse_qsl(parts.query):
+        opts[k] = v
+    if parts.scheme.startswith("rediss"):
+        opts["ssl"] = True
+    return nodes, opts
+
+
+class RedisClusterConnector(_RedisBase):
+    """Redis Cluster: ``redis+cluster://host1:port1,host2:port2`` (seed nodes; TLS: rediss+)."""
+
+    def __init__(self, url: str, *, timeout: float) -> None:
+        super().__init__(url, timeout=timeout)
+        self.nodes, self.options = parse_cluster_url(url)  # bad URLs fail at start, not later
+
+    def _make_client(self) -> Any:
+        # Connecting reads the slot map, so it is done lazily: a cluster that is down at start
+        # only makes the remote tier unhealthy, it does not stop the worker.
+        return RedisCluster(
+            startup_nodes=[ClusterNode(h, p) for h, p in self.nodes],
+            socket_timeout=self.timeout,
+            socket_connect_timeout=self.timeout,
+            retry=Retry(NoBackoff(), 0),
+            require_full_coverage=True,
+            **self.options,
+        )
+
+    def _call(self, fn: Callable[[Any], T]) -> T:
+        try:
+            return super()._call(fn)
+        except RemoteUnavailable:
+            # The slot map may be stale (a node moved or restarted): rebuild on the next call.
+            client, self._client = self._client, None
+            if client is not None:
+                client.close()
+            raise
