@@ -130,7 +130,14 @@ class StorageBackend(ABC):
     def put_many(self, items: Iterable[tuple[bytes, Block]]) -> list[bool]:
         return [self.put(k, b) for k, b in items]
 
+    def remove_many(self, keys: Sequence[bytes]) -> list[bool]:
+        """Forget each key; return, per key, whether it was present."""
+        return [self.remove(k) for k in keys]
+
+    def keys_with_prefix(self, prefix: bytes) -> list[bytes]:
+        """Return the stored keys that start with ``prefix`` (a remote may scan server-side)."""
+        return [k for k in self.iter_keys() if k.startswith(prefix)]
+
     def remove_prefix(self, prefix: bytes) -> int:
         """Forget every key that starts with ``prefix``; return how many."""
-        victims = [k for k in self.iter_keys() if k.startswith(prefix)]
-        return sum(1 for k in victims if self.remove(k))
+        return sum(self.remove_many(self.keys_with_prefix(prefix)))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from lmcached.storage.base import Block, StorageBackend, TierStats, Usage
 from lmcached.storage.eviction import EvictionPolicy, make_policy
@@ -24,6 +24,8 @@ class CPUBackend(StorageBackend):
         self._used = 0
         self.counters = TierStats()
         self._closed = False
+        # Called with (key, block) after an eviction; the TieredStore's write-back policy uses it.
+        self.on_evict: Callable[[bytes, Block], None] | None = None
 
     def contains(self, key: bytes) -> bool:
         return key in self._blocks
@@ -59,8 +61,11 @@ class CPUBackend(StorageBackend):
             victim = self.policy.victim()
             if victim is None:
                 break
+            block = self._blocks.get(victim)
             self.remove(victim)
             self.counters.evictions += 1
+            if self.on_evict is not None and block is not None:
+                self.on_evict(victim, block)
 
     def remove(self, key: bytes) -> bool:
         block = self._blocks.pop(key, None)

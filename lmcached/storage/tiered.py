@@ -1,74 +1,279 @@
 """The TieredStore: one per worker, owning the policy across tiers.
 
-Lookup order is the order of ``tiers`` (CPU first). A hit in a lower tier is promoted into the
-first tier. Puts land in the first tier synchronously; lower tiers are written by the store's
-write path (see the tiers issue for asynchronous write-through).
+- Lookup order is the order of ``tiers``: CPU first, then disk, then remote.
+- A hit in a lower tier is promoted into CPU (and a remote hit is also queued for disk).
+- A put is acknowledged once it is in CPU. Lower tiers are written by one bounded
+  :class:`~lmcached.storage.writequeue.WriteQueue` each (write-through), or only when CPU evicts
+  a block (write-back). A full queue drops the write and counts it; it never blocks.
+- ``flush`` waits for the queues; ``close`` drains them, bounded by ``shutdown_flush_timeout``.
+- ``remove``/``remove_prefix`` reach every tier, and cancel queued writes of the keys first.
+
+Thread safety: every method may be called from any thread. The worker's request loop calls the
+CPU-only methods (``get_cached_many``, ``put``) inline and sends everything that may touch a lower
+tier through ``Worker.submit_io``, so a slow disk or remote never delays a CPU hit. The CPU tier
+is not thread-safe itself, so it is guarded here by one lock.
 """
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Sequence
 from typing import Any
 
+import structlog
+
 from lmcached.storage.base import Block, StorageBackend
+from lmcached.storage.latency import LatencyStat
+from lmcached.storage.writequeue import WriteQueue
+
+log = structlog.get_logger("lmcached.storage.tiered")
+
+WRITE_POLICIES = ("write-through", "write-back")
 
 
 class TieredStore:
-    """Route gets, puts and deletes across an ordered list of tiers."""
+    """Route gets, puts and deletes across an ordered list of tiers (CPU first)."""
 
-    def __init__(self, tiers: Sequence[StorageBackend]) -> None:
+    def __init__(
+        self,
+        tiers: Sequence[StorageBackend],
+        *,
+        write_policy: str = "write-through",
+        queue_max_bytes: int = 512 << 20,
+        queue_max_items: int = 4096,
+        shutdown_flush_timeout: float = 10.0,
+    ) -> None:
         if not tiers:
             raise ValueError("a TieredStore needs at least one tier")
+        if write_policy not in WRITE_POLICIES:
+            raise ValueError(
+                f"unknown write_policy {write_policy!r}; known: {', '.join(WRITE_POLICIES)}"
+            )
         self.tiers = list(tiers)
+        self.write_policy = write_policy
+        self.shutdown_flush_timeout = shutdown_flush_timeout
+        self._cpu_lock = threading.RLock()
+        self._get_latency = {t.name: LatencyStat() for t in self.tiers}
+        self._put_latency = {t.name: LatencyStat() for t in self.lower}
+        self.queues = {
+            t.name: WriteQueue(
+                t.name,
+                self._writer_for(t),
+                max_bytes=queue_max_bytes,
+                max_items=queue_max_items,
+            )
+            for t in self.lower
+        }
+        if write_policy == "write-back" and self.lower and hasattr(self.top, "on_evict"):
+            self.top.on_evict = self._write_back
         self._closed = False
+
+    # --- structure --------------------------------------------------------------------------
 
     @property
     def top(self) -> StorageBackend:
         return self.tiers[0]
 
-    def contains(self, key: bytes) -> bool:
-        return any(t.contains(key) for t in self.tiers)
+    @property
+    def lower(self) -> list[StorageBackend]:
+        return self.tiers[1:]
 
-    def get(self, key: bytes) -> Block | None:
-        for i, tier in enumerate(self.tiers):
-            block = tier.get(key)
-            if block is not None:
-                if i > 0:
-                    self.top.put(key, block)
-                return block
-        return None
+    @property
+    def has_lower(self) -> bool:
+        """True when some lookups must leave memory (the worker then goes through submit_io)."""
+        return len(self.tiers) > 1
+
+    def tier(self, name: str) -> StorageBackend | None:
+        return next((t for t in self.tiers if t.name == name), None)
+
+    def _writer_for(self, tier: StorageBackend):  # type: ignore[no-untyped-def]
+        latency = self._put_latency[tier.name]
+
+        def write(batch: Sequence[tuple[bytes, Block]]) -> list[bool]:
+            start = time.perf_counter()
+            results = tier.put_many(batch)
+            latency.record(time.perf_counter() - start)
+            return results
+
+        return write
+
+    # --- puts -------------------------------------------------------------------------------
 
     def get_many(self, keys: Sequence[bytes]) -> list[Block | None]:
         return [self.get(k) for k in keys]
 
     def put(self, key: bytes, block: Block) -> bool:
-        return self.top.put(key, block)
+        """Store in CPU and queue the lower-tier copies; True when stored or queued somewhere."""
+        with self._cpu_lock:
+            stored = self.top.put(key, block)
+        if self.write_policy == "write-through" or not stored:
+            # Write-back still sends a block that CPU refused (too big, no CPU budget) down.
+            for q in self.queues.values():
+                stored = q.offer(key, block) or stored
+        return stored
+
+    def _write_back(self, key: bytes, block: Block) -> None:
+        # Called under the CPU lock when CPU evicts: the block's last chance to reach a lower tier.
+        for q in self.queues.values():
+            q.offer(key, block)
+
+    # --- gets -------------------------------------------------------------------------------
+
+    def get_cached_many(self, keys: Sequence[bytes]) -> list[Block | None]:
+        """Look in CPU only (never blocks on I/O; safe on the request loop)."""
+        start = time.perf_counter()
+        with self._cpu_lock:
+            out = [self.top.get(k) for k in keys]
+        self._get_latency[self.top.name].record(time.perf_counter() - start)
+        return out
+
+    def get_many(
+        self, keys: Sequence[bytes], cached: Sequence[Block | None] | None = None
+    ) -> list[Block | None]:
+        """Look in every tier in order and promote lower-tier hits into CPU.
+
+        ``cached`` is the result of an earlier ``get_cached_many(keys)``, so the worker does not
+        count its CPU misses twice. May block on disk and network: call it off the request loop.
+        """
+        out = list(cached) if cached is not None else self.get_cached_many(keys)
+        for level, tier in enumerate(self.lower, start=1):
+            missing = [i for i, b in enumerate(out) if b is None]
+            if not missing:
+                break
+            start = time.perf_counter()
+            found = tier.get_many([keys[i] for i in missing])
+            self._get_latency[tier.name].record(time.perf_counter() - start)
+            for i, block in zip(missing, found, strict=True):
+                if block is not None:
+                    out[i] = block
+                    self._promote(keys[i], block, level)
+        return out
+
+    def get(self, key: bytes) -> Block | None:
+        return self.get_many([key])[0]
+
+    def _promote(self, key: bytes, block: Block, level: int) -> None:
+        with self._cpu_lock:
+            self.top.put(key, block)
+        # Tiers between CPU and the one that hit (disk, for a remote hit) get a copy as well.
+        for tier in self.lower[: level - 1]:
+            self.queues[tier.name].offer(key, block)
+
+    # --- existence --------------------------------------------------------------------------
+
+    def contains_cached(self, key: bytes) -> bool:
+        with self._cpu_lock:
+            return self.top.contains(key)
+
+    def exists_many(self, keys: Sequence[bytes]) -> list[bool]:
+        """Return, per key, whether any tier holds it (may block: call it off the loop)."""
+        with self._cpu_lock:
+            out = [self.top.contains(k) for k in keys]
+        for tier in self.lower:
+            missing = [i for i, hit in enumerate(out) if not hit]
+            if not missing:
+                break
+            for i, hit in zip(missing, tier.contains_many([keys[i] for i in missing]), strict=True):
+                out[i] = hit
+        return out
+
+    def contains(self, key: bytes) -> bool:
+        return self.exists_many([key])[0]
+
+    def lookup(self, keys: Sequence[bytes]) -> int:
+        """Return how many leading keys are stored in some tier (may block: off the loop)."""
+        flags = self.exists_many(keys)
+        return next((i for i, hit in enumerate(flags) if not hit), len(flags))
+
+    # --- deletes ----------------------------------------------------------------------------
+
+    def remove_many(self, keys: Sequence[bytes]) -> int:
+        """Delete ``keys`` from every tier; return how many distinct keys were present."""
+        keys = list(dict.fromkeys(keys))
+        # Cancel queued copies first, so no pending write re-creates a key after its delete.
+        for q in self.queues.values():
+            q.cancel(keys)
+        with self._cpu_lock:
+            present = [self.top.remove(k) for k in keys]
+        for tier in self.lower:
+            for i, hit in enumerate(tier.remove_many(keys)):
+                present[i] = present[i] or hit
+        return sum(present)
 
     def remove(self, key: bytes) -> bool:
-        removed = False
-        for tier in self.tiers:
-            removed = tier.remove(key) or removed
-        return removed
+        return self.remove_many([key]) > 0
 
     def remove_prefix(self, prefix: bytes) -> int:
-        # Count distinct keys, not tier entries: a key in CPU and on disk is one key.
-        victims: set[bytes] = set()
-        for tier in self.tiers:
-            victims.update(k for k in tier.iter_keys() if k.startswith(prefix))
-        for key in victims:
-            self.remove(key)
-        return len(victims)
+        """Delete every key under ``prefix`` from every tier; return distinct keys removed.
+
+        The remote tier contributes only the keys this worker owns (see
+        RemoteBackend.keys_with_prefix), so a purge fanned out to every worker counts each
+        shared key once.
+        """
+        with self._cpu_lock:
+            victims = {k for k in self.top.iter_keys() if k.startswith(prefix)}
+        for tier in self.lower:
+            victims.update(tier.keys_with_prefix(prefix))
+        return self.remove_many(sorted(victims)) if victims else 0
+
+    # --- lifecycle --------------------------------------------------------------------------
 
     def flush(self, timeout: float | None = None) -> bool:
-        """Wait for pending lower-tier writes; True when none remain. The CPU tier has none."""
-        return True
+        """Wait until every write queue is empty; True when all drained before ``timeout``."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        ok = True
+        for q in self.queues.values():
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            ok = q.flush(left) and ok
+        return ok
 
     def stats(self) -> dict[str, Any]:
-        return {t.name: t.stats() for t in self.tiers}
+        out: dict[str, Any] = {}
+        for tier in self.tiers:
+            s = dict(tier.stats())
+            s.setdefault("checksum_failures", 0)
+            s["get_latency"] = self._get_latency[tier.name].as_dict()
+            if tier.name in self.queues:
+                s["queue"] = self.queues[tier.name].stats()
+                s["queue_drops"] = s["queue"]["queue_drops"]
+                s["put_latency"] = self._put_latency[tier.name].as_dict()
+            out[tier.name] = s
+        return out
 
-    def close(self) -> None:
+    def close(self, timeout: float | None = None) -> bool:
+        """Drain the write queues (at most ``timeout``, default shutdown_flush_timeout), then
+        close every tier. Idempotent. Returns True when nothing queued was lost."""
         if self._closed:
-            return
+            return True
         self._closed = True
+        budget = self.shutdown_flush_timeout if timeout is None else timeout
+        deadline = time.monotonic() + budget
+        if self.write_policy == "write-back" and self.queues:
+            self._write_back_all(deadline)
+        drained = True
+        for name, q in self.queues.items():
+            left = max(0.0, deadline - time.monotonic())
+            if not q.close(left):
+                drained = False
+                log.warning("write queue not drained at shutdown", tier=name, **q.stats())
         for tier in self.tiers:
             tier.close()
+        return drained
+
+    def _write_back_all(self, deadline: float) -> None:
+        # Write-back keeps the only copy in CPU; at shutdown copy what fits in the time left.
+        with self._cpu_lock:
+            keys = list(self.top.iter_keys())
+        for key in keys:
+            with self._cpu_lock:
+                block = self.top.get(key)
+            if block is None:
+                continue
+            for q in self.queues.values():
+                # A full queue is waited on here (shutdown, not the request loop), within budget.
+                while not q.offer(key, block):
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        return
+                    q.flush(min(0.5, left))

@@ -220,46 +220,37 @@ class RemoteBackend(StorageBackend):
         return [True] * len(items)
 
     def remove(self, key: bytes) -> bool:
-        return self.remove_many([key]) > 0
+        return self.remove_many([key])[0]
 
-    def remove_many(self, keys: Sequence[bytes]) -> int:
+    def remove_many(self, keys: Sequence[bytes]) -> list[bool]:
+        if not keys:
+            return []
         full = [self._full(k) for k in keys]
         try:
             return self._call(lambda: self.connector.delete_many(full))
         except RemoteUnavailable:
             self._count("errors")
-            return 0
+            return [False] * len(keys)
 
     def iter_keys(self) -> Iterator[bytes]:
-        try:
-            full = self._call(lambda: list(self.connector.scan(self.prefix)))
-        except RemoteUnavailable:
-            return iter(())
-        n = len(self.prefix)
-        return iter([k[n:] for k in full])
+        return iter(self.keys_with_prefix(b"", owned_only=False))
 
-    def remove_prefix(self, prefix: bytes) -> int:
-        """Delete remote keys under ``prefix`` that this worker owns.
+    def keys_with_prefix(self, prefix: bytes, *, owned_only: bool = True) -> list[bytes]:
+        """Return remote keys under ``prefix``; by default only those this worker owns.
 
-        Every worker of a daemon shares the remote, and `purge` reaches every worker: each one
-        deletes only the keys it owns, so the counts add up and no key is deleted twice.
+        Every worker of a daemon shares the remote and `purge` reaches every worker: each one
+        deletes only the keys it owns, so the counts add up and no key is counted twice.
         """
         try:
             full = self._call(lambda: list(self.connector.scan(self.prefix + prefix)))
         except RemoteUnavailable:
             self._count("errors")
-            return 0
+            return []
         n = len(self.prefix)
-        mine = [k for k in full if self._owner is None or self._owner(k[n:]) == self.worker_id]
-        removed = 0
-        for start in range(0, len(mine), 512):
-            try:
-                batch = mine[start : start + 512]
-                removed += self._call(lambda b=batch: self.connector.delete_many(b))
-            except RemoteUnavailable:
-                self._count("errors")
-                break
-        return removed
+        keys = [k[n:] for k in full]
+        if owned_only and self._owner is not None:
+            keys = [k for k in keys if self._owner(k) == self.worker_id]
+        return keys
 
     def usage(self) -> Usage:
         # The shared store's size is bounded by its own settings (Redis maxmemory), not by us.

@@ -34,8 +34,8 @@ class RemoteConnector(ABC):
         """Return whether each key is present."""
 
     @abstractmethod
-    def delete_many(self, keys: Sequence[bytes]) -> int:
-        """Delete the keys; return how many existed."""
+    def delete_many(self, keys: Sequence[bytes]) -> list[bool]:
+        """Delete the keys; return, per key, whether it existed."""
 
     @abstractmethod
     def scan(self, prefix: bytes) -> Iterator[bytes]:

@@ -76,16 +76,16 @@ class FSConnector(RemoteConnector):
         self._check_root()
         return [os.path.exists(os.path.join(*self._where(k))) for k in keys]
 
-    def delete_many(self, keys: Sequence[bytes]) -> int:
+    def delete_many(self, keys: Sequence[bytes]) -> list[bool]:
         self._check_root()
-        n = 0
+        out = []
         for key in keys:
             try:
                 os.unlink(os.path.join(*self._where(key)))
-                n += 1
+                out.append(True)
             except FileNotFoundError:
-                continue
-        return n
+                out.append(False)
+        return out
 
     def scan(self, prefix: bytes) -> Iterator[bytes]:
         self._check_root()

@@ -119,16 +119,17 @@ class _RedisBase(RemoteConnector):
 
         return self._call(run)
 
-    def delete_many(self, keys: Sequence[bytes]) -> int:
+    def delete_many(self, keys: Sequence[bytes]) -> list[bool]:
         if not keys:
-            return 0
+            return []
 
-        # One DEL per key: in a cluster the keys live in different slots (no CROSSSLOT error).
-        def run(c: Any) -> int:
+        # One DEL per key: in a cluster the keys live in different slots (no CROSSSLOT error),
+        # and the replies say which keys existed.
+        def run(c: Any) -> list[bool]:
             pipe = c.pipeline(transaction=False)
             for k in keys:
                 pipe.delete(k)
-            return sum(int(n) for n in pipe.execute())
+            return [bool(n) for n in pipe.execute()]
 
         return self._call(run)
 

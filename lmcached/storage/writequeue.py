@@ -1,0 +1,167 @@
+"""Bounded asynchronous write-through to one lower tier, on one thread.
+
+Puts are queued by key (a newer put of the same key replaces the queued one) and written in
+batches, so a Redis tier pipelines them. When the queue is over its byte or item bound, a put is
+dropped and counted: this is a cache, and dropping a copy beats blocking the request loop.
+
+``cancel(key)`` drops a queued put and waits for an in-flight write of that key to finish, so
+that a delete issued after it cannot be overtaken by the write it cancelled.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Sequence
+
+import structlog
+
+from lmcached.storage.base import Block
+
+log = structlog.get_logger("lmcached.storage.writequeue")
+
+WriteBatch = Callable[[Sequence[tuple[bytes, Block]]], list[bool]]
+
+
+class WriteQueue:
+    """Feed ``write`` with batches of queued puts from a background thread."""
+
+    def __init__(
+        self,
+        name: str,
+        write: WriteBatch,
+        *,
+        max_bytes: int,
+        max_items: int = 4096,
+        batch_items: int = 32,
+        batch_bytes: int = 64 << 20,
+    ) -> None:
+        self.name = name
+        self._write = write
+        self.max_bytes = max_bytes
+        self.max_items = max_items
+        self.batch_items = batch_items
+        self.batch_bytes = batch_bytes
+        self._pending: OrderedDict[bytes, Block] = OrderedDict()
+        self._pending_bytes = 0
+        self._inflight: set[bytes] = set()
+        self._cond = threading.Condition()
+        self._stopping = False
+        self.enqueued = 0
+        self.dropped = 0
+        self.written = 0
+        self.failed = 0
+        self._thread = threading.Thread(target=self._run, name=f"write-{name}", daemon=True)
+        self._thread.start()
+
+    def offer(self, key: bytes, block: Block) -> bool:
+        """Queue a put without blocking; return False (and count a drop) when full."""
+        with self._cond:
+            if self._stopping:
+                self.dropped += 1
+                return False
+            old = self._pending.pop(key, None)
+            if old is not None:
+                self._pending_bytes -= old.nbytes
+            if (
+                self._pending_bytes + block.nbytes > self.max_bytes
+                or len(self._pending) >= self.max_items
+            ):
+                self.dropped += 1
+                return False
+            self._pending[key] = block
+            self._pending_bytes += block.nbytes
+            self.enqueued += 1
+            self._cond.notify_all()
+            return True
+
+    def cancel(self, keys: Iterable[bytes], timeout: float = 5.0) -> None:
+        """Drop queued puts of ``keys`` and wait (bounded) for in-flight writes of them."""
+        keys = set(keys)
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            for key in keys:
+                old = self._pending.pop(key, None)
+                if old is not None:
+                    self._pending_bytes -= old.nbytes
+            while self._inflight & keys:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._cond.wait(left)
+
+    def _take_batch(self) -> list[tuple[bytes, Block]]:
+        batch: list[tuple[bytes, Block]] = []
+        nbytes = 0
+        while self._pending and len(batch) < self.batch_items:
+            key, block = next(iter(self._pending.items()))
+            if batch and nbytes + block.nbytes > self.batch_bytes:
+                break
+            del self._pending[key]
+            self._pending_bytes -= block.nbytes
+            nbytes += block.nbytes
+            batch.append((key, block))
+        return batch
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._pending and not self._stopping:
+                    self._cond.wait()
+                if not self._pending and self._stopping:
+                    return
+                batch = self._take_batch()
+                self._inflight = {k for k, _ in batch}
+            try:
+                results = self._write(batch)
+            except Exception:
+                log.exception("write-through batch failed", tier=self.name, blocks=len(batch))
+                results = [False] * len(batch)
+            with self._cond:
+                self.written += sum(1 for ok in results if ok)
+                self.failed += sum(1 for ok in results if not ok)
+                self._inflight = set()
+                self._cond.notify_all()
+
+    def idle(self) -> bool:
+        with self._cond:
+            return not self._pending and not self._inflight
+
+    def flush(self, timeout: float | None) -> bool:
+        """Wait until the queue is empty and nothing is in flight; return True if it is."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while self._pending or self._inflight:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return False
+                self._cond.wait(left)
+            return True
+
+    def close(self, timeout: float) -> bool:
+        """Write what is queued (for at most ``timeout`` s), then stop; return True if drained.
+
+        Idempotent. Blocks still queued at the deadline are dropped and counted.
+        """
+        drained = self.flush(timeout)
+        with self._cond:
+            self._stopping = True
+            if not drained:
+                self.dropped += len(self._pending)
+                self._pending.clear()
+                self._pending_bytes = 0
+            self._cond.notify_all()
+        self._thread.join(timeout=max(timeout, 0.1))
+        return drained
+
+    def stats(self) -> dict[str, int]:
+        with self._cond:
+            return {
+                "queued": len(self._pending),
+                "queued_bytes": self._pending_bytes,
+                "enqueued": self.enqueued,
+                "written": self.written,
+                "write_failures": self.failed,
+                "queue_drops": self.dropped,
+            }

@@ -1,0 +1,174 @@
+"""The TieredStore over real tiers (CPU, disk folder, redis-server), without a daemon."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from lmcached.storage.base import Block, StorageBackend, Usage
+from lmcached.storage.cpu import CPUBackend
+from lmcached.storage.disk import DiskBackend
+from lmcached.storage.remote import RemoteBackend, make_connector
+from lmcached.storage.tiered import TieredStore
+
+KiB = 1 << 10
+MiB = 1 << 20
+
+
+def _block(i: int, size: int = 64 * KiB) -> Block:
+    return Block.from_bytes(bytes([i % 251]) * size)
+
+
+def _data(block: Block | None) -> bytes | None:
+    return None if block is None else block.tobytes()
+
+
+@pytest.fixture
+def stack(tmp_path, redis_server):
+    cpu = CPUBackend(3 * 64 * KiB)  # room for three blocks
+    disk = DiskBackend(str(tmp_path / "disk"), 0, 6 * 70 * KiB)  # room for six
+    remote = RemoteBackend(make_connector(redis_server.url, timeout=1.0))
+    store = TieredStore([cpu, disk, remote])
+    yield store
+    store.close()
+
+
+def test_cpu_eviction_is_followed_by_a_disk_hit_and_a_promotion(stack: TieredStore) -> None:
+    for i in range(5):
+        assert stack.put(f"k{i}".encode(), _block(i))
+    assert stack.flush(10)
+    assert stack.get_cached_many([b"k0"]) == [None]  # evicted from CPU
+    assert _data(stack.get(b"k0")) == _data(_block(0))
+    stats = stack.stats()
+    assert stats["disk"]["hits"] == 1 and stats["remote"]["hits"] == 0
+    assert _data(stack.get_cached_many([b"k0"])[0]) == _data(_block(0))  # promoted
+
+
+def test_a_disk_miss_is_followed_by_a_remote_hit(stack: TieredStore) -> None:
+    for i in range(8):  # disk keeps six, the remote keeps all
+        stack.put(f"k{i}".encode(), _block(i))
+    assert stack.flush(10)
+    assert not stack.tier("disk").contains(b"k0")
+    assert _data(stack.get(b"k0")) == _data(_block(0))
+    stats = stack.stats()
+    assert stats["remote"]["hits"] == 1 and stats["disk"]["misses"] >= 1
+    assert stats["remote"]["get_latency"]["count"] >= 1
+    # The remote hit was promoted into CPU and queued for disk too.
+    assert stack.flush(10) and stack.tier("disk").contains(b"k0")
+
+
+def test_lookup_exists_delete_and_purge_reach_every_tier(stack: TieredStore) -> None:
+    keys = [f"p/{i}".encode() for i in range(8)] + [b"other/0"]
+    for i, k in enumerate(keys):
+        stack.put(k, _block(i, 1 * KiB))
+    stack.flush(10)
+    assert stack.lookup([*keys[:3], b"absent", keys[4]]) == 3
+    assert stack.exists_many([keys[0], b"absent"]) == [True, False]
+    assert stack.remove_many([keys[0], b"absent"]) == 1
+    assert stack.exists_many([keys[0]]) == [False]
+    assert all(not t.contains(keys[0]) for t in stack.tiers)
+    assert stack.remove_prefix(b"p/") == 7
+    assert stack.exists_many(keys) == [False] * 8 + [True]
+
+
+def test_delete_cancels_a_queued_write(tmp_path) -> None:
+    gate = threading.Event()
+
+    class SlowTier(DiskBackend):
+        def put_many(self, items):
+            gate.wait(10)
+            return super().put_many(items)
+
+    slow = SlowTier(str(tmp_path), 0, 10 * MiB)
+    store = TieredStore([CPUBackend(10 * MiB), slow])
+    store.put(b"first", _block(1))  # in flight, held at the gate
+    store.put(b"doomed", _block(2))  # queued behind it
+    assert store.remove_many([b"doomed"]) == 1
+    gate.set()
+    assert store.flush(10)
+    assert slow.contains(b"first") and not slow.contains(b"doomed")
+    store.close()
+
+
+class _StuckTier(StorageBackend):
+    """A lower tier whose writes block until released: makes the write queue fill up."""
+
+    name = "stuck"
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+        self.stored: dict[bytes, Block] = {}
+
+    def contains(self, key):
+        return key in self.stored
+
+    def get(self, key):
+        return self.stored.get(key)
+
+    def put(self, key, block):
+        self.release.wait(10)
+        self.stored[key] = block
+        return True
+
+    def remove(self, key):
+        return self.stored.pop(key, None) is not None
+
+    def iter_keys(self):
+        return iter(list(self.stored))
+
+    def usage(self):
+        return Usage(0, 0, len(self.stored))
+
+    def close(self):
+        self.release.set()
+
+
+def test_full_queue_drops_and_counts_without_blocking() -> None:
+    stuck = _StuckTier()
+    store = TieredStore([CPUBackend(100 * MiB), stuck], queue_max_bytes=4 * 64 * KiB)
+    for i in range(10):
+        assert store.put(f"k{i}".encode(), _block(i))  # acknowledged: it is in CPU
+    stats = store.stats()["stuck"]
+    assert stats["queue_drops"] >= 5 and stats["queue"]["queued"] <= 4
+    assert not store.flush(0.05)  # still stuck, and flush says so
+    stuck.release.set()
+    assert store.flush(10)
+    store.close()
+
+
+def test_close_drains_the_queues(tmp_path) -> None:
+    disk = DiskBackend(str(tmp_path), 0, 100 * MiB)
+    store = TieredStore([CPUBackend(100 * MiB), disk], shutdown_flush_timeout=30)
+    for i in range(20):
+        store.put(f"k{i}".encode(), _block(i))
+    assert store.close()
+    again = DiskBackend(str(tmp_path), 0, 100 * MiB)
+    assert again.usage().entries == 20
+    store.close()
+
+
+def test_write_back_writes_lower_tiers_on_eviction_and_at_close(tmp_path) -> None:
+    disk = DiskBackend(str(tmp_path), 0, 100 * MiB)
+    store = TieredStore([CPUBackend(2 * 64 * KiB), disk], write_policy="write-back")
+    for i in range(4):
+        store.put(f"k{i}".encode(), _block(i))
+    assert store.flush(10)
+    assert sorted(disk.iter_keys()) == [b"k0", b"k1"]  # only the evicted ones
+    assert store.close()
+    assert sorted(DiskBackend(str(tmp_path), 0, 100 * MiB).iter_keys()) == [
+        b"k0", b"k1", b"k2", b"k3"
+    ]  # fmt: skip
+
+
+def test_no_cpu_budget_still_stores_below(tmp_path) -> None:
+    store = TieredStore([CPUBackend(0), DiskBackend(str(tmp_path), 0, 10 * MiB)])
+    assert store.put(b"k", _block(1))
+    assert store.flush(10)
+    assert _data(store.get(b"k")) == _data(_block(1))
+    store.close()
+
+
+def test_unknown_write_policy_is_refused() -> None:
+    with pytest.raises(ValueError, match="write-through"):
+        TieredStore([CPUBackend(1)], write_policy="sometimes")
