@@ -394,6 +394,67 @@ class Config:
     log_format: str = option(
         "auto", choice("auto", "console", "json"), "auto: readable on a TTY, JSON otherwise."
     )
+    # --- tiers: disk, remote, write policy (issue 3; README section in docs/tiers.md) ---------
+    local_disk: str | None = option(
+        None,
+        optional_path,
+        "Folder of the disk tier (LMCache's local_disk; file:// accepted); worker i uses "
+        "<local_disk>/<i>/. Unset: no disk tier.",
+    )
+    max_local_disk_size: int = option(
+        0, byte_size, "Disk tier budget, split evenly across workers. A number is GiB."
+    )
+    disk_fsync: bool = option(
+        False,
+        boolean,
+        "fdatasync each disk block before it becomes visible, so it survives a power loss "
+        "(a kill -9 is survived either way).",
+    )
+    disk_drop_cache: bool = option(
+        False,
+        boolean,
+        "posix_fadvise(DONTNEED) after disk reads and writes, so the page cache does not grow "
+        "with the disk tier.",
+    )
+    remote_url: str | None = option(
+        None,
+        optional_url,
+        "Shared remote tier: redis://host:port/db, rediss://, unix:///path.sock, "
+        "redis+cluster://h1:p1,h2:p2 or fs:///shared/folder. Unset: no remote tier.",
+        secret=False,
+    )
+    remote_key_prefix: str = option(
+        "lmcached:", string, "Prefix of every key this daemon writes to the remote store."
+    )
+    remote_ttl: float = option(
+        0.0,
+        non_negative_seconds,
+        "Expire remote entries after this many seconds; 0 keeps them until Redis evicts them.",
+    )
+    remote_timeout: float = option(
+        1.0, seconds, "Deadline of one remote operation; a dead or hung remote costs at most this."
+    )
+    remote_backoff_max: float = option(
+        10.0, seconds, "Longest pause between reconnect attempts to a failed remote."
+    )
+    write_policy: str = option(
+        "write-through",
+        choice("write-through", "write-back"),
+        "write-through: every put is queued for disk and remote at once. write-back: a block "
+        "goes down only when CPU evicts it, and at shutdown (lost on kill -9).",
+    )
+    write_queue_size: int = option(
+        "512MiB",
+        byte_size,
+        "Bytes each lower tier's write queue holds per worker; when full, writes are dropped "
+        "and counted (never blocked on).",
+    )
+    shutdown_flush_timeout: float = option(
+        10.0,
+        non_negative_seconds,
+        "On stop (SIGTERM), how long each worker may spend writing queued blocks to disk and "
+        "remote before it exits.",
+    )
     # --- extensions (issue 5): see lmcached/plugins and docs/extensions.md -------------------
     external_backends: list[str] = option(
         [],
@@ -533,6 +594,10 @@ class Config:
     @property
     def instance_dir(self) -> str:
         return os.path.join(self.effective_runtime_dir, self.effective_instance_name)
+
+    @property
+    def disk_budget_per_worker(self) -> int:
+        return self.max_local_disk_size // self.num_workers if self.local_disk else 0
 
     @property
     def cpu_budget_per_worker(self) -> int:
@@ -775,6 +840,49 @@ def _check_plugin_locations(cfg: Config) -> None:
 
 
 EXTRA_VALIDATORS.append(_check_plugin_locations)
+
+
+def _validate_tiers(cfg: Config) -> None:
+    """Check the disk and remote keys together (issue 3)."""
+    src = cfg.source
+    if cfg.local_disk and cfg.max_local_disk_size <= 0:
+        raise ConfigError(
+            "max_local_disk_size",
+            f"local_disk is set ({cfg.local_disk}) but the disk budget is 0; "
+            "set max_local_disk_size, e.g. 20 (GiB)",
+            src,
+        )
+    if cfg.max_local_disk_size > 0 and not cfg.local_disk:
+        raise ConfigError(
+            "local_disk", "max_local_disk_size is set but local_disk is not; name a folder", src
+        )
+    if cfg.remote_url:
+        from lmcached.storage.remote.connector import CONNECTORS
+
+        scheme = urlsplit(cfg.remote_url).scheme.lower()
+        if scheme not in CONNECTORS:
+            # Not built in: an extension may serve it (extra_config external_connector.<scheme>
+            # or a package's entry point); the plugin registry knows.
+            from lmcached.plugins.startup import uses_plugin_connector
+
+            if not uses_plugin_connector(cfg):
+                raise ConfigError(
+                    "remote_url",
+                    f"no connector for scheme {scheme!r}; built in: "
+                    f"{', '.join(sorted(CONNECTORS))} (or set extra_config "
+                    f"external_connector.{scheme}.module_path/class_name)",
+                    src,
+                )
+        if scheme.endswith("+cluster"):
+            from lmcached.storage.remote.redis_connector import parse_cluster_url
+
+            try:
+                parse_cluster_url(cfg.remote_url)
+            except ValueError as exc:
+                raise ConfigError("remote_url", str(exc), src) from None
+
+
+EXTRA_VALIDATORS.append(_validate_tiers)
 
 
 def load(
