@@ -100,9 +100,6 @@ class TieredStore:
 
     # --- puts -------------------------------------------------------------------------------
 
-    def get_many(self, keys: Sequence[bytes]) -> list[Block | None]:
-        return [self.get(k) for k in keys]
-
     def put(self, key: bytes, block: Block) -> bool:
         """Store in CPU and queue the lower-tier copies; True when stored or queued somewhere."""
         with self._cpu_lock:
