@@ -513,8 +513,12 @@ class Scheduler:
         for proc in procs:
             with contextlib.suppress(ProcessLookupError):
                 proc.send_signal(signal.SIGTERM)
-        # Workers stop their plugins first (SIGTERM, SIGKILL after plugin_stop_timeout).
+        # Workers stop their plugins first (SIGTERM, SIGKILL after plugin_stop_timeout), and
+        # workers with disk or remote tiers drain their write queues, for at most
+        # shutdown_flush_timeout (issue 3), so they get that much longer before SIGKILL.
         grace = max(self.cfg.shutdown_timeout, self.cfg.plugin_stop_timeout + 2.0)
+        if needs_checksums(self.cfg):
+            grace += self.cfg.shutdown_flush_timeout
         deadline = time.monotonic() + grace
         for proc in procs:
             try:

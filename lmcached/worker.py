@@ -266,8 +266,38 @@ class Worker:
         self.reply(envelope, protocol.ok_reply(req.id, stored=stored))
 
     def op_get(self, envelope: Any, req: Request) -> None:
-        blocks = self.store.get_many(req.keys)
-        self.send_blocks(envelope, req.id, blocks)
+        cached = self.store.get_cached_many(req.keys)
+        if not self.store.has_lower or all(b is not None for b in cached):
+            self.send_blocks(envelope, req.id, cached)
+            return
+        # Some keys may be on disk or in the remote: look there off the loop, so CPU hits for
+        # other clients keep being served meanwhile. The reply goes out when the read is done.
+        self._off_loop(
+            envelope,
+            req,
+            lambda: self.store.get_many(req.keys, cached=cached),
+            lambda blocks: self.send_blocks(envelope, req.id, blocks),
+        )
+
+    def _off_loop(
+        self,
+        envelope: Any,
+        req: Request,
+        work: Callable[[], Any],
+        answer: Callable[[Any], None],
+    ) -> None:
+        """Run ``work`` on the I/O pool and ``answer`` its result on the loop thread."""
+
+        def done(result: Any, err: BaseException | None) -> None:
+            if err is not None:
+                self.log.error("request_failed", op=req.op, error=f"{type(err).__name__}: {err}")
+                self.reply_error(
+                    envelope, req.id, protocol.E_INTERNAL, f"{type(err).__name__}: {err}"
+                )
+                return
+            answer(result)
+
+        self.submit_io(work, done)
 
     def send_blocks(self, envelope: Any, rid: int, blocks: list[Block | None]) -> None:
         """Reply to a get with the found blocks' frames (sent zero-copy)."""
@@ -296,29 +326,52 @@ class Worker:
         self.reply(envelope, header, out)
 
     def op_lookup(self, envelope: Any, req: Request) -> None:
+        def answer(hit: int) -> None:
+            self.ops.lookup_keys += len(req.keys)
+            self.ops.lookup_hits += hit
+            self.reply(envelope, protocol.ok_reply(req.id, hit=hit))
+
         hit = 0
         for key in req.keys:
-            if not self.store.contains(key):
+            if not self.store.contains_cached(key):
                 break
             hit += 1
-        self.ops.lookup_keys += len(req.keys)
-        self.ops.lookup_hits += hit
-        self.reply(envelope, protocol.ok_reply(req.id, hit=hit))
+        if hit == len(req.keys) or not self.store.has_lower:
+            answer(hit)
+        else:
+            self._off_loop(envelope, req, lambda: self.store.lookup(req.keys), answer)
 
     def op_exists(self, envelope: Any, req: Request) -> None:
-        flags = [self.store.contains(k) for k in req.keys]
-        # Client.lookup() is answered with exists; its keys count toward the lookup hit ratio.
-        self.ops.lookup_keys += len(flags)
-        self.ops.lookup_hits += sum(flags)
-        self.reply(envelope, protocol.ok_reply(req.id, flags=flags))
+        def answer(flags: list[bool]) -> None:
+            # Client.lookup() is answered with exists; its keys count toward the lookup hit ratio.
+            self.ops.lookup_keys += len(flags)
+            self.ops.lookup_hits += sum(flags)
+            self.reply(envelope, protocol.ok_reply(req.id, flags=flags))
+
+        flags = [self.store.contains_cached(k) for k in req.keys]
+        if all(flags) or not self.store.has_lower:
+            answer(flags)
+        else:
+            self._off_loop(envelope, req, lambda: self.store.exists_many(req.keys), answer)
 
     def op_delete(self, envelope: Any, req: Request) -> None:
-        count = sum(1 for k in req.keys if self.store.remove(k))
-        self.reply(envelope, protocol.ok_reply(req.id, count=count))
+        def answer(count: int) -> None:
+            self.reply(envelope, protocol.ok_reply(req.id, count=count))
+
+        if not self.store.has_lower:
+            answer(self.store.remove_many(req.keys))
+        else:
+            self._off_loop(envelope, req, lambda: self.store.remove_many(req.keys), answer)
 
     def op_purge(self, envelope: Any, req: Request) -> None:
-        count = self.store.remove_prefix(req.header["prefix"])
-        self.reply(envelope, protocol.ok_reply(req.id, count=count))
+        def answer(count: int) -> None:
+            self.reply(envelope, protocol.ok_reply(req.id, count=count))
+
+        prefix = req.header["prefix"]
+        if not self.store.has_lower:
+            answer(self.store.remove_prefix(prefix))
+        else:
+            self._off_loop(envelope, req, lambda: self.store.remove_prefix(prefix), answer)
 
     def op_flush(self, envelope: Any, req: Request) -> None:
         timeout = req.header.get("timeout")

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 from lmcached.codecs.tier import apply_tier_codecs
 from lmcached.config import Config
-from lmcached.plugins.startup import plugin_tiers
+from lmcached.plugins.startup import plugin_tiers, uses_plugin_connector
+from lmcached.routing import owner
 from lmcached.storage.base import StorageBackend
 from lmcached.storage.cpu import CPUBackend
 from lmcached.storage.tiered import TieredStore
 
 
 def build_tiers(cfg: Config, worker_id: int) -> list[StorageBackend]:
-    """Return the tiers of worker ``worker_id`` in lookup order (CPU first)."""
+    """Return the tiers of worker ``worker_id`` in lookup order: CPU, disk, remote, external."""
     # With local_cpu off the CPU tier still exists with no budget, so every put is rejected
     # there and lower tiers (when configured) hold the data.
     if cfg.namespace_quotas:
@@ -23,15 +26,51 @@ def build_tiers(cfg: Config, worker_id: int) -> list[StorageBackend]:
     else:
         cpu = CPUBackend(cfg.cpu_budget_per_worker, cfg.eviction_policy)
     tiers: list[StorageBackend] = [cpu]
+    key_owner = partial(owner, num_workers=cfg.num_workers)
+    if cfg.local_disk:
+        from lmcached.storage.disk import DiskBackend
+
+        tiers.append(
+            DiskBackend(
+                cfg.local_disk,
+                worker_id,
+                cfg.disk_budget_per_worker,
+                policy=cfg.eviction_policy,
+                fsync=cfg.disk_fsync,
+                drop_cache=cfg.disk_drop_cache,
+                owner=key_owner,
+                num_workers=cfg.num_workers,
+            )
+        )
+    # A scheme served by an extension (external_connector.<scheme> or a package) is built by
+    # plugin_tiers below; the built-in schemes get the verifying, fail-fast RemoteBackend.
+    if cfg.remote_url and not uses_plugin_connector(cfg):
+        from lmcached.storage.remote import RemoteBackend, make_connector
+
+        tiers.append(
+            RemoteBackend(
+                make_connector(cfg.remote_url, timeout=cfg.remote_timeout),
+                key_prefix=cfg.remote_key_prefix.encode(),
+                ttl=cfg.remote_ttl or None,
+                backoff_max=cfg.remote_backoff_max,
+                owner=key_owner,
+                worker_id=worker_id,
+            )
+        )
     # Extensions: a remote tier over an external connector, then external backends in order.
     tiers.extend(plugin_tiers(cfg, worker_id))
     return apply_tier_codecs(cfg, tiers)  # disk_codec / remote_codec on the tiers named so
 
 
 def build_store(cfg: Config, worker_id: int) -> TieredStore:
-    return TieredStore(build_tiers(cfg, worker_id))
+    return TieredStore(
+        build_tiers(cfg, worker_id),
+        write_policy=cfg.write_policy,
+        queue_max_bytes=cfg.write_queue_size,
+        shutdown_flush_timeout=cfg.shutdown_flush_timeout,
+    )
 
 
 def needs_checksums(cfg: Config) -> bool:
     """Return True when blocks leave process memory, so clients must send payload checksums."""
-    return False
+    return bool(cfg.local_disk or cfg.remote_url)
