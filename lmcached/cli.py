@@ -80,6 +80,9 @@ def render_status(status: dict[str, Any]) -> str:
             f"{w.get('id'):>6} {w.get('pid') or '-':>8} {state:<10} {blocks:>8} {_fmt_bytes(used):>10} "
             f"{rate:>8} {cpu.get('evictions', 0):>7} {_fmt_bytes(mem.get('uss')):>9} {w.get('restarts', 0):>8}"
         )
+    from lmcached.tier_table import render_tier_table
+
+    lines.extend(render_tier_table(status))
     lines.extend(plugins_cli.status_lines(status))
     from lmcached.plugins.commands import render_plugins
 
@@ -211,6 +214,9 @@ def build_parser() -> argparse.ArgumentParser:
     from lmcached.plugins.commands import add_reload_command
 
     add_reload_command(add)
+    from lmcached import check
+
+    check.register(sub)
     for register in EXTRA_COMMANDS:
         register(sub)
     return parser

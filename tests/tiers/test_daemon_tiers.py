@@ -7,6 +7,8 @@ remote is involved, a real redis-server on a free loopback port.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -129,6 +131,12 @@ def test_corrupt_redis_value_is_a_counted_miss(tmp_path: Path, redis_server) -> 
         with daemon.client() as c:
             assert c.get([key]) == [None]
             assert _totals(c)["remote"]["checksum_failures"] == 1
+        status = subprocess.run(
+            [sys.executable, "-m", "lmcached", "status", "--config", str(daemon.config_path)],
+            capture_output=True, text=True, timeout=30, check=True,
+        ).stdout  # fmt: skip
+        remote_row = next(line for line in status.splitlines() if " remote " in line)
+        assert remote_row.split()[-1] == "ok" and remote_row.split()[-3] == "1"
 
 
 def test_num_workers_change_keeps_every_block_reachable(tmp_path: Path) -> None:
