@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import mmap
 import os
 import threading
+import weakref
 from collections.abc import Sequence
 
 import xxhash
@@ -87,11 +89,12 @@ def write_file_atomic(
     try:
         try:
             _write_all(fd, pieces)
-            if fsync:
+            if fsync or drop_cache:
+                # The kernel drops only clean pages: DONTNEED right after a write would keep
+                # them all (measured: 100% still resident), so dropping implies a data sync.
+                # This runs on the write-through thread, never on the request loop.
                 os.fdatasync(fd)
             if drop_cache:
-                # Without fdatasync the pages are still dirty and the kernel keeps them; the
-                # advice then only helps once writeback has run.
                 os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         finally:
             os.close(fd)
@@ -119,11 +122,62 @@ def write_block_file(
     )
 
 
-def read_file(path: str, *, drop_cache: bool = False) -> memoryview:
-    """Read a whole file into a fresh buffer (one copy, kernel to user) and return a view."""
+# Reads of large blocks map the file instead of copying it: a fresh buffer costs a page fault per
+# 4 KiB (about 17 ms for 32 MiB here, more than the read itself), a populated mapping of a cached
+# file costs almost nothing, and the promoted CPU copy then shares the page cache's pages instead
+# of doubling them. Each live block holds one mapping, so their number is capped well below
+# vm.max_map_count (65530 by default); past the cap, reads fall back to a copy.
+MMAP_MIN_BYTES = 1 << 20
+MAX_LIVE_MAPS = 16384
+_maps_lock = threading.Lock()
+_live_maps = 0
+
+
+def live_maps() -> int:
+    """Return how many block-file mappings are alive in this process."""
+    return _live_maps
+
+
+def _release_map() -> None:
+    global _live_maps
+    with _maps_lock:
+        _live_maps -= 1
+
+
+def _map_file(fd: int, size: int) -> mmap.mmap | None:
+    global _live_maps
+    with _maps_lock:
+        if _live_maps >= MAX_LIVE_MAPS:
+            return None
+        _live_maps += 1
+    try:
+        mm = mmap.mmap(
+            fd,
+            size,
+            flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0),
+            prot=mmap.PROT_READ,
+        )
+    except (OSError, ValueError):
+        _release_map()
+        return None
+    weakref.finalize(mm, _release_map)
+    return mm
+
+
+def read_file(path: str, *, drop_cache: bool = False, use_mmap: bool = False) -> memoryview:
+    """Return a whole file's bytes: a read-only mapping (large files, ``use_mmap``) or a copy.
+
+    A mapping stays valid after the file is renamed over or unlinked (we never modify a block
+    file in place); truncating a mapped file from outside would fault, so nothing must.
+    """
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         size = os.fstat(fd).st_size
+        if use_mmap and size >= MMAP_MIN_BYTES:
+            mm = _map_file(fd, size)
+            if mm is not None:
+                return memoryview(mm)
+        # One copy, kernel to a buffer we own; the payload is then a view of it.
         buf = bytearray(size)
         mv = memoryview(buf)
         got = 0
@@ -139,9 +193,11 @@ def read_file(path: str, *, drop_cache: bool = False) -> memoryview:
     return mv[:got]
 
 
-def read_block_file(path: str, key: bytes | None = None, *, drop_cache: bool = False) -> Block:
+def read_block_file(
+    path: str, key: bytes | None = None, *, drop_cache: bool = False, use_mmap: bool = False
+) -> Block:
     """Read and verify one block file; raise BlockFormatError or OSError (FileNotFoundError)."""
-    _, block = decode_block(read_file(path, drop_cache=drop_cache), key)
+    _, block = decode_block(read_file(path, drop_cache=drop_cache, use_mmap=use_mmap), key)
     return block
 
 

@@ -64,6 +64,7 @@ class DiskBackend(StorageBackend):
         policy: str | EvictionPolicy = "lru",
         fsync: bool = False,
         drop_cache: bool = False,
+        mmap_reads: bool = True,
         owner: Owner | None = None,
         num_workers: int | None = None,
     ) -> None:
@@ -74,6 +75,7 @@ class DiskBackend(StorageBackend):
         self.policy = make_policy(policy) if isinstance(policy, str) else policy
         self.fsync = fsync
         self.drop_cache = drop_cache
+        self.mmap_reads = mmap_reads
         self._owner = owner
         self._num_workers = num_workers
         self.counters = TierStats()
@@ -201,7 +203,9 @@ class DiskBackend(StorageBackend):
             self.counters.misses += 1
             return None
         try:
-            block = read_block_file(self._path(key), key, drop_cache=self.drop_cache)
+            block = read_block_file(
+                self._path(key), key, drop_cache=self.drop_cache, use_mmap=self.mmap_reads
+            )
         except FileNotFoundError:
             self._forget(key)
             self.counters.misses += 1

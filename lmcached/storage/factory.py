@@ -38,6 +38,7 @@ def build_tiers(cfg: Config, worker_id: int) -> list[StorageBackend]:
                 policy=cfg.eviction_policy,
                 fsync=cfg.disk_fsync,
                 drop_cache=cfg.disk_drop_cache,
+                mmap_reads=cfg.disk_mmap_reads,
                 owner=key_owner,
                 num_workers=cfg.num_workers,
             )
