@@ -147,3 +147,33 @@ def test_check_reports_and_fixes(tmp_path) -> None:
     assert fixed.fixed == 3
     clean = check_disk(str(tmp_path))
     assert clean.problems == [] and clean.ok == 1
+
+
+def test_large_blocks_are_served_from_a_mapping_that_outlives_the_file(tmp_path) -> None:
+    import gc
+
+    from lmcached.storage.blockfile import live_maps
+
+    disk = DiskBackend(str(tmp_path), 0, 100 * MiB)
+    before = live_maps()
+    disk.put(b"big", _block(3, size=2 * MiB))
+    got = disk.get(b"big")
+    assert live_maps() == before + 1
+    assert disk.remove(b"big")  # the file is gone; the mapping keeps its pages readable
+    assert got.tobytes() == _block(3, size=2 * MiB).tobytes()
+    del got
+    gc.collect()
+    assert live_maps() == before
+
+
+def test_large_corrupt_block_is_caught_through_the_mapping_too(tmp_path) -> None:
+    disk = DiskBackend(str(tmp_path), 0, 100 * MiB)
+    disk.put(b"big", _block(4, size=2 * MiB))
+    path = tmp_path / "0" / file_name(b"big")
+    with open(path, "r+b") as f:
+        f.seek(MiB)
+        byte = f.read(1)
+        f.seek(MiB)
+        f.write(bytes([byte[0] ^ 1]))
+    assert disk.get(b"big") is None
+    assert disk.stats()["checksum_failures"] == 1 and not path.exists()
