@@ -69,6 +69,7 @@ def build_store(cfg: Config, worker_id: int) -> TieredStore:
         write_policy=cfg.write_policy,
         queue_max_bytes=cfg.write_queue_size,
         shutdown_flush_timeout=cfg.shutdown_flush_timeout,
+        max_frame_size=cfg.wire_frame_size,
     )
 
 

@@ -43,6 +43,7 @@ class TieredStore:
         queue_max_bytes: int = 512 << 20,
         queue_max_items: int = 4096,
         shutdown_flush_timeout: float = 10.0,
+        max_frame_size: int = 16 << 20,
     ) -> None:
         if not tiers:
             raise ValueError("a TieredStore needs at least one tier")
@@ -53,6 +54,7 @@ class TieredStore:
         self.tiers = list(tiers)
         self.write_policy = write_policy
         self.shutdown_flush_timeout = shutdown_flush_timeout
+        self.max_frame_size = max_frame_size
         self._cpu_lock = threading.RLock()
         self._get_latency = {t.name: LatencyStat() for t in self.tiers}
         self._put_latency = {t.name: LatencyStat() for t in self.lower}
@@ -143,12 +145,27 @@ class TieredStore:
             self._get_latency[tier.name].record(time.perf_counter() - start)
             for i, block in zip(missing, found, strict=True):
                 if block is not None:
+                    block = self._as_wire_frames(block)
                     out[i] = block
                     self._promote(keys[i], block, level)
         return out
 
     def get(self, key: bytes) -> Block | None:
         return self.get_many([key])[0]
+
+    def _as_wire_frames(self, block: Block) -> Block:
+        """Split a block read from disk or remote into frames of at most max_frame_size.
+
+        Blocks from the client arrive in such sub-frames already. A 32 MiB single frame would
+        make the client's libzmq allocate 32 MiB at once, above glibc's mmap threshold: a fresh
+        mapping and ~8k page faults per read (the "32 MiB cliff"). The views cost no copy.
+        """
+        if len(block.frames) != 1 or block.nbytes <= self.max_frame_size:
+            return block
+        mv = memoryview(block.frames[0]).cast("B")
+        step = self.max_frame_size
+        frames = tuple(mv[i : i + step] for i in range(0, mv.nbytes, step))
+        return Block(frames=frames, nbytes=block.nbytes, meta=block.meta, checksum=block.checksum)
 
     def _promote(self, key: bytes, block: Block, level: int) -> None:
         with self._cpu_lock:
