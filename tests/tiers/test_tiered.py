@@ -172,3 +172,13 @@ def test_no_cpu_budget_still_stores_below(tmp_path) -> None:
 def test_unknown_write_policy_is_refused() -> None:
     with pytest.raises(ValueError, match="write-through"):
         TieredStore([CPUBackend(1)], write_policy="sometimes")
+
+
+def test_lower_tier_blocks_are_served_in_wire_size_frames(tmp_path) -> None:
+    disk = DiskBackend(str(tmp_path), 0, 10 * MiB)
+    store = TieredStore([CPUBackend(10 * MiB), disk], max_frame_size=64 * KiB)
+    disk.put(b"k", _block(7, size=200 * KiB))
+    got = store.get(b"k")
+    assert [memoryview(f).nbytes for f in got.frames] == [64 * KiB] * 3 + [8 * KiB]
+    assert got.tobytes() == _block(7, size=200 * KiB).tobytes()
+    store.close()
