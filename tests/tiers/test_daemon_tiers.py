@@ -171,6 +171,26 @@ def test_two_daemons_share_one_redis(tmp_path: Path, redis_server) -> None:
             assert not redis.Redis(port=redis_server.port).exists(b"lmcached:" + keys[0])
 
 
+@pytest.mark.parametrize("store", ["redis_cluster", "shared_folder"])
+def test_two_daemons_share_a_cluster_or_a_shared_folder(
+    tmp_path: Path, request: pytest.FixtureRequest, store: str
+) -> None:
+    if store == "redis_cluster":
+        url = request.getfixturevalue("redis_cluster").url
+    else:
+        (tmp_path / "shared").mkdir()
+        url = f"fs://{tmp_path}/shared"
+    keys = _keys(5, f"{store}/")
+    with DaemonProcess(tmp_path / "a", remote_url=url) as a, a.client() as ca:
+        ca.put(keys, [_value(i) for i in range(5)])
+        ca.flush()
+        with DaemonProcess(tmp_path / "b", remote_url=url, num_workers=1) as b, b.client() as cb:
+            assert _get_all(cb, keys) == [_value(i) for i in range(5)]
+            assert _totals(cb)["remote"]["hits"] == 5
+            assert cb.purge(f"{store}/".encode()) == 5
+        assert ca.delete(keys) == 5  # A's CPU copies; the remote ones are gone already
+
+
 def test_redis_killed_mid_run(tmp_path: Path, redis_server) -> None:
     in_cpu, on_disk, remote_only = _keys(2, "cpu/"), _keys(2, "disk/"), _keys(2, "remote/")
     daemon = DaemonProcess(
