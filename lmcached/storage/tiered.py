@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import structlog
@@ -64,6 +64,7 @@ class TieredStore:
                 self._writer_for(t),
                 max_bytes=queue_max_bytes,
                 max_items=queue_max_items,
+                idle_hook=getattr(t, "upkeep", None),
             )
             for t in self.lower
         }
@@ -89,7 +90,9 @@ class TieredStore:
     def tier(self, name: str) -> StorageBackend | None:
         return next((t for t in self.tiers if t.name == name), None)
 
-    def _writer_for(self, tier: StorageBackend):  # type: ignore[no-untyped-def]
+    def _writer_for(
+        self, tier: StorageBackend
+    ) -> Callable[[Sequence[tuple[bytes, Block]]], list[bool]]:
         latency = self._put_latency[tier.name]
 
         def write(batch: Sequence[tuple[bytes, Block]]) -> list[bool]:

@@ -36,9 +36,13 @@ class WriteQueue:
         max_items: int = 4096,
         batch_items: int = 32,
         batch_bytes: int = 64 << 20,
+        idle_hook: Callable[[], object] | None = None,
+        idle_interval: float = 1.0,
     ) -> None:
         self.name = name
         self._write = write
+        self._idle_hook = idle_hook
+        self._idle_interval = idle_interval
         self.max_bytes = max_bytes
         self.max_items = max_items
         self.batch_items = batch_items
@@ -106,11 +110,28 @@ class WriteQueue:
 
     def _run(self) -> None:
         while True:
+            idle = False
             with self._cond:
                 while not self._pending and not self._stopping:
-                    self._cond.wait()
+                    if self._idle_hook is not None:
+                        if not self._cond.wait(self._idle_interval):
+                            idle = True
+                            break
+                    else:
+                        self._cond.wait()
                 if not self._pending and self._stopping:
                     return
+            if idle:
+                # Nothing to write for a while: let the tier do upkeep (the remote probes a
+                # down store, so `status` shows recovery without waiting for traffic).
+                try:
+                    self._idle_hook()  # type: ignore[misc]
+                except Exception:
+                    log.exception("idle upkeep failed", tier=self.name)
+                continue
+            with self._cond:
+                if not self._pending:
+                    continue
                 batch = self._take_batch()
                 self._inflight = {k for k, _ in batch}
             try:

@@ -182,3 +182,19 @@ def test_lower_tier_blocks_are_served_in_wire_size_frames(tmp_path) -> None:
     assert [memoryview(f).nbytes for f in got.frames] == [64 * KiB] * 3 + [8 * KiB]
     assert got.tobytes() == _block(7, size=200 * KiB).tobytes()
     store.close()
+
+
+def test_a_recovered_remote_shows_healthy_without_traffic(redis_server) -> None:
+    from tests.tiers.conftest import wait_for
+
+    remote = RemoteBackend(
+        make_connector(redis_server.url, timeout=0.5), backoff_initial=0.05, backoff_max=0.2
+    )
+    store = TieredStore([CPUBackend(MiB), remote])
+    redis_server.stop()
+    assert store.get(b"absent") is None
+    assert store.stats()["remote"]["health"] == "down"
+    redis_server.start()
+    # No request touches the store: the idle write thread probes the remote by itself.
+    wait_for(lambda: store.stats()["remote"]["health"] == "ok", timeout=15, what="health ok")
+    store.close()

@@ -257,12 +257,17 @@ class RemoteBackend(StorageBackend):
         return Usage(used_bytes=0, capacity_bytes=0, entries=0)
 
     def probe(self) -> bool:
-        """Ping the remote when a retry is due (used by status); return whether it is healthy."""
+        """Ping the remote (when it is ok, or a retry is due); return whether it answered."""
         try:
             self._call(self.connector.ping)
         except RemoteUnavailable:
             return False
         return True
+
+    def upkeep(self) -> None:
+        """Called by the write thread when idle: probe a down remote once its retry is due."""
+        if self.health.state != "ok" and self.health.may_try():
+            self.probe()
 
     def stats(self) -> dict[str, Any]:
         with self._count_lock:
