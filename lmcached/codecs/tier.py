@@ -102,6 +102,14 @@ class CodecTier(StorageBackend):
     def remove_prefix(self, prefix: bytes) -> int:
         return self.inner.remove_prefix(prefix)
 
+    # Forwarded so the inner tier's batching and ownership rules hold (a remote tier lists only
+    # the keys its worker owns, so a purge fanned out to every worker counts each key once).
+    def remove_many(self, keys: Sequence[bytes]) -> list[bool]:
+        return self.inner.remove_many(keys)
+
+    def keys_with_prefix(self, prefix: bytes) -> list[bytes]:
+        return self.inner.keys_with_prefix(prefix)
+
     def iter_keys(self) -> Iterator[bytes]:
         return self.inner.iter_keys()
 
