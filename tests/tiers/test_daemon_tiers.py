@@ -184,7 +184,10 @@ def test_two_daemons_share_a_cluster_or_a_shared_folder(
     with DaemonProcess(tmp_path / "a", remote_url=url) as a, a.client() as ca:
         ca.put(keys, [_value(i) for i in range(5)])
         ca.flush()
-        with DaemonProcess(tmp_path / "b", remote_url=url, num_workers=1) as b, b.client() as cb:
+        # B has more workers than A, and compresses: the purge, fanned out to each of B's
+        # workers, still counts every shared key once.
+        b = DaemonProcess(tmp_path / "b", remote_url=url, num_workers=3, remote_codec="zstd")
+        with b, b.client() as cb:
             assert _get_all(cb, keys) == [_value(i) for i in range(5)]
             assert _totals(cb)["remote"]["hits"] == 5
             assert cb.purge(f"{store}/".encode()) == 5
