@@ -17,6 +17,7 @@ import contextlib
 import json
 import os
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -67,6 +68,7 @@ class DiskBackend(StorageBackend):
         mmap_reads: bool = True,
         owner: Owner | None = None,
         num_workers: int | None = None,
+        scan_sync_budget: float = 5.0,
     ) -> None:
         self.root = root
         self.worker_id = worker_id
@@ -91,6 +93,9 @@ class DiskBackend(StorageBackend):
         self._used = 0
         self._lock = threading.Lock()
         self._closed = False
+        self.scan_sync_budget = scan_sync_budget
+        self._index_complete = False
+        self._scan_thread: threading.Thread | None = None
         os.makedirs(self.dir, mode=0o700, exist_ok=True)
         if owner is not None and num_workers is not None:
             self._pull_owned_files()
@@ -147,45 +152,96 @@ class DiskBackend(StorageBackend):
         self._write_marker()
 
     def _scan(self) -> None:
-        """Rebuild the index from the files' headers; remove torn and corrupt files."""
-        found: list[tuple[float, bytes, int]] = []
+        """Rebuild the index from the files' headers; remove torn and corrupt files.
+
+        Files are indexed oldest first (so LRU order after a restart follows write time). The
+        scan runs inline for at most ``scan_sync_budget`` seconds, so a worker with a huge
+        disk still starts in time; the rest is indexed by a background thread, and until it is
+        done those blocks are misses (stats: ``index_complete``).
+        """
+        entries: list[tuple[float, os.DirEntry[str]]] = []
         for entry in os.scandir(self.dir):
             if is_temp_name(entry.name):
                 self._unlink(entry.path)
                 self.counters.extra["torn_files_removed"] += 1
-                continue
-            if not entry.name.endswith(BLOCK_SUFFIX):
-                continue
-            try:
-                header, size = read_block_header(entry.path)
-                if entry.name != file_name(header.key):
-                    raise BlockFormatError("bad_header", "file name does not match its key")
-            except BlockFormatError as exc:
-                if exc.kind == "unsupported_version":
-                    self.counters.extra["unsupported_version"] += 1
+            elif entry.name.endswith(BLOCK_SUFFIX):
+                try:
+                    entries.append((entry.stat().st_mtime, entry))
+                except OSError:
                     continue
-                log.warning("removing corrupt disk block", path=entry.path, error=str(exc))
-                self._unlink(entry.path)
-                self.counters.extra["checksum_failures"] += 1
-                continue
-            except OSError:
-                continue
-            if not self._owns(header.key):
-                continue  # its owner pulls it at its own start
-            found.append((entry.stat().st_mtime, header.key, size))
-        # Oldest first, so that LRU order after a restart follows write time.
-        found.sort(key=lambda t: t[0])
-        with self._lock:
-            for _, key, size in found:
-                self._index[key] = size
-                self._used += size
-                self.policy.on_insert(key, size)
-            victims = self._make_room_locked(0)
-        self._delete_files(victims)
-        if found:
+        entries.sort(key=lambda t: t[0])
+        todo = [e for _, e in entries]
+        done = self._index_entries(todo, time.monotonic() + self.scan_sync_budget)
+        if done < len(todo):
             log.info(
-                "disk index rebuilt", worker_id=self.worker_id, entries=len(found), bytes=self._used
+                "disk index continues in the background",
+                worker_id=self.worker_id,
+                indexed=done,
+                remaining=len(todo) - done,
             )
+            self._scan_thread = threading.Thread(
+                target=self._index_entries,
+                args=(todo[done:], None),
+                name=f"disk-scan-{self.worker_id}",
+                daemon=True,
+            )
+            self._scan_thread.start()
+        else:
+            self._index_complete = True
+            if todo:
+                log.info(
+                    "disk index rebuilt",
+                    worker_id=self.worker_id,
+                    entries=len(self._index),
+                    bytes=self._used,
+                )
+
+    def _index_entries(self, entries: list[os.DirEntry[str]], deadline: float | None) -> int:
+        """Index ``entries`` in chunks; stop at ``deadline``; return how many were handled."""
+        handled = 0
+        chunk = 256
+        while handled < len(entries) and not self._closed:
+            if deadline is not None and time.monotonic() >= deadline:
+                return handled
+            found: list[tuple[bytes, int]] = []
+            for entry in entries[handled : handled + chunk]:
+                parsed = self._read_header(entry)
+                if parsed is not None:
+                    found.append(parsed)
+            handled += min(chunk, len(entries) - handled)
+            with self._lock:
+                for key, size in found:
+                    if key in self._index:
+                        continue  # written again since the start: the newer entry wins
+                    self._index[key] = size
+                    self._used += size
+                    self.policy.on_insert(key, size)
+                victims = self._make_room_locked(0)
+            self._delete_files(victims)
+        if deadline is None and not self._closed:
+            self._index_complete = True
+            log.info("disk index rebuilt", worker_id=self.worker_id, entries=len(self._index))
+        return handled
+
+    def _read_header(self, entry: os.DirEntry[str]) -> tuple[bytes, int] | None:
+        """Return (key, file size) of a block file this worker owns, or None (and clean up)."""
+        try:
+            header, size = read_block_header(entry.path)
+            if entry.name != file_name(header.key):
+                raise BlockFormatError("bad_header", "file name does not match its key")
+        except BlockFormatError as exc:
+            if exc.kind == "unsupported_version":
+                self.counters.extra["unsupported_version"] += 1
+                return None
+            log.warning("removing corrupt disk block", path=entry.path, error=str(exc))
+            self._unlink(entry.path)
+            self.counters.extra["checksum_failures"] += 1
+            return None
+        except OSError:
+            return None
+        if not self._owns(header.key):
+            return None  # its owner pulls it at its own start
+        return header.key, size
 
     # --- StorageBackend ---------------------------------------------------------------------
 
@@ -259,6 +315,10 @@ class DiskBackend(StorageBackend):
             log.warning("disk write failed", key=key, dir=self.dir, error=str(exc))
             return False
         with self._lock:
+            prev = self._index.get(key)
+            if prev is not None:  # indexed meanwhile (by the background scan): replace it
+                self._used -= prev
+                self.policy.on_remove(key)
             self._used += written - size
             self._index[key] = written
             self.policy.on_insert(key, written)
@@ -319,6 +379,7 @@ class DiskBackend(StorageBackend):
             "used_bytes": u.used_bytes,
             "capacity_bytes": u.capacity_bytes,
             "entries": u.entries,
+            "index_complete": int(self._index_complete),
         }
 
     def close(self) -> None:
@@ -326,6 +387,8 @@ class DiskBackend(StorageBackend):
         if self._closed:
             return
         self._closed = True
+        if self._scan_thread is not None:
+            self._scan_thread.join(timeout=10)  # it stops at its next chunk
         with self._lock:
             self._index.clear()
 
