@@ -139,6 +139,10 @@ class TieredStore:
         count its CPU misses twice. May block on disk and network: call it off the request loop.
         """
         out = list(cached) if cached is not None else self.get_cached_many(keys)
+        # A block CPU no longer holds may still be queued for its lower-tier copies.
+        for i, block in enumerate(out):
+            if block is None:
+                out[i] = self._queued(keys[i])
         for level, tier in enumerate(self.lower, start=1):
             missing = [i for i, b in enumerate(out) if b is None]
             if not missing:
@@ -155,6 +159,13 @@ class TieredStore:
 
     def get(self, key: bytes) -> Block | None:
         return self.get_many([key])[0]
+
+    def _queued(self, key: bytes) -> Block | None:
+        for q in self.queues.values():
+            block = q.peek(key)
+            if block is not None:
+                return block
+        return None
 
     def _as_wire_frames(self, block: Block) -> Block:
         """Split a block read from disk or remote into frames of at most max_frame_size.
@@ -187,6 +198,7 @@ class TieredStore:
         """Return, per key, whether any tier holds it (may block: call it off the loop)."""
         with self._cpu_lock:
             out = [self.top.contains(k) for k in keys]
+        out = [hit or self._queued(k) is not None for hit, k in zip(out, keys, strict=True)]
         for tier in self.lower:
             missing = [i for i, hit in enumerate(out) if not hit]
             if not missing:

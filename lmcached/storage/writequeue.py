@@ -50,6 +50,7 @@ class WriteQueue:
         self._pending: OrderedDict[bytes, Block] = OrderedDict()
         self._pending_bytes = 0
         self._inflight: set[bytes] = set()
+        self._inflight_blocks: dict[bytes, Block] = {}
         self._cond = threading.Condition()
         self._stopping = False
         self.enqueued = 0
@@ -95,6 +96,14 @@ class WriteQueue:
                     break
                 self._cond.wait(left)
 
+    def peek(self, key: bytes) -> Block | None:
+        """Return the block queued (or being written) for ``key``, if any."""
+        with self._cond:
+            block = self._pending.get(key)
+            if block is None and key in self._inflight:
+                block = self._inflight_blocks.get(key)
+            return block
+
     def _take_batch(self) -> list[tuple[bytes, Block]]:
         batch: list[tuple[bytes, Block]] = []
         nbytes = 0
@@ -134,6 +143,7 @@ class WriteQueue:
                     continue
                 batch = self._take_batch()
                 self._inflight = {k for k, _ in batch}
+                self._inflight_blocks = dict(batch)
             try:
                 results = self._write(batch)
             except Exception:
@@ -143,6 +153,7 @@ class WriteQueue:
                 self.written += sum(1 for ok in results if ok)
                 self.failed += sum(1 for ok in results if not ok)
                 self._inflight = set()
+                self._inflight_blocks = {}
                 self._cond.notify_all()
 
     def idle(self) -> bool:

@@ -124,6 +124,21 @@ class _StuckTier(StorageBackend):
         self.release.set()
 
 
+def test_a_block_evicted_from_cpu_is_served_from_its_write_queue() -> None:
+    stuck = _StuckTier()
+    store = TieredStore([CPUBackend(64 * KiB), stuck])
+    store.put(b"a", _block(1))  # taken by the writer, held in flight
+    store.put(b"b", _block(2))  # evicts a from CPU; queued behind it
+    assert store.get_cached_many([b"a", b"b"])[0] is None
+    assert [_data(b) for b in store.get_many([b"a", b"b"])] == [
+        _data(_block(1)),
+        _data(_block(2)),
+    ]
+    assert store.exists_many([b"a", b"c"]) == [True, False]
+    stuck.release.set()
+    store.close()
+
+
 def test_full_queue_drops_and_counts_without_blocking() -> None:
     stuck = _StuckTier()
     store = TieredStore([CPUBackend(100 * MiB), stuck], queue_max_bytes=4 * 64 * KiB)
