@@ -150,3 +150,17 @@ def test_missing_shared_folder_is_unhealthy_not_fatal(tmp_path) -> None:
     remote = _remote(f"fs://{tmp_path}/nowhere")
     assert not remote.put(b"k", _block(1)) and remote.get(b"k") is None
     assert remote.stats()["health"] == "down"
+
+
+def test_fs_purge_removes_stale_temp_files_only(tmp_path) -> None:
+    import os
+
+    (tmp_path / "shared" / "ab").mkdir(parents=True)
+    stale = tmp_path / "shared" / "ab" / ".tmp-1-1-1"
+    fresh = tmp_path / "shared" / "ab" / ".tmp-2-2-2"
+    stale.write_bytes(b"torn")
+    fresh.write_bytes(b"being written")
+    os.utime(stale, (0, 0))
+    remote = _remote(f"fs://{tmp_path}/shared")
+    assert remote.remove_prefix(b"") == 0
+    assert not stale.exists() and fresh.exists()

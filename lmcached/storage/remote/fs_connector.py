@@ -12,6 +12,7 @@ mount with ``soft,timeo=`` options if that matters.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator, Sequence
 from urllib.parse import unquote, urlsplit
 
@@ -19,12 +20,15 @@ from lmcached.storage.base import Buffer
 from lmcached.storage.blockfile import (
     BLOCK_SUFFIX,
     file_name,
+    is_temp_name,
     read_block_header,
     read_file,
     write_file_atomic,
 )
 from lmcached.storage.blockformat import BlockFormatError
 from lmcached.storage.remote.connector import RemoteConnector, RemoteUnavailable
+
+STALE_TEMP_SECONDS = 3600
 
 
 class FSConnector(RemoteConnector):
@@ -94,6 +98,9 @@ class FSConnector(RemoteConnector):
             if not sub.is_dir():
                 continue
             for entry in os.scandir(sub.path):
+                if is_temp_name(entry.name):
+                    self._remove_if_stale(entry)
+                    continue
                 if not entry.name.endswith(BLOCK_SUFFIX):
                     continue
                 try:
@@ -103,6 +110,16 @@ class FSConnector(RemoteConnector):
                 if header.key.startswith(prefix):
                     keys.append(header.key)
         return iter(keys)
+
+    @staticmethod
+    def _remove_if_stale(entry: os.DirEntry[str]) -> None:
+        # A writer killed mid-write leaves its temporary file behind. Another host may be
+        # writing one right now, so only old ones go (purge is the maintenance path).
+        try:
+            if time.time() - entry.stat().st_mtime > STALE_TEMP_SECONDS:
+                os.unlink(entry.path)
+        except OSError:
+            pass
 
     def ping(self) -> None:
         self._check_root()
