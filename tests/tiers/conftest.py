@@ -1,4 +1,4 @@
-"""Fixtures for the tier tests: a real redis-server, and a real 3-master Redis Cluster."""
+"""Fixtures for the tier tests: a real 3-master Redis Cluster (redis_server is the shared one)."""
 
 from __future__ import annotations
 
@@ -7,12 +7,13 @@ import random
 import shutil
 import socket
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import redis
+
+from lmcached.testing import wait_until
 
 # Daemon subprocesses must import this checkout, not whichever tree `pip install -e` points at.
 REPO_ROOT = str(Path(__file__).resolve().parents[2])
@@ -22,25 +23,6 @@ os.environ["PYTHONPATH"] = os.pathsep.join(
 
 REDIS_SERVER = shutil.which("redis-server")
 REDIS_CLI = shutil.which("redis-cli")
-needs_redis = pytest.mark.skipif(REDIS_SERVER is None, reason="redis-server is not installed")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for(predicate, timeout: float = 10.0, what: str = "condition"):
-    """Poll ``predicate`` until it returns a truthy value; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.02)
 
 
 def _port_is_free(port: int) -> bool:
@@ -61,6 +43,16 @@ def free_cluster_port() -> int:
     raise RuntimeError("no free port pair for a redis cluster node")
 
 
+def _answers(port: int) -> bool:
+    client = redis.Redis(port=port, socket_timeout=1)
+    try:
+        return bool(client.ping())
+    except redis.ConnectionError:
+        return False
+    finally:
+        client.close()
+
+
 class ClusterNodeProcess:
     """One cluster-enabled redis-server in its own folder."""
 
@@ -74,46 +66,38 @@ class ClusterNodeProcess:
         self.proc = subprocess.Popen(
             [
                 REDIS_SERVER or "redis-server",
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--cluster-enabled",
-                "yes",
-                "--cluster-config-file",
-                "nodes.conf",
-                "--cluster-node-timeout",
-                "2000",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                str(self.folder),
+                "--port", str(self.port),
+                "--bind", "127.0.0.1",
+                "--cluster-enabled", "yes",
+                "--cluster-config-file", "nodes.conf",
+                "--cluster-node-timeout", "2000",
+                "--save", "",
+                "--appendonly", "no",
+                "--dir", str(self.folder),
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
-        )
-        client = redis.Redis(port=self.port, socket_timeout=1)
-
-        def up() -> bool:
-            try:
-                return bool(client.ping())
-            except redis.ConnectionError:
-                return False
-
-        wait_for(up, what=f"redis cluster node on {self.port}")
-        client.close()
+            stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+        wait_until(lambda: _answers(self.port), 10, what=f"redis cluster node on {self.port}")
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(10)
-        self.proc = None
+        proc, self.proc = self.proc, None
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
 
 
-def _cluster_state(client: redis.Redis) -> str:
-    info = client.execute_command("CLUSTER INFO")  # redis-py parses it into a dict
+def _cluster_state(port: int) -> str:
+    client = redis.Redis(port=port, socket_timeout=1)
+    try:
+        info = client.execute_command("CLUSTER INFO")  # redis-py parses it into a dict
+    finally:
+        client.close()
     if isinstance(info, dict):
         state = info.get("cluster_state", info.get(b"cluster_state", ""))
     else:
@@ -123,7 +107,7 @@ def _cluster_state(client: redis.Redis) -> str:
 
 
 class RedisClusterFixture:
-    """Three masters, no replicas, created with redis-cli --cluster create."""
+    """Three masters, no replicas, created with redis-cli --cluster create (no stdin in CI)."""
 
     def __init__(self, folder: Path) -> None:
         self.nodes = [ClusterNodeProcess(folder / f"n{i}") for i in range(3)]
@@ -139,74 +123,15 @@ class RedisClusterFixture:
             [REDIS_CLI or "redis-cli", "--cluster", "create",
              *(f"127.0.0.1:{n.port}" for n in self.nodes),
              "--cluster-replicas", "0", "--cluster-yes"],
-            check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=30,
+            check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            stdin=subprocess.DEVNULL, timeout=30,
         )  # fmt: skip
         for node in self.nodes:
-            client = redis.Redis(port=node.port, socket_timeout=1)
-            wait_for(
-                lambda c=client: _cluster_state(c) == "ok",
-                timeout=30,
-                what="cluster_state:ok",
-            )
-            client.close()
+            wait_until(lambda n=node: _cluster_state(n.port) == "ok", 30, what="cluster_state:ok")
 
     def stop(self) -> None:
         for node in self.nodes:
             node.stop()
-
-
-try:  # the core's fixture process, once it exists
-    from lmcached.testing import RedisServer
-except ImportError:  # pragma: no cover - until the core lands
-
-    class RedisServer:  # type: ignore[no-redef]
-        """A standalone redis-server on a free loopback port (fallback until lmcached.testing)."""
-
-        def __init__(self, workdir: Path) -> None:
-            self.folder = Path(workdir)
-            self.port = free_port()
-            self.proc: subprocess.Popen[bytes] | None = None
-
-        @property
-        def url(self) -> str:
-            return f"redis://127.0.0.1:{self.port}/0"
-
-        def start(self) -> RedisServer:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            self.proc = subprocess.Popen(
-                [REDIS_SERVER or "redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
-                 "--save", "", "--appendonly", "no", "--dir", str(self.folder)],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            )  # fmt: skip
-            client = redis.Redis(port=self.port, socket_timeout=1)
-
-            def up() -> bool:
-                try:
-                    return bool(client.ping())
-                except redis.ConnectionError:
-                    return False
-
-            wait_for(up, what="redis-server")
-            client.close()
-            return self
-
-        def stop(self) -> None:
-            if self.proc is not None and self.proc.poll() is None:
-                self.proc.terminate()
-                self.proc.wait(10)
-            self.proc = None
-
-
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    if REDIS_SERVER is None:
-        pytest.skip("redis-server is not installed")
-    server = RedisServer(tmp_path / "redis")
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="module")
@@ -223,6 +148,7 @@ def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisClu
 
 @pytest.fixture(autouse=True)
 def _no_stray_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    # An LMCACHED_* variable in the developer's shell would change every daemon under test.
     for name in list(os.environ):
         if name.startswith("LMCACHED_"):
             monkeypatch.delenv(name)

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import shutil
+
+import pytest
+
 from lmcached.bench_tiers import render_tiers, run_tiers
-from tests.tiers.conftest import needs_redis
 
 
-@needs_redis
+@pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server")
 def test_tiers_section_runs_and_reports_each_case(tmp_path) -> None:
     rows = run_tiers(sizes=[256 * 1024], bytes_per_point=1 << 20, repeats=1, workdir=str(tmp_path))
     cases = {r["case"] for r in rows}

@@ -16,8 +16,7 @@ import pytest
 import redis
 
 from lmcached.storage.blockfile import file_name
-from lmcached.testing import DaemonProcess
-from tests.tiers.conftest import wait_for
+from lmcached.testing import DaemonProcess, wait_until
 
 KiB = 1 << 10
 MiB = 1 << 20
@@ -232,7 +231,7 @@ def test_redis_killed_mid_run(tmp_path: Path, redis_server) -> None:
             assert status["health"] == "down"
             redis_server.start()  # empty: a fresh Redis without persistence
             c.put(remote_only[:1], [_value(20)])
-            wait_for(
+            wait_until(
                 lambda: (
                     c.put(remote_only[:1], [_value(20)]) is None
                     and c.stats()["workers"][0]["stats"]["store"]["remote"]["health"] == "ok"
@@ -256,7 +255,7 @@ def test_remote_read_does_not_block_cpu_hits(tmp_path: Path, redis_server) -> No
             with daemon.client(timeout=20) as c2:
                 slow.start()
                 gets = lambda: c.stats()["workers"][0]["stats"]["ops"]["requests"].get("get", 0)  # noqa: E731
-                wait_for(lambda: gets() >= 1, what="the slow get to reach the worker")
+                wait_until(lambda: gets() >= 1, 10, what="the slow get to reach the worker")
                 assert slow.is_alive()
                 assert _get_all(c, [b"hot"]) == [_value(1)]  # served while the remote read hangs
                 assert slow.is_alive()

@@ -180,7 +180,7 @@ def test_large_corrupt_block_is_caught_through_the_mapping_too(tmp_path) -> None
 
 
 def test_index_rebuild_past_its_time_budget_finishes_in_the_background(tmp_path) -> None:
-    from tests.tiers.conftest import wait_for
+    from lmcached.testing import wait_until
 
     disk = DiskBackend(str(tmp_path), 0, 100 * MiB)
     for i in range(600):
@@ -189,7 +189,7 @@ def test_index_rebuild_past_its_time_budget_finishes_in_the_background(tmp_path)
     again = DiskBackend(str(tmp_path), 0, 100 * MiB, scan_sync_budget=0.0)
     assert again.stats()["index_complete"] == 0
     again.put(b"k5", _block(99, size=1024))  # a write during the scan wins over the old file
-    wait_for(lambda: again.stats()["index_complete"] == 1, what="the background index")
+    wait_until(lambda: again.stats()["index_complete"] == 1, 10, what="the background index")
     assert again.usage().entries == 600
     assert again.get(b"k5").tobytes() == _block(99, size=1024).tobytes()
     again.close()

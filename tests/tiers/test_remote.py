@@ -10,7 +10,7 @@ import redis
 from lmcached.storage.base import Block
 from lmcached.storage.remote import RemoteBackend, make_connector
 from lmcached.storage.remote.redis_connector import glob_escape, parse_cluster_url
-from tests.tiers.conftest import wait_for
+from lmcached.testing import wait_until
 
 MiB = 1 << 20
 
@@ -124,7 +124,7 @@ def test_dead_redis_fails_fast_then_recovers(redis_server) -> None:
     stats = remote.stats()
     assert stats["unavailable"] + stats["skipped_while_down"] >= 3
     redis_server.start()
-    wait_for(lambda: remote.put(b"c", _block(3)), what="remote tier to recover")
+    wait_until(lambda: remote.put(b"c", _block(3)), 10, what="remote tier to recover")
     assert remote.stats()["health"] == "ok"
     assert remote.get(b"c").tobytes() == _block(3).tobytes()
     remote.close()

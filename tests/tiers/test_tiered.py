@@ -200,7 +200,7 @@ def test_lower_tier_blocks_are_served_in_wire_size_frames(tmp_path) -> None:
 
 
 def test_a_recovered_remote_shows_healthy_without_traffic(redis_server) -> None:
-    from tests.tiers.conftest import wait_for
+    from lmcached.testing import wait_until
 
     remote = RemoteBackend(
         make_connector(redis_server.url, timeout=0.5), backoff_initial=0.05, backoff_max=0.2
@@ -211,5 +211,5 @@ def test_a_recovered_remote_shows_healthy_without_traffic(redis_server) -> None:
     assert store.stats()["remote"]["health"] == "down"
     redis_server.start()
     # No request touches the store: the idle write thread probes the remote by itself.
-    wait_for(lambda: store.stats()["remote"]["health"] == "ok", timeout=15, what="health ok")
+    wait_until(lambda: store.stats()["remote"]["health"] == "ok", 15, what="health ok")
     store.close()
