@@ -73,6 +73,7 @@ TIER_GAUGES: dict[str, tuple[str, str]] = {
     "used_bytes": ("lmcached_tier_stored_bytes", "Bytes held by this tier now."),
     "capacity_bytes": ("lmcached_tier_capacity_bytes", "Byte budget of this tier."),
     "entries": ("lmcached_tier_blocks", "Blocks held by this tier now."),
+    "up": ("lmcached_tier_up", "1 while a remote tier answers, 0 while it is marked down."),
 }
 
 

@@ -164,3 +164,14 @@ def test_fs_purge_removes_stale_temp_files_only(tmp_path) -> None:
     remote = _remote(f"fs://{tmp_path}/shared")
     assert remote.remove_prefix(b"") == 0
     assert not stale.exists() and fresh.exists()
+
+
+def test_remote_health_is_exported_as_a_metric(redis_server) -> None:
+    from lmcached.ops.metrics import flatten_worker_stats
+
+    remote = _remote(redis_server.url, backoff_initial=5.0)
+    redis_server.stop()
+    remote.get(b"k")
+    _, gauges = flatten_worker_stats({"store": {"remote": remote.stats()}})
+    assert gauges[("tier:up", ("remote",))] == 0.0
+    remote.close()

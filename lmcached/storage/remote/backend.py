@@ -272,7 +272,9 @@ class RemoteBackend(StorageBackend):
     def stats(self) -> dict[str, Any]:
         with self._count_lock:
             counters = self.counters.as_dict()
-        return {**counters, **self.health.as_dict(), "url": self.connector.describe()}
+        health = self.health.as_dict()
+        up = int(health["health"] == "ok")
+        return {**counters, **health, "up": up, "url": self.connector.describe()}
 
     def close(self) -> None:
         if self._closed:
