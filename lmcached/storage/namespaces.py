@@ -57,6 +57,16 @@ class NamespacedBackend(StorageBackend):
         self._shared = make_partition(capacity_bytes - reserved, policy)
         self._closed = False
 
+    @property
+    def on_evict(self) -> Callable[[bytes, Block], None] | None:
+        """The eviction hook (write-back policy of the TieredStore), shared by every partition."""
+        return getattr(self._shared, "on_evict", None)
+
+    @on_evict.setter
+    def on_evict(self, hook: Callable[[bytes, Block], None] | None) -> None:
+        for partition in self._all():
+            partition.on_evict = hook  # type: ignore[attr-defined]
+
     def _partition(self, key: bytes) -> StorageBackend:
         return self._partitions.get(namespace_of(key), self._shared)
 

@@ -51,6 +51,11 @@ class TieredStore:
             raise ValueError(
                 f"unknown write_policy {write_policy!r}; known: {', '.join(WRITE_POLICIES)}"
             )
+        if write_policy == "write-back" and len(tiers) > 1 and not hasattr(tiers[0], "on_evict"):
+            raise ValueError(
+                "write_policy write-back needs a first tier that reports its evictions; "
+                f"{type(tiers[0]).__name__} does not"
+            )
         self.tiers = list(tiers)
         self.write_policy = write_policy
         self.shutdown_flush_timeout = shutdown_flush_timeout
@@ -68,8 +73,8 @@ class TieredStore:
             )
             for t in self.lower
         }
-        if write_policy == "write-back" and self.lower and hasattr(self.top, "on_evict"):
-            self.top.on_evict = self._write_back
+        if write_policy == "write-back" and self.lower:
+            self.top.on_evict = self._write_back  # type: ignore[attr-defined]
         self._closed = False
 
     # --- structure --------------------------------------------------------------------------

@@ -213,3 +213,21 @@ def test_a_recovered_remote_shows_healthy_without_traffic(redis_server) -> None:
     # No request touches the store: the idle write thread probes the remote by itself.
     wait_until(lambda: store.stats()["remote"]["health"] == "ok", 15, what="health ok")
     store.close()
+
+
+def test_write_back_reaches_the_partitions_of_a_namespaced_cpu_tier(tmp_path) -> None:
+    from lmcached.storage.namespaces import NamespacedBackend
+
+    cpu = NamespacedBackend(4 * 64 * KiB, {"team": 2 * 64 * KiB})
+    disk = DiskBackend(str(tmp_path), 0, 100 * MiB)
+    store = TieredStore([cpu, disk], write_policy="write-back")
+    for i in range(3):
+        store.put(f"team/m@0/any/{i}".encode(), _block(i))
+    assert store.flush(10)
+    assert list(disk.iter_keys()) == [b"team/m@0/any/0"]  # evicted from the team's partition
+    store.close()
+
+
+def test_write_back_refuses_a_first_tier_without_eviction_reports(tmp_path) -> None:
+    with pytest.raises(ValueError, match="write-back"):
+        TieredStore([_StuckTier(), DiskBackend(str(tmp_path), 0, MiB)], write_policy="write-back")
