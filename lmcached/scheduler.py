@@ -107,6 +107,9 @@ class Scheduler:
         self.on_reload: list[Callable[[], dict[str, Any]]] = []
         self.on_stopping: list[Callable[[], None]] = []
         self.status_extras: list[Callable[[], dict[str, Any]]] = []
+        # Fields other subsystems publish in endpoints.json (e.g. the metrics URL). Written with
+        # the control endpoints in one atomic write, so a reader never sees a partial file.
+        self.endpoint_extras: dict[str, Any] = {}
         # Set by lmcached.ops.service when CURVE is configured: guards our server sockets and
         # authenticates us to the workers.
         self.auth: Any = None
@@ -309,6 +312,7 @@ class Scheduler:
                 "control": self.control_endpoints,
                 "version": __version__,
                 "started_at": self.started_at,
+                **self.endpoint_extras,
             },
         )
         self.log.info(

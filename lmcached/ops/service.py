@@ -20,7 +20,7 @@ from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import TYPE_CHECKING, Any
 
-from lmcached import logs, runtime
+from lmcached import logs
 from lmcached.ops.metrics import ClusterSnapshot, MetricsServer, WorkerSample
 from lmcached.ops.sdnotify import Notifier
 from lmcached.ops.security import AuthGuard, ClientCurve, ServerCurve, share_runtime_files
@@ -75,6 +75,8 @@ class Operations:
         if self.metrics is not None:
             self.metrics.start()  # binds now: a taken port fails the start, loudly
             self.log.info("metrics_listening", url=self.metrics_url)
+            # Published with the control endpoints (port 0 makes the metrics port ephemeral).
+            s.endpoint_extras["metrics"] = self.metrics_url
 
     @property
     def metrics_url(self) -> str | None:
@@ -84,11 +86,6 @@ class Operations:
 
     # ------------------------------------------------------------------------------ hooks
     def _on_ready(self) -> None:
-        if self.metrics_url is not None:
-            # Publish the real port next to the control endpoints (port 0 makes it ephemeral).
-            data = runtime.read_endpoints(self.cfg) or {}
-            data["metrics"] = self.metrics_url
-            runtime.write_endpoints(self.cfg, data)
         share_runtime_files(self.cfg.instance_dir, self.cfg.socket_group)
         n = len(self.scheduler.slots)
         self.notifier.ready(status=f"{n}/{n} workers serving")
