@@ -91,7 +91,7 @@ class Report:
     lookup: dict[str, float] = field(default_factory=dict)
     memory: dict[str, Any] = field(default_factory=dict)
     checks: dict[str, Any] = field(default_factory=dict)
-    # Added with the operations issue (see docs/operations.md for every field).
+    # Added with the operations issue (the README's "Benchmarks" section lists every field).
     workloads: list[str] = field(default_factory=list)
     redis: dict[str, float] = field(default_factory=dict)
     mixed: dict[str, Any] = field(default_factory=dict)

@@ -394,7 +394,7 @@ class Config:
     log_format: str = option(
         "auto", choice("auto", "console", "json"), "auto: readable on a TTY, JSON otherwise."
     )
-    # --- tiers: disk, remote, write policy (issue 3; README section in docs/tiers.md) ---------
+    # --- tiers: disk, remote, write policy (issue 3; README: "Tiers") ---------
     local_disk: str | None = option(
         None,
         optional_path,
@@ -461,7 +461,7 @@ class Config:
         "On stop (SIGTERM), how long each worker may spend writing queued blocks to disk and "
         "remote before it exits.",
     )
-    # --- extensions (issue 5): see lmcached/plugins and docs/extensions.md -------------------
+    # --- extensions (issue 5): see lmcached/plugins and the README: "Extensions" -------------------
     external_backends: list[str] = option(
         [],
         string_list,
