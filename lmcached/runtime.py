@@ -41,6 +41,26 @@ def ipc_endpoint(cfg: Config, name: str) -> str:
     return f"ipc://{path}"
 
 
+def bind_endpoints(sock: Any, cfg: Config, name: str, port: int | None) -> dict[str, str]:
+    """Bind ``sock`` on tcp (``port``; 0 = ephemeral; None = no tcp) and on ipc socket ``name``.
+
+    A stale socket file from a crashed run is removed first; the caller sets its permissions.
+    """
+    out: dict[str, str] = {}
+    if port is not None:
+        if port == 0:
+            port = sock.bind_to_random_port(f"tcp://{cfg.host}")
+        else:
+            sock.bind(f"tcp://{cfg.host}:{port}")
+        out["tcp"] = f"tcp://{cfg.host}:{port}"
+    ipc = ipc_endpoint(cfg, name)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(ipc[len("ipc://") :])
+    sock.bind(ipc)
+    out["ipc"] = ipc
+    return out
+
+
 def host_id() -> str:
     """Identify this host (and boot), so a client knows when ipc endpoints are reachable."""
     boot = ""

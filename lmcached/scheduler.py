@@ -31,9 +31,9 @@ from lmcached.plugins.lifecycle import EXIT_PLUGIN_FATAL
 from lmcached.protocol import CONTROL_OPS, ProtocolError
 from lmcached.runtime import (
     InstanceLock,
+    bind_endpoints,
     host_id,
     instance_dir,
-    ipc_endpoint,
     remove_endpoints,
     write_endpoints,
 )
@@ -138,26 +138,14 @@ class Scheduler:
         control.setsockopt(zmq.MAXMSGSIZE, 1 << 20)
         if self.auth is not None:
             self.auth.secure(control)
-        if cfg.port == 0:
-            port = control.bind_to_random_port(f"tcp://{cfg.host}")
-        else:
-            port = cfg.port
-            control.bind(f"tcp://{cfg.host}:{port}")
-        ipc = ipc_endpoint(cfg, "control")
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(ipc[len("ipc://") :])
-        control.bind(ipc)
-        secure_ipc_socket(ipc, cfg.socket_group)
+        self.control_endpoints = bind_endpoints(control, cfg, "control", cfg.port)
+        secure_ipc_socket(self.control_endpoints["ipc"], cfg.socket_group)
         self._control = control
-        self.control_endpoints = {"tcp": f"tcp://{cfg.host}:{port}", "ipc": ipc}
 
         internal = self._ctx.socket(zmq.ROUTER)
         internal.setsockopt(zmq.LINGER, 0)
         internal.setsockopt(zmq.MAXMSGSIZE, 1 << 16)
-        self._internal_endpoint = ipc_endpoint(cfg, "internal")
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self._internal_endpoint[len("ipc://") :])
-        internal.bind(self._internal_endpoint)
+        self._internal_endpoint = bind_endpoints(internal, cfg, "internal", None)["ipc"]
         os.chmod(self._internal_endpoint[len("ipc://") :], 0o600)
         self._internal = internal
 

@@ -33,7 +33,7 @@ from lmcached.plugins.daemon import WorkerPlugins
 from lmcached.plugins.lifecycle import EXIT_PLUGIN_FATAL, PluginStartupError
 from lmcached.plugins.startup import extension_states
 from lmcached.protocol import DATA_OPS, Limits, ProtocolError, Request
-from lmcached.runtime import ipc_endpoint
+from lmcached.runtime import bind_endpoints
 from lmcached.storage.base import Block
 from lmcached.storage.factory import build_store
 from lmcached.version import PROTOCOL_VERSION, __version__
@@ -126,18 +126,14 @@ class Worker:
         if self.auth is not None:
             self.auth.secure(sock)
         cfg = self.cfg
-        if cfg.port == 0:
-            port = sock.bind_to_random_port(f"tcp://{cfg.host}")
-        else:
-            port = cfg.port + 1 + self.worker_id
-            sock.bind(f"tcp://{cfg.host}:{port}")
-        ipc = ipc_endpoint(cfg, f"worker-{self.worker_id}")
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(ipc[len("ipc://") :])
-        sock.bind(ipc)
-        secure_ipc_socket(ipc, cfg.socket_group)
+        self.endpoints = bind_endpoints(
+            sock,
+            cfg,
+            f"worker-{self.worker_id}",
+            0 if cfg.port == 0 else cfg.port + 1 + self.worker_id,
+        )
+        secure_ipc_socket(self.endpoints["ipc"], cfg.socket_group)
         self._router = sock
-        self.endpoints = {"tcp": f"tcp://{cfg.host}:{port}", "ipc": ipc}
         return self.endpoints
 
     def register(self, internal_endpoint: str) -> None:

@@ -120,6 +120,16 @@ class StorageBackend(ABC):
         """Return counters for status and metrics."""
         return {}
 
+    def usage_stats(self, counters: TierStats) -> dict[str, int]:
+        """Return ``counters`` plus how full the tier is: the common part of every tier's stats."""
+        u = self.usage()
+        return {
+            **counters.as_dict(),
+            "used_bytes": u.used_bytes,
+            "capacity_bytes": u.capacity_bytes,
+            "entries": u.entries,
+        }
+
     # Batched variants; tiers that gain from batching (Redis pipelines) override them.
     def contains_many(self, keys: Sequence[bytes]) -> list[bool]:
         return [self.contains(k) for k in keys]

@@ -82,13 +82,7 @@ class CPUBackend(StorageBackend):
         return Usage(used_bytes=self._used, capacity_bytes=self.capacity, entries=len(self._blocks))
 
     def stats(self) -> dict[str, int]:
-        u = self.usage()
-        return {
-            **self.counters.as_dict(),
-            "used_bytes": u.used_bytes,
-            "capacity_bytes": u.capacity_bytes,
-            "entries": u.entries,
-        }
+        return self.usage_stats(self.counters)
 
     def close(self) -> None:
         if self._closed:

@@ -373,14 +373,7 @@ class DiskBackend(StorageBackend):
             )
 
     def stats(self) -> dict[str, int]:
-        u = self.usage()
-        return {
-            **self.counters.as_dict(),
-            "used_bytes": u.used_bytes,
-            "capacity_bytes": u.capacity_bytes,
-            "entries": u.entries,
-            "index_complete": int(self._index_complete),
-        }
+        return {**self.usage_stats(self.counters), "index_complete": int(self._index_complete)}
 
     def close(self) -> None:
         # Files are the state; nothing is buffered, so closing only drops the index.

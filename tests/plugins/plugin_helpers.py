@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import stat
 import textwrap
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -15,18 +14,12 @@ import structlog
 from structlog.testing import CapturingLogger
 
 from lmcached.plugins import PluginLauncher
+from lmcached.testing import wait_until
 
 
 def wait_for(predicate: Callable[[], Any], timeout: float = 15.0, what: str = "condition") -> Any:
     """Poll ``predicate`` until it returns something truthy; fail the test after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.02)
+    return wait_until(predicate, timeout, what=what)
 
 
 class LogCapture:

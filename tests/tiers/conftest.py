@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from lmcached.testing import wait_until
+from lmcached.testing import RedisServer, wait_until
 
 # Daemon subprocesses must import this checkout, not whichever tree `pip install -e` points at.
 REPO_ROOT = str(Path(__file__).resolve().parents[2])
@@ -53,43 +53,16 @@ def _answers(port: int) -> bool:
         client.close()
 
 
-class ClusterNodeProcess:
-    """One cluster-enabled redis-server in its own folder."""
+class ClusterNodeProcess(RedisServer):
+    """One cluster-enabled redis-server in its own folder (the cluster bus uses port + 10000)."""
 
     def __init__(self, folder: Path) -> None:
-        self.folder = folder
-        self.port = free_cluster_port()
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        self.folder.mkdir(parents=True, exist_ok=True)
-        self.proc = subprocess.Popen(
-            [
-                REDIS_SERVER or "redis-server",
-                "--port", str(self.port),
-                "--bind", "127.0.0.1",
-                "--cluster-enabled", "yes",
-                "--cluster-config-file", "nodes.conf",
-                "--cluster-node-timeout", "2000",
-                "--save", "",
-                "--appendonly", "no",
-                "--dir", str(self.folder),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            stdin=subprocess.DEVNULL,
+        super().__init__(
+            folder,
+            port=free_cluster_port(),
+            extra_args=["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+                        "--cluster-node-timeout", "2000"],
         )  # fmt: skip
-        wait_until(lambda: _answers(self.port), 10, what=f"redis cluster node on {self.port}")
-
-    def stop(self) -> None:
-        proc, self.proc = self.proc, None
-        if proc is not None and proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
 
 
 def _cluster_state(port: int) -> str:

@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 
+
 def _real_vllm() -> bool:
     # find_spec("vllm") alone is fooled by this very folder (tests/vllm is on sys.path as a
     # namespace package), so look for a module only the real vLLM has.
@@ -34,7 +35,7 @@ if not _real_vllm() or importlib.util.find_spec("torch") is None:
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 
-from vllm_harness import CHUNK_SIZE, Engine, connector_config, shutdown_engine, start_engine
+from vllm_harness import CHUNK_SIZE, Engine, connector_config, shutdown_engine, start_engine  # noqa: E402 (after the env set-up)
 
 
 @pytest.fixture(scope="session")
