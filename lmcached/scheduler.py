@@ -557,7 +557,7 @@ def run(cfg: config_mod.Config) -> int:
     """Run the daemon in the foreground until SIGTERM/SIGINT or a shutdown request."""
     from lmcached.malloc import tune_for_large_messages
 
-    tune_for_large_messages()
+    tune_for_large_messages(daemon=True)
     logs.configure("scheduler", -1, cfg.log_level, cfg.log_format)
     log = logs.get_logger("lmcached.scheduler")
     warning = config_mod.memory_warning(cfg)

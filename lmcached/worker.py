@@ -461,7 +461,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     protocol.REPLY_STAMP["d"] = args.daemon_id
     _die_with_parent()
-    tune_for_large_messages()
+    tune_for_large_messages(daemon=True)
     with open(args.config_json) as f:
         cfg = config_mod.from_mapping(json.load(f), environ={})
     logs.configure("worker", args.worker_id, cfg.log_level, cfg.log_format)
