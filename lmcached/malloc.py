@@ -12,11 +12,16 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
 import sys
 
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
+M_MMAP_MAX = -4
 M_ARENA_MAX = -8
+# Opt-in for client processes that call Client.get on blocks above 16 MiB: serve every
+# allocation from the heap, so the joined buffer reuses freed memory instead of fresh pages.
+NO_MMAP_ENV = "LMCACHED_MALLOC"
 MMAP_THRESHOLD_MAX = 32 << 20
 TRIM_THRESHOLD = 512 << 20
 
@@ -49,5 +54,9 @@ def tune_for_large_messages(daemon: bool = False) -> bool:
     )
     if daemon:
         ok = bool(mallopt(M_ARENA_MAX, 1)) and ok
+    if os.environ.get(NO_MMAP_ENV) == "no-mmap":
+        # Measured here: joining a 32 MiB block into fresh pages takes ~17 ms (the kernel
+        # zeroes and maps 8k pages); from reused heap memory ~1.5 ms. Process-wide, so opt-in.
+        ok = bool(mallopt(M_MMAP_MAX, 0)) and ok
     _applied = ok
     return ok

@@ -1,0 +1,35 @@
+"""malloc tuning: accepted by glibc, and large blocks round-trip exactly under every setting."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+CLIENT = r"""
+import hashlib, os, sys
+from lmcached.client import Client
+from lmcached.malloc import tune_for_large_messages
+assert tune_for_large_messages(), "glibc refused the malloc settings"
+value = os.urandom((40 << 20) + 7)  # 3 sub-frames
+with Client(sys.argv[1], timeout=30) as c:
+    c.put([b"malloc/" + sys.argv[2].encode()], [value])
+    got = c.get([b"malloc/" + sys.argv[2].encode()])[0]
+print(hashlib.sha256(got).hexdigest() == hashlib.sha256(value).hexdigest())
+"""
+
+
+@pytest.mark.parametrize("setting", ["default", "no-mmap"])
+def test_large_blocks_round_trip_under_each_malloc_setting(shared_daemon, setting):
+    env = {**os.environ}
+    env.pop("LMCACHED_MALLOC", None)
+    if setting != "default":
+        env["LMCACHED_MALLOC"] = setting
+    out = subprocess.run(
+        [sys.executable, "-c", CLIENT, shared_daemon.endpoint, setting],
+        env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "True"
