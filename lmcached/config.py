@@ -863,22 +863,9 @@ def _validate_tiers(cfg: Config) -> None:
             "local_disk", "max_local_disk_size is set but local_disk is not; name a folder", src
         )
     if cfg.remote_url:
-        from lmcached.storage.remote.connector import CONNECTORS
-
+        # Whether a connector serves the scheme is checked with the other registry entries
+        # (lmcached.plugins.startup.check_config); here only the URL's own shape.
         scheme = urlsplit(cfg.remote_url).scheme.lower()
-        if scheme not in CONNECTORS:
-            # Not built in: an extension may serve it (extra_config external_connector.<scheme>
-            # or a package's entry point); the plugin registry knows.
-            from lmcached.plugins.startup import uses_plugin_connector
-
-            if not uses_plugin_connector(cfg):
-                raise ConfigError(
-                    "remote_url",
-                    f"no connector for scheme {scheme!r}; built in: "
-                    f"{', '.join(sorted(CONNECTORS))} (or set extra_config "
-                    f"external_connector.{scheme}.module_path/class_name)",
-                    src,
-                )
         if scheme.endswith("+cluster"):
             from lmcached.storage.remote.redis_connector import parse_cluster_url
 

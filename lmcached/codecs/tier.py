@@ -133,14 +133,12 @@ class CodecTier(StorageBackend):
 
 def apply_tier_codecs(cfg: Config, tiers: list[StorageBackend]) -> list[StorageBackend]:
     """Wrap the tiers named ``disk`` and ``remote`` in their configured codecs, if any."""
-    from lmcached.plugins.connector_tier import ConnectorBackend
     from lmcached.plugins.startup import tier_codec
 
     out: list[StorageBackend] = []
     for tier in tiers:
         codec = tier_codec(cfg, tier.name) if tier.name in ("disk", "remote") else None
-        # A connector tier built by the extensions already encodes with the remote codec.
-        if codec is not None and not isinstance(tier, (CodecTier, ConnectorBackend)):
+        if codec is not None and not isinstance(tier, CodecTier):
             tier = CodecTier(tier, codec)
         out.append(tier)
     return out

@@ -81,12 +81,17 @@ def check_config(cfg: Config, registry: PluginRegistry | None = None) -> None:
         _check_options(cls, spec, src)
     remote_url = getattr(cfg, "remote_url", None)
     if remote_url:
+        # Built-in and external schemes alike: the registry's winner for the scheme serves it.
         scheme = urlsplit(remote_url).scheme.lower()
-        if registry.has("remote_connector", scheme):
-            cls = _require(registry, "remote_connector", scheme, "remote_url", src)
-            spec = plugins.connectors.get(scheme)
-            if spec is not None:
-                _check_options(cls, spec, src)
+        if not registry.has("remote_connector", scheme):
+            raise ConfigError(
+                "remote_url",
+                f"no connector for scheme {scheme!r}; registered: "
+                f"{', '.join(registry.names('remote_connector'))} (or set extra_config "
+                f"external_connector.{scheme}.module_path/class_name)",
+                src,
+            )
+        _require(registry, "remote_connector", scheme, "remote_url", src)
     for scheme, spec in plugins.connectors.items():
         # Declared but unused connectors are still imported: a typo must not hide until the
         # day remote_url changes.
@@ -123,6 +128,15 @@ def _require_codec(registry: PluginRegistry, name: str, key: str, src: str | Non
 
 def _check_options(cls: type, spec: sources.ExternalSpec, src: str | None) -> None:
     if not issubclass(cls, PluginBase):
+        if spec.kind == "external_connector" and spec.options:
+            # Such a connector is built as cls(url, timeout=...): its options would be lost.
+            option = sorted(spec.options)[0]
+            raise ConfigError(
+                f"extra_config.{spec.key_prefix}.{option}",
+                f"{spec.class_path} takes no options: it does not derive from "
+                "lmcached.plugins.lifecycle.PluginBase",
+                src,
+            )
         return
     try:
         typed_config(cls.config_class, spec.options, spec.key_prefix)
@@ -275,22 +289,6 @@ def build_external_backends(
     return out
 
 
-def uses_plugin_connector(cfg: Config, registry: PluginRegistry | None = None) -> bool:
-    """Return True when ``remote_url``'s scheme is served by a registry connector.
-
-    That is an ``external_connector.<scheme>.*`` declaration or a package's entry; the store
-    factory then builds the connector with :func:`build_remote_connector` instead of its
-    built-in scheme table.
-    """
-    remote_url = getattr(cfg, "remote_url", None)
-    if not remote_url:
-        return False
-    registry = registry or get_registry()
-    sources.load(registry)
-    sources.register_config_plugins(sources.parse_config_plugins(cfg), registry)
-    return registry.has("remote_connector", urlsplit(remote_url).scheme)
-
-
 def build_remote_connector(
     cfg: Config,
     worker_id: int = 0,
@@ -298,39 +296,54 @@ def build_remote_connector(
     *,
     remote_url: str | None = None,
 ) -> RemoteConnector | None:
-    """Build the registry's connector for ``remote_url``'s scheme, or None when none is registered.
+    """Build the connector for ``remote_url``'s scheme, as the registry resolves it.
 
-    Built as ``cls(url, timeout=..., options=..., context=...)``. None also when it failed in ``on_startup`` and
-    ``strict_plugins`` is false (the daemon runs without its remote tier). ``remote_url``
-    overrides the config's.
+    ``lmcached.storage.factory.build_tiers`` puts the result behind the tiers' RemoteBackend,
+    whichever package the class comes from. A class deriving from
+    :class:`~lmcached.plugins.lifecycle.PluginBase` is built as
+    ``cls(url, timeout=..., options=..., context=...)`` and started (``on_startup``); any other
+    as ``cls(url, timeout=...)``. A connector from outside lmcached (the winning entry is not a
+    built-in) is wrapped in :class:`~lmcached.plugins.connector_guard.GuardedConnector`, so
+    whatever it raises marks the remote down instead of failing requests.
+
+    Returns None when there is no ``remote_url``, or when the connector failed in
+    ``on_startup`` and ``strict_plugins`` is false (the daemon then runs without its remote
+    tier). ``remote_url`` overrides the config's. An unregistered scheme raises ConfigError.
     """
+    from lmcached.plugins.connector_guard import GuardedConnector
+
     remote_url = remote_url or getattr(cfg, "remote_url", None)
-    timeout = float(getattr(cfg, "remote_timeout", None) or cfg.request_timeout)
     if not remote_url:
         return None
+    timeout = float(getattr(cfg, "remote_timeout", None) or cfg.request_timeout)
     registry = registry or get_registry()
+    sources.load(registry)
     plugins = sources.parse_config_plugins(cfg)
     sources.register_config_plugins(plugins, registry)
     scheme = urlsplit(remote_url).scheme.lower()
-    if not registry.has("remote_connector", scheme):
-        return None
-    cls = registry.get_class("remote_connector", scheme)
+    cls = _require(registry, "remote_connector", scheme, "remote_url", cfg.source)
+    entry = registry.get_entry("remote_connector", scheme)
+    if entry.builtin and not issubclass(cls, PluginBase):
+        connector: RemoteConnector = cls(remote_url, timeout=timeout)
+        return connector
     spec = plugins.connectors.get(scheme) or sources.ExternalSpec(
         "external_connector", scheme, cls.__module__, cls.__qualname__, {}, scheme
     )
-    entry = registry.get_entry("remote_connector", scheme)
-    if entry.builtin and not issubclass(cls, PluginBase):
-        # Built-in connectors take (url, timeout=...) and have no lifecycle hooks.
-        return cls(remote_url, timeout=timeout)
-    ctx = _context(cfg, scheme, "remote_connector", worker_id)
-    options: Mapping[str, Any] = dict(spec.options)
-    return _start(
-        cls,
-        lambda: cls(remote_url, timeout=timeout, options=options, context=ctx),
-        spec,
-        cfg.strict_plugins,
-        "remote_connector",
-    )
+    if issubclass(cls, PluginBase):
+        ctx = _context(cfg, scheme, "remote_connector", worker_id)
+        options: Mapping[str, Any] = dict(spec.options)
+
+        def build() -> Any:
+            return cls(remote_url, timeout=timeout, options=options, context=ctx)
+    else:
+
+        def build() -> Any:
+            return cls(remote_url, timeout=timeout)
+
+    instance = _start(cls, build, spec, cfg.strict_plugins, "remote_connector")
+    if instance is None:
+        return None
+    return GuardedConnector(scheme, instance, entry.class_path)
 
 
 def _context(cfg: Config, name: str, category: str, worker_id: int) -> PluginContext:
@@ -349,30 +362,3 @@ def shutdown_plugins() -> None:
         for state in _STATES.values():
             if state.state == "running":
                 state.state = "stopped"
-
-
-def plugin_tiers(
-    cfg: Config, worker_id: int, *, include_remote: bool = True
-) -> list[StorageBackend]:
-    """Return the tiers that plugins add after the built-in ones, in lookup order.
-
-    First the remote tier over a registry connector, when ``remote_url``'s scheme names one
-    (encoded with :func:`tier_codec` ``(cfg, "remote")``), then the external backends in
-    their listed order. ``lmcached.storage.factory.build_tiers`` appends these to its own.
-    """
-    from lmcached.plugins.connector_tier import ConnectorBackend
-
-    tiers: list[StorageBackend] = []
-    if include_remote and uses_plugin_connector(cfg):
-        connector = build_remote_connector(cfg, worker_id)
-        if connector is not None:
-            tiers.append(
-                ConnectorBackend(
-                    connector,
-                    name="remote",
-                    codec=tier_codec(cfg, "remote"),
-                    max_block_size=cfg.max_block_size,
-                )
-            )
-    tiers.extend(build_external_backends(cfg, worker_id))
-    return tiers

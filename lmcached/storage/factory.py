@@ -6,7 +6,7 @@ from functools import partial
 
 from lmcached.codecs.tier import apply_tier_codecs
 from lmcached.config import Config
-from lmcached.plugins.startup import plugin_tiers, uses_plugin_connector
+from lmcached.plugins.startup import build_external_backends, build_remote_connector
 from lmcached.routing import owner
 from lmcached.storage.base import StorageBackend
 from lmcached.storage.cpu import CPUBackend
@@ -43,23 +43,25 @@ def build_tiers(cfg: Config, worker_id: int) -> list[StorageBackend]:
                 num_workers=cfg.num_workers,
             )
         )
-    # A scheme served by an extension (external_connector.<scheme> or a package) is built by
-    # plugin_tiers below; the built-in schemes get the verifying, fail-fast RemoteBackend.
-    if cfg.remote_url and not uses_plugin_connector(cfg):
-        from lmcached.storage.remote import RemoteBackend, make_connector
+    if cfg.remote_url:
+        # The registry picks the connector class by scheme, built-in or external alike; every
+        # one sits behind the same verifying, fail-fast RemoteBackend.
+        from lmcached.storage.remote import RemoteBackend
 
-        tiers.append(
-            RemoteBackend(
-                make_connector(cfg.remote_url, timeout=cfg.remote_timeout),
-                key_prefix=cfg.remote_key_prefix.encode(),
-                ttl=cfg.remote_ttl or None,
-                backoff_max=cfg.remote_backoff_max,
-                owner=key_owner,
-                worker_id=worker_id,
+        connector = build_remote_connector(cfg, worker_id)
+        if connector is not None:  # None: an external connector disabled at start
+            tiers.append(
+                RemoteBackend(
+                    connector,
+                    key_prefix=cfg.remote_key_prefix.encode(),
+                    ttl=cfg.remote_ttl or None,
+                    backoff_max=cfg.remote_backoff_max,
+                    owner=key_owner,
+                    worker_id=worker_id,
+                )
             )
-        )
-    # Extensions: a remote tier over an external connector, then external backends in order.
-    tiers.extend(plugin_tiers(cfg, worker_id))
+    # External backends (external_backends), in their listed order.
+    tiers.extend(build_external_backends(cfg, worker_id))
     return apply_tier_codecs(cfg, tiers)  # disk_codec / remote_codec on the tiers named so
 
 

@@ -6,12 +6,15 @@ import pytest
 
 from lmcached import config
 from lmcached.codecs.base import codec_of
+from lmcached.codecs.tier import CodecTier
 from lmcached.errors import ConfigError
 from lmcached.plugins import sources, startup
-from lmcached.plugins.connector_tier import ConnectorBackend
+from lmcached.plugins.connector_guard import GuardedConnector
 from lmcached.plugins.lifecycle import GuardedBackend, PluginStartupError
 from lmcached.storage.base import Block
+from lmcached.storage.blockformat import decode_header
 from lmcached.storage.cpu import CPUBackend
+from lmcached.storage.remote import RemoteBackend
 from lmcached.storage.tiered import TieredStore
 
 MODULE = "lmcached_example_plugins.sqlite_backend"
@@ -56,14 +59,20 @@ def test_external_backend_and_connector_load_from_lmcache_config(example_install
         store.close()
 
     connector = startup.build_remote_connector(cfg, remote_url=f"folder://{tmp_path}/remote")
-    assert type(connector).__name__ == "FolderConnector" and connector.config.fsync is True
-    tier = ConnectorBackend(connector, codec="zstd")
+    # The external connector sits behind the tiers' RemoteBackend, like a built-in one.
+    assert isinstance(connector, GuardedConnector)
+    assert type(connector.inner).__name__ == "FolderConnector"
+    assert connector.inner.config.fsync is True
+    tier = CodecTier(RemoteBackend(connector), "zstd")
     payload = bytes(range(256)) * 64
     assert tier.put(b"k2", Block.from_bytes(payload))
-    stored = (tmp_path / "remote" / b"k2".hex()).read_bytes()
-    assert codec_of(stored) == "zstd" and len(stored) < len(payload)
+    stored = (tmp_path / "remote" / b"lmcached:k2".hex()).read_bytes()
+    header = decode_header(stored)  # the tiers' block header, naming the stored key
+    assert header.key == b"lmcached:k2"
+    assert codec_of(stored[header.header_len :]) == "zstd" and len(stored) < len(payload)
     assert tier.get(b"k2").tobytes() == payload
     assert tier.get(b"absent") is None
+    assert tier.stats()["plugin"]["puts"] == 1  # the plugin's metrics, in the remote tier
     tier.close()
     tier.close()
 

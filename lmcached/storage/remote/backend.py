@@ -274,7 +274,15 @@ class RemoteBackend(StorageBackend):
             counters = self.counters.as_dict()
         health = self.health.as_dict()
         up = int(health["health"] == "ok")
-        return {**counters, **health, "up": up, "url": self.connector.describe()}
+        # The connector's own numbers (an external connector's plugin metrics) come first, so
+        # they can never overwrite the tier's counters.
+        return {
+            **self.connector.stats(),
+            **counters,
+            **health,
+            "up": up,
+            "url": self.connector.describe(),
+        }
 
     def close(self) -> None:
         if self._closed:

@@ -1,10 +1,10 @@
-"""The RemoteConnector interface and the table that picks a connector by URL scheme."""
+"""The RemoteConnector interface, and building the connector registered for a URL's scheme."""
 
 from __future__ import annotations
 
-import importlib
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 from urllib.parse import urlsplit
 
 from lmcached.storage.base import Buffer
@@ -53,36 +53,30 @@ class RemoteConnector(ABC):
         """Return where this connector points, without secrets (for status)."""
         return type(self).__name__
 
-
-ConnectorFactory = Callable[..., RemoteConnector]
-
-# scheme -> "module:factory". Built-ins are imported only when their scheme is used; the
-# extensions registry adds external connectors (LMCache's external_connector.<scheme>) here.
-CONNECTORS: dict[str, str | ConnectorFactory] = {
-    "redis": "lmcached.storage.remote.redis_connector:RedisConnector",
-    "rediss": "lmcached.storage.remote.redis_connector:RedisConnector",
-    "unix": "lmcached.storage.remote.redis_connector:RedisConnector",
-    "redis+cluster": "lmcached.storage.remote.redis_connector:RedisClusterConnector",
-    "rediss+cluster": "lmcached.storage.remote.redis_connector:RedisClusterConnector",
-    "fs": "lmcached.storage.remote.fs_connector:FSConnector",
-}
-
-
-def connector_factory(url: str) -> ConnectorFactory:
-    """Return the factory for ``url``'s scheme; raise ValueError naming the known schemes."""
-    scheme = urlsplit(url).scheme.lower()
-    entry = CONNECTORS.get(scheme)
-    if entry is None:
-        raise ValueError(
-            f"no remote connector for scheme {scheme!r} in {url!r}; "
-            f"known: {', '.join(sorted(CONNECTORS))}"
-        )
-    if isinstance(entry, str):
-        module, _, attr = entry.partition(":")
-        return getattr(importlib.import_module(module), attr)
-    return entry
+    def stats(self) -> dict[str, Any]:
+        """Return connector-specific numbers, merged into the remote tier's stats."""
+        return {}
 
 
 def make_connector(url: str, *, timeout: float) -> RemoteConnector:
-    """Build the connector for ``url``; every operation it runs is bounded by ``timeout``."""
-    return connector_factory(url)(url, timeout=timeout)
+    """Build the connector registered for ``url``'s scheme; each operation is bounded by ``timeout``.
+
+    The scheme is looked up in the plugin registry (``remote_connector`` category), where the
+    built-in schemes are entries like any package's, so an external package can take one over
+    by priority. The class is built as ``cls(url, timeout=...)``, without plugin options or
+    lifecycle: the store factory goes through :func:`lmcached.plugins.startup.build_remote_connector`,
+    which adds those. Raises ValueError naming the registered schemes for an unknown one.
+    """
+    from lmcached.plugins.registry import PluginNotFoundError, get_registry
+
+    registry = get_registry()
+    scheme = urlsplit(url).scheme.lower()
+    try:
+        cls = registry.get_class("remote_connector", scheme)
+    except PluginNotFoundError:
+        raise ValueError(
+            f"no remote connector for scheme {scheme!r} in {url!r}; "
+            f"registered: {', '.join(registry.names('remote_connector'))}"
+        ) from None
+    connector: RemoteConnector = cls(url, timeout=timeout)
+    return connector
