@@ -158,6 +158,19 @@ def _number(value: Any) -> float | None:
     return float(value)
 
 
+def _numeric_items(values: Any, prefix: str = "", depth: int = 3) -> Iterator[tuple[str, float]]:
+    """Yield ``(dotted key, number)`` for every number in a plugin's metrics, sorted by key."""
+    if not isinstance(values, Mapping) or depth == 0:
+        return
+    for key, value in sorted(values.items(), key=lambda kv: str(kv[0])):
+        name = f"{prefix}{key}"
+        number = _number(value)
+        if number is not None:
+            yield name, number
+        elif isinstance(value, Mapping):
+            yield from _numeric_items(value, name + ".", depth - 1)
+
+
 def _tier_items(stats: Mapping[str, Any]) -> Iterator[tuple[str, Mapping[str, Any]]]:
     store = stats.get("store")
     if not isinstance(store, Mapping):
@@ -465,6 +478,14 @@ class ClusterCollector(Collector):
             "State of each in-process extension (external backend, connector) per worker.",
             labels=["extension", "category", "worker"],
         )
+        # Their get_metrics() numbers, under the plugin's name. Gauges: lmcached cannot tell a
+        # plugin's counters from its levels, and per-worker values need no restart carrying.
+        ext_values = GaugeMetricFamily(
+            "lmcached_extension_value",
+            "Numbers a running in-process extension reports from get_metrics(), per worker "
+            "(nested keys joined with '.').",
+            labels=["extension", "category", "worker", "metric"],
+        )
         for w in sorted(snap.workers, key=lambda w: w.worker_id):
             extensions = (w.stats or {}).get("extensions")
             if not isinstance(extensions, Mapping):
@@ -475,7 +496,10 @@ class ClusterCollector(Collector):
                 current = str(info.get("state", ""))
                 values = [str(name), str(info.get("category", "")), str(w.worker_id)]
                 ext.add_metric(values, {s: s == current for s in EXTENSION_STATES})
+                for metric, number in _numeric_items(info.get("metrics")):
+                    ext_values.add_metric([*values, metric], number)
         yield ext
+        yield ext_values
 
     @staticmethod
     def _namespace_families(

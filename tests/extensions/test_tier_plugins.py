@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import urllib.request
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
+from lmcached import runtime
 from lmcached.config import Config
 from lmcached.testing import DaemonProcess
 
@@ -23,6 +26,19 @@ KiB = 1 << 10
 def _value(i: int) -> bytes:
     # Compressible like KV with repeated structure, and distinct per key.
     return (b"kv-%d-" % i) * (64 * KiB // 8)
+
+
+def scrape(daemon: DaemonProcess, name: str) -> list[tuple[dict[str, str], float]]:
+    """Return the samples of metric ``name`` from the daemon's /metrics endpoint."""
+    url = runtime.read_endpoints(daemon.cfg)["metrics"] + "/metrics"
+    with urllib.request.urlopen(url, timeout=10) as resp:
+        body = resp.read().decode()
+    return [
+        (s.labels, s.value)
+        for fam in text_string_to_metric_families(body)
+        for s in fam.samples
+        if s.name == name
+    ]
 
 
 def _env(example_target) -> dict[str, str]:
@@ -75,6 +91,14 @@ def test_remote_url_with_an_external_connector_scheme(example_installed, tmp_pat
         )
         files = sorted(remote.iterdir())
         assert len(files) == len(keys)
+        # The connector's get_metrics() numbers are on the metrics endpoint, under its name.
+        puts = {
+            labels["worker"]: value
+            for labels, value in scrape(daemon, "lmcached_extension_value")
+            if labels["extension"] == "folder" and labels["metric"] == "puts"
+        }
+        assert set(puts) == {str(w["id"]) for w in status["workers"]}
+        assert sum(puts.values()) == len(keys)
         daemon.stop()
         daemon.start()
         with daemon.client() as c:

@@ -207,7 +207,15 @@ def test_plugins_reported_in_status_extras_become_metrics(tmp_path):
         )  # fmt: skip
         pending = PendingStatus(None, 0, time.monotonic(), {})
         snap = ops.snapshot_from(pending)
-        ext = {"mystore": {"category": "storage_backend", "class": "x:Y", "state": "disabled"}}
+        ext = {
+            "mystore": {"category": "storage_backend", "class": "x:Y", "state": "disabled"},
+            "folder": {
+                "category": "remote_connector",
+                "class": "x:Z",
+                "state": "running",
+                "metrics": {"root": "/kv", "puts": 3, "ok": True, "io": {"reads": 2}},
+            },
+        }
         snap.workers.append(WorkerSample(1, {"pid": 9, "extensions": ext}, 0.0))
         assert snap.problems()[:2] == ["scheduler is starting", "worker 0: worker is stopped"]
         m = scrape(snap)
@@ -221,6 +229,12 @@ def test_plugins_reported_in_status_extras_become_metrics(tmp_path):
             ]
             == 1
         )
+        values = m["lmcached_extension_value"]
+        folder = (("category", "remote_connector"), ("extension", "folder"))
+        assert values == {  # numbers only; nested keys dotted; nothing for a disabled one
+            (*folder, ("metric", "io.reads"), ("worker", "1")): 2,
+            (*folder, ("metric", "puts"), ("worker", "1")): 3,
+        }
         ops.stop()
         ops.stop()
     finally:
