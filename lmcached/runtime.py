@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from lmcached.config import Config
+from lmcached.ops.security import share_with_group
 
 ENDPOINTS_FILE = "endpoints.json"
 LOCK_FILE = "lock"
@@ -74,10 +75,12 @@ class InstanceLock:
 
     def __init__(self, cfg: Config) -> None:
         self.dir = instance_dir(cfg)
+        self.group = cfg.socket_group
         self._fd: int | None = None
 
     def acquire(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True, mode=0o750)
+        share_with_group(self.dir, self.group, 0o750)
         fd = os.open(self.dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o640)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -110,6 +113,7 @@ def write_endpoints(cfg: Config, data: dict[str, Any]) -> Path:
     tmp = target.with_suffix(f".tmp.{os.getpid()}")
     tmp.write_text(json.dumps(data, indent=2))
     os.chmod(tmp, 0o640)
+    share_with_group(tmp, cfg.socket_group, 0o640)
     os.replace(tmp, target)
     return target
 

@@ -364,23 +364,20 @@ def secure_ipc_socket(endpoint: str, group: str | None) -> None:
         restrict_to_group(path, resolve_group(group))
 
 
-def share_runtime_files(instance_dir: str, group: str | None) -> None:
-    """Let ``socket_group`` reach the instance folder (0750) and read endpoints.json (0640).
+def share_with_group(path: str | os.PathLike[str], group: str | None, mode: int) -> None:
+    """Give ``path`` group ``socket_group`` and ``mode``, so that group's members can reach it.
 
-    The sockets alone are not enough: a client must traverse the folder that holds them and
-    read the endpoints file to find the daemon (``lmcached status --config ...``).
+    Called on the instance folder when it is created (0750) and on endpoints.json before it is
+    renamed into place (0640): a reader never sees the published file before it is shared. The
+    sockets alone are not enough, because a client must traverse the folder and read the
+    endpoints file to find the daemon (``lmcached status --config ...``).
     """
     if group is None:
-        return  # the folder already belongs to the daemon's own group
+        return  # the files already belong to the daemon's own group
     gid = resolve_group(group)
-    for path, mode in (
-        (instance_dir, 0o750),
-        (os.path.join(instance_dir, "endpoints.json"), 0o640),
-    ):
-        if os.path.exists(path):
-            if os.stat(path).st_gid != gid:
-                os.chown(path, -1, gid)
-            os.chmod(path, mode)
+    if os.stat(path).st_gid != gid:
+        os.chown(path, -1, gid)
+    os.chmod(path, mode)
 
 
 def ipc_path(endpoint: str) -> str | None:

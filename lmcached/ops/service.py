@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 from lmcached import logs
 from lmcached.ops.metrics import ClusterSnapshot, MetricsServer, WorkerSample
 from lmcached.ops.sdnotify import Notifier
-from lmcached.ops.security import AuthGuard, ClientCurve, ServerCurve, share_runtime_files
+from lmcached.ops.security import AuthGuard, ClientCurve, ServerCurve
 
 if TYPE_CHECKING:
     from lmcached.scheduler import PendingStatus, Scheduler
@@ -86,7 +86,6 @@ class Operations:
 
     # ------------------------------------------------------------------------------ hooks
     def _on_ready(self) -> None:
-        share_runtime_files(self.cfg.instance_dir, self.cfg.socket_group)
         n = len(self.scheduler.slots)
         self.notifier.ready(status=f"{n}/{n} workers serving")
         self._next_check = time.monotonic()
