@@ -13,13 +13,12 @@ request. It also runs the plugin lifecycle's ``on_shutdown`` at close and report
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
 import structlog
 
-from lmcached.plugins.lifecycle import PluginBase
+from lmcached.plugins.lifecycle import OpErrors, PluginBase
 from lmcached.storage.base import Buffer
 from lmcached.storage.remote.connector import RemoteConnector, RemoteUnavailable
 
@@ -34,15 +33,11 @@ class GuardedConnector(RemoteConnector):
         self.name = name
         self.inner = inner
         self.class_path = class_path
-        self.errors: dict[str, int] = {}
-        self._lock = threading.Lock()
+        self.errors = OpErrors()
         self._closed = False
 
     def _failed(self, op: str, error: str) -> RemoteUnavailable:
-        with self._lock:
-            n = self.errors.get(op, 0) + 1
-            self.errors[op] = n
-        if n == 1:  # the first per operation in full; later ones are only counted
+        if self.errors.count(op) == 1:  # the first per operation in full; later ones counted
             log.error("remote connector failed", plugin=self.name, op=op, error=error)
         return RemoteUnavailable(f"connector {self.name!r} {op}: {error}")
 
@@ -105,8 +100,7 @@ class GuardedConnector(RemoteConnector):
                 out["plugin"] = dict(self.inner.get_metrics())
             except Exception as exc:
                 self._failed("get_metrics", f"{type(exc).__name__}: {exc}")
-        with self._lock:
-            out["plugin_errors"] = sum(self.errors.values())
+        out["plugin_errors"] = self.errors.total
         return out
 
     def close(self) -> None:

@@ -187,6 +187,30 @@ class PluginBase:
         return {}
 
 
+class OpErrors:
+    """Count a plugin's failures per operation (thread-safe), for logs and stats."""
+
+    def __init__(self) -> None:
+        self._by_op: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def count(self, op: str) -> int:
+        """Record one failure of ``op``; return how many there have been (1 = the first)."""
+        with self._lock:
+            n = self._by_op.get(op, 0) + 1
+            self._by_op[op] = n
+            return n
+
+    def __getitem__(self, op: str) -> int:
+        with self._lock:
+            return self._by_op.get(op, 0)
+
+    @property
+    def total(self) -> int:
+        with self._lock:
+            return sum(self._by_op.values())
+
+
 class GuardedBackend(StorageBackend):
     """Run an external backend so that its failures are misses, counted, never request errors.
 
@@ -198,15 +222,11 @@ class GuardedBackend(StorageBackend):
         self.name = name
         self.inner = inner
         self.entry_class = entry_class
-        self.errors: dict[str, int] = {}
-        self._lock = threading.Lock()
+        self.errors = OpErrors()
         self._closed = False
 
     def _failed(self, op: str, exc: BaseException) -> None:
-        with self._lock:
-            n = self.errors.get(op, 0) + 1
-            self.errors[op] = n
-        if n == 1:
+        if self.errors.count(op) == 1:
             log.error(
                 "plugin backend raised; answering as a miss",
                 plugin=self.name,
@@ -285,8 +305,7 @@ class GuardedBackend(StorageBackend):
             except Exception as exc:
                 self._failed("get_metrics", exc)
         # Counted last, so a failure of the two calls above is included.
-        with self._lock:
-            out["plugin_errors"] = sum(self.errors.values())
+        out["plugin_errors"] = self.errors.total
         # Also in the generic tier counter, so the metrics endpoint's lmcached_tier_errors
         # counts them under the plugin's name without knowing about plugins.
         out["errors"] = int(out.get("errors", 0) or 0) + out["plugin_errors"]

@@ -466,25 +466,23 @@ class PluginRegistry:
         with self._lock:
             return sorted(self._entries[category])
 
-    def iter_entries(self, category: str | None = None) -> Iterator[PluginEntry]:
-        """Yield the winning entry of every name, by category then name."""
-        cats = [category] if category else list(CATEGORIES)
-        for cat in cats:
+    def _rival_groups(self, category: str | None) -> Iterator[list[PluginEntry]]:
+        """Yield, by category then name, the entries that compete for each name."""
+        for cat in [category] if category else list(CATEGORIES):
             self._category(cat, "")
             with self._lock:
                 groups = [list(v) for _, v in sorted(self._entries[cat].items())]
-            for rivals in groups:
-                yield _winner(rivals)
+            yield from groups
+
+    def iter_entries(self, category: str | None = None) -> Iterator[PluginEntry]:
+        """Yield the winning entry of every name, by category then name."""
+        for rivals in self._rival_groups(category):
+            yield _winner(rivals)
 
     def iter_all_entries(self, category: str | None = None) -> Iterator[PluginEntry]:
         """Yield every entry, shadowed ones included."""
-        cats = [category] if category else list(CATEGORIES)
-        for cat in cats:
-            self._category(cat, "")
-            with self._lock:
-                groups = [list(v) for _, v in sorted(self._entries[cat].items())]
-            for rivals in groups:
-                yield from sorted(rivals, key=_rank, reverse=True)
+        for rivals in self._rival_groups(category):
+            yield from sorted(rivals, key=_rank, reverse=True)
 
     def get_class(self, category: str, name: str) -> type:
         """Import (once) and return the class for ``name``, checked against the interface.
