@@ -1,3 +1,3 @@
-from lmcached.cli import main
+from lmcached.cli.main import main
 
 raise SystemExit(main())

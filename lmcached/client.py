@@ -99,7 +99,7 @@ class Client:
         self._limits: Limits | None = None
         self._conns: dict[int, _Conn] = {}
         self._closed = False
-        # CURVE credentials (lmcached.ops.security.ClientCurve): given, else from the config
+        # CURVE credentials (lmcached.security.ClientCurve): given, else from the config
         # file's curve_* keys, else from LMCACHED_CURVE_*_KEY_FILE; None talks plain ZMQ.
         self._curve = curve
         self._curve_loaded = curve is not None
@@ -359,7 +359,7 @@ class Client:
 
     def _secure(self, sock: zmq.Socket) -> None:
         if not self._curve_loaded:
-            from lmcached.ops.security import ClientCurve
+            from lmcached.security import ClientCurve
 
             if self._config_path is not None:
                 from lmcached import config as config_mod

@@ -26,6 +26,7 @@ from urllib.parse import urlsplit, urlunsplit
 import yaml
 
 from lmcached.errors import ConfigError
+from lmcached.protocol import Limits
 
 ENV_PREFIX = "LMCACHED_"
 GIB = 1 << 30
@@ -816,7 +817,7 @@ EXTRA_VALIDATORS: list[Callable[[Config], None]] = []
 # `lmcached config check`, never the first request. Imported lazily: the plugins package
 # imports this module.
 def _check_plugins(cfg: Config) -> None:
-    from lmcached.plugins.startup import check_config
+    from lmcached.extensions.startup import check_config
 
     check_config(cfg)
 
@@ -831,7 +832,7 @@ def _check_plugin_locations(cfg: Config) -> None:
     """Refuse plugin folders that someone else can write (they would run code as the daemon)."""
     if cfg.allow_insecure_plugin_locations:
         return
-    from lmcached.plugins.discovery import insecure_location_reason
+    from lmcached.supervision.discovery import insecure_location_reason
 
     for location in cfg.plugin_locations:
         reason = insecure_location_reason(location)
@@ -864,7 +865,7 @@ def _validate_tiers(cfg: Config) -> None:
         )
     if cfg.remote_url:
         # Whether a connector serves the scheme is checked with the other registry entries
-        # (lmcached.plugins.startup.check_config); here only the URL's own shape.
+        # (lmcached.extensions.startup.check_config); here only the URL's own shape.
         scheme = urlsplit(cfg.remote_url).scheme.lower()
         if scheme.endswith("+cluster"):
             from lmcached.storage.remote.redis_connector import parse_cluster_url
@@ -964,3 +965,19 @@ def _check_namespace_quotas(cfg: Config) -> None:
 
 
 EXTRA_VALIDATORS.extend([_check_authentication, _check_namespace_quotas])
+
+
+def wire_limits(cfg: Config) -> Limits:
+    """Return what a worker accepts on the wire; the map publishes it to clients."""
+    return Limits(
+        max_block_size=cfg.max_block_size,
+        max_keys_per_batch=cfg.max_keys_per_batch,
+        max_key_length=cfg.max_key_length,
+        max_request_bytes=cfg.max_inflight_bytes,
+        wire_frame_size=cfg.wire_frame_size,
+    )
+
+
+def needs_checksums(cfg: Config) -> bool:
+    """Return True when blocks leave process memory, so clients must send payload checksums."""
+    return bool(cfg.local_disk or cfg.remote_url)

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from lmcached.config import Config
-from lmcached.ops.security import share_with_group
+from lmcached.security import share_with_group
 
 ENDPOINTS_FILE = "endpoints.json"
 LOCK_FILE = "lock"

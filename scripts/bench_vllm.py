@@ -92,8 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--transport", choices=["auto", "tcp", "ipc"], default="auto")
     args = parser.parse_args(argv)
 
-    from lmcached.integrations.tiny_llama import BENCH_100M, ensure_model
     from lmcached.testing import DaemonProcess
+    from lmcached.testing.tiny_llama import BENCH_100M, ensure_model
 
     model = ensure_model(BENCH_100M)
     os.environ["LMCACHED_TRANSPORT"] = args.transport

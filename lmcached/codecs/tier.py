@@ -133,7 +133,7 @@ class CodecTier(StorageBackend):
 
 def apply_tier_codecs(cfg: Config, tiers: list[StorageBackend]) -> list[StorageBackend]:
     """Wrap the tiers named ``disk`` and ``remote`` in their configured codecs, if any."""
-    from lmcached.plugins.startup import tier_codec
+    from lmcached.extensions.startup import tier_codec
 
     out: list[StorageBackend] = []
     for tier in tiers:

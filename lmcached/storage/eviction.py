@@ -151,7 +151,7 @@ class _RegisteredPolicies(Mapping[str, type[EvictionPolicy]]):
     """
 
     def __getitem__(self, name: str) -> type[EvictionPolicy]:
-        from lmcached.plugins.registry import PluginNotFoundError, get_registry
+        from lmcached.extensions.registry import PluginNotFoundError, get_registry
 
         try:
             return get_registry().get_class("eviction_policy", name)
@@ -159,12 +159,12 @@ class _RegisteredPolicies(Mapping[str, type[EvictionPolicy]]):
             raise KeyError(name) from None
 
     def __iter__(self) -> Iterator[str]:
-        from lmcached.plugins.registry import get_registry
+        from lmcached.extensions.registry import get_registry
 
         return iter(get_registry().names("eviction_policy"))
 
     def __len__(self) -> int:
-        from lmcached.plugins.registry import get_registry
+        from lmcached.extensions.registry import get_registry
 
         return len(get_registry().names("eviction_policy"))
 
@@ -174,7 +174,7 @@ POLICIES: Mapping[str, type[EvictionPolicy]] = _RegisteredPolicies()
 
 def make_policy(name: str) -> EvictionPolicy:
     """Return a new policy instance by name; raise ValueError naming the known ones."""
-    from lmcached.plugins.registry import PluginError
+    from lmcached.extensions.registry import PluginError
 
     try:
         return POLICIES[name]()

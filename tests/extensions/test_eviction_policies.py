@@ -11,7 +11,7 @@ from lmcached.storage.eviction_trace import compare, replay, scan_workload
 
 
 def test_policy_table_is_served_by_the_registry(registry, example_installed):
-    from lmcached.plugins import sources
+    from lmcached.extensions import sources
 
     assert sorted(POLICIES) == ["lru", "s3fifo"]
     assert POLICIES["s3fifo"] is S3FIFOPolicy

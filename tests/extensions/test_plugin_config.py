@@ -8,9 +8,9 @@ from lmcached import config
 from lmcached.codecs.base import codec_of
 from lmcached.codecs.tier import CodecTier
 from lmcached.errors import ConfigError
-from lmcached.plugins import sources, startup
-from lmcached.plugins.connector_guard import GuardedConnector
-from lmcached.plugins.lifecycle import GuardedBackend, PluginStartupError
+from lmcached.extensions import sources, startup
+from lmcached.extensions.guard import GuardedConnector
+from lmcached.extensions.lifecycle import GuardedBackend, PluginStartupError
 from lmcached.storage.base import Block
 from lmcached.storage.blockformat import decode_header
 from lmcached.storage.cpu import CPUBackend
@@ -215,7 +215,7 @@ def test_a_codec_from_a_package_is_usable_per_tier(example_installed):
 
 
 def test_a_second_config_replaces_the_first_ones_declarations(example_installed, tmp_path):
-    from lmcached.plugins.registry import get_registry
+    from lmcached.extensions.registry import get_registry
 
     first = backend_keys("x", tmp_path / "x.sqlite")
     load(external_backends=["x"], extra_config=first)

@@ -7,7 +7,7 @@ from typing import Literal
 
 import pytest
 
-from lmcached.plugins.lifecycle import (
+from lmcached.extensions.lifecycle import (
     PluginBase,
     PluginConfig,
     PluginConfigError,

@@ -8,7 +8,7 @@ import warnings
 import pytest
 
 from lmcached.codecs.base import Codec
-from lmcached.plugins.registry import (
+from lmcached.extensions.registry import (
     PluginConflictWarning,
     PluginError,
     PluginNotFoundError,

@@ -6,8 +6,8 @@ from __future__ import annotations
 import multiprocessing
 import os
 
-from lmcached.plugins import sources
-from lmcached.plugins.registry import get_registry
+from lmcached.extensions import sources
+from lmcached.extensions.registry import get_registry
 
 
 def test_installed_package_is_discovered_through_its_entry_points(example_installed):

@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 
 from lmcached import config
-from lmcached.plugins import startup
-from lmcached.plugins.connector_guard import GuardedConnector
-from lmcached.plugins.lifecycle import PluginStartupError
+from lmcached.daemon.assembly import build_tiers
+from lmcached.extensions import startup
+from lmcached.extensions.guard import GuardedConnector
+from lmcached.extensions.lifecycle import PluginStartupError
 from lmcached.storage.base import Block, StorageBackend
-from lmcached.storage.factory import build_tiers
 from lmcached.storage.remote import RemoteBackend, RemoteConnector
 from lmcached.storage.remote.fs_connector import FSConnector
 from lmcached.storage.remote.redis_connector import RedisClusterConnector, RedisConnector

@@ -23,8 +23,8 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
-from lmcached.plugins.interfaces import RemoteConnector
-from lmcached.plugins.lifecycle import PluginBase, PluginConfig, PluginType
+from lmcached.extensions.interfaces import RemoteConnector
+from lmcached.extensions.lifecycle import PluginBase, PluginConfig, PluginType
 
 
 @dataclass

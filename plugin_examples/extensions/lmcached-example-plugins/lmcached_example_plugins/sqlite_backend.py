@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from lmcached.plugins.lifecycle import PluginBase, PluginConfig, PluginType
+from lmcached.extensions.lifecycle import PluginBase, PluginConfig, PluginType
 from lmcached.storage.base import Block, StorageBackend, Usage
 
 

@@ -1,0 +1,1 @@
+"""`lmcached bench`: throughput, lookup, tier and workload benchmarks beside same-run baselines."""

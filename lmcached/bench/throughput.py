@@ -1,0 +1,587 @@
+"""`lmcached bench`: store/retrieve throughput and latency next to baselines from the same run.
+
+Baselines, measured in the same run on the same machine:
+- ``memcpy``: one thread copying a block into a preallocated buffer (ctypes.memmove);
+- ``zmq``: a bare DEALER/ROUTER round trip between two processes over the same transport,
+  copy=False, with the same 16 MiB sub-frames and malloc tuning lmcached uses; ``store`` sends
+  the block and gets a tiny ack, ``retrieve`` sends a tiny request and gets the block back.
+
+lmcached ops: ``store`` (put), ``retrieve`` (get: a buffer the caller owns; blocks above 16 MiB
+are joined from sub-frames, one copy) and ``retrieve_into`` (get_into: copied into memory the
+caller reuses, as an engine loads into its KV cache). Every figure is printed with its ratio to
+the ZMQ baseline of the same transport and direction.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import multiprocessing as mp
+import os
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import msgpack
+import yaml
+
+from lmcached.config import byte_size
+from lmcached.malloc import tune_for_large_messages
+from lmcached.storage import eviction_trace
+
+MiB = 1 << 20
+FRAME = 16 * MiB
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--sizes", default="256KiB,2MiB,32MiB", help="block sizes (comma-separated)")
+    p.add_argument("--clients", default="1,4", help="concurrent client processes (comma-separated)")
+    p.add_argument("--transports", default="ipc,tcp", help="ipc, tcp or both")
+    p.add_argument("--bytes-per-point", default="512MiB", help="payload moved per measurement")
+    p.add_argument(
+        "--repeats", type=int, default=3, help="measurements per point; the best is kept"
+    )
+    p.add_argument("--json", metavar="FILE", help="also write the results as JSON ('-' for stdout)")
+    p.add_argument("--quick", action="store_true", help="tiny sizes and volumes (for smoke tests)")
+    p.add_argument(
+        "--workload",
+        default="throughput,lookup",
+        help="comma-separated: throughput, lookup, mixed, tiers, or all",
+    )
+    p.add_argument("--plot", metavar="PNG", help="draw GB/s against block size (needs matplotlib)")
+    p.add_argument("--prompts", type=int, default=200, help="mixed: distinct prompts")
+    p.add_argument("--chunks", type=int, default=8, help="mixed: 256-token chunks per prompt")
+    p.add_argument("--requests", type=int, default=2000, help="mixed: requests in the trace")
+    p.add_argument("--zipf", type=float, default=1.1, help="mixed: Zipf exponent of reuse")
+    p.add_argument("--mixed-block", default="512KiB", help="mixed: bytes per chunk")
+    p.add_argument(
+        "--budget-fraction",
+        type=float,
+        default=0.25,
+        help="mixed: CPU budget as a fraction of the trace's working set",
+    )
+    p.add_argument("--tier-block", default="2MiB", help="tiers: block size")
+    p.add_argument("--tier-blocks", type=int, default=64, help="tiers: blocks per tier")
+
+
+@dataclass
+class Row:
+    op: str
+    size: int
+    transport: str
+    clients: int
+    gbps: float
+    p50_ms: float | None = None
+    p99_ms: float | None = None
+    baseline_gbps: float | None = None
+    ratio: float | None = None
+    redis_gbps: float | None = None  # plain redis-py SET (store) / GET (retrieve), same size
+    redis_ratio: float | None = None
+
+
+@dataclass
+class Report:
+    memcpy: dict[str, float] = field(default_factory=dict)
+    zmq: dict[str, float] = field(default_factory=dict)
+    rows: list[Row] = field(default_factory=list)
+    lookup: dict[str, float] = field(default_factory=dict)
+    memory: dict[str, Any] = field(default_factory=dict)
+    checks: dict[str, Any] = field(default_factory=dict)
+    # Added with the operations issue (the README's "Benchmarks" section lists every field).
+    workloads: list[str] = field(default_factory=list)
+    redis: dict[str, float] = field(default_factory=dict)
+    mixed: dict[str, Any] = field(default_factory=dict)
+    tiers: dict[str, Any] = field(default_factory=dict)
+
+
+# The run's progress bar (lmcached.bench.workloads.ProgressBar); None: plain lines.
+_BAR: Any = None
+
+
+def progress(msg: str) -> None:
+    if _BAR is not None:
+        _BAR.step(msg)
+    else:
+        print(f"  .. {msg}", file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------------------ baselines
+def memcpy_gbps(size: int, total: int) -> float:
+    """Single-thread DRAM-to-DRAM copy of ``size``-byte blocks into preallocated memory.
+
+    Source and destination slots rotate through 256 MiB each, far beyond the last-level cache,
+    so small blocks are not measured from cache (what a KV transfer never enjoys).
+    """
+    slots = max(1, (256 << 20) // size)
+    src = bytearray(os.urandom(1 << 20)) * max(1, (slots * size) >> 20)
+    src.extend(bytes(slots * size - len(src)))
+    dst = bytearray(slots * size)
+    base_s = ctypes.addressof((ctypes.c_char * len(src)).from_buffer(src))
+    base_d = ctypes.addressof((ctypes.c_char * len(dst)).from_buffer(dst))
+    ctypes.memmove(base_d, base_s, len(dst))  # touch every page once
+    n = max(4, total // size)
+    t = time.perf_counter()
+    for i in range(n):
+        off = (i % slots) * size
+        ctypes.memmove(base_d + ((i * 7 + 3) % slots) * size, base_s + off, size)
+    return n * size / (time.perf_counter() - t) / 1e9
+
+
+def _zmq_echo_server(endpoint_q: Any, transport: str, ipc_dir: str) -> None:
+    import zmq
+
+    tune_for_large_messages()
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.ROUTER)
+    if transport == "ipc":
+        ep = f"ipc://{ipc_dir}/raw.sock"
+        sock.bind(ep)
+    else:
+        ep = f"tcp://127.0.0.1:{sock.bind_to_random_port('tcp://127.0.0.1')}"
+    endpoint_q.put(ep)
+    kept: list[Any] = []
+    while True:
+        msg = sock.recv_multipart(copy=False)
+        op = msg[1].bytes
+        if op == b"quit":
+            break
+        if op == b"store":
+            kept = msg[2:]  # hold the frames like a cache would
+            sock.send_multipart([msg[0], b"ok"])
+        elif op == b"load":
+            sock.send_multipart([msg[0], b"ok", *kept], copy=False)
+        else:  # lookup-sized header round trip
+            sock.send_multipart([msg[0], b"x" * 16])
+    sock.close(linger=0)
+    ctx.term()
+
+
+class RawZmq:
+    """A bare ZMQ peer process, to measure the transport lmcached rides on."""
+
+    def __init__(self, transport: str) -> None:
+        import zmq
+
+        self._dir = tempfile.mkdtemp(prefix="lmb-", dir="/tmp")
+        ctx = mp.get_context("spawn")
+        q = ctx.Queue()
+        self.proc = ctx.Process(
+            target=_zmq_echo_server, args=(q, transport, self._dir), daemon=True
+        )
+        self.proc.start()
+        self.endpoint = q.get(timeout=30)
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.DEALER)
+        self.sock.connect(self.endpoint)
+
+    def store_gbps(self, size: int, total: int) -> float:
+        block = memoryview(os.urandom(size))
+        frames = [block[i : i + FRAME] for i in range(0, size, FRAME)]
+        n = max(4, total // size)
+        self.sock.send_multipart([b"store", *frames], copy=False)
+        self.sock.recv()
+        t = time.perf_counter()
+        for _ in range(n):
+            self.sock.send_multipart([b"store", *frames], copy=False)
+            self.sock.recv()
+        return n * size / (time.perf_counter() - t) / 1e9
+
+    def retrieve_gbps(self, size: int, total: int) -> float:
+        self.store_gbps(size, size * 4)
+        n = max(4, total // size)
+        t = time.perf_counter()
+        for _ in range(n):
+            self.sock.send(b"load")
+            self.sock.recv_multipart(copy=False)
+        return n * size / (time.perf_counter() - t) / 1e9
+
+    def header_roundtrip_s(self, header: bytes, n: int) -> float:
+        samples = []
+        for _ in range(n):
+            t = time.perf_counter()
+            self.sock.send_multipart([b"hdr", header])
+            self.sock.recv()
+            samples.append(time.perf_counter() - t)
+        return statistics.median(samples)
+
+    def close(self) -> None:
+        self.sock.send(b"quit")
+        self.proc.join(10)
+        self.sock.close(linger=0)
+        self.ctx.term()
+
+
+# ------------------------------------------------------------------------------ lmcached
+def _client_loop(
+    endpoint: str,
+    transport: str,
+    op: str,
+    size: int,
+    count: int,
+    tag: str,
+    start_at: float,
+    out: Any,
+) -> None:
+    from lmcached.client import Client
+
+    value = os.urandom(size)
+    keys = [f"bench/{tag}/{i}".encode() for i in range(max(1, min(count, (256 * MiB) // size)))]
+    sink = bytearray(size)  # retrieve_into: the caller's own, reused memory (an engine's KV)
+    with Client(endpoint, timeout=60, transport=transport) as c:
+        if op != "store":
+            for k in keys:
+                c.put([k], [value])
+        while time.time() < start_at:
+            time.sleep(0.001)
+        lat = []
+        t0 = time.perf_counter()
+        for i in range(count):
+            k = keys[i % len(keys)]
+            t = time.perf_counter()
+            if op == "store":
+                c.put([k], [value])
+            elif op == "retrieve_into":
+                if c.get_into([k], [sink]) != [True]:
+                    raise RuntimeError(f"bench: block {k!r} missing")
+            else:
+                got = c.get([k])[0]
+                if got is None or len(got) != size:
+                    raise RuntimeError(f"bench: block {k!r} missing or wrong size")
+            lat.append(time.perf_counter() - t)
+        out.put((time.perf_counter() - t0, lat))
+
+
+def run_point(endpoint: str, transport: str, op: str, size: int, clients: int, total: int) -> Row:
+    count = max(4, total // size // clients)
+    if clients == 1:
+        q: Any = _ListQueue()
+        _client_loop(endpoint, transport, op, size, count, f"{op}{size}", 0.0, q)
+        results = q.items
+    else:
+        ctx = mp.get_context("spawn")
+        mq = ctx.Queue()
+        start_at = time.time() + 1.5
+        procs = [
+            ctx.Process(
+                target=_client_loop,
+                args=(endpoint, transport, op, size, count, f"{op}{size}c{i}", start_at, mq),
+            )
+            for i in range(clients)
+        ]
+        for p in procs:
+            p.start()
+        results = [mq.get(timeout=300) for _ in procs]
+        for p in procs:
+            p.join(30)
+    wall = max(r[0] for r in results)
+    lat = sorted(x for r in results for x in r[1])
+    return Row(
+        op=op,
+        size=size,
+        transport=transport,
+        clients=clients,
+        gbps=count * clients * size / wall / 1e9,
+        p50_ms=lat[len(lat) // 2] * 1e3,
+        p99_ms=lat[min(len(lat) - 1, int(len(lat) * 0.99))] * 1e3,
+    )
+
+
+class _ListQueue:
+    def __init__(self) -> None:
+        self.items: list[Any] = []
+
+    def put(self, item: Any) -> None:
+        self.items.append(item)
+
+
+def lookup_latency(endpoint: str, transport: str, raw: RawZmq, n: int) -> dict[str, float]:
+    from lmcached.client import Client
+    from lmcached.keys import KeyBuilder
+
+    kb = KeyBuilder(namespace="bench", model="lookup", chunk_size=256)
+    keys = kb.chunk_keys(list(range(128 * 256)))
+    with Client(endpoint, timeout=30, transport=transport) as c:
+        c.put(keys, [b"x"] * len(keys))
+        samples = []
+        for _ in range(n):
+            t = time.perf_counter()
+            hit = c.lookup(keys)
+            samples.append(time.perf_counter() - t)
+        if hit != len(keys):
+            raise RuntimeError(f"bench: lookup found {hit} of {len(keys)} keys")
+        c.delete(keys)
+    header = msgpack.packb({"v": 1, "op": "exists", "id": 1, "keys": keys}, use_bin_type=True)
+    bare = raw.header_roundtrip_s(header, n)
+    p50 = statistics.median(samples)
+    out = {"keys": 128, "p50_us": p50 * 1e6, "bare_zmq_p50_us": bare * 1e6, "ratio": p50 / bare}
+    from lmcached.bench.workloads import redis_exists_p50_us, redis_server
+
+    with redis_server() as r:
+        if r is not None:
+            out["redis_exists_p50_us"] = redis_exists_p50_us(r, keys, n)
+            out["redis_ratio"] = p50 * 1e6 / out["redis_exists_p50_us"]
+    out["tokens"] = 128 * 256
+    return out
+
+
+# ----------------------------------------------------------------------------------- main
+def _parse_list(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def run(args: argparse.Namespace) -> Report:
+    from lmcached.testing import DaemonProcess
+
+    global _BAR
+    from lmcached.bench import workloads as wl
+
+    workloads = _parse_list(args.workload)
+    if workloads == ["all"]:
+        workloads = ["throughput", "lookup", "mixed", "tiers"]
+    unknown = set(workloads) - {"throughput", "lookup", "mixed", "tiers"}
+    if unknown:
+        raise SystemExit(f"lmcached bench: unknown workload(s) {', '.join(sorted(unknown))}")
+    sizes = [byte_size(s) for s in _parse_list(args.sizes)]
+    clients = [int(c) for c in _parse_list(args.clients)]
+    transports = _parse_list(args.transports)
+    total = byte_size(args.bytes_per_point)
+    repeats = args.repeats
+    mixed = {
+        "prompts": args.prompts,
+        "chunks_per_prompt": args.chunks,
+        "requests": args.requests,
+        "zipf_s": args.zipf,
+        "block_size": byte_size(args.mixed_block),
+        "budget_fraction": args.budget_fraction,
+    }
+    tier_block, tier_blocks = byte_size(args.tier_block), args.tier_blocks
+    if args.quick:
+        sizes = [64 * 1024, 1 * MiB]
+        clients = [1]
+        total = 8 * MiB
+        repeats = 1
+        mixed.update(prompts=12, chunks_per_prompt=4, requests=60, block_size=64 * 1024)
+        tier_block, tier_blocks = 64 * 1024, 8
+    tune_for_large_messages()
+    report = Report(workloads=workloads)
+    steps = 0
+    if "throughput" in workloads:
+        steps += len(sizes) * (1 + len(transports) * (1 + 3 * len(clients))) + len(sizes)
+    steps += ("lookup" in workloads) + 2 * ("mixed" in workloads)
+    steps += (1 + len(wl.available_tiers())) * ("tiers" in workloads)  # upper bound
+    _BAR = wl.ProgressBar(steps)
+    daemon = None
+    endpoint = args.endpoint
+    if endpoint is None:
+        overrides: dict[str, Any] = {}
+        if args.config:
+            with open(args.config) as f:
+                overrides = yaml.safe_load(f) or {}
+        overrides["port"] = 0
+        overrides.pop("runtime_dir", None)  # the private daemon gets its own runtime folder
+        overrides.setdefault("max_local_cpu_size", "2GiB")
+        overrides.setdefault("log_level", "warning")
+        progress("starting a private daemon")
+        daemon = DaemonProcess(**overrides).start()
+        endpoint = daemon.endpoint
+    try:
+        from lmcached.client import Client
+
+        with Client(endpoint, timeout=30) as c:
+            status = c.stats()
+            report.memory["idle_worker_uss_mb"] = [
+                round((w.get("memory") or {}).get("uss", 0) / 1e6, 1) for w in status["workers"]
+            ]
+        for size in sizes if "throughput" in workloads else []:
+            progress(f"memcpy {size // 1024} KiB")
+            report.memcpy[str(size)] = max(memcpy_gbps(size, total) for _ in range(repeats))
+        if "throughput" in workloads:
+            with wl.redis_server() as r:
+                for size in sizes if r is not None else []:
+                    progress(f"redis-py {size // 1024} KiB")
+                    best = max(
+                        (wl.redis_set_get_gbps(r, size, total) for _ in range(repeats)),
+                        key=lambda sg: sg[0] + sg[1],
+                    )
+                    report.redis[f"set/{size}"], report.redis[f"get/{size}"] = best
+        for transport in transports if {"throughput", "lookup"} & set(workloads) else []:
+            raw = RawZmq(transport)
+            try:
+                for size in sizes if "throughput" in workloads else []:
+                    progress(f"raw zmq {transport} {size // 1024} KiB")
+                    report.zmq[f"store/{transport}/{size}"] = max(
+                        raw.store_gbps(size, total) for _ in range(repeats)
+                    )
+                    report.zmq[f"retrieve/{transport}/{size}"] = max(
+                        raw.retrieve_gbps(size, total) for _ in range(repeats)
+                    )
+                if transport == transports[0] and "lookup" in workloads:
+                    progress("lookup of 128 keys (a 32k-token prompt)")
+                    report.lookup = lookup_latency(
+                        endpoint, transport, raw, 50 if args.quick else 300
+                    )
+            finally:
+                raw.close()
+            for size in sizes if "throughput" in workloads else []:
+                for op in ("store", "retrieve", "retrieve_into"):
+                    for n in clients:
+                        progress(f"lmcached {op} {transport} {size // 1024} KiB x{n} clients")
+                        best = max(
+                            (
+                                run_point(endpoint, transport, op, size, n, total)
+                                for _ in range(repeats)
+                            ),
+                            key=lambda r: r.gbps,
+                        )
+                        base = report.zmq.get(f"{op.replace('_into', '')}/{transport}/{size}")
+                        best.baseline_gbps = base
+                        best.ratio = best.gbps / base if base else None
+                        redis_base = report.redis.get(f"{'set' if op == 'store' else 'get'}/{size}")
+                        best.redis_gbps = redis_base
+                        best.redis_ratio = best.gbps / redis_base if redis_base else None
+                        report.rows.append(best)
+        by = {(r.op, r.transport, r.clients, r.size): r.gbps for r in report.rows}
+        if 2 * MiB in sizes and 32 * MiB in sizes:
+            for (op, tr, n, size), g in by.items():
+                if size == 32 * MiB and (op, tr, n, 2 * MiB) in by:
+                    report.checks[f"32MiB_vs_2MiB/{op}/{tr}/x{n}"] = round(
+                        g / by[(op, tr, n, 2 * MiB)], 3
+                    )
+        daemon_overrides = {"log_level": "warning"}
+        if "mixed" in workloads:
+            report.mixed = wl.run_mixed(mixed, _BAR, daemon_overrides)
+        if "tiers" in workloads:
+
+            def zmq_retrieve(size: int) -> float:
+                raw = RawZmq("ipc")
+                try:
+                    return raw.retrieve_gbps(size, tier_block * tier_blocks)
+                finally:
+                    raw.close()
+
+            report.tiers = wl.run_tiers(
+                tier_block, tier_blocks, _BAR, daemon_overrides, zmq_retrieve
+            )
+    finally:
+        if daemon is not None:
+            daemon.close()
+        if _BAR is not None:
+            _BAR.finish()
+            _BAR = None
+    return report
+
+
+def _fmt_block(size: int) -> str:
+    return f"{size // MiB}MiB" if size >= MiB and size % MiB == 0 else f"{size // 1024}KiB"
+
+
+def render(report: Report) -> str:
+    lines = []
+    if report.memcpy or report.zmq or report.redis:
+        lines += ["", "baselines (same run):"]
+    for size, g in report.memcpy.items():
+        lines.append(f"  memcpy            {_fmt_block(int(size)):>8}  {g:6.2f} GB/s")
+    for k, g in report.zmq.items():
+        op, tr, size = k.split("/")
+        lines.append(f"  raw zmq {op:<8} {tr} {_fmt_block(int(size)):>8}  {g:6.2f} GB/s")
+    for k, g in report.redis.items():
+        op, _, size = k.partition("/")
+        lines.append(f"  redis-py {op:<12} {_fmt_block(int(size)):>8}  {g:6.2f} GB/s")
+    if report.rows:
+        lines.append("")
+        lines.append(
+            f"{'op':<14}{'transport':<10}{'clients':>7}{'block':>9}{'GB/s':>8}{'p50 ms':>9}"
+            f"{'p99 ms':>9}{'zmq GB/s':>10}{'x zmq':>7}{'redis GB/s':>11}{'x redis':>8}"
+        )
+        for r in report.rows:
+            lines.append(
+                f"{r.op:<14}{r.transport:<10}{r.clients:>7}{_fmt_block(r.size):>9}{r.gbps:>8.2f}"
+                f"{r.p50_ms or 0:>9.2f}{r.p99_ms or 0:>9.2f}{r.baseline_gbps or 0:>10.2f}"
+                f"{r.ratio or 0:>7.2f}{r.redis_gbps or 0:>11.2f}{r.redis_ratio or 0:>8.2f}"
+            )
+    if report.lookup:
+        lk = report.lookup
+        lines.append("")
+        line = (
+            f"lookup of {lk['keys']} keys ({lk.get('tokens', 0)} tokens): p50 {lk['p50_us']:.0f} us; "
+            f"bare zmq round trip, same payload {lk['bare_zmq_p50_us']:.0f} us (x{lk['ratio']:.2f})"
+        )
+        if "redis_exists_p50_us" in lk:
+            line += (
+                f"; redis-py EXISTS {lk['redis_exists_p50_us']:.0f} us (x{lk['redis_ratio']:.2f})"
+            )
+        lines.append(line)
+    if report.mixed:
+        m = report.mixed
+        lines += [
+            "",
+            f"mixed: {m['requests']} requests over {m['prompts']} prompts x {m['chunks_per_prompt']} "
+            f"chunks of {_fmt_block(m['block_size'])}, Zipf s={m['zipf_s']}, budget "
+            f"{m['budget_bytes'] / MiB:.0f} MiB = {m['budget_fraction']:.0%} of the working set; "
+            f"memcpy {m['memcpy_gbps']:.2f} GB/s",
+            f"  {'':<10}{'req/s':>9}{'hit rate':>10}{'hit GB/s':>10}",
+        ]
+        for name in ("lmcached", "redis"):
+            res = m.get(name)
+            if res:
+                lines.append(
+                    f"  {name:<10}{res['requests_per_s']:>9.0f}{res['hit_rate']:>10.1%}"
+                    f"{res['retrieved_gbps']:>10.2f}"
+                )
+        if m.get("ratio_requests_per_s"):
+            lines.append(
+                f"  lmcached / redis-py requests per second: x{m['ratio_requests_per_s']:.2f}"
+            )
+    if report.tiers:
+        t = report.tiers
+        redis_get = t.get("redis_get_gbps") or 0
+        lines += [
+            "",
+            f"tiers: retrieve of {t['blocks']} blocks of {_fmt_block(t['block_size'])}; baselines "
+            f"memcpy {t['memcpy_gbps']:.2f}, raw zmq {t['zmq_retrieve_gbps']:.2f}, "
+            f"redis-py GET {redis_get:.2f} GB/s",
+            f"  {'tier':<8}{'GB/s':>7}{'hits':>9}{'p50 ms':>9}{'p99 ms':>9}{'x memcpy':>10}"
+            f"{'x zmq':>7}{'x redis':>9}",
+        ]
+        for row in t["rows"]:
+            lines.append(
+                f"  {row['tier']:<8}{row['gbps']:>7.2f}{row['hits']:>5}/{row['asked']:<3}"
+                f"{row['p50_ms']:>9.2f}{row['p99_ms']:>9.2f}{row['ratio_to_memcpy']:>10.2f}"
+                f"{row['ratio_to_zmq']:>7.2f}{row.get('ratio_to_redis') or 0:>9.2f}"
+            )
+    if report.tiers.get("detail"):
+        from lmcached.bench.tiers import render_tiers
+
+        lines.append(render_tiers(report.tiers["detail"]))
+    if report.checks:
+        lines.append("")
+        for k, v in report.checks.items():
+            lines.append(f"{k}: {v}")
+    if report.memory:
+        lines.append(f"idle worker USS (MB): {report.memory.get('idle_worker_uss_mb')}")
+    lines.extend(["", *eviction_trace.summary_lines()])  # deterministic hit counts, no timing
+    return "\n".join(lines)
+
+
+def main(args: argparse.Namespace) -> int:
+    report = run(args)
+    # With --json - the JSON owns stdout, so the table goes to stderr.
+    print(render(report), file=sys.stderr if args.json == "-" else sys.stdout)
+    if args.json:
+        doc = asdict(report)
+        text = json.dumps(doc, indent=2)
+        if args.json == "-":
+            print(text)
+        else:
+            with open(args.json, "w") as f:
+                f.write(text)
+    if args.plot:
+        from lmcached.bench.workloads import plot
+
+        plot(report, args.plot)
+        print(f"plot written to {args.plot}", file=sys.stderr)
+    return 0

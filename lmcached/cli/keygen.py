@@ -1,0 +1,41 @@
+"""Subcommands of the operations issue, registered into `lmcached` through cli.EXTRA_COMMANDS.
+
+Kept free of heavy imports: the command modules load only when their command runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+
+def register(subparsers: Any) -> None:
+    """Add `lmcached keygen`."""
+    p = subparsers.add_parser(
+        "keygen",
+        help="create a CURVE key pair (NAME.key public, NAME.key_secret secret)",
+        description=(
+            "Create a ZMQ CURVE key pair for the daemon (name 'server') or for a client. "
+            "Give the daemon server.key_secret (curve_secret_key_file); copy each client's "
+            "NAME.key into the daemon's curve_authorized_keys folder; give each client its "
+            "NAME.key_secret and the daemon's server.key."
+        ),
+    )
+    p.add_argument("directory", help="folder to write the key files into (created 0750)")
+    p.add_argument("name", nargs="?", default="server", help="key name (default: server)")
+    p.add_argument("--force", action="store_true", help="replace an existing key pair")
+    p.set_defaults(func=run_keygen)
+
+
+def run_keygen(args: argparse.Namespace) -> int:
+    from lmcached.security import keygen
+
+    try:
+        public, secret = keygen(args.directory, args.name, force=args.force)
+    except (FileExistsError, ValueError, OSError) as exc:
+        print(f"lmcached keygen: {exc}", file=sys.stderr)
+        return 1
+    print(f"public key: {public}")
+    print(f"secret key: {secret} (mode 0600: keep it with its owner only)")
+    return 0

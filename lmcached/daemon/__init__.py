@@ -1,0 +1,1 @@
+"""The daemon's processes: the scheduler, the workers, and what each one runs."""

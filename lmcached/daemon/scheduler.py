@@ -1,0 +1,576 @@
+"""The scheduler process: control endpoint, cluster map and worker supervision.
+
+It never touches KV bytes. Clients ask it once for the cluster map (epoch, worker endpoints,
+chunk size, limits) and then talk to workers directly. It spawns ``num_workers`` worker
+processes, restarts a crashed one with backoff and bumps the map epoch on every change, so a
+client that sees a dead or changed worker knows to refresh.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import zmq
+
+from lmcached import config as config_mod
+from lmcached import logs, protocol
+from lmcached.daemon.script_plugins import SchedulerPlugins
+from lmcached.extensions.lifecycle import EXIT_PLUGIN_FATAL
+from lmcached.protocol import CONTROL_OPS, ProtocolError
+from lmcached.runtime import (
+    InstanceLock,
+    bind_endpoints,
+    host_id,
+    instance_dir,
+    remove_endpoints,
+    write_endpoints,
+)
+from lmcached.security import secure_ipc_socket
+from lmcached.version import PROTOCOL_VERSION, __version__
+
+LOOP_MS = 100
+MAX_BACKOFF_S = 10.0
+# A worker that stayed up this long is healthy again: its next crash restarts it quickly.
+STABLE_AFTER_S = 30.0
+STATUS_DEADLINE_S = 1.0
+
+
+@dataclass
+class WorkerSlot:
+    """The scheduler's view of one worker id across its restarts."""
+
+    id: int
+    state: str = "stopped"  # stopped | starting | up | backoff
+    proc: subprocess.Popen[bytes] | None = None
+    pid: int | None = None
+    endpoints: dict[str, str] = field(default_factory=dict)
+    restarts: int = 0
+    backoff: float = 0.0
+    next_start_at: float = 0.0
+    started_at: float = 0.0
+    last_exit: int | None = None
+    sock: zmq.Socket | None = None  # scheduler -> worker, for stats and health
+
+
+@dataclass
+class PendingStatus:
+    """A control request waiting for every worker's stats reply (or its deadline)."""
+
+    envelope: Any
+    rid: int
+    deadline: float
+    waiting: dict[int, int]  # worker id -> request id sent to it
+    replies: dict[int, dict[str, Any]] = field(default_factory=dict)
+    finish: Callable[[PendingStatus], None] | None = None
+
+
+class Scheduler:
+    """Own the control endpoint, the cluster map and the worker processes."""
+
+    def __init__(self, cfg: config_mod.Config) -> None:
+        self.cfg = cfg
+        self.log = logs.get_logger("lmcached.daemon.scheduler")
+        self.daemon_id = secrets.token_hex(8)
+        self.epoch = 0
+        self.slots = [WorkerSlot(i) for i in range(cfg.num_workers)]
+        self.lock = InstanceLock(cfg)
+        self._ctx = zmq.Context(io_threads=1)
+        self._control: zmq.Socket | None = None
+        self._internal: zmq.Socket | None = None
+        self.control_endpoints: dict[str, str] = {}
+        self._internal_endpoint = ""
+        self._config_json = instance_dir(cfg) / "config.json"
+        self._stopping = False
+        self.exit_code = 0
+        self._reload_requested = False
+        self._ready = False
+        self._next_rid = 1
+        self._pending: list[PendingStatus] = []
+        self._closed = False
+        self.started_at = time.time()
+        # Hooks other subsystems attach to (plugins, metrics, sd_notify); called on the loop.
+        self.on_ready: list[Callable[[], None]] = []
+        self.on_tick: list[Callable[[], None]] = []
+        self.on_reload: list[Callable[[], dict[str, Any]]] = []
+        self.on_stopping: list[Callable[[], None]] = []
+        self.status_extras: list[Callable[[], dict[str, Any]]] = []
+        # Fields other subsystems publish in endpoints.json (e.g. the metrics URL). Written with
+        # the control endpoints in one atomic write, so a reader never sees a partial file.
+        self.endpoint_extras: dict[str, Any] = {}
+        # Set by lmcached.daemon.service when CURVE is configured: guards our server sockets and
+        # authenticates us to the workers.
+        self.auth: Any = None
+        self.worker_curve: Any = None
+
+    @property
+    def zmq_context(self) -> zmq.Context:
+        return self._ctx
+
+    @property
+    def ready(self) -> bool:
+        """True once every worker has served at least once."""
+        return self._ready
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping
+
+    # ------------------------------------------------------------------------------ set-up
+    def start(self) -> None:
+        """Take the instance lock, bind the endpoints and spawn the workers."""
+        cfg = self.cfg
+        self.lock.acquire()
+        control = self._ctx.socket(zmq.ROUTER)
+        control.setsockopt(zmq.LINGER, 0)
+        control.setsockopt(zmq.MAXMSGSIZE, 1 << 20)
+        if self.auth is not None:
+            self.auth.secure(control)
+        self.control_endpoints = bind_endpoints(control, cfg, "control", cfg.port)
+        secure_ipc_socket(self.control_endpoints["ipc"], cfg.socket_group)
+        self._control = control
+
+        internal = self._ctx.socket(zmq.ROUTER)
+        internal.setsockopt(zmq.LINGER, 0)
+        internal.setsockopt(zmq.MAXMSGSIZE, 1 << 16)
+        self._internal_endpoint = bind_endpoints(internal, cfg, "internal", None)["ipc"]
+        os.chmod(self._internal_endpoint[len("ipc://") :], 0o600)
+        self._internal = internal
+
+        # Workers read the effective config (env overrides applied) from a private file.
+        effective = cfg.to_dict(redact=False)
+        effective["instance_name"] = cfg.effective_instance_name
+        effective["runtime_dir"] = cfg.effective_runtime_dir
+        tmp = self._config_json.with_suffix(".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(effective, f)
+        os.replace(tmp, self._config_json)
+        for slot in self.slots:
+            self._spawn(slot)
+        self.log.info(
+            "scheduler_started",
+            control=self.control_endpoints,
+            workers=cfg.num_workers,
+            version=__version__,
+        )
+
+    def _spawn(self, slot: WorkerSlot) -> None:
+        cmd = [
+            sys.executable,
+            "-m",
+            "lmcached.daemon.worker",
+            "--config-json",
+            str(self._config_json),
+            "--worker-id",
+            str(slot.id),
+            "--internal",
+            self._internal_endpoint,
+            "--daemon-id",
+            self.daemon_id,
+        ]
+        slot.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, close_fds=True)
+        slot.pid = slot.proc.pid
+        slot.state = "starting"
+        slot.started_at = time.monotonic()
+        self.log.info("worker_spawned", worker=slot.id, pid=slot.pid)
+
+    # ---------------------------------------------------------------------------- the map
+    def cluster_map(self) -> dict[str, Any]:
+        return {
+            "daemon_id": self.daemon_id,
+            "epoch": self.epoch,
+            "version": __version__,
+            "protocol": PROTOCOL_VERSION,
+            "host_id": host_id(),
+            "chunk_size": self.cfg.chunk_size,
+            "num_workers": self.cfg.num_workers,
+            "checksums": config_mod.needs_checksums(self.cfg),
+            "limits": config_mod.wire_limits(self.cfg).as_dict(),
+            "workers": [
+                {
+                    "id": s.id,
+                    "state": s.state,
+                    "pid": s.pid,
+                    "restarts": s.restarts,
+                    "tcp": s.endpoints.get("tcp"),
+                    "ipc": s.endpoints.get("ipc"),
+                }
+                for s in self.slots
+            ],
+        }
+
+    def _bump(self, reason: str, worker: int) -> None:
+        self.epoch += 1
+        self.log.info("map_epoch", epoch=self.epoch, reason=reason, worker=worker)
+
+    # ------------------------------------------------------------------------- supervision
+    def _supervise(self) -> None:
+        now = time.monotonic()
+        for slot in self.slots:
+            proc = slot.proc
+            if proc is not None and slot.state in ("starting", "up"):
+                code = proc.poll()
+                if code is not None:
+                    self._worker_died(slot, code, now)
+                elif (
+                    slot.state == "starting"
+                    and now - slot.started_at > self.cfg.worker_start_timeout
+                ):
+                    self.log.error("worker_start_timeout", worker=slot.id, pid=slot.pid)
+                    proc.kill()
+                    proc.wait()
+                    self._worker_died(slot, -9, now)
+            if slot.state == "backoff" and now >= slot.next_start_at and not self._stopping:
+                slot.restarts += 1
+                self._spawn(slot)
+
+    def _worker_died(self, slot: WorkerSlot, code: int, now: float) -> None:
+        was_up = slot.state == "up"
+        slot.last_exit = code
+        slot.proc = None
+        slot.pid = None
+        slot.endpoints = {}
+        if slot.sock is not None:
+            slot.sock.close(linger=0)
+            slot.sock = None
+        if now - slot.started_at > STABLE_AFTER_S:
+            slot.backoff = self.cfg.worker_restart_backoff
+        else:
+            slot.backoff = min(
+                max(slot.backoff * 2, self.cfg.worker_restart_backoff), MAX_BACKOFF_S
+            )
+        if code == EXIT_PLUGIN_FATAL:
+            # A plugin failed on_startup under strict_plugins: restarting will not help.
+            self.log.error("worker_plugin_fatal", worker=slot.id, hint="see the worker's log")
+            self.exit_code = code
+            self._stopping = True
+        slot.state = "backoff"
+        slot.next_start_at = now + slot.backoff
+        self.log.error(
+            "worker_exited", worker=slot.id, code=code, restart_in_s=round(slot.backoff, 3)
+        )
+        if was_up:
+            self._bump("worker_down", slot.id)
+
+    def _on_hello(self, msg: dict[str, Any]) -> None:
+        wid, pid, endpoints = msg.get("worker_id"), msg.get("pid"), msg.get("endpoints")
+        if (
+            not isinstance(wid, int)
+            or not 0 <= wid < len(self.slots)
+            or not isinstance(endpoints, dict)
+        ):
+            self.log.warning("bad_hello", msg=str(msg)[:200])
+            return
+        slot = self.slots[wid]
+        if slot.pid != pid or slot.state != "starting":
+            self.log.warning("stale_hello", worker=wid, pid=pid, expected=slot.pid)
+            return
+        slot.endpoints = {k: str(v) for k, v in endpoints.items()}
+        slot.state = "up"
+        sock = self._ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        if self.worker_curve is not None:
+            self.worker_curve.apply(sock)
+        sock.connect(slot.endpoints["ipc"])
+        slot.sock = sock
+        self._bump("worker_up", wid)
+        if not self._ready and all(s.state == "up" for s in self.slots):
+            self._become_ready()
+
+    def _become_ready(self) -> None:
+        self._ready = True
+        write_endpoints(
+            self.cfg,
+            {
+                "pid": os.getpid(),
+                "daemon_id": self.daemon_id,
+                "control": self.control_endpoints,
+                "version": __version__,
+                "started_at": self.started_at,
+                **self.endpoint_extras,
+            },
+        )
+        self.log.info(
+            "daemon_ready", control=self.control_endpoints["tcp"], workers=len(self.slots)
+        )
+        print(
+            f"lmcached ready: control {self.control_endpoints['tcp']} ({len(self.slots)} workers)",
+            flush=True,
+        )
+        for hook in self.on_ready:
+            hook()
+
+    # --------------------------------------------------------------------------- control
+    def _handle_control(self, frames: list[bytes]) -> None:
+        if len(frames) < 2:
+            return
+        envelope = frames[0]
+        assert self._control is not None
+        limits = config_mod.wire_limits(self.cfg)
+        try:
+            req = protocol.decode_request(frames[1], frames[2:], limits, CONTROL_OPS)
+        except ProtocolError as exc:
+            self._control.send_multipart([envelope, protocol.error_reply(0, exc.code, exc.message)])
+            return
+        if req.op == "map":
+            reply = protocol.ok_reply(req.id, map=self.cluster_map())
+        elif req.op == "ping":
+            reply = protocol.ok_reply(req.id, pid=os.getpid(), epoch=self.epoch, ready=self._ready)
+        elif req.op == "shutdown":
+            self._stopping = True
+            reply = protocol.ok_reply(req.id, stopping=True)
+        elif req.op == "reload":
+            results: dict[str, Any] = {}
+            for hook in self.on_reload:
+                results.update(hook())
+            reply = protocol.ok_reply(req.id, reloaded=results)
+        elif req.op == "status":
+            self.request_worker_stats(envelope, req.id, self._finish_status)
+            return
+        else:  # pragma: no cover - CONTROL_OPS is checked by decode_request
+            reply = protocol.error_reply(req.id, protocol.E_UNKNOWN_OP, req.op)
+        self._control.send_multipart([envelope, reply])
+
+    def request_worker_stats(
+        self,
+        envelope: Any,
+        rid: int,
+        finish: Callable[[PendingStatus], None],
+        deadline_s: float = STATUS_DEADLINE_S,
+    ) -> None:
+        """Ask every live worker for its stats; ``finish`` runs when all answered or at the deadline."""
+        pending = PendingStatus(envelope, rid, time.monotonic() + deadline_s, {}, finish=finish)
+        for slot in self.slots:
+            if slot.state == "up" and slot.sock is not None:
+                wrid = self._next_rid
+                self._next_rid += 1
+                with contextlib.suppress(zmq.ZMQError):
+                    slot.sock.send(
+                        protocol.pack({"v": PROTOCOL_VERSION, "op": "stats", "id": wrid}),
+                        zmq.NOBLOCK,
+                    )
+                    pending.waiting[slot.id] = wrid
+        self._pending.append(pending)
+        self._check_pending()
+
+    def _on_worker_reply(self, slot: WorkerSlot, data: bytes) -> None:
+        try:
+            reply = protocol.unpack_header(data, 16 << 20)
+        except ProtocolError:
+            return
+        rid = reply.get("id")
+        for pending in self._pending:
+            if pending.waiting.get(slot.id) == rid:
+                del pending.waiting[slot.id]
+                pending.replies[slot.id] = reply
+        self._check_pending()
+
+    def _check_pending(self) -> None:
+        now = time.monotonic()
+        still = []
+        for pending in self._pending:
+            if pending.waiting and now < pending.deadline:
+                still.append(pending)
+            elif pending.finish is not None:
+                pending.finish(pending)
+        self._pending = still
+
+    def _finish_status(self, pending: PendingStatus) -> None:
+        assert self._control is not None
+        self._control.send_multipart(
+            [pending.envelope, protocol.ok_reply(pending.rid, **self.status_snapshot(pending))]
+        )
+
+    def status_snapshot(self, pending: PendingStatus) -> dict[str, Any]:
+        """Combine the map, the workers' stats and process facts into one status document."""
+        workers = []
+        for slot in self.slots:
+            stats = pending.replies.get(slot.id)
+            entry: dict[str, Any] = {
+                "id": slot.id,
+                "pid": slot.pid,
+                "state": slot.state,
+                "restarts": slot.restarts,
+                "last_exit": slot.last_exit,
+                "responsive": stats is not None and bool(stats.get("ok")),
+            }
+            if stats is not None and stats.get("ok"):
+                entry["stats"] = {k: v for k, v in stats.items() if k not in ("id", "ok")}
+            entry["memory"] = _memory(slot.pid)
+            workers.append(entry)
+        doc: dict[str, Any] = {
+            "daemon_id": self.daemon_id,
+            "pid": os.getpid(),
+            "version": __version__,
+            "epoch": self.epoch,
+            "ready": self._ready,
+            "uptime_s": round(time.time() - self.started_at, 3),
+            "control": self.control_endpoints,
+            "scheduler_memory": _memory(os.getpid()),
+            "workers": workers,
+        }
+        for extra in self.status_extras:
+            doc.update(extra())
+        return doc
+
+    # ------------------------------------------------------------------------------ loop
+    def install_signal_handlers(self) -> None:
+        def stop(signum: int, _frame: Any) -> None:
+            self.log.info("signal", signal=signal.Signals(signum).name)
+            self._stopping = True
+
+        def reload(_signum: int, _frame: Any) -> None:
+            self._reload_requested = True
+
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
+        signal.signal(signal.SIGHUP, reload)
+
+    def serve(self) -> None:
+        assert self._control is not None and self._internal is not None
+        while not self._stopping:
+            poller = zmq.Poller()
+            poller.register(self._control, zmq.POLLIN)
+            poller.register(self._internal, zmq.POLLIN)
+            socks = {s.sock: s for s in self.slots if s.sock is not None}
+            for sock in socks:
+                poller.register(sock, zmq.POLLIN)
+            try:
+                events = dict(poller.poll(LOOP_MS))
+            except zmq.ZMQError as exc:
+                if exc.errno in (zmq.ETERM, zmq.EINTR):
+                    continue
+                raise
+            if self._internal in events:
+                while True:
+                    try:
+                        frames = self._internal.recv_multipart(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    with contextlib.suppress(ProtocolError):
+                        self._on_hello(protocol.unpack_header(frames[-1], 1 << 16))
+            for sock, slot in socks.items():
+                if sock in events:
+                    while True:
+                        try:
+                            data = sock.recv(zmq.NOBLOCK)
+                        except zmq.Again:
+                            break
+                        self._on_worker_reply(slot, data)
+            if self._control in events:
+                for _ in range(256):
+                    try:
+                        frames = self._control.recv_multipart(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    self._handle_control(frames)
+            self._supervise()
+            self._check_pending()
+            if self._reload_requested:
+                self._reload_requested = False
+                for hook in self.on_reload:
+                    hook()
+            for hook in self.on_tick:
+                hook()
+
+    def shutdown(self) -> None:
+        """Stop every worker (SIGTERM, then SIGKILL after shutdown_timeout) and clean up."""
+        if self._closed:
+            return
+        self._closed = True
+        self._stopping = True
+        self.log.info("scheduler_stopping")
+        for hook in self.on_stopping:
+            try:
+                hook()
+            except Exception:
+                self.log.exception("stopping_hook_failed")
+        owns_instance = self.lock.held
+        if owns_instance:
+            remove_endpoints(self.cfg)
+        procs = [s.proc for s in self.slots if s.proc is not None]
+        for proc in procs:
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGTERM)
+        # Workers stop their plugins first (SIGTERM, SIGKILL after plugin_stop_timeout), and
+        # workers with disk or remote tiers drain their write queues, for at most
+        # shutdown_flush_timeout (issue 3), so they get that much longer before SIGKILL.
+        grace = max(self.cfg.shutdown_timeout, self.cfg.plugin_stop_timeout + 2.0)
+        if config_mod.needs_checksums(self.cfg):
+            grace += self.cfg.shutdown_flush_timeout
+        deadline = time.monotonic() + grace
+        for proc in procs:
+            try:
+                proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                self.log.warning("worker_kill", pid=proc.pid)
+                proc.kill()
+                proc.wait()
+        for slot in self.slots:
+            if slot.sock is not None:
+                slot.sock.close(linger=0)
+                slot.sock = None
+            slot.proc = None
+            slot.state = "stopped"
+        for sock in (self._control, self._internal):
+            if sock is not None:
+                sock.close(linger=0)
+        self._ctx.term()
+        if owns_instance:
+            # Only the daemon holding the lock may remove the instance's files.
+            for name in ("control", "internal"):
+                with contextlib.suppress(OSError):
+                    os.unlink(instance_dir(self.cfg) / f"{name}.sock")
+            with contextlib.suppress(OSError):
+                Path(self._config_json).unlink()
+        self.lock.release()
+        self.log.info("scheduler_stopped")
+
+
+def _memory(pid: int | None) -> dict[str, int] | None:
+    """Return rss and uss (unique set size) of a process, or None when it is gone."""
+    if pid is None:
+        return None
+    try:
+        import psutil
+
+        info = psutil.Process(pid).memory_full_info()
+        return {"rss": info.rss, "uss": info.uss}
+    except Exception:
+        return None
+
+
+def run(cfg: config_mod.Config) -> int:
+    """Run the daemon in the foreground until SIGTERM/SIGINT or a shutdown request."""
+    from lmcached.malloc import tune_for_large_messages
+
+    tune_for_large_messages(daemon=True)
+    logs.configure("scheduler", -1, cfg.log_level, cfg.log_format)
+    log = logs.get_logger("lmcached.daemon.scheduler")
+    warning = config_mod.memory_warning(cfg)
+    if warning:
+        log.warning("memory_budget", message=warning)
+    scheduler = Scheduler(cfg)
+    plugins = SchedulerPlugins(scheduler)
+    scheduler.install_signal_handlers()
+    try:
+        from lmcached.daemon.service import attach
+
+        attach(scheduler)  # sd_notify, health checks, /metrics, CURVE
+        scheduler.start()
+        scheduler.serve()
+    finally:
+        scheduler.shutdown()
+        plugins.stop()
+    return scheduler.exit_code

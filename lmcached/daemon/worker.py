@@ -1,0 +1,484 @@
+"""A worker process: one shard of the cache behind a ZMQ ROUTER data endpoint.
+
+Run by the scheduler as ``python -m lmcached.daemon.worker --config-json F --worker-id N``. One thread
+serves every request in arrival order; work that may block (disk and remote reads) goes to a
+thread pool through :meth:`Worker.submit_io` and its reply is sent when it completes, so a slow
+tier never delays a CPU hit. This process never imports torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import json
+import os
+import signal
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+import zmq
+
+from lmcached import config as config_mod
+from lmcached import logs, protocol
+from lmcached.daemon.assembly import build_store
+from lmcached.daemon.op_latency import OpLatency
+from lmcached.daemon.script_plugins import WorkerPlugins
+from lmcached.extensions.lifecycle import EXIT_PLUGIN_FATAL, PluginStartupError
+from lmcached.extensions.startup import extension_states
+from lmcached.malloc import tune_for_large_messages
+from lmcached.protocol import DATA_OPS, ProtocolError, Request
+from lmcached.runtime import bind_endpoints
+from lmcached.security import AuthGuard, ServerCurve, secure_ipc_socket
+from lmcached.storage.base import Block
+from lmcached.version import PROTOCOL_VERSION, __version__
+
+PR_SET_PDEATHSIG = 1
+POLL_MS = 500
+
+
+def _die_with_parent() -> None:
+    """Ask the kernel to SIGTERM us when the scheduler dies, so a kill -9 leaves no worker."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+
+
+class OpStats:
+    """Per-op request counters of this worker."""
+
+    def __init__(self) -> None:
+        self.requests: dict[str, int] = {}
+        self.errors: dict[str, int] = {}
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.lookup_keys = 0
+        self.lookup_hits = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "requests": dict(self.requests),
+            "errors": dict(self.errors),
+            "bytes_in": self.bytes_in,
+            "bytes_out": self.bytes_out,
+            "lookup_keys": self.lookup_keys,
+            "lookup_hits": self.lookup_hits,
+        }
+
+
+class Worker:
+    """Serve one shard: decode requests, apply them to the TieredStore, reply."""
+
+    def __init__(self, cfg: config_mod.Config, worker_id: int) -> None:
+        self.cfg = cfg
+        self.worker_id = worker_id
+        self.limits = config_mod.wire_limits(cfg)
+        self.log = logs.get_logger("lmcached.daemon.worker")
+        self.store = build_store(cfg, worker_id)
+        self.ops = OpStats()
+        self.latency = OpLatency()
+        # (op, receipt time) of the request being dispatched on the loop; submit_io takes it
+        # over so that an op answered from the I/O pool is timed until its reply.
+        self._dispatching: tuple[str, float] | None = None
+        self.started_at = time.time()
+        self._stop = threading.Event()
+        self._ctx = zmq.Context(io_threads=1)
+        self._router: zmq.Socket | None = None
+        self._io_pool: ThreadPoolExecutor | None = None
+        # Completions posted by I/O threads; the loop drains them after a byte on the pipe.
+        self._done: deque[Callable[[], None]] = deque()
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        self.endpoints: dict[str, str] = {}
+        self._closed = False
+        # Extra sections of the stats reply (plugins ...), each a callable returning a dict.
+        self.stats_extras: list[Callable[[], dict[str, Any]]] = []
+        curve = ServerCurve.from_config(cfg)
+        self.auth = AuthGuard(self._ctx, curve) if curve is not None else None
+        if self.auth is not None and curve is not None:
+            self.auth.authorize(curve.public)  # the scheduler probes us with the daemon's keys
+
+    # ----------------------------------------------------------------------------- set-up
+    def bind(self) -> dict[str, str]:
+        sock = self._ctx.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.LINGER, 0)
+        # A backstop only: the map carries the limits and clients check them before sending.
+        sock.setsockopt(
+            zmq.MAXMSGSIZE, max(self.limits.wire_frame_size, self.limits.max_header_bytes) + 4096
+        )
+        sock.setsockopt(zmq.RCVHWM, 10_000)
+        sock.setsockopt(zmq.SNDHWM, 10_000)
+        if self.auth is not None:
+            self.auth.secure(sock)
+        cfg = self.cfg
+        self.endpoints = bind_endpoints(
+            sock,
+            cfg,
+            f"worker-{self.worker_id}",
+            0 if cfg.port == 0 else cfg.port + 1 + self.worker_id,
+        )
+        secure_ipc_socket(self.endpoints["ipc"], cfg.socket_group)
+        self._router = sock
+        return self.endpoints
+
+    def register(self, internal_endpoint: str) -> None:
+        """Tell the scheduler our endpoints; it publishes them in the cluster map."""
+        sock = self._ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 1000)
+        sock.connect(internal_endpoint)
+        sock.send(
+            protocol.pack(
+                {
+                    "v": PROTOCOL_VERSION,
+                    "op": "hello",
+                    "worker_id": self.worker_id,
+                    "pid": os.getpid(),
+                    "endpoints": self.endpoints,
+                }
+            )
+        )
+        sock.close()
+
+    # ------------------------------------------------------------------------ off-loop I/O
+    def submit_io(
+        self, fn: Callable[[], Any], done: Callable[[Any, BaseException | None], None]
+    ) -> None:
+        """Run ``fn`` on the I/O pool; call ``done(result, error)`` later on the loop thread."""
+        if self._io_pool is None:
+            self._io_pool = ThreadPoolExecutor(
+                max_workers=4, thread_name_prefix=f"w{self.worker_id}-io"
+            )
+        if self._dispatching is not None:
+            op, received = self._dispatching
+            self._dispatching = None  # timed when done() has replied, not at hand-off
+            answer = done
+
+            def done(result: Any, exc: BaseException | None) -> None:
+                try:
+                    answer(result, exc)
+                finally:
+                    self.latency.observe(op, time.perf_counter() - received)
+
+        def finished(fut: Future[Any]) -> None:
+            exc = fut.exception()
+            result = None if exc is not None else fut.result()
+            self._done.append(lambda: done(result, exc))
+            with contextlib.suppress(OSError):
+                os.write(self._wake_w, b"x")
+
+        self._io_pool.submit(fn).add_done_callback(finished)
+
+    def _drain_completions(self) -> None:
+        with contextlib.suppress(BlockingIOError, OSError):
+            os.read(self._wake_r, 4096)
+        while self._done:
+            callback = self._done.popleft()
+            try:
+                callback()
+            except Exception:
+                self.log.exception("io_completion_failed")
+
+    # ----------------------------------------------------------------------------- replies
+    def reply(self, envelope: Any, header: bytes, frames: list[Any] | tuple[Any, ...] = ()) -> None:
+        """Send a reply to the client identified by ``envelope`` (loop thread only)."""
+        assert self._router is not None
+        try:
+            self._router.send_multipart([envelope, header, *frames], copy=False)
+        except zmq.ZMQError as exc:
+            # The peer is gone or its queue is full: a dropped reply is the client's timeout.
+            self.log.warning("reply_dropped", error=str(exc))
+
+    def reply_error(self, envelope: Any, rid: int, code: str, message: str) -> None:
+        self.ops.errors[code] = self.ops.errors.get(code, 0) + 1
+        self.reply(envelope, protocol.error_reply(rid, code, message))
+
+    # ------------------------------------------------------------------------------ serving
+    def handle_message(self, frames: list[zmq.Frame]) -> None:
+        """Validate one ROUTER message and serve it; malformed input gets an error reply."""
+        if len(frames) < 2:
+            return  # no header frame: nothing to answer
+        received = time.perf_counter()
+        envelope = frames[0]
+        if len(frames) - 1 > self.limits.max_frames:
+            self.reply_error(
+                envelope,
+                0,
+                protocol.E_LIMIT,
+                f"{len(frames) - 1} frames exceed the limit of {self.limits.max_frames}",
+            )
+            return
+        header_frame = frames[1]
+        if len(header_frame) > self.limits.max_header_bytes:
+            self.reply_error(envelope, 0, protocol.E_LIMIT, "header frame too large")
+            return
+        try:
+            req = protocol.decode_request(header_frame.bytes, frames[2:], self.limits, DATA_OPS)
+        except ProtocolError as exc:
+            rid = 0
+            with contextlib.suppress(ProtocolError):
+                rid = protocol.request_id_of(
+                    protocol.unpack_header(header_frame.bytes, self.limits.max_header_bytes)
+                )
+            self.reply_error(envelope, rid, exc.code, exc.message)
+            return
+        self.ops.requests[req.op] = self.ops.requests.get(req.op, 0) + 1
+        self._dispatching = (req.op, received)
+        try:
+            getattr(self, f"op_{req.op}")(envelope, req)
+        except Exception as exc:  # a bug must cost one request, never the worker
+            self.log.exception("request_failed", op=req.op)
+            self.reply_error(envelope, req.id, protocol.E_INTERNAL, f"{type(exc).__name__}: {exc}")
+        if self._dispatching is not None:  # answered on the loop: receipt to reply
+            self._dispatching = None
+            self.latency.observe(req.op, time.perf_counter() - received)
+
+    def op_put(self, envelope: Any, req: Request) -> None:
+        metas = req.header.get("metas") or [None] * len(req.keys)
+        sums = req.header.get("sums") or [None] * len(req.keys)
+        stored = 0
+        for key, group, size, meta, checksum in zip(
+            req.keys, req.blocks, req.sizes, metas, sums, strict=True
+        ):
+            # The received ZMQ frames become the stored buffers: no copy on the put path.
+            block = Block(frames=group, nbytes=size, meta=meta, checksum=checksum)
+            if self.store.put(key, block):
+                stored += 1
+            self.ops.bytes_in += size
+        self.reply(envelope, protocol.ok_reply(req.id, stored=stored))
+
+    def op_get(self, envelope: Any, req: Request) -> None:
+        cached = self.store.get_cached_many(req.keys)
+        if not self.store.has_lower or all(b is not None for b in cached):
+            self.send_blocks(envelope, req.id, cached)
+            return
+        # Some keys may be on disk or in the remote: look there off the loop, so CPU hits for
+        # other clients keep being served meanwhile. The reply goes out when the read is done.
+        self._off_loop(
+            envelope,
+            req,
+            lambda: self.store.get_many(req.keys, cached=cached),
+            lambda blocks: self.send_blocks(envelope, req.id, blocks),
+        )
+
+    def _off_loop(
+        self,
+        envelope: Any,
+        req: Request,
+        work: Callable[[], Any],
+        answer: Callable[[Any], None],
+    ) -> None:
+        """Run ``work`` on the I/O pool and ``answer`` its result on the loop thread."""
+
+        def done(result: Any, err: BaseException | None) -> None:
+            if err is not None:
+                self.log.error("request_failed", op=req.op, error=f"{type(err).__name__}: {err}")
+                self.reply_error(
+                    envelope, req.id, protocol.E_INTERNAL, f"{type(err).__name__}: {err}"
+                )
+                return
+            answer(result)
+
+        self.submit_io(work, done)
+
+    def send_blocks(self, envelope: Any, rid: int, blocks: list[Block | None]) -> None:
+        """Reply to a get with the found blocks' frames (sent zero-copy)."""
+        # Every get reply passes here, from the loop or from the I/O pool: count retrieve hits.
+        self.latency.count_retrieve(len(blocks), sum(1 for b in blocks if b is not None))
+        found: list[bool] = []
+        sizes: list[int] = []
+        nframes: list[int] = []
+        metas: list[Any] = []
+        sums: list[Any] = []
+        out: list[Any] = []
+        for block in blocks:
+            if block is None:
+                found.append(False)
+                continue
+            found.append(True)
+            sizes.append(block.nbytes)
+            nframes.append(len(block.frames))
+            metas.append(block.meta)
+            sums.append(block.checksum)
+            out.extend(block.frames)
+            self.ops.bytes_out += block.nbytes
+        header = protocol.ok_reply(
+            rid, found=found, sizes=sizes, nframes=nframes, metas=metas, sums=sums
+        )
+        self.reply(envelope, header, out)
+
+    def op_lookup(self, envelope: Any, req: Request) -> None:
+        def answer(hit: int) -> None:
+            self.ops.lookup_keys += len(req.keys)
+            self.ops.lookup_hits += hit
+            self.reply(envelope, protocol.ok_reply(req.id, hit=hit))
+
+        hit = 0
+        for key in req.keys:
+            if not self.store.contains_cached(key):
+                break
+            hit += 1
+        if hit == len(req.keys) or not self.store.has_lower:
+            answer(hit)
+        else:
+            self._off_loop(envelope, req, lambda: self.store.lookup(req.keys), answer)
+
+    def op_exists(self, envelope: Any, req: Request) -> None:
+        def answer(flags: list[bool]) -> None:
+            # Client.lookup() is answered with exists; its keys count toward the lookup hit ratio.
+            self.ops.lookup_keys += len(flags)
+            self.ops.lookup_hits += sum(flags)
+            self.reply(envelope, protocol.ok_reply(req.id, flags=flags))
+
+        flags = [self.store.contains_cached(k) for k in req.keys]
+        if all(flags) or not self.store.has_lower:
+            answer(flags)
+        else:
+            self._off_loop(envelope, req, lambda: self.store.exists_many(req.keys), answer)
+
+    def op_delete(self, envelope: Any, req: Request) -> None:
+        def answer(count: int) -> None:
+            self.reply(envelope, protocol.ok_reply(req.id, count=count))
+
+        if not self.store.has_lower:
+            answer(self.store.remove_many(req.keys))
+        else:
+            self._off_loop(envelope, req, lambda: self.store.remove_many(req.keys), answer)
+
+    def op_purge(self, envelope: Any, req: Request) -> None:
+        def answer(count: int) -> None:
+            self.reply(envelope, protocol.ok_reply(req.id, count=count))
+
+        prefix = req.header["prefix"]
+        if not self.store.has_lower:
+            answer(self.store.remove_prefix(prefix))
+        else:
+            self._off_loop(envelope, req, lambda: self.store.remove_prefix(prefix), answer)
+
+    def op_flush(self, envelope: Any, req: Request) -> None:
+        timeout = req.header.get("timeout")
+        timeout = float(timeout) if isinstance(timeout, (int, float)) and timeout > 0 else 30.0
+        self.submit_io(
+            lambda: self.store.flush(timeout),
+            lambda done, err: self.reply(
+                envelope, protocol.ok_reply(req.id, done=bool(done) and err is None)
+            ),
+        )
+
+    def op_ping(self, envelope: Any, req: Request) -> None:
+        self.reply(envelope, protocol.ok_reply(req.id, worker_id=self.worker_id, pid=os.getpid()))
+
+    def op_stats(self, envelope: Any, req: Request) -> None:
+        self.reply(envelope, protocol.ok_reply(req.id, **self.stats()))
+
+    def stats(self) -> dict[str, Any]:
+        out = {
+            "worker_id": self.worker_id,
+            "pid": os.getpid(),
+            "uptime_s": round(time.time() - self.started_at, 3),
+            "store": self.store.stats(),
+            "ops": self.ops.as_dict(),
+            "extensions": extension_states(),
+            "latency": self.latency.as_dict(),
+            "auth": {"refused": self.auth.refused if self.auth is not None else 0},
+        }
+        for extra in self.stats_extras:
+            out.update(extra())
+        return out
+
+    # --------------------------------------------------------------------------------- loop
+    def serve(self) -> None:
+        assert self._router is not None
+        poller = zmq.Poller()
+        poller.register(self._router, zmq.POLLIN)
+        poller.register(self._wake_r, zmq.POLLIN)
+        parent = os.getppid()
+        while not self._stop.is_set():
+            try:
+                events = dict(poller.poll(POLL_MS))
+            except zmq.ZMQError as exc:
+                if exc.errno == zmq.ETERM:
+                    break
+                raise
+            if self._wake_r in events:
+                self._drain_completions()
+            if self._router in events:
+                # Drain what is queued, but keep answering completions between messages.
+                for _ in range(64):
+                    try:
+                        frames = self._router.recv_multipart(zmq.NOBLOCK, copy=False)
+                    except zmq.Again:
+                        break
+                    self.handle_message(frames)
+            if not events and os.getppid() != parent:
+                self.log.warning("scheduler_gone", parent=parent)
+                break
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._io_pool is not None:
+            self._io_pool.shutdown(wait=True, cancel_futures=False)
+        self._drain_completions()
+        self.store.close()
+        if self.auth is not None:
+            self.auth.stop()
+        if self._router is not None:
+            ipc = self.endpoints.get("ipc", "")
+            self._router.close(linger=0)
+            with contextlib.suppress(OSError):
+                os.unlink(ipc[len("ipc://") :])
+        self._ctx.term()
+        for fd in (self._wake_r, self._wake_w):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="lmcached-worker")
+    parser.add_argument("--config-json", required=True)
+    parser.add_argument("--worker-id", type=int, required=True)
+    parser.add_argument("--internal", required=True, help="scheduler's internal endpoint")
+    parser.add_argument("--daemon-id", required=True, help="the scheduler's id, stamped on replies")
+    args = parser.parse_args(argv)
+    protocol.REPLY_STAMP["d"] = args.daemon_id
+    _die_with_parent()
+    tune_for_large_messages(daemon=True)
+    with open(args.config_json) as f:
+        cfg = config_mod.from_mapping(json.load(f), environ={})
+    logs.configure("worker", args.worker_id, cfg.log_level, cfg.log_format)
+    log = logs.get_logger("lmcached.daemon.worker")
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the scheduler decides when workers stop
+    try:
+        worker = Worker(cfg, args.worker_id)
+    except PluginStartupError as exc:  # strict_plugins: the scheduler stops the daemon
+        log.error("plugin_start_failed", error=str(exc))
+        return EXIT_PLUGIN_FATAL
+    plugins = WorkerPlugins(worker, args.config_json)
+    signal.signal(signal.SIGTERM, lambda *_: worker.stop())
+    try:
+        endpoints = worker.bind()
+        plugins.start()
+        worker.register(args.internal)
+        log.info("worker_ready", endpoints=endpoints, version=__version__)
+        worker.serve()
+    except Exception:
+        log.exception("worker_failed")
+        return 1
+    finally:
+        plugins.stop()
+        worker.close()
+    log.info("worker_stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,1 +1,0 @@
-"""Operations: systemd notification, metrics and health, authentication, benchmarks."""
