@@ -1,6 +1,7 @@
 """The documentation cannot drift: every command it shows runs, every link it makes resolves.
 
-Every line that starts with `lmcached ` (or `$ lmcached `, or `.venv/bin/lmcached `) inside a
+Every line that starts with `lmcached ` (or `$ lmcached `, `.venv/bin/lmcached `, or those after
+`VAR=value` assignments) inside a
 ```bash / ```console / ```sh fenced block of README.md or docs/*.md runs through the real CLI
 (`sys.executable -m lmcached`, this checkout's code) against one real daemon, which is itself
 started from the first documented `lmcached start` line. Each line runs alone, in a fresh bash,
@@ -46,7 +47,11 @@ SANDBOX_CONFIG = "config/lmcached.yaml"
 
 _FENCE = re.compile(r"^\s*```\s*([\w+-]*)")
 _MARKER = re.compile(r"^\s*<!--\s*docs-test:\s*(.*?)\s*-->\s*$")
-_COMMAND = re.compile(r"^(?:\$\s+)?((?:\.venv/bin/)?lmcached(?:\s.*)?)$")
+# An optional prompt, optional VAR=value assignments, then the command itself.
+_COMMAND = re.compile(
+    r"^(?:\$\s+)?((?:[A-Z_][A-Z0-9_]*=\S*\s+)*(?:\.venv/bin/)?lmcached(?:\s.*)?)$"
+)
+_ASSIGNMENT = re.compile(r"^[A-Z_][A-Z0-9_]*=")
 
 
 @dataclass(frozen=True)
@@ -66,6 +71,8 @@ class DocCommand:
     @property
     def subcommand(self) -> str:
         words = shlex.split(self.text, comments=True)
+        while words and _ASSIGNMENT.match(words[0]):
+            words.pop(0)
         return words[1] if len(words) > 1 else ""
 
 
@@ -81,7 +88,7 @@ def _parse_marker(text: str, where: str) -> tuple[int, str | None]:
 
 def scan(path: Path) -> list[DocCommand]:
     """Return every `lmcached` command line in the shell blocks of one Markdown file."""
-    rel = str(path.relative_to(ROOT))
+    rel = str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
     lines = path.read_text().splitlines()
     out: list[DocCommand] = []
     in_block = False
@@ -94,7 +101,9 @@ def scan(path: Path) -> list[DocCommand]:
         if fence and not in_block:
             in_block, lang = True, fence.group(1).lower()
             marker = _MARKER.match(previous)
-            expect, skip = _parse_marker(marker.group(1), f"{rel}:{number - 1}") if marker else (0, None)
+            expect, skip = (
+                _parse_marker(marker.group(1), f"{rel}:{number - 1}") if marker else (0, None)
+            )
         elif fence and in_block:
             in_block = False
         elif in_block and lang in SHELL_LANGS:
@@ -155,6 +164,8 @@ class Sandbox:
         }
         self.proc: subprocess.Popen[bytes] | None = None
         self.started_from: str | None = None
+        starts = [c for c in COMMANDS if c.subcommand == "start" and c.skip is None]
+        self.default_start = self.render(starts[0]) if starts else None
         self.log_path = root / "daemon.log"
         self._log_file: object | None = None
 
@@ -200,8 +211,9 @@ class Sandbox:
 
     def ensure_running(self) -> None:
         if not self.running():
-            assert self.started_from, "no documented `lmcached start` line has run yet"
-            self.start(self.started_from)
+            line = self.started_from or self.default_start
+            assert line, "README.md and docs/*.md show no runnable `lmcached start` line"
+            self.start(line)
 
     def wait_exit(self, timeout: float) -> int | None:
         assert self.proc is not None
@@ -254,6 +266,36 @@ def sandbox(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sandbox]:
     finally:
         box.close()
         box.close()  # close() is idempotent, like every close in the project
+
+
+def test_scanner_reads_commands_markers_prompts_and_continuations(tmp_path: Path) -> None:
+    page = tmp_path / "page.md"
+    page.write_text(
+        "Text with `lmcached status` inline is not run.\n"
+        "```bash\n"
+        "lmcached status --config F   # a comment\n"
+        "echo not lmcached\n"
+        "```\n"
+        "<!-- docs-test: exit 2 -->\n"
+        "```console\n"
+        "$ LMCACHED_NUM_WORKERS=zero lmcached config check \\\n"
+        "    --config F\n"
+        "lmcached: config error: ...\n"
+        "```\n"
+        "<!-- docs-test: skip (root) -->\n"
+        "```sh\n"
+        "lmcached keygen /etc/x\n"
+        "```\n"
+        "```text\n"
+        "lmcached plugins   a table, not a command\n"
+        "```\n"
+    )
+    found = scan(page)
+    assert [(c.line, c.text, c.expect_exit, c.skip, c.subcommand) for c in found] == [
+        (3, "lmcached status --config F   # a comment", 0, None, "status"),
+        (8, "LMCACHED_NUM_WORKERS=zero lmcached config check --config F", 2, None, "config"),
+        (14, "lmcached keygen /etc/x", 0, "root", "keygen"),
+    ]
 
 
 def test_docs_show_a_start_line_and_commands_to_run() -> None:
