@@ -1,9 +1,9 @@
 """The documentation cannot drift: every command it shows runs, every link it makes resolves.
 
-Every line that starts with `lmcached ` (or `$ lmcached `, `.venv/bin/lmcached `, or those after
-`VAR=value` assignments) inside a
-```bash / ```console / ```sh fenced block of README.md or docs/*.md runs through the real CLI
-(`sys.executable -m lmcached`, this checkout's code) against one real daemon, which is itself
+Every line that starts with `lmcached ` (or `$ lmcached `, `.venv/bin/lmcached `, either after
+`VAR=value` assignments) inside a ```bash / ```console / ```sh fenced block of README.md or
+docs/*.md runs through the real CLI (`sys.executable -m lmcached`, this checkout's code)
+against one real daemon, which is itself
 started from the first documented `lmcached start` line. Each line runs alone, in a fresh bash,
 in a sandbox folder that holds a copy of config/, with HOME pointing into the sandbox:
 
@@ -346,6 +346,19 @@ def test_config_reference_is_generated_from_the_schema() -> None:
 _LINK = re.compile(r"\]\(([^)\s]+)\)")
 
 
+def anchors(page: Path) -> set[str]:
+    """Return the anchors GitHub derives from a page's headings (outside code blocks)."""
+    out: set[str] = set()
+    in_block = False
+    for line in page.read_text().splitlines():
+        if _FENCE.match(line):
+            in_block = not in_block
+        elif not in_block and line.startswith("#"):
+            title = line.lstrip("#").strip().lower()
+            out.add(re.sub(r"[^\w\- ]", "", title).replace(" ", "-"))
+    return out
+
+
 @pytest.mark.parametrize(
     "page",
     [*DOC_FILES, ROOT / "plugin_examples" / "README.md"],
@@ -355,12 +368,15 @@ def test_relative_links_resolve(page: Path) -> None:
     broken = []
     for number, line in enumerate(page.read_text().splitlines(), start=1):
         for target in _LINK.findall(line):
-            if re.match(r"^[a-z]+:", target) or target.startswith("#"):
+            if re.match(r"^[a-z]+:", target):
                 continue
-            path = target.split("#", 1)[0]
-            if not (page.parent / path).exists():
-                broken.append(f"{page.relative_to(ROOT)}:{number}: {target}")
-    assert not broken, "links to missing files:\n" + "\n".join(broken)
+            path, _, anchor = target.partition("#")
+            dest = (page.parent / path) if path else page
+            if not dest.exists():
+                broken.append(f"{page.relative_to(ROOT)}:{number}: {target} (no such file)")
+            elif anchor and dest.suffix == ".md" and anchor not in anchors(dest):
+                broken.append(f"{page.relative_to(ROOT)}:{number}: {target} (no such heading)")
+    assert not broken, "broken links:\n" + "\n".join(broken)
 
 
 def test_files_that_point_into_docs_point_at_pages_that_exist() -> None:
