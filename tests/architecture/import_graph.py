@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import ast
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -189,17 +189,17 @@ class ImportGraph:
         on_stack: set[str] = set()
         found: list[list[str]] = []
         # Iterative Tarjan: a deep package would overflow the recursion limit.
+        work: list[tuple[str, Iterator[str]]] = []
+
+        def open_(v: str) -> None:
+            index[v] = low[v] = len(index)
+            stack.append(v)
+            on_stack.add(v)
+            work.append((v, iter(sorted(self.edges[v]))))
+
         for start in self.modules:
             if start in index:
                 continue
-            work: list[tuple[str, Iterable[str]]] = []
-
-            def open_(v: str) -> None:
-                index[v] = low[v] = len(index)
-                stack.append(v)
-                on_stack.add(v)
-                work.append((v, iter(sorted(self.edges[v]))))
-
             open_(start)
             while work:
                 v, successors = work[-1]
