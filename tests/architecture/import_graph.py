@@ -73,7 +73,9 @@ class _ImportCollector(ast.NodeVisitor):
     def _add(self, target: str, node: ast.stmt) -> None:
         if target in self.graph.modules and target != self.module:
             scope = ".".join(self.scopes) or None
-            self.imports.append(Import(self.module, target, node.lineno, self._kind(), scope))
+            imp = Import(self.module, target, node.lineno, self._kind(), scope)
+            if imp not in self.imports:  # `from m import a, b` is one import of m
+                self.imports.append(imp)
 
     def visit_ClassDef(self, node: ast.ClassDef) -> None:
         self.scopes.append(node.name)
@@ -152,10 +154,25 @@ class ImportGraph:
         for depth in range(2, len(parts)):
             yield ".".join(parts[:depth])
 
-    def reach(self, imports: Iterable[Import]) -> dict[str, list[str]]:
-        """Map every module that loading the targets of ``imports`` can load to how it gets there.
+    def followed(
+        self, module: str, only: dict[str, list[Import]] | None = None
+    ) -> Iterable[Import]:
+        """Return the imports of ``module`` a walk follows: ``only[module]`` if given, else all."""
+        if only is not None and module in only:
+            return only[module]
+        return self.edges[module].values()
 
-        The value is the chain of steps (one line each) from the first import to that module.
+    def reach(
+        self,
+        modules: Iterable[str],
+        only: dict[str, list[Import]] | None = None,
+        origin: str | None = None,
+    ) -> dict[str, list[str]]:
+        """Map every module that loading ``modules`` can load to how it gets there.
+
+        The value is the chain of steps (one line each, the first one ``origin``'s) that leads
+        to that module. ``only`` narrows what some modules are taken to import (say, leaving
+        out the bodies of functions known not to run).
         """
         paths: dict[str, list[str]] = {}
         queue: deque[str] = deque()
@@ -165,21 +182,15 @@ class ImportGraph:
                 paths[module] = path
                 queue.append(module)
 
-        for imp in imports:
-            visit(imp.target, [imp.describe()])
+        for module in modules:
+            visit(module, [f"{origin} loads {module}"] if origin else [])
         while queue:
             module = queue.popleft()
             for parent in self._parents(module):
                 visit(parent, [*paths[module], f"{parent} is the package of {module}"])
-            for imp in self.edges[module].values():
+            for imp in self.followed(module, only):
                 visit(imp.target, [*paths[module], imp.describe()])
         return paths
-
-    def reach_from(self, modules: Iterable[str]) -> dict[str, list[str]]:
-        """Like :meth:`reach`, starting from loading ``modules`` themselves."""
-        start = [Import("<import>", m, 0, MODULE_LEVEL, None) for m in modules]
-        paths = self.reach(start)
-        return {m: p[1:] if p[0].startswith("<import>") else p for m, p in paths.items()}
 
     def cycles(self) -> list[list[str]]:
         """Return the strongly connected components with more than one module, sorted."""
