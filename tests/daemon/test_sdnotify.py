@@ -47,7 +47,7 @@ def test_reloading_carries_a_current_monotonic_timestamp(fake_socket):
     n.close()
 
 
-def test_abstract_namespace_socket():
+def test_ready_reaches_an_abstract_namespace_socket():
     name = f"@lmcached-test-{os.getpid()}-{time.monotonic_ns()}"
     sock = FakeNotifySocket(name)
     try:

@@ -1,4 +1,5 @@
-"""systemd/lmcached.service passes `systemd-analyze verify` and says what the issue asks."""
+"""systemd/lmcached.service passes `systemd-analyze verify` and declares readiness, watchdog,
+restart and hardening settings."""
 
 from __future__ import annotations
 

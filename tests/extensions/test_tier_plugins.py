@@ -3,22 +3,13 @@ external connector serving remote_url's scheme through the remote tier."""
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import urllib.request
 
-import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from lmcached import runtime
-from lmcached.config import Config
 from lmcached.testing import DaemonProcess
-
-# These run once the disk and remote tiers (issue 3) are merged: they need their config keys.
-pytestmark = pytest.mark.skipif(
-    not {"local_disk", "remote_url"} <= {f.name for f in dataclasses.fields(Config)},
-    reason="needs the disk and remote tiers (local_disk, remote_url)",
-)
 
 KiB = 1 << 10
 

@@ -78,7 +78,7 @@ def test_client_checksum_is_written_not_recomputed() -> None:
         (lambda b: b.extend(b"junk"), "bad_header"),
     ],
 )
-def test_damage_is_detected(damage, kind: str) -> None:
+def test_each_kind_of_damage_is_reported_as_that_kind(damage, kind: str) -> None:
     buf = _encoded(b"key", b"x" * 4096)
     damage(buf)
     with pytest.raises(BlockFormatError) as err:

@@ -195,7 +195,7 @@ def test_two_daemons_share_a_cluster_or_a_shared_folder(
         assert ca.delete(keys) == 5  # A's CPU copies; the remote ones are gone already
 
 
-def test_redis_killed_mid_run(tmp_path: Path, redis_server) -> None:
+def test_redis_down_mid_run_serves_cpu_and_disk_then_recovers(tmp_path: Path, redis_server) -> None:
     in_cpu, on_disk, remote_only = _keys(2, "cpu/"), _keys(2, "disk/"), _keys(2, "remote/")
     daemon = DaemonProcess(
         tmp_path / "d",

@@ -21,7 +21,7 @@ def _payload(block: Block | None) -> bytes | None:
     return None if block is None else block.tobytes()
 
 
-def test_round_trip_and_remove(tmp_path) -> None:
+def test_round_trip_and_remove_leave_no_block_file(tmp_path) -> None:
     disk = DiskBackend(str(tmp_path), 0, 10 * MiB)
     assert disk.put(b"k1", _block(1))
     assert disk.contains(b"k1")

@@ -246,7 +246,7 @@ def test_crash_loop_with_on_failure_reaches_fatal(launcher: Any, plugin_dir: Plu
     assert seen == ["STARTING", "BACKOFF", "STARTING", "BACKOFF", "STARTING", "FATAL"]
 
 
-def test_restart_policies(launcher: Any, plugin_dir: PluginDir) -> None:
+def test_always_retries_up_to_max_and_on_failure_keeps_a_clean_exit(launcher: Any, plugin_dir: PluginDir) -> None:
     plugin_dir.write("clean.sh", "exit 0\n")
     plugin_dir.write("always.sh", "exit 0\n")
     plugin_dir.write("never.sh", "exit 1\n")
@@ -455,7 +455,7 @@ def test_rlimits_apply_to_the_plugin(launcher: Any, plugin_dir: PluginDir, tmp_p
     assert (tmp_path / "out" / "limits").read_text().split() == ["64", str(512 * 1024), "30"]
 
 
-def test_lifecycle_errors(make_config: Any) -> None:
+def test_bad_role_and_out_of_order_calls_are_refused(make_config: Any) -> None:
     with pytest.raises(ValueError, match="role must be"):
         PluginLauncher(make_config(), "controller")
     pl = PluginLauncher(make_config(), "worker", 0)
