@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from lmcached import config
-from lmcached.daemon.assembly import build_tiers
+from lmcached.daemon import assembly
+from lmcached.daemon.assembly import build_tiers, plan_store
 from lmcached.extensions import startup
 from lmcached.extensions.guard import GuardedConnector
 from lmcached.extensions.lifecycle import PluginStartupError
@@ -206,7 +207,7 @@ class FlakyConnector(RemoteConnector):
 
 def test_an_external_connector_that_raises_is_marked_down_and_fails_fast(registry):
     registry.register("remote_connector", "flaky", FlakyConnector, package="flaky-pkg")
-    connector = startup.build_remote_connector(load(remote_url="flaky://nowhere"))
+    connector = assembly.build_remote_connector(plan_store(load(remote_url="flaky://nowhere")))
     assert isinstance(connector, GuardedConnector)
     # A long first backoff, so that "down" cannot expire while the test looks at it.
     remote = RemoteBackend(connector, backoff_initial=60)
