@@ -11,8 +11,9 @@
    ``storage_plugin.<name>.*`` are accepted as deprecated aliases. Any other
    ``<prefix>.<name>.<option>`` key becomes an option of that plugin.
 
-Loading is idempotent per process (:func:`load`): the scheduler and each worker load their own
-once, and a forked child loads again because its pid differs.
+Loading is idempotent per process (:func:`load`): each worker (and ``lmcached config check`` or
+``lmcached plugins``) loads once, and a forked child loads again because its pid differs. The
+scheduler loads none: it builds no store.
 """
 
 from __future__ import annotations

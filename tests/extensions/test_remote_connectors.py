@@ -33,6 +33,13 @@ def load(**data) -> config.Config:
     return config.from_mapping(data, environ={})
 
 
+def checked(**data) -> config.Config:
+    """Load a config and run the store check that `lmcached config check` and workers run."""
+    cfg = load(**data)
+    assembly.check_store_config(cfg)
+    return cfg
+
+
 def remote_tier(cfg: config.Config) -> tuple[RemoteBackend, list[StorageBackend]]:
     tiers = build_tiers(cfg, 0)
     (remote,) = [t for t in tiers if t.name == "remote"]
@@ -72,7 +79,7 @@ def test_a_built_in_scheme_is_resolved_through_the_registry(registry, redis_serv
     finally:
         close_all(tiers)
     with pytest.raises(config.ConfigError, match="registered: fs, redis, redis\\+cluster") as info:
-        load(remote_url="memcached://127.0.0.1:11211")
+        checked(remote_url="memcached://127.0.0.1:11211")
     assert info.value.key == "remote_url"
 
 
@@ -293,5 +300,5 @@ def test_a_connector_without_the_lifecycle_base_refuses_options(registry):
         "external_connector.flaky.colour": "red",
     }
     with pytest.raises(config.ConfigError, match="takes no options") as info:
-        load(remote_url="flaky://x", extra_config=extra)
+        checked(remote_url="flaky://x", extra_config=extra)
     assert info.value.key == "extra_config.external_connector.flaky.colour"

@@ -65,7 +65,8 @@ def make_connector(url: str, *, timeout: float) -> RemoteConnector:
     The scheme is looked up in the plugin registry (``remote_connector`` category), where the
     built-in schemes are entries like any package's, so an external package can take one over
     by priority. The class is built as ``cls(url, timeout=...)``, without plugin options or
-    lifecycle: :func:`lmcached.daemon.assembly.build_remote_connector` adds those for the daemon. Raises ValueError naming the registered schemes for an unknown one.
+    lifecycle: :func:`lmcached.daemon.assembly.build_remote_connector` adds those for the
+    daemon. Raises ValueError naming the registered schemes for an unknown one.
     """
     registry = get_registry()
     scheme = urlsplit(url).scheme.lower()
