@@ -44,7 +44,12 @@ from lmcached.extensions.lifecycle import (
     PluginContext,
     typed_config,
 )
-from lmcached.extensions.registry import PluginError, PluginRegistry, get_registry
+from lmcached.extensions.registry import (
+    PluginError,
+    PluginNotFoundError,
+    PluginRegistry,
+    get_registry,
+)
 from lmcached.extensions.startup import start_plugin
 from lmcached.routing import owner
 from lmcached.storage.base import StorageBackend
@@ -110,14 +115,18 @@ def plan_store(cfg: Config, registry: PluginRegistry | None = None) -> StorePlan
     for note in plugins.notes:
         log.warning("deprecated config spelling", note=note, source=cfg.source)
     src = cfg.source
-    if not registry.has("eviction_policy", cfg.eviction_policy):
+    try:
+        # A name, or any importable class path (``my_pkg.policies:MyLRU``).
+        registry.get_class("eviction_policy", cfg.eviction_policy)
+    except PluginNotFoundError:
         raise ConfigError(
             "eviction_policy",
             f"unknown policy {cfg.eviction_policy!r}; "
             f"known: {', '.join(registry.names('eviction_policy'))}",
             src,
-        )
-    _require(registry, "eviction_policy", cfg.eviction_policy, "eviction_policy", src)
+        ) from None
+    except PluginError as exc:
+        raise ConfigError("eviction_policy", str(exc), src) from None
     codecs: dict[str, str] = {}
     for tier in CODEC_TIERS:
         name = tier_codec(cfg, tier)

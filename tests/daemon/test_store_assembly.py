@@ -38,6 +38,12 @@ def test_unknown_eviction_policy_is_named_by_the_store_check(registry):
     assert "\n" not in str(err.value)
 
 
+def test_an_eviction_policy_may_be_named_by_its_class_path(registry):
+    check_store_config(load(eviction_policy="lmcached.storage.eviction:LRUPolicy"))
+    with pytest.raises(ConfigError, match="cannot import no_such_module:Policy"):
+        check_store_config(load(eviction_policy="no_such_module:Policy"))
+
+
 def test_apply_tier_codecs_wraps_the_disk_and_remote_tiers_only(registry):
     plan = plan_store(load(disk_codec="zstd", remote_serde="lz4"))
     cpu, disk, remote = CPUBackend(100), CPUBackend(100), CPUBackend(100)
