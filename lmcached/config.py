@@ -21,7 +21,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, unquote, urlsplit, urlunsplit
 
 import yaml
 
@@ -246,7 +246,7 @@ def default_runtime_dir() -> str:
     return os.path.join(tempfile.gettempdir(), f"lmcached-{os.getuid()}")
 
 
-# --- plugins (issue 4) ------------------------------------------------------------------------
+# --- script plugins --------------------------------------------------------------------------
 
 PLUGIN_RESTART_POLICIES = ("never", "on-failure", "always")
 _PLUGIN_RLIMIT_CONVERTERS: dict[str, Converter] = {
@@ -395,7 +395,7 @@ class Config:
     log_format: str = option(
         "auto", choice("auto", "console", "json"), "auto: readable on a TTY, JSON otherwise."
     )
-    # --- tiers: disk, remote, write policy (issue 3; README: "Tiers") ---------
+    # --- tiers: disk, remote, write policy (README: "Tiers") ---------
     local_disk: str | None = option(
         None,
         optional_path,
@@ -462,7 +462,7 @@ class Config:
         "On stop (SIGTERM), how long each worker may spend writing queued blocks to disk and "
         "remote before it exits.",
     )
-    # --- extensions (issue 5): see lmcached/plugins and the README: "Extensions" -------------------
+    # --- extensions: see lmcached/extensions and the README: "Extensions" -------------------
     external_backends: list[str] = option(
         [],
         string_list,
@@ -494,7 +494,7 @@ class Config:
         "LMCache's remote serializer: naive (no codec) or a codec name. kivi and cachegen are "
         "refused at start with the lmcached equivalent.",
     )
-    # --- plugins (issue 4): script plugins run by a PluginLauncher in every process ---------
+    # --- script plugins: run by a PluginLauncher in every process ---------
     plugin_locations: list[str] = option(
         [],
         path_list,
@@ -522,7 +522,7 @@ class Config:
         "Most output lines per second one plugin may log (bursts of 10x allowed); the rest "
         "are dropped and counted.",
     )
-    # --- operations (issue 7): metrics, health, authentication, quotas ---------------------
+    # --- operations: metrics, health, authentication, quotas ---------------------
     metrics_port: int | None = option(
         9470,
         optional_port,
@@ -633,7 +633,7 @@ class Config:
 
 # LMCache spellings accepted as aliases of our keys.
 ALIASES: dict[str, str] = {
-    # --- plugins (issue 4)
+    # --- script plugins
     "runtime_plugin_locations": "plugin_locations",
 }
 
@@ -698,6 +698,34 @@ def redact_url(url: str) -> str:
         for k, _, v in (q.partition("=") for q in parts.query.split("&") if q)
     )
     return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+def parse_cluster_url(url: str) -> tuple[list[tuple[str, int]], dict[str, Any]]:
+    """Split a ``redis+cluster://`` URL into seed nodes and client options."""
+    parts = urlsplit(url)
+    netloc = parts.netloc
+    opts: dict[str, Any] = {}
+    if "@" in netloc:
+        userinfo, netloc = netloc.rsplit("@", 1)
+        user, _, password = userinfo.partition(":")
+        if user:
+            opts["username"] = unquote(user)
+        if password:
+            opts["password"] = unquote(password)
+    nodes = []
+    for item in netloc.split(","):
+        host, sep, port = item.strip().rpartition(":")
+        if not sep or not host or not port.isdigit():
+            raise ValueError(
+                f"cluster node {item!r} in {redact_url(url)!r} is not host:port; "
+                "expected redis+cluster://host1:port1,host2:port2"
+            )
+        nodes.append((host.strip("[]"), int(port)))
+    for k, v in parse_qsl(parts.query):
+        opts[k] = v
+    if parts.scheme.startswith("rediss"):
+        opts["ssl"] = True
+    return nodes, opts
 
 
 def redact_value(key: str, value: Any, secret: bool = False) -> Any:
@@ -783,7 +811,14 @@ def from_mapping(
 
 
 def validate(cfg: Config) -> None:
-    """Check rules that span several keys; raise ConfigError with an actionable sentence."""
+    """Check rules that span several keys; raise ConfigError with an actionable sentence.
+
+    Only the values themselves are checked here. Whether the names they mention exist (an
+    eviction policy, a codec, a plugin class) is asked of the extension registry by
+    :func:`lmcached.daemon.assembly.check_store_config`, which ``lmcached config check`` and
+    every worker run; whether the plugin folders are safe, by
+    :func:`lmcached.supervision.discovery.check_plugin_locations` where script plugins start.
+    """
     src = cfg.source
     if cfg.max_block_size > cfg.max_inflight_bytes:
         raise ConfigError(
@@ -796,61 +831,13 @@ def validate(cfg: Config) -> None:
         raise ConfigError("wire_frame_size", "must be at least 4KiB", src)
     if cfg.port != 0 and cfg.port + cfg.num_workers > 65535:
         raise ConfigError("port", f"port {cfg.port} + {cfg.num_workers} workers exceeds 65535", src)
-    from lmcached.storage.eviction import POLICIES
-
-    if cfg.eviction_policy not in POLICIES:
-        raise ConfigError(
-            "eviction_policy",
-            f"unknown policy {cfg.eviction_policy!r}; known: {', '.join(sorted(POLICIES))}",
-            src,
-        )
-    for check in EXTRA_VALIDATORS:
-        check(cfg)
-
-
-# Cross-field checks contributed by other modules (tiers, plugins ...), run by validate().
-EXTRA_VALIDATORS: list[Callable[[Config], None]] = []
-
-
-# Plugin checks (issue 5): every registry entry the config uses is imported and checked against
-# its interface when the config is loaded, so a broken plugin fails `lmcached start` and
-# `lmcached config check`, never the first request. Imported lazily: the plugins package
-# imports this module.
-def _check_plugins(cfg: Config) -> None:
-    from lmcached.extensions.startup import check_config
-
-    check_config(cfg)
-
-
-EXTRA_VALIDATORS.append(_check_plugins)
-
-
-# --- plugins (issue 4) ------------------------------------------------------------------------
-
-
-def _check_plugin_locations(cfg: Config) -> None:
-    """Refuse plugin folders that someone else can write (they would run code as the daemon)."""
-    if cfg.allow_insecure_plugin_locations:
-        return
-    from lmcached.supervision.discovery import insecure_location_reason
-
-    for location in cfg.plugin_locations:
-        reason = insecure_location_reason(location)
-        if reason is not None:
-            raise ConfigError(
-                "plugin_locations",
-                f"refusing {location}: {reason}; anyone who can write there runs code as the "
-                "daemon. Fix the permissions (chmod o-w / chown) or set "
-                "allow_insecure_plugin_locations: true",
-                cfg.source,
-            )
-
-
-EXTRA_VALIDATORS.append(_check_plugin_locations)
+    _validate_tiers(cfg)
+    _check_authentication(cfg)
+    _check_namespace_quotas(cfg)
 
 
 def _validate_tiers(cfg: Config) -> None:
-    """Check the disk and remote keys together (issue 3)."""
+    """Check the disk and remote keys together."""
     src = cfg.source
     if cfg.local_disk and cfg.max_local_disk_size <= 0:
         raise ConfigError(
@@ -864,19 +851,14 @@ def _validate_tiers(cfg: Config) -> None:
             "local_disk", "max_local_disk_size is set but local_disk is not; name a folder", src
         )
     if cfg.remote_url:
-        # Whether a connector serves the scheme is checked with the other registry entries
-        # (lmcached.extensions.startup.check_config); here only the URL's own shape.
+        # Only the URL's own shape; whether a connector serves the scheme is the registry's
+        # question (check_store_config).
         scheme = urlsplit(cfg.remote_url).scheme.lower()
         if scheme.endswith("+cluster"):
-            from lmcached.storage.remote.redis_connector import parse_cluster_url
-
             try:
                 parse_cluster_url(cfg.remote_url)
             except ValueError as exc:
                 raise ConfigError("remote_url", str(exc), src) from None
-
-
-EXTRA_VALIDATORS.append(_validate_tiers)
 
 
 def load(
@@ -915,7 +897,7 @@ def memory_warning(cfg: Config) -> str | None:
     return None
 
 
-# --- operations (issue 7) cross-field checks --------------------------------------------------
+# --- operations: cross-field checks -----------------------------------------------------------
 
 
 def is_loopback_host(host: str) -> bool:
@@ -962,9 +944,6 @@ def _check_namespace_quotas(cfg: Config) -> None:
             f"({cfg.max_local_cpu_size}); a quota is a reservation, so they must fit",
             cfg.source,
         )
-
-
-EXTRA_VALIDATORS.extend([_check_authentication, _check_namespace_quotas])
 
 
 def wire_limits(cfg: Config) -> Limits:

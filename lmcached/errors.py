@@ -36,3 +36,12 @@ class ConfigError(LMCachedError):
         self.source = source
         where = f"{source}: " if source else ""
         super().__init__(f"{where}{key}: {message}")
+
+
+# Worker exit codes the scheduler reads as "restarting will not help": it stops the daemon.
+# A plugin raised in on_startup under strict_plugins (sysexits' EX_CONFIG, documented).
+EXIT_PLUGIN_FATAL = 78
+# The worker's store cannot be built from this config (an unknown policy or codec, a plugin that
+# cannot be imported or fails its interface check ...); the worker logs the one-line reason.
+# sysexits' EX_DATAERR, since EX_CONFIG already means the above.
+EXIT_CONFIG_INVALID = 65

@@ -57,7 +57,6 @@ def test_sizes_follow_lmcache_units(value, expected):
         ({"log_level": "loud"}, "log_level", "one of"),
         ({"request_timeout": 0}, "request_timeout", "seconds"),
         ({"extra_config": [1]}, "extra_config", "mapping"),
-        ({"eviction_policy": "fifo9"}, "eviction_policy", "unknown policy"),
         (
             {"max_block_size": "1GiB", "max_inflight_bytes": "512MiB"},
             "max_block_size",

@@ -31,7 +31,6 @@ import yaml
 
 from lmcached.config import byte_size
 from lmcached.malloc import tune_for_large_messages
-from lmcached.storage import eviction_trace
 
 MiB = 1 << 20
 FRAME = 16 * MiB
@@ -563,6 +562,10 @@ def render(report: Report) -> str:
             lines.append(f"{k}: {v}")
     if report.memory:
         lines.append(f"idle worker USS (MB): {report.memory.get('idle_worker_uss_mb')}")
+    # Imported here: every `lmcached` command imports this module to build its parser, and the
+    # scheduler (`lmcached start`) loads no storage code.
+    from lmcached.storage import eviction_trace
+
     lines.extend(["", *eviction_trace.summary_lines()])  # deterministic hit counts, no timing
     return "\n".join(lines)
 

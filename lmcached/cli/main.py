@@ -127,7 +127,10 @@ def cmd_config_show(args: argparse.Namespace) -> int:
 
 
 def cmd_config_check(args: argparse.Namespace) -> int:
+    from lmcached.daemon.assembly import check_store_config
+
     cfg = _load(args)
+    check_store_config(cfg)
     warning = config_mod.memory_warning(cfg)
     if warning:
         print(f"warning: {warning}", file=sys.stderr)

@@ -21,18 +21,15 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 import structlog
 
 from lmcached.errors import ConfigError
-from lmcached.extensions import sources
-from lmcached.extensions.registry import (
-    CATEGORIES,
-    PluginError,
-    PluginRegistry,
-    get_registry,
-)
+
+if TYPE_CHECKING:  # pragma: no cover
+    from lmcached.extensions import sources
+    from lmcached.extensions.registry import PluginRegistry
 
 EXIT_OK = 0
 EXIT_BROKEN = 1
@@ -51,7 +48,13 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("category", nargs="?", help=f"one of: {', '.join(CATEGORIES)}")
+    # Named without importing the registry: every `lmcached` command builds this parser, and
+    # the daemon's scheduler process must not load lmcached.extensions.
+    parser.add_argument(
+        "category",
+        nargs="?",
+        help="one of: storage_backend, remote_connector, codec, eviction_policy",
+    )
     parser.add_argument("name", nargs="?", help="an entry's name (a URL scheme for connectors)")
     parser.add_argument("--packages", action="store_true", help="list contributing packages")
     parser.add_argument(
@@ -67,15 +70,19 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
     """Run ``lmcached plugins`` with parsed arguments; return the exit status."""
     out = out or sys.stdout
+    from lmcached.extensions import sources
+    from lmcached.extensions.registry import CATEGORIES, get_registry
+
     _quiet_logs()
     registry = get_registry()
     report = sources.load(registry)
     if args.config:
         from lmcached import config as config_mod
+        from lmcached.daemon.assembly import check_store_config
 
         try:
-            # Loading validates, and validation registers the config's declarations.
-            config_mod.load(args.config)
+            # Checking the store registers the config's declarations (and imports them).
+            check_store_config(config_mod.load(args.config))
         except ConfigError as exc:
             print(f"lmcached plugins: {exc}", file=sys.stderr)
             return EXIT_BROKEN if args.validate else EXIT_USAGE
@@ -95,6 +102,8 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
 
 
 def _list(registry: PluginRegistry, args: argparse.Namespace, out: TextIO) -> int:
+    from lmcached.extensions.registry import CATEGORIES
+
     cats = [args.category] if args.category else list(CATEGORIES)
     if args.json:
         data = {
@@ -128,6 +137,8 @@ def _list(registry: PluginRegistry, args: argparse.Namespace, out: TextIO) -> in
 
 
 def _show(registry: PluginRegistry, args: argparse.Namespace, out: TextIO) -> int:
+    from lmcached.extensions.registry import CATEGORIES, PluginError
+
     if args.category is None:
         print("lmcached plugins: give a category before a name", file=sys.stderr)
         return EXIT_USAGE

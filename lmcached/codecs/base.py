@@ -18,11 +18,19 @@ from __future__ import annotations
 
 import struct
 import threading
+import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from typing import Any
 
 from lmcached.errors import LMCachedError
+from lmcached.extensions import sources
+from lmcached.extensions.registry import (
+    PluginError,
+    PluginRegistry,
+    PluginValidationError,
+    get_registry,
+)
 
 Buffer = Any
 
@@ -55,7 +63,9 @@ class Codec(ABC):
         """Return the payload that ``encode`` was given (or, if lossy, its approximation)."""
 
 
-_CODECS: dict[str, Codec] = {}
+# Built codecs by registry, then name. Weak: a registry replaced by reset_registry() takes its
+# codecs along, so a name never resolves to a class the current registry no longer holds.
+_CODECS: weakref.WeakKeyDictionary[PluginRegistry, dict[str, Codec]] = weakref.WeakKeyDictionary()
 _CODECS_LOCK = threading.Lock()
 
 
@@ -65,15 +75,11 @@ def make_codec(name: str) -> Codec:
     Raises :class:`lmcached.extensions.registry.PluginError` naming the codec when it is unknown,
     cannot be imported, or its library is missing, so a config names a bad codec at start.
     """
-    from lmcached.extensions.registry import PluginValidationError, get_registry
-
+    registry = get_registry()
     with _CODECS_LOCK:
-        codec = _CODECS.get(name)
+        codec = _CODECS.get(registry, {}).get(name)
     if codec is not None:
         return codec
-    from lmcached.extensions import sources
-
-    registry = get_registry()
     sources.load(registry)  # once per process: codecs from packages are known here too
     cls = registry.get_class("codec", name)
     try:
@@ -81,13 +87,7 @@ def make_codec(name: str) -> Codec:
     except Exception as exc:
         raise PluginValidationError("codec", name, f"cannot be built: {exc}") from exc
     with _CODECS_LOCK:
-        return _CODECS.setdefault(name, codec)
-
-
-def forget_codecs() -> None:
-    """Drop the shared codec instances (after the registry is reset)."""
-    with _CODECS_LOCK:
-        _CODECS.clear()
+        return _CODECS.setdefault(registry, {}).setdefault(name, codec)
 
 
 def encode_payload(name: str, data: Buffer, meta: Mapping[str, Any] | None = None) -> bytes:
@@ -128,8 +128,6 @@ def decode_payload(
         raise CodecError(f"codec header declares {raw_len} bytes, more than the limit {max_size}")
     start = _HEAD.size + name_len
     name = bytes(mv[_HEAD.size : start]).decode("ascii", "replace")
-    from lmcached.extensions.registry import PluginError
-
     try:
         codec = make_codec(name)
     except PluginError as exc:

@@ -7,21 +7,18 @@ with the client's metadata and checksum. A value that fails to decode or verify 
 counted and answered as a miss: never wrong bytes. The tier below sees a smaller block, so its
 byte budget holds more.
 
-:func:`apply_tier_codecs` is what the store factory calls on its list of tiers.
+Which tiers get which codec is decided by :mod:`lmcached.daemon.assembly`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import xxhash
 
 from lmcached.codecs.base import CodecError, decode_payload, encode_payload, make_codec
 from lmcached.storage.base import Block, StorageBackend, Usage
-
-if TYPE_CHECKING:  # pragma: no cover
-    from lmcached.config import Config
 
 # Metadata keys this wrapper owns; stripped before a block goes back to a client.
 META_CODEC = "tier_codec"
@@ -129,16 +126,3 @@ class CodecTier(StorageBackend):
             return
         self._closed = True
         self.inner.close()
-
-
-def apply_tier_codecs(cfg: Config, tiers: list[StorageBackend]) -> list[StorageBackend]:
-    """Wrap the tiers named ``disk`` and ``remote`` in their configured codecs, if any."""
-    from lmcached.extensions.startup import tier_codec
-
-    out: list[StorageBackend] = []
-    for tier in tiers:
-        codec = tier_codec(cfg, tier.name) if tier.name in ("disk", "remote") else None
-        if codec is not None and not isinstance(tier, CodecTier):
-            tier = CodecTier(tier, codec)
-        out.append(tier)
-    return out

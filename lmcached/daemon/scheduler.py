@@ -26,7 +26,7 @@ import zmq
 from lmcached import config as config_mod
 from lmcached import logs, protocol
 from lmcached.daemon.script_plugins import SchedulerPlugins
-from lmcached.extensions.lifecycle import EXIT_PLUGIN_FATAL
+from lmcached.errors import EXIT_CONFIG_INVALID, EXIT_PLUGIN_FATAL
 from lmcached.protocol import CONTROL_OPS, ProtocolError
 from lmcached.runtime import (
     InstanceLock,
@@ -253,6 +253,19 @@ class Scheduler:
         if code == EXIT_PLUGIN_FATAL:
             # A plugin failed on_startup under strict_plugins: restarting will not help.
             self.log.error("worker_plugin_fatal", worker=slot.id, hint="see the worker's log")
+            self.exit_code = code
+            self._stopping = True
+        elif code == EXIT_CONFIG_INVALID:
+            # The worker logged why its store cannot be built from this config; so would any.
+            check = "lmcached config check" + (
+                f" --config {self.cfg.source}" if self.cfg.source else ""
+            )
+            self.log.error(
+                "worker_config_invalid",
+                worker=slot.id,
+                hint=f"worker {slot.id} refused the config (see its config_invalid line); "
+                f"run `{check}`",
+            )
             self.exit_code = code
             self._stopping = True
         slot.state = "backoff"

@@ -26,6 +26,7 @@ from typing import Any
 from lmcached import config as config_mod
 from lmcached import logs
 from lmcached.runtime import instance_dir, ipc_endpoint
+from lmcached.supervision.discovery import check_plugin_locations
 from lmcached.supervision.launcher import PluginLauncher
 
 # The keys a reload applies; every other change needs a restart.
@@ -53,6 +54,7 @@ class SchedulerPlugins:
     """The scheduler's plugins, attached to the Scheduler's hooks."""
 
     def __init__(self, scheduler: Any) -> None:
+        check_plugin_locations(scheduler.cfg)  # before the daemon starts: `lmcached start` fails
         self.scheduler = scheduler
         self.log = logs.get_logger("lmcached.plugins")
         # A copy: a reload replaces the plugin keys here without touching the scheduler's.
@@ -82,6 +84,7 @@ class SchedulerPlugins:
         if self.cfg.source:
             try:
                 new = config_mod.load(self.cfg.source)
+                check_plugin_locations(new)
             except config_mod.ConfigError as exc:
                 self.log.error("plugin reload refused: config error", error=str(exc))
                 return {"plugins": {"error": str(exc)}}
@@ -158,6 +161,7 @@ class WorkerPlugins:
     def _load_config(self) -> config_mod.Config:
         with open(self.config_json) as f:
             new = config_mod.from_mapping(json.load(f), environ={})
+        check_plugin_locations(new)
         return with_plugin_keys(self.worker.cfg, new)
 
     def _on_sighup(self, _signum: int, _frame: Any) -> None:

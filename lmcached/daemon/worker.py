@@ -29,7 +29,8 @@ from lmcached import logs, protocol
 from lmcached.daemon.assembly import build_store
 from lmcached.daemon.op_latency import OpLatency
 from lmcached.daemon.script_plugins import WorkerPlugins
-from lmcached.extensions.lifecycle import EXIT_PLUGIN_FATAL, PluginStartupError
+from lmcached.errors import EXIT_CONFIG_INVALID, EXIT_PLUGIN_FATAL, ConfigError
+from lmcached.extensions.lifecycle import PluginStartupError
 from lmcached.extensions.startup import extension_states
 from lmcached.malloc import tune_for_large_messages
 from lmcached.protocol import DATA_OPS, ProtocolError, Request
@@ -462,6 +463,9 @@ def main(argv: list[str] | None = None) -> int:
     except PluginStartupError as exc:  # strict_plugins: the scheduler stops the daemon
         log.error("plugin_start_failed", error=str(exc))
         return EXIT_PLUGIN_FATAL
+    except ConfigError as exc:  # the store cannot be built: restarting will not help
+        log.error("config_invalid", error=str(exc), hint="run `lmcached config check`")
+        return EXIT_CONFIG_INVALID
     plugins = WorkerPlugins(worker, args.config_json)
     signal.signal(signal.SIGTERM, lambda *_: worker.stop())
     try:

@@ -53,11 +53,6 @@ class PluginStartupError(LMCachedError):
     """A plugin raised in ``on_startup`` while ``strict_plugins`` is true."""
 
 
-# A worker exits with this code (sysexits' EX_CONFIG) when a plugin fails under strict_plugins;
-# the scheduler then stops the daemon instead of restarting the worker.
-EXIT_PLUGIN_FATAL = 78
-
-
 @dataclass
 class PluginConfig:
     """Base of plugin configs: a dataclass whose fields are the plugin's options."""

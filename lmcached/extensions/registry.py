@@ -4,7 +4,7 @@ An entry is a name, a class path ``module:Class``, a priority, a description and
 class is imported only when someone asks for it (:meth:`PluginRegistry.get_class`), and then
 checked against its category's interface, so a broken entry is reported by name instead of
 surfacing as an AttributeError in the hot path. The daemon asks, at start, for every entry its
-config uses (see :mod:`lmcached.extensions.startup`).
+config uses (see :func:`lmcached.daemon.assembly.check_store_config`).
 
 Conflicts between entries of the same name resolve as AIPerf's registry does:
 
@@ -645,14 +645,11 @@ def get_registry() -> PluginRegistry:
 def reset_registry() -> PluginRegistry:
     """Replace this process's registry with a fresh one holding only the built-ins (tests)."""
     global _REGISTRY
+    # What other modules remember about a registry (the entry points loaded into it, the
+    # codecs built from it) is keyed by the registry object, so it goes with the old one.
     with _REGISTRY_LOCK:
         _REGISTRY = PluginRegistry()
-    from lmcached.codecs.base import forget_codecs
-    from lmcached.extensions import sources
-
-    sources.forget_loaded()
-    forget_codecs()
-    return _REGISTRY
+        return _REGISTRY
 
 
 def register(

@@ -11,8 +11,9 @@
    ``storage_plugin.<name>.*`` are accepted as deprecated aliases. Any other
    ``<prefix>.<name>.<option>`` key becomes an option of that plugin.
 
-Loading is idempotent per process (:func:`load`): the scheduler and each worker load their own
-once, and a forked child loads again because its pid differs.
+Loading is idempotent per process (:func:`load`): each worker (and ``lmcached config check`` or
+``lmcached plugins``) loads once, and a forked child loads again because its pid differs. The
+scheduler loads none: it builds no store.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import inspect
 import os
 import re
 import threading
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -139,7 +141,10 @@ def load_entry_points(
 
 
 _LOAD_LOCK = threading.Lock()
-_LOADED: dict[int, tuple[int, LoadReport]] = {}  # id(registry) -> (pid, report)
+# registry -> (pid, report). Weak: a registry replaced by reset_registry() takes its entry along.
+_LOADED: weakref.WeakKeyDictionary[PluginRegistry, tuple[int, LoadReport]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 def load(
@@ -152,19 +157,13 @@ def load(
     """
     registry = registry or get_registry()
     with _LOAD_LOCK:
-        done = _LOADED.get(id(registry))
+        done = _LOADED.get(registry)
         if done is not None and done[0] == os.getpid():
             return done[1]
         report = load_entry_points(registry, environ=environ)
-        _LOADED[id(registry)] = (os.getpid(), report)
+        _LOADED[registry] = (os.getpid(), report)
         registry.load_report = report
         return report
-
-
-def forget_loaded() -> None:
-    """Forget which registries were loaded (used with ``reset_registry`` in tests)."""
-    with _LOAD_LOCK:
-        _LOADED.clear()
 
 
 # ------------------------------------------------------------------------------------------

@@ -10,6 +10,8 @@ from abc import ABC, abstractmethod
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping
 
+from lmcached.extensions.registry import PluginError, PluginNotFoundError, get_registry
+
 
 class EvictionPolicy(ABC):
     """Track keys and pick the next one to evict."""
@@ -151,21 +153,15 @@ class _RegisteredPolicies(Mapping[str, type[EvictionPolicy]]):
     """
 
     def __getitem__(self, name: str) -> type[EvictionPolicy]:
-        from lmcached.extensions.registry import PluginNotFoundError, get_registry
-
         try:
             return get_registry().get_class("eviction_policy", name)
         except PluginNotFoundError:
             raise KeyError(name) from None
 
     def __iter__(self) -> Iterator[str]:
-        from lmcached.extensions.registry import get_registry
-
         return iter(get_registry().names("eviction_policy"))
 
     def __len__(self) -> int:
-        from lmcached.extensions.registry import get_registry
-
         return len(get_registry().names("eviction_policy"))
 
 
@@ -174,8 +170,6 @@ POLICIES: Mapping[str, type[EvictionPolicy]] = _RegisteredPolicies()
 
 def make_policy(name: str) -> EvictionPolicy:
     """Return a new policy instance by name; raise ValueError naming the known ones."""
-    from lmcached.extensions.registry import PluginError
-
     try:
         return POLICIES[name]()
     except KeyError:

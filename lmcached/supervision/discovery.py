@@ -30,6 +30,12 @@ import stat
 import sys
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from lmcached.errors import ConfigError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from lmcached.config import Config
 
 # Shebang lines longer than this are cut, like the kernel cuts them (BINPRM_BUF_SIZE is 256).
 _SHEBANG_MAX = 256
@@ -266,3 +272,23 @@ def scan(locations: Iterable[str], *, allow_insecure: bool = False) -> ScanResul
             by_name[name] = path
             result.plugins.append(PluginFile(name, real, target_for(name), fingerprint))
     return result
+
+
+def check_plugin_locations(cfg: Config) -> None:
+    """Refuse plugin folders that someone else can write: they would run code as the daemon.
+
+    Raises ConfigError naming ``plugin_locations`` unless ``allow_insecure_plugin_locations``
+    is set. Run before script plugins start (and on reload), and by ``lmcached config check``.
+    """
+    if cfg.allow_insecure_plugin_locations:
+        return
+    for location in cfg.plugin_locations:
+        reason = insecure_location_reason(location)
+        if reason is not None:
+            raise ConfigError(
+                "plugin_locations",
+                f"refusing {location}: {reason}; anyone who can write there runs code as the "
+                "daemon. Fix the permissions (chmod o-w / chown) or set "
+                "allow_insecure_plugin_locations: true",
+                cfg.source,
+            )

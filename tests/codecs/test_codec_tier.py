@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import xxhash
 
-from lmcached import config
 from lmcached.codecs.base import codec_of
-from lmcached.codecs.tier import CodecTier, apply_tier_codecs
+from lmcached.codecs.tier import CodecTier
 from lmcached.storage.base import Block
 from lmcached.storage.cpu import CPUBackend
 
@@ -53,16 +52,3 @@ def test_blocks_written_before_the_codec_was_set_still_read():
     inner = CPUBackend(1 << 20)
     inner.put(b"old", Block.from_bytes(b"plain"))
     assert CodecTier(inner, "zstd").get(b"old").tobytes() == b"plain"
-
-
-def test_apply_tier_codecs_wraps_the_disk_and_remote_tiers_only(registry):
-    cfg = config.from_mapping({"disk_codec": "zstd", "remote_serde": "lz4"}, environ={})
-    cpu, disk, remote = CPUBackend(100), CPUBackend(100), CPUBackend(100)
-    disk.name, remote.name = "disk", "remote"
-    out = apply_tier_codecs(cfg, [cpu, disk, remote])
-    assert out[0] is cpu
-    assert isinstance(out[1], CodecTier) and out[1].codec == "zstd" and out[1].name == "disk"
-    assert isinstance(out[2], CodecTier) and out[2].codec == "lz4"
-    assert out[1].capacity == 100  # tier attributes stay reachable through the wrapper
-    plain = config.from_mapping({}, environ={})
-    assert apply_tier_codecs(plain, [cpu, disk])[1] is disk

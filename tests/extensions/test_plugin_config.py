@@ -7,6 +7,8 @@ import pytest
 from lmcached import config
 from lmcached.codecs.base import codec_of
 from lmcached.codecs.tier import CodecTier
+from lmcached.daemon import assembly
+from lmcached.daemon.assembly import check_store_config, plan_store
 from lmcached.errors import ConfigError
 from lmcached.extensions import sources, startup
 from lmcached.extensions.guard import GuardedConnector
@@ -34,6 +36,13 @@ def load(**data) -> config.Config:
     return config.from_mapping(data, environ={})
 
 
+def checked(**data) -> config.Config:
+    """Load a config and run the store check that `lmcached config check` and workers run."""
+    cfg = load(**data)
+    check_store_config(cfg)
+    return cfg
+
+
 def test_external_backend_and_connector_load_from_lmcache_config(example_installed, tmp_path):
     extra = backend_keys("sqlite", tmp_path / "blocks-{worker_id}.sqlite")
     extra.update(
@@ -44,7 +53,7 @@ def test_external_backend_and_connector_load_from_lmcache_config(example_install
         }
     )
     cfg = load(external_backends=["sqlite"], extra_config=extra)
-    externals = startup.build_external_backends(cfg, worker_id=3)
+    externals = assembly.build_external_backends(plan_store(cfg), worker_id=3)
     assert [type(b) for b in externals] == [GuardedBackend]
     assert externals[0].inner.path == str(tmp_path / "blocks-3.sqlite")
     store = TieredStore([CPUBackend(1 << 20), *externals])
@@ -58,7 +67,9 @@ def test_external_backend_and_connector_load_from_lmcache_config(example_install
         store.close()
         store.close()
 
-    connector = startup.build_remote_connector(cfg, remote_url=f"folder://{tmp_path}/remote")
+    connector = assembly.build_remote_connector(
+        plan_store(cfg), remote_url=f"folder://{tmp_path}/remote"
+    )
     # The external connector sits behind the tiers' RemoteBackend, like a built-in one.
     assert isinstance(connector, GuardedConnector)
     assert type(connector.inner).__name__ == "FolderConnector"
@@ -84,7 +95,7 @@ def test_external_backends_are_looked_up_in_listed_order(example_installed, tmp_
     }
     for order, expected in ((["first", "second"], b"A"), (["second", "first"], b"B")):
         cfg = load(external_backends=order, extra_config=extra)
-        externals = startup.build_external_backends(cfg)
+        externals = assembly.build_external_backends(plan_store(cfg))
         assert [b.name for b in externals] == order
         by_name = {b.name: b for b in externals}
         by_name["first"].put(b"shared", Block.from_bytes(b"A"))
@@ -103,11 +114,11 @@ def test_storage_plugins_spelling_is_accepted_with_a_deprecation_note(example_in
     assert [s.name for s in plugins.backends] == ["sq"]
     assert any("storage_plugins is deprecated" in n for n in plugins.notes)
     assert any("storage_plugin.* is deprecated" in n for n in plugins.notes)
-    externals = startup.build_external_backends(cfg)
+    externals = assembly.build_external_backends(plan_store(cfg))
     assert [b.name for b in externals] == ["sq"]
     externals[0].close()
     with pytest.raises(ConfigError, match="keep one"):
-        load(external_backends=["a"], storage_plugins=["a"])
+        checked(external_backends=["a"], storage_plugins=["a"])
 
 
 @pytest.mark.parametrize(
@@ -121,23 +132,25 @@ def test_plugin_options_are_typed_and_errors_name_the_field(
     example_installed, tmp_path, extra, key, message
 ):
     with pytest.raises(ConfigError, match=message) as info:
-        load(external_backends=["sq"], extra_config=backend_keys("sq", tmp_path / "x", **extra))
+        checked(external_backends=["sq"], extra_config=backend_keys("sq", tmp_path / "x", **extra))
     assert info.value.key == f"extra_config.{key}"
 
 
-def test_missing_required_option_and_missing_class_name_fail_at_load(example_installed, tmp_path):
+def test_missing_required_option_and_missing_class_name_fail_the_store_check(
+    example_installed, tmp_path
+):
     keys = backend_keys("sq", tmp_path / "x")
     del keys["external_backend.sq.path"]
     with pytest.raises(ConfigError, match="path: is required"):
-        load(external_backends=["sq"], extra_config=keys)
+        checked(external_backends=["sq"], extra_config=keys)
     keys = backend_keys("sq", tmp_path / "x")
     del keys["external_backend.sq.class_name"]
     with pytest.raises(ConfigError, match="external_backends lists 'sq'") as info:
-        load(external_backends=["sq"], extra_config=keys)
+        checked(external_backends=["sq"], extra_config=keys)
     assert info.value.key == "extra_config.external_backend.sq.class_name"
 
 
-def test_a_broken_class_path_fails_at_load_not_at_first_request(registry, tmp_path):
+def test_a_broken_class_path_fails_the_store_check_not_the_first_request(registry, tmp_path):
     extra = {
         "external_backend.x.module_path": "no_such_module",
         "external_backend.x.class_name": "Backend",
@@ -145,11 +158,11 @@ def test_a_broken_class_path_fails_at_load_not_at_first_request(registry, tmp_pa
         "external_connector.foo.class_name": "CPUBackend",
     }
     with pytest.raises(ConfigError, match="No module named 'no_such_module'"):
-        load(external_backends=["x"], extra_config=extra)
+        checked(external_backends=["x"], extra_config=extra)
     del extra["external_backend.x.module_path"], extra["external_backend.x.class_name"]
     # A connector class that is not a RemoteConnector is refused by the interface check.
     with pytest.raises(ConfigError, match="does not implement RemoteConnector"):
-        load(extra_config=extra)
+        checked(extra_config=extra)
 
 
 def test_backend_failing_on_startup_is_disabled_and_the_rest_start(example_installed, tmp_path):
@@ -158,7 +171,7 @@ def test_backend_failing_on_startup_is_disabled_and_the_rest_start(example_insta
         **backend_keys("good", tmp_path / "good.sqlite"),
     }
     cfg = load(external_backends=["broken", "good"], extra_config=extra)
-    externals = startup.build_external_backends(cfg)
+    externals = assembly.build_external_backends(plan_store(cfg))
     assert [b.name for b in externals] == ["good"]
     states = startup.extension_states()
     assert states["broken"]["state"] == "disabled"
@@ -168,12 +181,12 @@ def test_backend_failing_on_startup_is_disabled_and_the_rest_start(example_insta
 
     strict = load(external_backends=["broken"], extra_config=extra, strict_plugins=True)
     with pytest.raises(PluginStartupError, match=r"'broken'.*unable to open database file"):
-        startup.build_external_backends(strict)
+        assembly.build_external_backends(plan_store(strict))
 
 
 def test_backend_raising_at_run_time_is_counted_and_answered_as_a_miss(example_installed, tmp_path):
     cfg = load(external_backends=["sq"], extra_config=backend_keys("sq", tmp_path / "x.sqlite"))
-    (guarded,) = startup.build_external_backends(cfg)
+    (guarded,) = assembly.build_external_backends(plan_store(cfg))
     guarded.put(b"k", Block.from_bytes(b"v"))
     store = TieredStore([CPUBackend(1 << 20), guarded])
     guarded.inner.close()  # the plugin's database is gone: every call now raises
@@ -192,42 +205,42 @@ def test_backend_raising_at_run_time_is_counted_and_answered_as_a_miss(example_i
 
 
 def test_remote_serde_values_map_to_codecs_or_fail_clearly(registry):
-    assert startup.tier_codec(load(remote_serde="naive"), "remote") is None
-    assert startup.tier_codec(load(remote_serde="zstd"), "remote") == "zstd"
-    assert startup.tier_codec(load(remote_serde="naive", remote_codec="lz4"), "remote") == "lz4"
-    assert startup.tier_codec(load(disk_codec="zstd"), "disk") == "zstd"
-    assert startup.tier_codec(load(disk_codec="none"), "disk") is None
+    assert assembly.tier_codec(load(remote_serde="naive"), "remote") is None
+    assert assembly.tier_codec(load(remote_serde="zstd"), "remote") == "zstd"
+    assert assembly.tier_codec(load(remote_serde="naive", remote_codec="lz4"), "remote") == "lz4"
+    assert assembly.tier_codec(load(disk_codec="zstd"), "disk") == "zstd"
+    assert assembly.tier_codec(load(disk_codec="none"), "disk") is None
     with pytest.raises(ConfigError, match="quantize_tensor"):
-        load(remote_serde="kivi")
+        checked(remote_serde="kivi")
     with pytest.raises(ConfigError, match="no lmcached codec"):
-        load(remote_serde="cachegen")
+        checked(remote_serde="cachegen")
     with pytest.raises(ConfigError, match="keep one"):
-        load(remote_serde="zstd", remote_codec="lz4")
+        checked(remote_serde="zstd", remote_codec="lz4")
     with pytest.raises(ConfigError, match="lossy and runs in the client"):
-        load(remote_codec="int8")
+        checked(remote_codec="int8")
     with pytest.raises(ConfigError, match="known: int8, lz4, none, zstd"):
-        load(disk_codec="brotli")
+        checked(disk_codec="brotli")
 
 
 def test_a_codec_from_a_package_is_usable_per_tier(example_installed):
-    cfg = load(disk_codec="zlib")
-    assert startup.tier_codec(cfg, "disk") == "zlib"
+    cfg = checked(disk_codec="zlib")
+    assert assembly.tier_codec(cfg, "disk") == "zlib"
 
 
 def test_a_second_config_replaces_the_first_ones_declarations(example_installed, tmp_path):
     from lmcached.extensions.registry import get_registry
 
     first = backend_keys("x", tmp_path / "x.sqlite")
-    load(external_backends=["x"], extra_config=first)
+    checked(external_backends=["x"], extra_config=first)
     assert get_registry().get_entry("storage_backend", "x").class_path.endswith(":SqliteBackend")
     second = {
         "external_backend.x.module_path": "lmcached.storage.cpu",
         "external_backend.x.class_name": "CPUBackend",
     }
-    load(external_backends=["x"], extra_config=second)
+    checked(external_backends=["x"], extra_config=second)
     assert get_registry().get_entry("storage_backend", "x").class_path == (
         "lmcached.storage.cpu:CPUBackend"
     )
     assert get_registry().shadowed("storage_backend", "x") == []
-    load()  # a config without declarations leaves none behind
+    checked()  # a config without declarations leaves none behind
     assert not get_registry().has("storage_backend", "x")

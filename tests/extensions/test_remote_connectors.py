@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from lmcached import config
-from lmcached.daemon.assembly import build_tiers
+from lmcached.daemon import assembly
+from lmcached.daemon.assembly import build_tiers, plan_store
 from lmcached.extensions import startup
 from lmcached.extensions.guard import GuardedConnector
 from lmcached.extensions.lifecycle import PluginStartupError
@@ -30,6 +31,13 @@ FOLDER = {
 
 def load(**data) -> config.Config:
     return config.from_mapping(data, environ={})
+
+
+def checked(**data) -> config.Config:
+    """Load a config and run the store check that `lmcached config check` and workers run."""
+    cfg = load(**data)
+    assembly.check_store_config(cfg)
+    return cfg
 
 
 def remote_tier(cfg: config.Config) -> tuple[RemoteBackend, list[StorageBackend]]:
@@ -71,7 +79,7 @@ def test_a_built_in_scheme_is_resolved_through_the_registry(registry, redis_serv
     finally:
         close_all(tiers)
     with pytest.raises(config.ConfigError, match="registered: fs, redis, redis\\+cluster") as info:
-        load(remote_url="memcached://127.0.0.1:11211")
+        checked(remote_url="memcached://127.0.0.1:11211")
     assert info.value.key == "remote_url"
 
 
@@ -206,7 +214,7 @@ class FlakyConnector(RemoteConnector):
 
 def test_an_external_connector_that_raises_is_marked_down_and_fails_fast(registry):
     registry.register("remote_connector", "flaky", FlakyConnector, package="flaky-pkg")
-    connector = startup.build_remote_connector(load(remote_url="flaky://nowhere"))
+    connector = assembly.build_remote_connector(plan_store(load(remote_url="flaky://nowhere")))
     assert isinstance(connector, GuardedConnector)
     # A long first backoff, so that "down" cannot expire while the test looks at it.
     remote = RemoteBackend(connector, backoff_initial=60)
@@ -292,5 +300,5 @@ def test_a_connector_without_the_lifecycle_base_refuses_options(registry):
         "external_connector.flaky.colour": "red",
     }
     with pytest.raises(config.ConfigError, match="takes no options") as info:
-        load(remote_url="flaky://x", extra_config=extra)
+        checked(remote_url="flaky://x", extra_config=extra)
     assert info.value.key == "extra_config.external_connector.flaky.colour"

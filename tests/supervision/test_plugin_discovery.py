@@ -17,6 +17,7 @@ from lmcached.supervision.discovery import (
     SCHEDULER,
     WORKER,
     InterpreterError,
+    check_plugin_locations,
     interpreter_command,
     scan,
     target_for,
@@ -149,14 +150,17 @@ def test_world_writable_plugin_file_is_refused(plugin_dir: PluginDir) -> None:
     assert "a.sh" in result.errors[0] and "world-writable" in result.errors[0]
 
 
-def test_world_writable_location_fails_config_load(plugin_dir: PluginDir) -> None:
+def test_world_writable_location_fails_the_location_check(plugin_dir: PluginDir) -> None:
     world_writable(plugin_dir.path)
     with pytest.raises(ConfigError, match=r"world-writable.*allow_insecure_plugin_locations"):
-        from_mapping({"plugin_locations": [str(plugin_dir.path)]}, environ={})
+        check_plugin_locations(
+            from_mapping({"plugin_locations": [str(plugin_dir.path)]}, environ={})
+        )
     cfg = from_mapping(
         {"plugin_locations": [str(plugin_dir.path)], "allow_insecure_plugin_locations": True},
         environ={},
     )
+    check_plugin_locations(cfg)
     assert cfg.plugin_locations == [str(plugin_dir.path)]
 
 

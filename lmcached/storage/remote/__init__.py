@@ -2,7 +2,7 @@
 
 A :class:`~lmcached.storage.remote.connector.RemoteConnector` moves raw values to and from a
 shared store (Redis, Redis Cluster, a shared folder). Connectors are entries of the plugin
-registry keyed by URL scheme (``remote_connector`` in ``lmcached/plugins/builtin.yaml``), so an
+registry keyed by URL scheme (``remote_connector`` in ``lmcached/extensions/builtin.yaml``), so an
 external package's connector sits behind the same backend. The
 :class:`~lmcached.storage.remote.backend.RemoteBackend` adds what every remote needs once: the
 block format and its verification, the key prefix, the TTL, fail-fast health with reconnect

@@ -7,6 +7,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
+from lmcached.extensions.registry import PluginNotFoundError, get_registry
 from lmcached.storage.base import Buffer
 
 
@@ -64,11 +65,9 @@ def make_connector(url: str, *, timeout: float) -> RemoteConnector:
     The scheme is looked up in the plugin registry (``remote_connector`` category), where the
     built-in schemes are entries like any package's, so an external package can take one over
     by priority. The class is built as ``cls(url, timeout=...)``, without plugin options or
-    lifecycle: the store factory goes through :func:`lmcached.extensions.startup.build_remote_connector`,
-    which adds those. Raises ValueError naming the registered schemes for an unknown one.
+    lifecycle: :func:`lmcached.daemon.assembly.build_remote_connector` adds those for the
+    daemon. Raises ValueError naming the registered schemes for an unknown one.
     """
-    from lmcached.extensions.registry import PluginNotFoundError, get_registry
-
     registry = get_registry()
     scheme = urlsplit(url).scheme.lower()
     try:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
-from urllib.parse import parse_qsl, unquote, urlsplit
 
 import redis
 import redis.exceptions as rexc
@@ -23,7 +22,7 @@ from redis.backoff import NoBackoff
 from redis.cluster import ClusterNode, RedisCluster
 from redis.retry import Retry
 
-from lmcached.config import redact_url
+from lmcached.config import parse_cluster_url, redact_url
 from lmcached.storage.base import Buffer
 from lmcached.storage.remote.connector import RemoteConnector, RemoteUnavailable
 
@@ -164,34 +163,6 @@ class RedisConnector(_RedisBase):
             retry=Retry(NoBackoff(), 0),
             health_check_interval=0,
         )
-
-
-def parse_cluster_url(url: str) -> tuple[list[tuple[str, int]], dict[str, Any]]:
-    """Split a ``redis+cluster://`` URL into seed nodes and client options."""
-    parts = urlsplit(url)
-    netloc = parts.netloc
-    opts: dict[str, Any] = {}
-    if "@" in netloc:
-        userinfo, netloc = netloc.rsplit("@", 1)
-        user, _, password = userinfo.partition(":")
-        if user:
-            opts["username"] = unquote(user)
-        if password:
-            opts["password"] = unquote(password)
-    nodes = []
-    for item in netloc.split(","):
-        host, sep, port = item.strip().rpartition(":")
-        if not sep or not host or not port.isdigit():
-            raise ValueError(
-                f"cluster node {item!r} in {redact_url(url)!r} is not host:port; "
-                "expected redis+cluster://host1:port1,host2:port2"
-            )
-        nodes.append((host.strip("[]"), int(port)))
-    for k, v in parse_qsl(parts.query):
-        opts[k] = v
-    if parts.scheme.startswith("rediss"):
-        opts["ssl"] = True
-    return nodes, opts
 
 
 class RedisClusterConnector(_RedisBase):
