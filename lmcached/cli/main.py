@@ -36,9 +36,9 @@ def _client(args: argparse.Namespace, timeout: float = 5.0) -> Any:
 
 
 def cmd_start(args: argparse.Namespace) -> int:
-    from lmcached.daemon import scheduler
+    from lmcached.daemon.service import run
 
-    return scheduler.run(_load(args))
+    return run(_load(args))
 
 
 def cmd_stop(args: argparse.Namespace) -> int:

@@ -25,7 +25,6 @@ import zmq
 
 from lmcached import config as config_mod
 from lmcached import logs, protocol
-from lmcached.daemon.script_plugins import SchedulerPlugins
 from lmcached.extensions.lifecycle import EXIT_PLUGIN_FATAL
 from lmcached.protocol import CONTROL_OPS, ProtocolError
 from lmcached.runtime import (
@@ -549,28 +548,3 @@ def _memory(pid: int | None) -> dict[str, int] | None:
         return {"rss": info.rss, "uss": info.uss}
     except Exception:
         return None
-
-
-def run(cfg: config_mod.Config) -> int:
-    """Run the daemon in the foreground until SIGTERM/SIGINT or a shutdown request."""
-    from lmcached.malloc import tune_for_large_messages
-
-    tune_for_large_messages(daemon=True)
-    logs.configure("scheduler", -1, cfg.log_level, cfg.log_format)
-    log = logs.get_logger("lmcached.daemon.scheduler")
-    warning = config_mod.memory_warning(cfg)
-    if warning:
-        log.warning("memory_budget", message=warning)
-    scheduler = Scheduler(cfg)
-    plugins = SchedulerPlugins(scheduler)
-    scheduler.install_signal_handlers()
-    try:
-        from lmcached.daemon.service import attach
-
-        attach(scheduler)  # sd_notify, health checks, /metrics, CURVE
-        scheduler.start()
-        scheduler.serve()
-    finally:
-        scheduler.shutdown()
-        plugins.stop()
-    return scheduler.exit_code
