@@ -26,7 +26,6 @@ import structlog
 from lmcached.errors import ConfigError
 from lmcached.extensions import sources
 from lmcached.extensions.lifecycle import (
-    GuardedBackend,
     PluginBase,
     PluginConfigError,
     PluginContext,
@@ -285,6 +284,8 @@ def build_external_backends(
         )
         if instance is not None:
             entry = registry.get_entry("storage_backend", spec.name)
+            from lmcached.extensions.guard import GuardedBackend
+
             out.append(GuardedBackend(spec.name, instance, entry.class_path))
     return out
 

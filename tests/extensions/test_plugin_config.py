@@ -9,8 +9,8 @@ from lmcached.codecs.base import codec_of
 from lmcached.codecs.tier import CodecTier
 from lmcached.errors import ConfigError
 from lmcached.extensions import sources, startup
-from lmcached.extensions.guard import GuardedConnector
-from lmcached.extensions.lifecycle import GuardedBackend, PluginStartupError
+from lmcached.extensions.guard import GuardedBackend, GuardedConnector
+from lmcached.extensions.lifecycle import PluginStartupError
 from lmcached.storage.base import Block
 from lmcached.storage.blockformat import decode_header
 from lmcached.storage.cpu import CPUBackend
