@@ -160,7 +160,7 @@ class Operations:
         workers = []
         for slot in s.slots:
             reply = pending.replies.get(slot.id)
-            if slot.state != "up":
+            if not slot.serving:
                 error = f"worker is {slot.state}"
                 if slot.last_exit is not None:
                     error += f" (last exit code {slot.last_exit})"
