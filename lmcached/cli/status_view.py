@@ -6,6 +6,7 @@ from typing import Any
 
 from lmcached.cli.plugins import status_lines as extension_lines
 from lmcached.cli.tier_table import render_tier_table
+from lmcached.supervision.states import WORKER_UP
 
 
 def _fmt_bytes(n: float | None) -> str:
@@ -34,7 +35,9 @@ def render_status(status: dict[str, Any]) -> str:
         cpu = store.get("cpu", {})
         hits, misses = cpu.get("hits", 0), cpu.get("misses", 0)
         rate = f"{hits / (hits + misses):.1%}" if hits + misses else "-"
-        state = w.get("state", "?") if w.get("responsive") or w.get("state") != "up" else "wedged"
+        state = (
+            w.get("state", "?") if w.get("responsive") or w.get("state") != WORKER_UP else "wedged"
+        )
         mem = w.get("memory") or {}
         lines.append(
             f"{w.get('id'):>6} {w.get('pid') or '-':>8} {state:<10} {blocks:>8} {_fmt_bytes(used):>10} "

@@ -30,6 +30,7 @@ from lmcached.daemon.script_plugins import SchedulerPlugins
 from lmcached.daemon.sdnotify import Notifier
 from lmcached.malloc import tune_for_large_messages
 from lmcached.security import AuthGuard, ClientCurve, ServerCurve
+from lmcached.supervision.states import WORKER_UP
 
 
 class Operations:
@@ -290,7 +291,7 @@ def health_of_status(status: dict[str, Any]) -> list[str]:
     """Return the health problems of a `status` document, by the same rules as /healthz."""
     workers = []
     for w in status.get("workers", []):
-        if w.get("state") != "up":
+        if w.get("state") != WORKER_UP:
             workers.append(WorkerSample(int(w["id"]), None, 0.0, f"worker is {w.get('state')}"))
         elif not w.get("responsive"):
             workers.append(WorkerSample(int(w["id"]), None, 0.0, "no answer within the deadline"))

@@ -57,8 +57,8 @@ WORKER_STATE_NAMES: dict[ProcessState, str] = {
     S.FATAL: "fatal",
 }
 
-# Processes that may be running (and so have to be stopped or reaped).
-ALIVE = frozenset({S.STARTING, S.RUNNING, S.STOPPING})
+# A serving worker's published state (clients compare against this word).
+WORKER_UP = WORKER_STATE_NAMES[S.RUNNING]
 
 
 class IllegalTransition(RuntimeError):
@@ -136,9 +136,9 @@ def worker_state_name(state: ProcessState) -> str:
 
 
 __all__ = [
-    "ALIVE",
     "TRANSITIONS",
     "WORKER_STATE_NAMES",
+    "WORKER_UP",
     "IllegalTransition",
     "ProcessLife",
     "ProcessState",
