@@ -523,7 +523,7 @@ class Scheduler:
                 proc.send_signal(signal.SIGTERM)
         # Workers stop their plugins first (SIGTERM, SIGKILL after plugin_stop_timeout), and
         # workers with disk or remote tiers drain their write queues, for at most
-        # shutdown_flush_timeout (issue 3), so they get that much longer before SIGKILL.
+        # shutdown_flush_timeout, so they get that much longer before SIGKILL.
         grace = max(self.cfg.shutdown_timeout, self.cfg.plugin_stop_timeout + 2.0)
         if config_mod.needs_checksums(self.cfg):
             grace += self.cfg.shutdown_flush_timeout
