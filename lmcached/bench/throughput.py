@@ -15,7 +15,6 @@ the ZMQ baseline of the same transport and direction.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import multiprocessing as mp
 import os
@@ -23,16 +22,24 @@ import statistics
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from typing import Any
 
 import msgpack
 import yaml
 
+from lmcached.bench.common import (
+    MiB,
+    ProgressBar,
+    Report,
+    Row,
+    memcpy_gbps,
+    progress,
+    set_progress_bar,
+)
 from lmcached.config import byte_size
 from lmcached.malloc import tune_for_large_messages
 
-MiB = 1 << 20
 FRAME = 16 * MiB
 
 
@@ -67,69 +74,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tier-blocks", type=int, default=64, help="tiers: blocks per tier")
 
 
-@dataclass
-class Row:
-    op: str
-    size: int
-    transport: str
-    clients: int
-    gbps: float
-    p50_ms: float | None = None
-    p99_ms: float | None = None
-    baseline_gbps: float | None = None
-    ratio: float | None = None
-    redis_gbps: float | None = None  # plain redis-py SET (store) / GET (retrieve), same size
-    redis_ratio: float | None = None
-
-
-@dataclass
-class Report:
-    memcpy: dict[str, float] = field(default_factory=dict)
-    zmq: dict[str, float] = field(default_factory=dict)
-    rows: list[Row] = field(default_factory=list)
-    lookup: dict[str, float] = field(default_factory=dict)
-    memory: dict[str, Any] = field(default_factory=dict)
-    checks: dict[str, Any] = field(default_factory=dict)
-    # Added with the operations issue (the README's "Benchmarks" section lists every field).
-    workloads: list[str] = field(default_factory=list)
-    redis: dict[str, float] = field(default_factory=dict)
-    mixed: dict[str, Any] = field(default_factory=dict)
-    tiers: dict[str, Any] = field(default_factory=dict)
-
-
-# The run's progress bar (lmcached.bench.workloads.ProgressBar); None: plain lines.
-_BAR: Any = None
-
-
-def progress(msg: str) -> None:
-    if _BAR is not None:
-        _BAR.step(msg)
-    else:
-        print(f"  .. {msg}", file=sys.stderr, flush=True)
-
-
 # ------------------------------------------------------------------------------ baselines
-def memcpy_gbps(size: int, total: int) -> float:
-    """Single-thread DRAM-to-DRAM copy of ``size``-byte blocks into preallocated memory.
-
-    Source and destination slots rotate through 256 MiB each, far beyond the last-level cache,
-    so small blocks are not measured from cache (what a KV transfer never enjoys).
-    """
-    slots = max(1, (256 << 20) // size)
-    src = bytearray(os.urandom(1 << 20)) * max(1, (slots * size) >> 20)
-    src.extend(bytes(slots * size - len(src)))
-    dst = bytearray(slots * size)
-    base_s = ctypes.addressof((ctypes.c_char * len(src)).from_buffer(src))
-    base_d = ctypes.addressof((ctypes.c_char * len(dst)).from_buffer(dst))
-    ctypes.memmove(base_d, base_s, len(dst))  # touch every page once
-    n = max(4, total // size)
-    t = time.perf_counter()
-    for i in range(n):
-        off = (i % slots) * size
-        ctypes.memmove(base_d + ((i * 7 + 3) % slots) * size, base_s + off, size)
-    return n * size / (time.perf_counter() - t) / 1e9
-
-
 def _zmq_echo_server(endpoint_q: Any, transport: str, ipc_dir: str) -> None:
     import zmq
 
@@ -333,10 +278,8 @@ def _parse_list(text: str) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> Report:
-    from lmcached.testing import DaemonProcess
-
-    global _BAR
     from lmcached.bench import workloads as wl
+    from lmcached.testing import DaemonProcess
 
     workloads = _parse_list(args.workload)
     if workloads == ["all"]:
@@ -372,7 +315,8 @@ def run(args: argparse.Namespace) -> Report:
         steps += len(sizes) * (1 + len(transports) * (1 + 3 * len(clients))) + len(sizes)
     steps += ("lookup" in workloads) + 2 * ("mixed" in workloads)
     steps += (1 + len(wl.available_tiers())) * ("tiers" in workloads)  # upper bound
-    _BAR = wl.ProgressBar(steps)
+    bar = ProgressBar(steps)
+    set_progress_bar(bar)
     daemon = None
     endpoint = args.endpoint
     if endpoint is None:
@@ -452,7 +396,7 @@ def run(args: argparse.Namespace) -> Report:
                     )
         daemon_overrides = {"log_level": "warning"}
         if "mixed" in workloads:
-            report.mixed = wl.run_mixed(mixed, _BAR, daemon_overrides)
+            report.mixed = wl.run_mixed(mixed, bar, daemon_overrides)
         if "tiers" in workloads:
 
             def zmq_retrieve(size: int) -> float:
@@ -463,14 +407,13 @@ def run(args: argparse.Namespace) -> Report:
                     raw.close()
 
             report.tiers = wl.run_tiers(
-                tier_block, tier_blocks, _BAR, daemon_overrides, zmq_retrieve
+                tier_block, tier_blocks, bar, daemon_overrides, zmq_retrieve
             )
     finally:
         if daemon is not None:
             daemon.close()
-        if _BAR is not None:
-            _BAR.finish()
-            _BAR = None
+        bar.finish()
+        set_progress_bar(None)
     return report
 
 

@@ -1,4 +1,4 @@
-"""The workloads `lmcached bench` grew in the operations issue, and their redis-py baselines.
+"""The `lmcached bench` workloads beyond raw throughput, and their redis-py baselines.
 
 - ``mixed``: a Zipf-distributed prompt-reuse trace. Each request looks up its prompt's chunk
   keys, retrieves the leading hits into reused memory (as an engine loads KV) and stores the
@@ -8,7 +8,7 @@
 - ``tiers``: retrieve throughput from each tier that this build has (CPU always; disk and
   remote when their config keys exist), next to memcpy, raw ZMQ and redis-py GET.
 
-Also here: the progress bar every workload reports to, and ``--plot``.
+Also here: ``--plot``.
 """
 
 from __future__ import annotations
@@ -19,56 +19,16 @@ import itertools
 import os
 import random
 import statistics
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
-MiB = 1 << 20
-
-
-# ------------------------------------------------------------------------------ progress
-class ProgressBar:
-    """A one-line progress bar on stderr (plain lines when stderr is not a terminal)."""
-
-    def __init__(self, total: int, stream: Any = None, width: int = 28) -> None:
-        self.total = max(1, total)
-        self.done = 0
-        self.width = width
-        self.stream = stream if stream is not None else sys.stderr
-        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
-        self.started = time.monotonic()
-
-    def step(self, label: str) -> None:
-        """Announce the step about to run (and count the previous one as done)."""
-        filled = int(self.width * self.done / self.total)
-        bar = "#" * filled + "." * (self.width - filled)
-        elapsed = time.monotonic() - self.started
-        line = f"[{bar}] {self.done}/{self.total} {elapsed:5.0f}s  {label}"
-        if self.tty:
-            self.stream.write("\r\x1b[2K" + line[:160])
-        else:
-            self.stream.write(line + "\n")
-        self.stream.flush()
-        self.done = min(self.total, self.done + 1)
-
-    def finish(self) -> None:
-        if self.tty:
-            self.stream.write("\r\x1b[2K")
-        self.stream.write(f"bench finished in {time.monotonic() - self.started:.0f}s\n")
-        self.stream.flush()
+from lmcached.bench.common import MiB, ProgressBar, memcpy_gbps
 
 
 # ------------------------------------------------------------------------------ baselines
-def memcpy_gbps(size: int, total: int) -> float:
-    """One thread copying into a preallocated buffer (the bench's memcpy baseline)."""
-    from lmcached.bench.throughput import memcpy_gbps as measure
-
-    return measure(size, total)
-
-
 @contextmanager
 def redis_server(payload_budget: int | None = None) -> Iterator[Any]:
     """Yield a redis-py client of a private redis-server, or None when none is installed.

@@ -10,13 +10,13 @@ workers are writing temporary files that a fix would delete.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from functools import partial
 from typing import Any
 
 from lmcached import config as config_mod
+from lmcached.cli.commands import CommandTable, print_json
 from lmcached.routing import owner
 from lmcached.runtime import read_endpoints
 
@@ -57,7 +57,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     )
     out: dict[str, Any] = {"local_disk": cfg.local_disk, **report.as_dict()}
     if args.json:
-        print(json.dumps(out, indent=2))
+        print_json(out)
     else:
         print(
             f"{cfg.local_disk}: {report.files} block files, {report.bytes} bytes, "
@@ -72,18 +72,18 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0 if unfixed == 0 else 1
 
 
-def register(sub: Any) -> None:
-    """Add the `check` subcommand to the CLI's subparsers."""
-    p = sub.add_parser(
+def register(commands: CommandTable) -> None:
+    """Add `check`."""
+    p = commands.add(
         "check",
-        help="verify the disk tier's files against their headers (and repair with --fix)",
+        cmd_check,
+        "verify the disk tier's files against their headers (and repair with --fix)",
         description=__doc__,
+        config_help="config file (default: built-in defaults + env)",
     )
-    p.add_argument("--config", help="config file (default: built-in defaults + env)")
     p.add_argument("--fix", action="store_true", help="delete broken files, move misplaced ones")
     p.add_argument("--force", action="store_true", help="allow --fix while the daemon runs")
     p.add_argument(
         "--headers-only", action="store_true", help="skip payload checksums (faster; headers only)"
     )
     p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.set_defaults(func=cmd_check)

@@ -1,20 +1,23 @@
-"""Subcommands of the operations issue, registered into `lmcached` through cli.EXTRA_COMMANDS.
+"""`lmcached keygen`: create a CURVE key pair for the daemon or a client.
 
-Kept free of heavy imports: the command modules load only when their command runs.
+Kept free of heavy imports: the security module loads only when the command runs.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any
+
+from lmcached.cli.commands import CommandTable
 
 
-def register(subparsers: Any) -> None:
-    """Add `lmcached keygen`."""
-    p = subparsers.add_parser(
+def register(commands: CommandTable) -> None:
+    """Add `keygen`."""
+    p = commands.add(
         "keygen",
-        help="create a CURVE key pair (NAME.key public, NAME.key_secret secret)",
+        run_keygen,
+        "create a CURVE key pair (NAME.key public, NAME.key_secret secret)",
+        config_help=None,
         description=(
             "Create a ZMQ CURVE key pair for the daemon (name 'server') or for a client. "
             "Give the daemon server.key_secret (curve_secret_key_file); copy each client's "
@@ -25,7 +28,6 @@ def register(subparsers: Any) -> None:
     p.add_argument("directory", help="folder to write the key files into (created 0750)")
     p.add_argument("name", nargs="?", default="server", help="key name (default: server)")
     p.add_argument("--force", action="store_true", help="replace an existing key pair")
-    p.set_defaults(func=run_keygen)
 
 
 def run_keygen(args: argparse.Namespace) -> int:

@@ -10,8 +10,7 @@
     lmcached plugins ... --json            the same as JSON
     lmcached plugins ... --config FILE     include the config's LMCache-style declarations
 
-Registered in :mod:`lmcached.cli.main` by ``add_parser``; also runs as
-``python -m lmcached.cli.plugins``.
+Also runs as ``python -m lmcached.cli.plugins``.
 """
 
 from __future__ import annotations
@@ -25,6 +24,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 import structlog
 
+from lmcached.cli.commands import CommandTable, print_json
 from lmcached.errors import ConfigError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -36,15 +36,16 @@ EXIT_BROKEN = 1
 EXIT_USAGE = 2
 
 
-def add_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Add the ``plugins`` subcommand to ``lmcached``'s subparsers; return its parser."""
-    parser = subparsers.add_parser(
+def register(commands: CommandTable) -> None:
+    """Add `plugins`."""
+    parser = commands.add(
         "plugins",
-        help="list, show and validate extensions (backends, connectors, codecs, policies)",
+        run,
+        "list, show and validate extensions (backends, connectors, codecs, policies)",
         description="List, show and validate the entries of lmcached's plugin registry.",
+        config_help=None,  # its own --config FILE, below
     )
     configure_parser(parser)
-    return parser
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
@@ -113,8 +114,7 @@ def _list(registry: PluginRegistry, args: argparse.Namespace, out: TextIO) -> in
             ]
             for c in cats
         }
-        json.dump(data, out, indent=2)
-        out.write("\n")
+        print_json(data, file=out)
         return EXIT_OK
     for i, c in enumerate(cats):
         cat = CATEGORIES[c]
@@ -152,8 +152,7 @@ def _show(registry: PluginRegistry, args: argparse.Namespace, out: TextIO) -> in
         data = entry.as_dict()
         data["interface"] = CATEGORIES[entry.category].interface
         data["shadowed"] = [s.as_dict() for s in shadowed]
-        json.dump(data, out, indent=2)
-        out.write("\n")
+        print_json(data, file=out)
         return EXIT_OK
     kind = "built-in" if entry.builtin else "external"
     lines = [
@@ -181,8 +180,7 @@ def _show(registry: PluginRegistry, args: argparse.Namespace, out: TextIO) -> in
 def _packages(registry: PluginRegistry, args: argparse.Namespace, out: TextIO) -> int:
     pkgs = registry.packages()
     if args.json:
-        json.dump(pkgs, out, indent=2)
-        out.write("\n")
+        print_json(pkgs, file=out)
         return EXIT_OK
     rows = []
     for p in pkgs:
@@ -211,7 +209,7 @@ def _validate(
     failed_packages = dict(report.failed) if args.category is None else {}
     ok = not issues and not failed_packages
     if args.json:
-        json.dump(
+        print_json(
             {
                 "ok": ok,
                 "checked": len(checked),
@@ -219,10 +217,8 @@ def _validate(
                 "failed_packages": failed_packages,
                 "skipped_by_allow_list": list(report.skipped),
             },
-            out,
-            indent=2,
+            file=out,
         )
-        out.write("\n")
         return EXIT_OK if ok else EXIT_BROKEN
     for name, error in failed_packages.items():
         out.write(f"BROKEN  entry point {name}: {error}\n")

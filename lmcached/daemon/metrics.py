@@ -34,10 +34,11 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
 from lmcached.daemon.op_latency import LATENCY_BUCKETS
+from lmcached.supervision.states import ProcessState
 from lmcached.version import __version__
 
 # Supervisor's process states; plugin_state exposes one of them as 1, the rest as 0.
-PLUGIN_STATES = ("STOPPED", "STARTING", "RUNNING", "BACKOFF", "STOPPING", "EXITED", "FATAL")
+PLUGIN_STATES = tuple(s.value for s in ProcessState)
 EXTENSION_STATES = ("running", "disabled", "stopped")
 
 # Tier counter name in a worker's store stats -> (metric name without _total, help).

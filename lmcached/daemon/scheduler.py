@@ -25,7 +25,6 @@ import zmq
 
 from lmcached import config as config_mod
 from lmcached import logs, protocol
-from lmcached.daemon.script_plugins import SchedulerPlugins
 from lmcached.errors import EXIT_CONFIG_INVALID, EXIT_PLUGIN_FATAL
 from lmcached.protocol import CONTROL_OPS, ProtocolError
 from lmcached.runtime import (
@@ -37,6 +36,12 @@ from lmcached.runtime import (
     write_endpoints,
 )
 from lmcached.security import secure_ipc_socket
+from lmcached.supervision.states import (
+    ProcessLife,
+    ProcessState,
+    RestartPolicy,
+    worker_state_name,
+)
 from lmcached.version import PROTOCOL_VERSION, __version__
 
 LOOP_MS = 100
@@ -51,16 +56,28 @@ class WorkerSlot:
     """The scheduler's view of one worker id across its restarts."""
 
     id: int
-    state: str = "stopped"  # stopped | starting | up | backoff
     proc: subprocess.Popen[bytes] | None = None
     pid: int | None = None
     endpoints: dict[str, str] = field(default_factory=dict)
-    restarts: int = 0
-    backoff: float = 0.0
-    next_start_at: float = 0.0
-    started_at: float = 0.0
     last_exit: int | None = None
     sock: zmq.Socket | None = None  # scheduler -> worker, for stats and health
+    life: ProcessLife = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.life = ProcessLife(f"worker {self.id}")
+
+    @property
+    def state(self) -> str:
+        """The worker's state as the cluster map and `status` publish it ("up" when serving)."""
+        return worker_state_name(self.life.state)
+
+    @property
+    def serving(self) -> bool:
+        return self.life.state is ProcessState.RUNNING
+
+    @property
+    def restarts(self) -> int:
+        return self.life.restarts
 
 
 @dataclass
@@ -84,6 +101,11 @@ class Scheduler:
         self.daemon_id = secrets.token_hex(8)
         self.epoch = 0
         self.slots = [WorkerSlot(i) for i in range(cfg.num_workers)]
+        # A worker counts as started once it stayed up STABLE_AFTER_S; until then each crash
+        # doubles its restart delay.
+        self.restart_policy = RestartPolicy(
+            grace=STABLE_AFTER_S, backoff=cfg.worker_restart_backoff, backoff_cap=MAX_BACKOFF_S
+        )
         self.lock = InstanceLock(cfg)
         self._ctx = zmq.Context(io_threads=1)
         self._control: zmq.Socket | None = None
@@ -181,8 +203,7 @@ class Scheduler:
         ]
         slot.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, close_fds=True)
         slot.pid = slot.proc.pid
-        slot.state = "starting"
-        slot.started_at = time.monotonic()
+        slot.life.advance(ProcessState.STARTING)
         self.log.info("worker_spawned", worker=slot.id, pid=slot.pid)
 
     # ---------------------------------------------------------------------------- the map
@@ -219,24 +240,25 @@ class Scheduler:
         now = time.monotonic()
         for slot in self.slots:
             proc = slot.proc
-            if proc is not None and slot.state in ("starting", "up"):
+            state = slot.life.state
+            if proc is not None and state in (ProcessState.STARTING, ProcessState.RUNNING):
                 code = proc.poll()
                 if code is not None:
                     self._worker_died(slot, code, now)
                 elif (
-                    slot.state == "starting"
-                    and now - slot.started_at > self.cfg.worker_start_timeout
+                    state is ProcessState.STARTING
+                    and now - slot.life.started_at > self.cfg.worker_start_timeout
                 ):
                     self.log.error("worker_start_timeout", worker=slot.id, pid=slot.pid)
                     proc.kill()
                     proc.wait()
                     self._worker_died(slot, -9, now)
-            if slot.state == "backoff" and now >= slot.next_start_at and not self._stopping:
-                slot.restarts += 1
+            if slot.life.due(now) and not self._stopping:
+                slot.life.restarts += 1
                 self._spawn(slot)
 
     def _worker_died(self, slot: WorkerSlot, code: int, now: float) -> None:
-        was_up = slot.state == "up"
+        was_up = slot.serving
         slot.last_exit = code
         slot.proc = None
         slot.pid = None
@@ -244,12 +266,8 @@ class Scheduler:
         if slot.sock is not None:
             slot.sock.close(linger=0)
             slot.sock = None
-        if now - slot.started_at > STABLE_AFTER_S:
-            slot.backoff = self.cfg.worker_restart_backoff
-        else:
-            slot.backoff = min(
-                max(slot.backoff * 2, self.cfg.worker_restart_backoff), MAX_BACKOFF_S
-            )
+        delay = slot.life.exited(now, self.restart_policy)
+        assert delay is not None  # workers have no retry limit
         if code == EXIT_PLUGIN_FATAL:
             # A plugin failed on_startup under strict_plugins: restarting will not help.
             self.log.error("worker_plugin_fatal", worker=slot.id, hint="see the worker's log")
@@ -268,11 +286,8 @@ class Scheduler:
             )
             self.exit_code = code
             self._stopping = True
-        slot.state = "backoff"
-        slot.next_start_at = now + slot.backoff
-        self.log.error(
-            "worker_exited", worker=slot.id, code=code, restart_in_s=round(slot.backoff, 3)
-        )
+        slot.life.advance(ProcessState.BACKOFF)
+        self.log.error("worker_exited", worker=slot.id, code=code, restart_in_s=round(delay, 3))
         if was_up:
             self._bump("worker_down", slot.id)
 
@@ -286,11 +301,11 @@ class Scheduler:
             self.log.warning("bad_hello", msg=str(msg)[:200])
             return
         slot = self.slots[wid]
-        if slot.pid != pid or slot.state != "starting":
+        if slot.pid != pid or slot.life.state is not ProcessState.STARTING:
             self.log.warning("stale_hello", worker=wid, pid=pid, expected=slot.pid)
             return
         slot.endpoints = {k: str(v) for k, v in endpoints.items()}
-        slot.state = "up"
+        slot.life.advance(ProcessState.RUNNING)
         sock = self._ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         if self.worker_curve is not None:
@@ -298,7 +313,7 @@ class Scheduler:
         sock.connect(slot.endpoints["ipc"])
         slot.sock = sock
         self._bump("worker_up", wid)
-        if not self._ready and all(s.state == "up" for s in self.slots):
+        if not self._ready and all(s.serving for s in self.slots):
             self._become_ready()
 
     def _become_ready(self) -> None:
@@ -513,12 +528,15 @@ class Scheduler:
         if owns_instance:
             remove_endpoints(self.cfg)
         procs = [s.proc for s in self.slots if s.proc is not None]
+        for slot in self.slots:
+            if slot.life.state in (ProcessState.STARTING, ProcessState.RUNNING):
+                slot.life.advance(ProcessState.STOPPING)
         for proc in procs:
             with contextlib.suppress(ProcessLookupError):
                 proc.send_signal(signal.SIGTERM)
         # Workers stop their plugins first (SIGTERM, SIGKILL after plugin_stop_timeout), and
         # workers with disk or remote tiers drain their write queues, for at most
-        # shutdown_flush_timeout (issue 3), so they get that much longer before SIGKILL.
+        # shutdown_flush_timeout, so they get that much longer before SIGKILL.
         grace = max(self.cfg.shutdown_timeout, self.cfg.plugin_stop_timeout + 2.0)
         if config_mod.needs_checksums(self.cfg):
             grace += self.cfg.shutdown_flush_timeout
@@ -535,7 +553,8 @@ class Scheduler:
                 slot.sock.close(linger=0)
                 slot.sock = None
             slot.proc = None
-            slot.state = "stopped"
+            if slot.life.state is not ProcessState.STOPPED:
+                slot.life.advance(ProcessState.STOPPED)
         for sock in (self._control, self._internal):
             if sock is not None:
                 sock.close(linger=0)
@@ -562,28 +581,3 @@ def _memory(pid: int | None) -> dict[str, int] | None:
         return {"rss": info.rss, "uss": info.uss}
     except Exception:
         return None
-
-
-def run(cfg: config_mod.Config) -> int:
-    """Run the daemon in the foreground until SIGTERM/SIGINT or a shutdown request."""
-    from lmcached.malloc import tune_for_large_messages
-
-    tune_for_large_messages(daemon=True)
-    logs.configure("scheduler", -1, cfg.log_level, cfg.log_format)
-    log = logs.get_logger("lmcached.daemon.scheduler")
-    warning = config_mod.memory_warning(cfg)
-    if warning:
-        log.warning("memory_budget", message=warning)
-    scheduler = Scheduler(cfg)
-    plugins = SchedulerPlugins(scheduler)
-    scheduler.install_signal_handlers()
-    try:
-        from lmcached.daemon.service import attach
-
-        attach(scheduler)  # sd_notify, health checks, /metrics, CURVE
-        scheduler.start()
-        scheduler.serve()
-    finally:
-        scheduler.shutdown()
-        plugins.stop()
-    return scheduler.exit_code

@@ -106,7 +106,7 @@ class SchedulerPlugins:
                 changes = {"pending": True}
         signalled = []
         for slot in self.scheduler.slots:
-            if slot.state == "up" and slot.pid:
+            if slot.serving and slot.pid:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(slot.pid, signal.SIGHUP)
                     signalled.append(slot.id)

@@ -1,6 +1,8 @@
-"""The scheduler's operational side: sd_notify, periodic health checks, /metrics and /healthz.
+"""Run the scheduler process: the scheduler, its script plugins and its operational side.
 
-:func:`attach` wires one :class:`Operations` into a :class:`~lmcached.daemon.scheduler.Scheduler`
+:func:`run` is the one place that composes them (``lmcached start`` calls it); the scheduler
+knows none of them and only offers hook lists. The operational side is sd_notify, periodic
+health checks, /metrics and /healthz: :func:`attach` wires one :class:`Operations` into a :class:`~lmcached.daemon.scheduler.Scheduler`
 through the scheduler's hook lists; every probe of the workers goes through the scheduler's own
 loop (``request_worker_stats``), so the HTTP thread never touches a loop-owned socket and a
 wedged loop shows up as unhealthy instead of being papered over.
@@ -18,15 +20,17 @@ import queue
 import time
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from lmcached import config as config_mod
 from lmcached import logs
 from lmcached.daemon.metrics import ClusterSnapshot, MetricsServer, WorkerSample
+from lmcached.daemon.scheduler import PendingStatus, Scheduler
+from lmcached.daemon.script_plugins import SchedulerPlugins
 from lmcached.daemon.sdnotify import Notifier
+from lmcached.malloc import tune_for_large_messages
 from lmcached.security import AuthGuard, ClientCurve, ServerCurve
-
-if TYPE_CHECKING:
-    from lmcached.daemon.scheduler import PendingStatus, Scheduler
+from lmcached.supervision.states import WORKER_UP
 
 
 class Operations:
@@ -157,7 +161,7 @@ class Operations:
         workers = []
         for slot in s.slots:
             reply = pending.replies.get(slot.id)
-            if slot.state != "up":
+            if not slot.serving:
                 error = f"worker is {slot.state}"
                 if slot.last_exit is not None:
                     error += f" (last exit code {slot.last_exit})"
@@ -262,11 +266,32 @@ def attach(scheduler: Scheduler) -> Operations:
     return ops
 
 
+def run(cfg: config_mod.Config) -> int:
+    """Run the daemon in the foreground until SIGTERM/SIGINT or a shutdown request."""
+    tune_for_large_messages(daemon=True)
+    logs.configure("scheduler", -1, cfg.log_level, cfg.log_format)
+    log = logs.get_logger("lmcached.daemon.scheduler")
+    warning = config_mod.memory_warning(cfg)
+    if warning:
+        log.warning("memory_budget", message=warning)
+    scheduler = Scheduler(cfg)
+    plugins = SchedulerPlugins(scheduler)
+    scheduler.install_signal_handlers()
+    try:
+        attach(scheduler)  # sd_notify, health checks, /metrics, CURVE
+        scheduler.start()
+        scheduler.serve()
+    finally:
+        scheduler.shutdown()
+        plugins.stop()
+    return scheduler.exit_code
+
+
 def health_of_status(status: dict[str, Any]) -> list[str]:
     """Return the health problems of a `status` document, by the same rules as /healthz."""
     workers = []
     for w in status.get("workers", []):
-        if w.get("state") != "up":
+        if w.get("state") != WORKER_UP:
             workers.append(WorkerSample(int(w["id"]), None, 0.0, f"worker is {w.get('state')}"))
         elif not w.get("responsive"):
             workers.append(WorkerSample(int(w["id"]), None, 0.0, "no answer within the deadline"))

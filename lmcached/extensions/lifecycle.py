@@ -8,27 +8,21 @@ An external storage backend or remote connector may derive from :class:`PluginBa
     get_metrics() -> dict                   # shown under the plugin's name in stats/status
 
 Classes that do not derive from it (an LMCache backend, say) still load: they get no typed
-config and no hooks. :class:`GuardedBackend` wraps every external backend in the TieredStore so
-that an exception at run time is counted and answered as a miss, never as a failed request.
+config and no hooks. :mod:`lmcached.extensions.guard` wraps every external backend and connector
+so that an exception at run time is counted and answered, never a failed request.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import enum
-import threading
 import types
 import typing
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-import structlog
-
 from lmcached.errors import LMCachedError
-from lmcached.storage.base import Block, StorageBackend, Usage
-
-log = structlog.get_logger("lmcached.plugins")
 
 
 class PluginType(str, enum.Enum):
@@ -180,142 +174,3 @@ class PluginBase:
     def get_metrics(self) -> dict[str, Any]:
         """Return numbers worth showing under the plugin's name in stats and status."""
         return {}
-
-
-class OpErrors:
-    """Count a plugin's failures per operation (thread-safe), for logs and stats."""
-
-    def __init__(self) -> None:
-        self._by_op: dict[str, int] = {}
-        self._lock = threading.Lock()
-
-    def count(self, op: str) -> int:
-        """Record one failure of ``op``; return how many there have been (1 = the first)."""
-        with self._lock:
-            n = self._by_op.get(op, 0) + 1
-            self._by_op[op] = n
-            return n
-
-    def __getitem__(self, op: str) -> int:
-        with self._lock:
-            return self._by_op.get(op, 0)
-
-    @property
-    def total(self) -> int:
-        with self._lock:
-            return sum(self._by_op.values())
-
-
-class GuardedBackend(StorageBackend):
-    """Run an external backend so that its failures are misses, counted, never request errors.
-
-    Each failing call is logged (the first one per operation in full, later ones only counted)
-    and answered as the tier's "not here" value: None, False or nothing.
-    """
-
-    def __init__(self, name: str, inner: StorageBackend, entry_class: str = "") -> None:
-        self.name = name
-        self.inner = inner
-        self.entry_class = entry_class
-        self.errors = OpErrors()
-        self._closed = False
-
-    def _failed(self, op: str, exc: BaseException) -> None:
-        if self.errors.count(op) == 1:
-            log.error(
-                "plugin backend raised; answering as a miss",
-                plugin=self.name,
-                op=op,
-                error=f"{type(exc).__name__}: {exc}",
-            )
-
-    def contains(self, key: bytes) -> bool:
-        try:
-            return bool(self.inner.contains(key))
-        except Exception as exc:
-            self._failed("contains", exc)
-            return False
-
-    def get(self, key: bytes) -> Block | None:
-        try:
-            block = self.inner.get(key)
-        except Exception as exc:
-            self._failed("get", exc)
-            return None
-        if block is not None and not isinstance(block, Block):
-            self._failed("get", TypeError(f"returned {type(block).__name__}, not a Block"))
-            return None
-        return block
-
-    def put(self, key: bytes, block: Block) -> bool:
-        try:
-            return bool(self.inner.put(key, block))
-        except Exception as exc:
-            self._failed("put", exc)
-            return False
-
-    def remove(self, key: bytes) -> bool:
-        try:
-            return bool(self.inner.remove(key))
-        except Exception as exc:
-            self._failed("remove", exc)
-            return False
-
-    def iter_keys(self) -> Iterator[bytes]:
-        try:
-            return iter(list(self.inner.iter_keys()))
-        except Exception as exc:
-            self._failed("iter_keys", exc)
-            return iter(())
-
-    def usage(self) -> Usage:
-        try:
-            return self.inner.usage()
-        except Exception as exc:
-            self._failed("usage", exc)
-            return Usage(used_bytes=0, capacity_bytes=0, entries=0)
-
-    def contains_many(self, keys: Sequence[bytes]) -> list[bool]:
-        try:
-            return [bool(x) for x in self.inner.contains_many(keys)]
-        except Exception as exc:
-            self._failed("contains", exc)
-            return [False] * len(keys)
-
-    def get_many(self, keys: Sequence[bytes]) -> list[Block | None]:
-        return [self.get(k) for k in keys]
-
-    def put_many(self, items: Iterable[tuple[bytes, Block]]) -> list[bool]:
-        return [self.put(k, b) for k, b in items]
-
-    def stats(self) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        try:
-            out.update(self.inner.stats())
-        except Exception as exc:
-            self._failed("stats", exc)
-        if isinstance(self.inner, PluginBase):
-            try:
-                out["plugin"] = dict(self.inner.get_metrics())
-            except Exception as exc:
-                self._failed("get_metrics", exc)
-        # Counted last, so a failure of the two calls above is included.
-        out["plugin_errors"] = self.errors.total
-        # Also in the generic tier counter, so the metrics endpoint's lmcached_tier_errors
-        # counts them under the plugin's name without knowing about plugins.
-        out["errors"] = int(out.get("errors", 0) or 0) + out["plugin_errors"]
-        return out
-
-    def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        if isinstance(self.inner, PluginBase):
-            try:
-                self.inner.on_shutdown()
-            except Exception as exc:
-                self._failed("on_shutdown", exc)
-        try:
-            self.inner.close()
-        except Exception as exc:
-            self._failed("close", exc)

@@ -4,7 +4,7 @@ Pure functions over the file system, with no processes and no threads, so that e
 role and shebang rule can be read (and tested) in one place. :mod:`lmcached.supervision.launcher`
 runs what this module finds.
 
-The rules (seed 003, issue 4):
+The rules:
 
 - A location is a folder (scanned at its top level only, in sorted order) or a single file. A
   missing location is a warning; an insecure one (world-writable, or owned by another non-root

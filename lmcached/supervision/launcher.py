@@ -10,11 +10,9 @@ Each plugin runs under a shim (:mod:`lmcached.supervision.shim`) that owns the p
 and kills it when the launcher asks (SIGTERM), when the plugin's main process exits, or when the
 launcher's process dies (EOF on the *lifeline* pipe, whose write end only this process holds).
 
-States follow Supervisor:
+States are :mod:`lmcached.supervision.states`' (Supervisor's), with these policies:
 
-- STOPPED: not running, as asked (or not started yet).
-- STARTING: spawned; becomes RUNNING after ``start_seconds`` alive.
-- RUNNING: up for longer than ``start_seconds``.
+- STARTING becomes RUNNING after ``start_seconds`` alive (the grace period).
 - BACKOFF: exited and waiting to be restarted (``restart`` policy), delay doubling from
   ``backoff`` up to 60 s.
 - STOPPING: SIGTERM sent to its group; SIGKILL after ``plugin_stop_timeout``.
@@ -26,7 +24,6 @@ States follow Supervisor:
 from __future__ import annotations
 
 import contextlib
-import enum
 import errno
 import json
 import os
@@ -48,6 +45,7 @@ import structlog
 from lmcached.config import Config
 from lmcached.supervision import discovery
 from lmcached.supervision.discovery import SCHEDULER, WORKER, InterpreterError, PluginFile
+from lmcached.supervision.states import ProcessLife, ProcessState, RestartPolicy
 
 SHIM_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "shim.py")
 
@@ -66,29 +64,10 @@ _SHIM_GRACE = 3.0  # beyond plugin_stop_timeout, before the launcher kills the s
 _TICK = 0.5
 
 
-class PluginState(str, enum.Enum):
-    """Supervisor's process states."""
-
-    STOPPED = "STOPPED"
-    STARTING = "STARTING"
-    RUNNING = "RUNNING"
-    BACKOFF = "BACKOFF"
-    STOPPING = "STOPPING"
-    EXITED = "EXITED"
-    FATAL = "FATAL"
-
-
-S = PluginState
-# Every transition the supervisor may make; anything else is a bug and raises.
-_TRANSITIONS: dict[PluginState, frozenset[PluginState]] = {
-    S.STOPPED: frozenset({S.STARTING, S.FATAL}),
-    S.STARTING: frozenset({S.RUNNING, S.BACKOFF, S.EXITED, S.FATAL, S.STOPPING}),
-    S.RUNNING: frozenset({S.BACKOFF, S.EXITED, S.FATAL, S.STOPPING}),
-    S.BACKOFF: frozenset({S.STARTING, S.FATAL, S.STOPPED}),
-    S.STOPPING: frozenset({S.STOPPED}),
-    S.EXITED: frozenset({S.STARTING, S.FATAL, S.STOPPED}),
-    S.FATAL: frozenset({S.STARTING, S.FATAL, S.STOPPED}),  # FATAL again: a retry that failed
-}
+# Plugins follow the one process life of lmcached.supervision.states (the name is kept for
+# callers of this module).
+PluginState = ProcessState
+S = ProcessState
 
 
 @dataclass(frozen=True)
@@ -106,6 +85,16 @@ class PluginPolicy:
     @classmethod
     def from_config(cls, cfg: Config, name: str) -> PluginPolicy:
         return cls(**cfg.plugin_config.get(name, {}))
+
+    @property
+    def timing(self) -> RestartPolicy:
+        """The grace period and backoff of this plugin's process life."""
+        return RestartPolicy(
+            grace=self.start_seconds,
+            backoff=self.backoff,
+            backoff_cap=_BACKOFF_CAP,
+            max_retries=self.max_retries,
+        )
 
 
 class _OutputStream:
@@ -153,22 +142,17 @@ class _Plugin:
     def __init__(self, file: PluginFile, policy: PluginPolicy) -> None:
         self.file = file
         self.policy = policy
-        self.state = PluginState.STOPPED
+        self.life = ProcessLife(f"plugin {file.name}")
         self.shim: subprocess.Popen[bytes] | None = None
         self.pid: int | None = None
         self.status_fd: int | None = None
         self.status_pending = b""
         self.status_eof = False
         self.streams: list[_OutputStream] = []
-        self.started_at = 0.0
-        self.state_since = time.time()
-        self.fast_failures = 0  # consecutive exits while STARTING
-        self.restarts = 0
         self.exit_code: int | None = None
         self.last_error: str | None = None
         self.spawn_error: str | None = None
         self.argv: list[str] | None = None
-        self.backoff_until = 0.0
         self.stop_deadline = 0.0
         self.replacement: tuple[PluginFile, PluginPolicy] | None = None
         self.remove_when_stopped = False
@@ -183,6 +167,10 @@ class _Plugin:
     def name(self) -> str:
         return self.file.name
 
+    @property
+    def state(self) -> ProcessState:
+        return self.life.state
+
     def snapshot(self) -> dict[str, Any]:
         return {
             "name": self.name,
@@ -191,10 +179,10 @@ class _Plugin:
             "state": self.state.value,
             "pid": self.pid,
             "shim_pid": self.shim.pid if self.shim is not None else None,
-            "restarts": self.restarts,
+            "restarts": self.life.restarts,
             "exit_code": self.exit_code,
             "last_error": self.last_error,
-            "since": self.state_since,
+            "since": self.life.since,
             "restart_policy": self.policy.restart,
             "command": self.argv,
             "dropped_lines": self.dropped,
@@ -431,20 +419,18 @@ class PluginLauncher:
     def _deadlines(self, p: _Plugin) -> list[float]:
         out = [s.paused_until for s in p.streams if s.paused_until and not s.closed]
         if p.state == S.STARTING and p.pid is not None:
-            out.append(p.started_at + p.policy.start_seconds)
+            out.append(p.life.started_at + p.policy.start_seconds)
         elif p.state == S.BACKOFF:
-            out.append(p.backoff_until)
+            out.append(p.life.retry_at)
         elif p.state == S.STOPPING:
             out.append(p.stop_deadline)
         return out
 
     # -- state machine ---------------------------------------------------------------------------
 
-    def _transition(self, p: _Plugin, new: PluginState, **info: Any) -> None:
-        """Advance ``p`` to state ``new``: the one place where a plugin's state changes."""
-        if new not in _TRANSITIONS[p.state]:
-            raise RuntimeError(f"plugin {p.name}: illegal transition {p.state.value}->{new.value}")
-        old, p.state, p.state_since = p.state, new, time.time()
+    def _transition(self, p: _Plugin, new: ProcessState, **info: Any) -> None:
+        """Advance ``p`` to state ``new`` (through its ProcessLife) and log the change."""
+        old = p.life.advance(new)
         level = "error" if new == S.FATAL else "info"
         getattr(self.log, level)(
             "plugin state", plugin=p.name, old=old.value, new=new.value, pid=p.pid, **info
@@ -458,10 +444,10 @@ class PluginLauncher:
             if p.shim is not None and p.status_eof and p.shim.poll() is not None:
                 self._on_shim_exit(p)
             if p.state == S.STARTING and p.pid is not None:
-                if now - p.started_at >= p.policy.start_seconds:
+                if p.life.succeeded(now, p.policy.timing):
                     self._transition(p, S.RUNNING)
-            elif p.state == S.BACKOFF and now >= p.backoff_until:
-                p.restarts += 1
+            elif p.life.due(now):
+                p.life.restarts += 1
                 self._spawn(p)
             elif p.state == S.STOPPING and now >= p.stop_deadline and p.shim is not None:
                 # The shim did not finish in time: kill it, and the group it owned.
@@ -508,7 +494,6 @@ class PluginLauncher:
             return
         os.close(status_w)
         p.shim = shim
-        p.started_at = time.monotonic()
         p.status_fd, p.status_pending, p.status_eof = status_r, b"", False
         os.set_blocking(status_r, False)
         self._selector.register(status_r, selectors.EVENT_READ, (p, None))
@@ -558,19 +543,14 @@ class PluginLauncher:
         if not restart:
             self._transition(p, S.EXITED, exit_code=p.exit_code)
             return
-        if p.state == S.STARTING:
-            p.fast_failures += 1
-        else:
-            p.fast_failures = 0
-        if p.fast_failures > p.policy.max_retries:
+        delay = p.life.exited(time.monotonic(), p.policy.timing)
+        if delay is None:
             p.last_error = (
                 f"exited with {_describe_exit(p.exit_code)} while starting "
-                f"{p.fast_failures} times in a row (max_retries {p.policy.max_retries})"
+                f"{p.life.fast_failures} times in a row (max_retries {p.policy.max_retries})"
             )
             self._transition(p, S.FATAL, exit_code=p.exit_code, error=p.last_error)
             return
-        delay = min(_BACKOFF_CAP, p.policy.backoff * 2 ** max(0, p.fast_failures - 1))
-        p.backoff_until = time.monotonic() + delay
         self._transition(p, S.BACKOFF, exit_code=p.exit_code, delay=round(delay, 3))
 
     def _request_stop(self, p: _Plugin) -> None:
@@ -592,7 +572,7 @@ class PluginLauncher:
         elif p.replacement is not None:
             p.file, p.policy = p.replacement
             p.replacement = None
-            p.fast_failures = 0
+            p.life.fast_failures = 0
             if p.state == S.EXITED:
                 self._transition(p, S.STOPPED)
             if p.state in (S.STOPPED, S.FATAL):
@@ -696,7 +676,7 @@ class PluginLauncher:
                 self._request_stop(p)
             elif p.state == S.FATAL:
                 changes["retried"].append(name)
-                p.fast_failures = 0
+                p.life.fast_failures = 0
                 self._spawn(p)
         for p in list(self._plugins.values()):
             self._after_stop(p)

@@ -11,8 +11,8 @@ from lmcached.daemon import assembly
 from lmcached.daemon.assembly import check_store_config, plan_store
 from lmcached.errors import ConfigError
 from lmcached.extensions import sources, startup
-from lmcached.extensions.guard import GuardedConnector
-from lmcached.extensions.lifecycle import GuardedBackend, PluginStartupError
+from lmcached.extensions.guard import GuardedBackend, GuardedConnector
+from lmcached.extensions.lifecycle import PluginStartupError
 from lmcached.storage.base import Block
 from lmcached.storage.blockformat import decode_header
 from lmcached.storage.cpu import CPUBackend
