@@ -35,10 +35,9 @@ from lmcached.codecs.tier import CodecTier
 from lmcached.config import Config
 from lmcached.errors import ConfigError
 from lmcached.extensions import sources
-from lmcached.extensions.guard import GuardedConnector
+from lmcached.extensions.guard import GuardedBackend, GuardedConnector
 from lmcached.extensions.interfaces import RemoteConnector
 from lmcached.extensions.lifecycle import (
-    GuardedBackend,
     PluginBase,
     PluginConfigError,
     PluginContext,
