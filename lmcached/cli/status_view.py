@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
-from lmcached.cli.plugins import status_lines as extension_lines
 from lmcached.cli.tier_table import render_tier_table
 from lmcached.supervision.states import WORKER_UP
 
@@ -74,3 +74,36 @@ def render_plugins(status: dict[str, Any]) -> list[str]:
             f"{'-' if code is None else code:>5}  {p.get('last_error') or ''}".rstrip()
         )
     return lines
+
+
+def extension_lines(status: dict[str, Any]) -> list[str]:
+    """Return the plugin section of ``lmcached status``: each plugin's state per worker."""
+    rows = []
+    for w in status.get("workers", []):
+        stats = w.get("stats") or {}
+        store = stats.get("store") or {}
+        for name, state in sorted((stats.get("extensions") or {}).items()):
+            tier = store.get(name) or {}
+            metrics = state.get("metrics") or tier.get("plugin") or {}
+            shown = ", ".join(f"{k}={v}" for k, v in metrics.items() if isinstance(v, (int, float)))
+            rows.append(
+                [
+                    str(w.get("id")),
+                    name,
+                    state.get("category", "?"),
+                    state.get("state", "?"),
+                    str(tier.get("plugin_errors", 0)),
+                    state.get("error") or shown or "-",
+                ]
+            )
+    if not rows:
+        return []
+    return ["", *table_lines(["WORKER", "PLUGIN", "CATEGORY", "STATE", "ERRORS", "DETAIL"], rows)]
+
+
+def table_lines(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    return [
+        "  " + "  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
+        for row in [header, *rows]
+    ]
