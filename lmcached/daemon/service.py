@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 from lmcached import logs
 from lmcached.daemon.metrics import ClusterSnapshot, MetricsServer, WorkerSample
 from lmcached.daemon.sdnotify import Notifier
+from lmcached.protocol import ErrorReply
 from lmcached.security import AuthGuard, ClientCurve, ServerCurve
 
 if TYPE_CHECKING:
@@ -166,11 +167,10 @@ class Operations:
                 workers.append(
                     WorkerSample(slot.id, None, elapsed, f"no answer within {deadline} s")
                 )
-            elif not reply.get("ok"):
-                workers.append(WorkerSample(slot.id, None, elapsed, str(reply.get("error"))))
+            elif isinstance(reply, ErrorReply):
+                workers.append(WorkerSample(slot.id, None, elapsed, reply.error))
             else:
-                stats = {k: v for k, v in reply.items() if k not in ("id", "ok")}
-                workers.append(WorkerSample(slot.id, stats, elapsed))
+                workers.append(WorkerSample(slot.id, reply.stats, elapsed))
         state = "stopping" if s.stopping else ("running" if s.ready else "starting")
         # Plugin supervisors report through `status` extras ({"plugins": [{name, role, state,
         # restarts, worker_id}]}); the same list becomes lmcached_plugin_* metrics.
