@@ -106,12 +106,16 @@ class ClusterView:
             groups.setdefault(routing.cached_owner(key, n), []).append(pos)
         return groups
 
+    def resync(self, deadline: float) -> ClusterMap | None:
+        """Refresh the map after workers failed a call; None while the scheduler is unreachable."""
+        if self._follows_file:
+            self.reset_control()  # a restarted daemon may publish a new control endpoint
+        return self.refresh(deadline, quick=True)
+
     def await_workers(self, workers: set[int], deadline: float) -> None:
         """Poll the map until the given workers are up again (new incarnation) or the deadline."""
         while True:
-            if self._follows_file:
-                self.reset_control()  # a restarted daemon may publish a new control endpoint
-            new = self.refresh(deadline, quick=True)
+            new = self.resync(deadline)
             if new is not None and all(w in self._conns.workers for w in workers):
                 return
             if time.monotonic() + self._retry.poll_interval >= deadline:

@@ -24,7 +24,12 @@ import zmq
 
 from lmcached import protocol
 from lmcached.client.retry import Retry
-from lmcached.errors import LMCachedRequestError, LMCachedTimeout, LMCachedUnavailable
+from lmcached.errors import (
+    LMCachedError,
+    LMCachedRequestError,
+    LMCachedTimeout,
+    LMCachedUnavailable,
+)
 from lmcached.protocol import DataReply, DataRequest, ErrorReply, Frame, ProtocolError
 from lmcached.security import ClientCurve
 
@@ -134,6 +139,8 @@ class ClusterHooks(Protocol):
 
     def refresh(self, deadline: float, quick: bool = False) -> object | None: ...
 
+    def resync(self, deadline: float) -> object | None: ...
+
     def await_workers(self, workers: set[int], deadline: float) -> None: ...
 
 
@@ -160,6 +167,9 @@ class Pipeline:
             if not failed:
                 return
             if any(c.resends >= self.retry.resends for c in failed):
+                # Leave a fresh map behind, so that the caller's next call is routed right.
+                with contextlib.suppress(LMCachedError):
+                    self.cluster.resync(deadline)
                 raise LMCachedUnavailable(
                     f"workers {sorted({c.worker for c in failed})} failed "
                     f"{_times(self.retry.resends + 1)} within one call"

@@ -33,13 +33,18 @@ from lmcached.protocol import (
     ControlReply,
     ErrorReply,
     MapReply,
+    MapRequest,
     PingReply,
+    PingRequest,
     ProtocolError,
     ReloadReply,
+    ReloadRequest,
     ShutdownReply,
+    ShutdownRequest,
     StatsReply,
     StatsRequest,
     StatusReply,
+    StatusRequest,
     WorkerEntry,
 )
 from lmcached.runtime import (
@@ -340,19 +345,19 @@ class Scheduler:
             reply = ErrorReply(exc.code, exc.message)
             self._control.send_multipart([envelope, protocol.encode_reply(reply)])
             return
-        if req.op == "map":
+        if isinstance(req, MapRequest):
             reply = MapReply(self.cluster_map(), id=req.id)
-        elif req.op == "ping":
+        elif isinstance(req, PingRequest):
             reply = PingReply(os.getpid(), self.epoch, self._ready, id=req.id)
-        elif req.op == "shutdown":
+        elif isinstance(req, ShutdownRequest):
             self._stopping = True
             reply = ShutdownReply(True, id=req.id)
-        elif req.op == "reload":
+        elif isinstance(req, ReloadRequest):
             results: dict[str, Any] = {}
             for hook in self.on_reload:
                 results.update(hook())
             reply = ReloadReply(results, id=req.id)
-        elif req.op == "status":
+        elif isinstance(req, StatusRequest):
             self.request_worker_stats(envelope, req.id, self._finish_status)
             return
         else:  # pragma: no cover - CONTROL_OPS is checked by decode_request
