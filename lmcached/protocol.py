@@ -544,27 +544,34 @@ class GetReply(_Reply):
 
     @classmethod
     def _decode(cls, h: Header, payload: Sequence[Frame]) -> GetReply:
-        found = h.get("found")
-        if not isinstance(found, list) or not all(isinstance(f, bool) for f in found):
+        # The hot path of every get: the shape of the reply is checked (list types, lengths,
+        # frame counts) with C-level calls, not every element, which is as far as a client
+        # needs to trust the daemon's own workers.
+        found, sizes, nframes = h.get("found"), h.get("sizes"), h.get("nframes")
+        metas, sums = h.get("metas"), h.get("sums")
+        if not (
+            type(found) is list
+            and type(sizes) is list
+            and type(nframes) is list
+            and type(metas) is list
+            and type(sums) is list
+        ):
+            raise ProtocolError(E_MALFORMED, "a get reply needs found, sizes, nframes, metas, sums")
+        hits = found.count(True)
+        if found.count(False) + hits != len(found):
             raise ProtocolError(E_MALFORMED, "'found' must be a list of booleans")
-        hits = sum(found)
-        sizes = _int_list(h, "sizes", hits)
-        nframes = _int_list(h, "nframes", hits)
-        metas = _metas(h, hits)
-        sums = _sums(h, hits)
-        if metas is None or sums is None:
-            raise ProtocolError(E_MALFORMED, f"'metas' and 'sums' must be lists of {hits}")
-        return cls(found, sizes, metas, sums, _group_frames(payload, nframes, sizes, None))
-
-    def values(self) -> list[tuple[int, Sequence[Frame], dict[str, Any] | None]]:
-        """Return (position among the requested keys, frames, meta) of every found block."""
-        out: list[tuple[int, Sequence[Frame], dict[str, Any] | None]] = []
-        hit = 0
-        for pos, flag in enumerate(self.found):
-            if flag:
-                out.append((pos, self.blocks[hit], self.metas[hit]))
-                hit += 1
-        return out
+        if not len(sizes) == len(nframes) == len(metas) == len(sums) == hits:
+            raise ProtocolError(E_MALFORMED, f"a get reply with {hits} hits lists other counts")
+        if sum(nframes) != len(payload):
+            raise ProtocolError(
+                E_MALFORMED,
+                f"header announces {sum(nframes)} payload frames, message has {len(payload)}",
+            )
+        if nframes.count(1) == hits:  # every block in one frame: the common case
+            blocks: list[Sequence[Frame]] = [(f,) for f in payload]
+        else:
+            blocks = _group_frames(payload, nframes, sizes, None)
+        return cls(found, sizes, metas, sums, blocks)
 
 
 @dataclass(slots=True)
@@ -589,7 +596,7 @@ class ExistsReply(_Reply):
     @classmethod
     def _decode(cls, h: Header, payload: Sequence[Frame]) -> ExistsReply:
         flags = h.get("flags")
-        if not isinstance(flags, list) or not all(isinstance(f, bool) for f in flags):
+        if type(flags) is not list or flags.count(True) + flags.count(False) != len(flags):
             raise ProtocolError(E_MALFORMED, "'flags' must be a list of booleans")
         return cls(flags)
 

@@ -388,8 +388,11 @@ class Client:
             assert isinstance(reply, GetReply)
             if len(reply.found) != len(call.positions):
                 raise LMCachedUnavailable("malformed get reply from worker")
-            for index, frames, meta in reply.values():
-                out.append((call.positions[index], frames, meta))
+            hit = 0
+            for pos, flag in zip(call.positions, reply.found, strict=True):
+                if flag:
+                    out.append((pos, reply.blocks[hit], reply.metas[hit]))
+                    hit += 1
         return out
 
     def _broadcast(self, make: Any, timeout: float | None) -> list[Call]:
