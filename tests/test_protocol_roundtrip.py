@@ -225,7 +225,7 @@ def test_get_reply_whose_frames_disagree_with_its_header_is_refused() -> None:
     reply = GetReply([True], [3], [None], [None], [(b"abc",)], id=1)
     raw = protocol.parse_reply(protocol.encode(reply))
     with pytest.raises(ProtocolError) as err:
-        protocol.decode_data_reply("get", raw, [b"ab"])
+        protocol.decode_data_reply("get", raw, [b"ab", b"c"])
     assert err.value.code == protocol.E_MALFORMED
 
 
