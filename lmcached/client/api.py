@@ -20,7 +20,7 @@ import itertools
 import os
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import xxhash
@@ -34,6 +34,7 @@ from lmcached.errors import LMCachedRequestError, LMCachedTimeout, LMCachedUnava
 from lmcached.malloc import tune_for_large_messages
 from lmcached.protocol import (
     CONTROL_REQUESTS,
+    DataRequest,
     DeleteReply,
     DeleteRequest,
     ExistsReply,
@@ -395,7 +396,7 @@ class Client:
                     hit += 1
         return out
 
-    def _broadcast(self, make: Any, timeout: float | None) -> list[Call]:
+    def _broadcast(self, make: Callable[[], DataRequest], timeout: float | None) -> list[Call]:
         """Send one request built by ``make()`` to every worker and wait for the replies."""
         with self._lock:
             deadline = self._start(timeout)
