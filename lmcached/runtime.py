@@ -12,8 +12,11 @@ import fcntl
 import json
 import os
 import socket
+import tempfile
 from pathlib import Path
 from typing import Any, Protocol
+
+import xxhash
 
 from lmcached.security import share_with_group
 
@@ -43,6 +46,19 @@ class DaemonInstance(Instance, Protocol):
 
     @property
     def socket_group(self) -> str | None: ...
+
+
+def default_runtime_dir() -> str:
+    """Return the per-user runtime folder: $XDG_RUNTIME_DIR/lmcached, else /tmp/lmcached-<uid>."""
+    xdg = os.environ.get("XDG_RUNTIME_DIR")
+    if xdg and os.path.isdir(xdg):
+        return os.path.join(xdg, "lmcached")
+    return os.path.join(tempfile.gettempdir(), f"lmcached-{os.getuid()}")
+
+
+def derived_instance_name(source: str) -> str:
+    """Name an instance after its config file, so two configs never share a folder."""
+    return f"d{xxhash.xxh3_64_hexdigest(os.path.realpath(source).encode())[:10]}"
 
 
 def instance_dir(cfg: Instance) -> Path:

@@ -2,24 +2,23 @@
 
 A client must not load the daemon's whole config: validating it imports the storage tiers and the
 extensions. :func:`load` reads the YAML with ``yaml.safe_load``, applies the ``LMCACHED_<KEY>``
-environment overrides of the few keys a client uses, and derives the instance folder with the same
-rule as the daemon (``Config.instance_dir``), so it finds the daemon's ``endpoints.json``.
+environment overrides of the few keys a client uses, and derives the instance folder with the
+daemon's rule (:mod:`lmcached.runtime`), so it finds the daemon's ``endpoints.json``.
 Other keys are ignored here; the daemon validates them when it starts.
 """
 
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import xxhash
 import yaml
 
 from lmcached.errors import ConfigError
+from lmcached.runtime import default_runtime_dir, derived_instance_name
 
 __all__ = ["ClientSettings", "load"]
 
@@ -43,19 +42,6 @@ class ClientSettings:
     @property
     def instance_dir(self) -> str:
         return os.path.join(self.runtime_dir, self.instance_name)
-
-
-def default_runtime_dir() -> str:
-    """Return the per-user runtime folder: $XDG_RUNTIME_DIR/lmcached, else /tmp/lmcached-<uid>."""
-    xdg = os.environ.get("XDG_RUNTIME_DIR")
-    if xdg and os.path.isdir(xdg):
-        return os.path.join(xdg, "lmcached")
-    return os.path.join(tempfile.gettempdir(), f"lmcached-{os.getuid()}")
-
-
-def derived_instance_name(source: str) -> str:
-    """Name the instance after its config file, so two configs never share a folder."""
-    return f"d{xxhash.xxh3_64_hexdigest(os.path.realpath(source).encode())[:10]}"
 
 
 def _optional_path(value: Any) -> str | None:
