@@ -12,10 +12,12 @@ import fcntl
 import json
 import os
 import socket
+import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
-from lmcached.config import Config
+import xxhash
+
 from lmcached.security import share_with_group
 
 ENDPOINTS_FILE = "endpoints.json"
@@ -28,11 +30,42 @@ class RuntimeDirError(RuntimeError):
     """The runtime folder cannot be used (in use by another daemon, path too long ...)."""
 
 
-def instance_dir(cfg: Config) -> Path:
+class Instance(Protocol):
+    """What the read side needs: the instance folder. A client's settings have it, and so does
+    the daemon's Config; neither needs the other."""
+
+    @property
+    def instance_dir(self) -> str: ...
+
+
+class DaemonInstance(Instance, Protocol):
+    """What the daemon's side needs besides the folder (a Config has it)."""
+
+    @property
+    def host(self) -> str: ...
+
+    @property
+    def socket_group(self) -> str | None: ...
+
+
+def default_runtime_dir() -> str:
+    """Return the per-user runtime folder: $XDG_RUNTIME_DIR/lmcached, else /tmp/lmcached-<uid>."""
+    xdg = os.environ.get("XDG_RUNTIME_DIR")
+    if xdg and os.path.isdir(xdg):
+        return os.path.join(xdg, "lmcached")
+    return os.path.join(tempfile.gettempdir(), f"lmcached-{os.getuid()}")
+
+
+def derived_instance_name(source: str) -> str:
+    """Name an instance after its config file, so two configs never share a folder."""
+    return f"d{xxhash.xxh3_64_hexdigest(os.path.realpath(source).encode())[:10]}"
+
+
+def instance_dir(cfg: Instance) -> Path:
     return Path(cfg.instance_dir)
 
 
-def ipc_endpoint(cfg: Config, name: str) -> str:
+def ipc_endpoint(cfg: Instance, name: str) -> str:
     path = instance_dir(cfg) / f"{name}.sock"
     if len(str(path)) > MAX_IPC_PATH:
         raise RuntimeDirError(
@@ -42,7 +75,7 @@ def ipc_endpoint(cfg: Config, name: str) -> str:
     return f"ipc://{path}"
 
 
-def bind_endpoints(sock: Any, cfg: Config, name: str, port: int | None) -> dict[str, str]:
+def bind_endpoints(sock: Any, cfg: DaemonInstance, name: str, port: int | None) -> dict[str, str]:
     """Bind ``sock`` on tcp (``port``; 0 = ephemeral; None = no tcp) and on ipc socket ``name``.
 
     A stale socket file from a crashed run is removed first; the caller sets its permissions.
@@ -73,7 +106,7 @@ def host_id() -> str:
 class InstanceLock:
     """An exclusive flock on the instance folder, held by the scheduler for its whole life."""
 
-    def __init__(self, cfg: Config) -> None:
+    def __init__(self, cfg: DaemonInstance) -> None:
         self.dir = instance_dir(cfg)
         self.group = cfg.socket_group
         self._fd: int | None = None
@@ -107,7 +140,7 @@ class InstanceLock:
         os.close(fd)
 
 
-def write_endpoints(cfg: Config, data: dict[str, Any]) -> Path:
+def write_endpoints(cfg: DaemonInstance, data: dict[str, Any]) -> Path:
     """Atomically publish the daemon's endpoints."""
     target = instance_dir(cfg) / ENDPOINTS_FILE
     tmp = target.with_suffix(f".tmp.{os.getpid()}")
@@ -118,23 +151,30 @@ def write_endpoints(cfg: Config, data: dict[str, Any]) -> Path:
     return target
 
 
-def read_endpoints(cfg: Config) -> dict[str, Any] | None:
+def read_endpoints(cfg: Instance) -> dict[str, Any] | None:
     """Return the published endpoints, or None when no daemon has published any."""
     try:
-        return json.loads((instance_dir(cfg) / ENDPOINTS_FILE).read_text())
+        data = json.loads((instance_dir(cfg) / ENDPOINTS_FILE).read_text())
     except (OSError, ValueError):
         return None
+    return data if isinstance(data, dict) else None
 
 
-def remove_endpoints(cfg: Config) -> None:
+def remove_endpoints(cfg: Instance) -> None:
     with contextlib.suppress(OSError):
         (instance_dir(cfg) / ENDPOINTS_FILE).unlink()
 
 
-def control_endpoint(cfg: Config, prefer: str = "tcp") -> str | None:
+def control_endpoint(cfg: Instance, prefer: str = "tcp") -> str | None:
     """Return the control endpoint of the daemon for ``cfg`` from its runtime file."""
     data = read_endpoints(cfg)
     if not data:
         return None
-    control = data.get("control", {})
-    return control.get(prefer) or control.get("tcp") or control.get("ipc")
+    control = data.get("control")
+    if not isinstance(control, dict):
+        return None
+    for name in (prefer, "tcp", "ipc"):
+        ep = control.get(name)
+        if isinstance(ep, str) and ep:
+            return ep
+    return None

@@ -26,7 +26,26 @@ import zmq
 from lmcached import config as config_mod
 from lmcached import logs, protocol
 from lmcached.errors import EXIT_CONFIG_INVALID, EXIT_PLUGIN_FATAL
-from lmcached.protocol import CONTROL_OPS, ProtocolError
+from lmcached.protocol import (
+    CONTROL_OPS,
+    ClusterMap,
+    ControlReply,
+    ErrorReply,
+    MapReply,
+    MapRequest,
+    PingReply,
+    PingRequest,
+    ProtocolError,
+    ReloadReply,
+    ReloadRequest,
+    ShutdownReply,
+    ShutdownRequest,
+    StatsReply,
+    StatsRequest,
+    StatusReply,
+    StatusRequest,
+    WorkerEntry,
+)
 from lmcached.runtime import (
     InstanceLock,
     bind_endpoints,
@@ -88,7 +107,7 @@ class PendingStatus:
     rid: int
     deadline: float
     waiting: dict[int, int]  # worker id -> request id sent to it
-    replies: dict[int, dict[str, Any]] = field(default_factory=dict)
+    replies: dict[int, StatsReply | ErrorReply] = field(default_factory=dict)
     finish: Callable[[PendingStatus], None] | None = None
 
 
@@ -207,29 +226,29 @@ class Scheduler:
         self.log.info("worker_spawned", worker=slot.id, pid=slot.pid)
 
     # ---------------------------------------------------------------------------- the map
-    def cluster_map(self) -> dict[str, Any]:
-        return {
-            "daemon_id": self.daemon_id,
-            "epoch": self.epoch,
-            "version": __version__,
-            "protocol": PROTOCOL_VERSION,
-            "host_id": host_id(),
-            "chunk_size": self.cfg.chunk_size,
-            "num_workers": self.cfg.num_workers,
-            "checksums": config_mod.needs_checksums(self.cfg),
-            "limits": config_mod.wire_limits(self.cfg).as_dict(),
-            "workers": [
-                {
-                    "id": s.id,
-                    "state": s.state,
-                    "pid": s.pid,
-                    "restarts": s.restarts,
-                    "tcp": s.endpoints.get("tcp"),
-                    "ipc": s.endpoints.get("ipc"),
-                }
+    def cluster_map(self) -> ClusterMap:
+        return ClusterMap(
+            daemon_id=self.daemon_id,
+            epoch=self.epoch,
+            version=__version__,
+            protocol=PROTOCOL_VERSION,
+            host_id=host_id(),
+            chunk_size=self.cfg.chunk_size,
+            num_workers=self.cfg.num_workers,
+            checksums=config_mod.needs_checksums(self.cfg),
+            limits=config_mod.wire_limits(self.cfg),
+            workers=[
+                WorkerEntry(
+                    id=s.id,
+                    state=s.state,
+                    pid=s.pid,
+                    restarts=s.restarts,
+                    tcp=s.endpoints.get("tcp"),
+                    ipc=s.endpoints.get("ipc"),
+                )
                 for s in self.slots
             ],
-        }
+        )
 
     def _bump(self, reason: str, worker: int) -> None:
         self.epoch += 1
@@ -291,20 +310,21 @@ class Scheduler:
         if was_up:
             self._bump("worker_down", slot.id)
 
-    def _on_hello(self, msg: dict[str, Any]) -> None:
-        wid, pid, endpoints = msg.get("worker_id"), msg.get("pid"), msg.get("endpoints")
-        if (
-            not isinstance(wid, int)
-            or not 0 <= wid < len(self.slots)
-            or not isinstance(endpoints, dict)
-        ):
-            self.log.warning("bad_hello", msg=str(msg)[:200])
+    def _on_hello(self, data: bytes) -> None:
+        try:
+            hello = protocol.decode_hello(data)
+        except ProtocolError as exc:
+            self.log.warning("bad_hello", error=exc.message)
+            return
+        wid, pid = hello.worker_id, hello.pid
+        if not 0 <= wid < len(self.slots):
+            self.log.warning("bad_hello", error=f"no worker id {wid}")
             return
         slot = self.slots[wid]
         if slot.pid != pid or slot.life.state is not ProcessState.STARTING:
             self.log.warning("stale_hello", worker=wid, pid=pid, expected=slot.pid)
             return
-        slot.endpoints = {k: str(v) for k, v in endpoints.items()}
+        slot.endpoints = dict(hello.endpoints)
         slot.life.advance(ProcessState.RUNNING)
         sock = self._ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
@@ -346,29 +366,31 @@ class Scheduler:
         envelope = frames[0]
         assert self._control is not None
         limits = config_mod.wire_limits(self.cfg)
+        reply: ControlReply | ErrorReply
         try:
             req = protocol.decode_request(frames[1], frames[2:], limits, CONTROL_OPS)
         except ProtocolError as exc:
-            self._control.send_multipart([envelope, protocol.error_reply(0, exc.code, exc.message)])
+            reply = ErrorReply(exc.code, exc.message)
+            self._control.send_multipart([envelope, protocol.encode_reply(reply)])
             return
-        if req.op == "map":
-            reply = protocol.ok_reply(req.id, map=self.cluster_map())
-        elif req.op == "ping":
-            reply = protocol.ok_reply(req.id, pid=os.getpid(), epoch=self.epoch, ready=self._ready)
-        elif req.op == "shutdown":
+        if isinstance(req, MapRequest):
+            reply = MapReply(self.cluster_map(), id=req.id)
+        elif isinstance(req, PingRequest):
+            reply = PingReply(os.getpid(), self.epoch, self._ready, id=req.id)
+        elif isinstance(req, ShutdownRequest):
             self._stopping = True
-            reply = protocol.ok_reply(req.id, stopping=True)
-        elif req.op == "reload":
+            reply = ShutdownReply(True, id=req.id)
+        elif isinstance(req, ReloadRequest):
             results: dict[str, Any] = {}
             for hook in self.on_reload:
                 results.update(hook())
-            reply = protocol.ok_reply(req.id, reloaded=results)
-        elif req.op == "status":
+            reply = ReloadReply(results, id=req.id)
+        elif isinstance(req, StatusRequest):
             self.request_worker_stats(envelope, req.id, self._finish_status)
             return
         else:  # pragma: no cover - CONTROL_OPS is checked by decode_request
-            reply = protocol.error_reply(req.id, protocol.E_UNKNOWN_OP, req.op)
-        self._control.send_multipart([envelope, reply])
+            reply = ErrorReply(protocol.E_UNKNOWN_OP, req.op, id=req.id)
+        self._control.send_multipart([envelope, protocol.encode_reply(reply)])
 
     def request_worker_stats(
         self,
@@ -380,24 +402,21 @@ class Scheduler:
         """Ask every live worker for its stats; ``finish`` runs when all answered or at the deadline."""
         pending = PendingStatus(envelope, rid, time.monotonic() + deadline_s, {}, finish=finish)
         for slot in self.slots:
-            if slot.state == "up" and slot.sock is not None:
+            if slot.serving and slot.sock is not None:
                 wrid = self._next_rid
                 self._next_rid += 1
                 with contextlib.suppress(zmq.ZMQError):
-                    slot.sock.send(
-                        protocol.pack({"v": PROTOCOL_VERSION, "op": "stats", "id": wrid}),
-                        zmq.NOBLOCK,
-                    )
+                    slot.sock.send(protocol.encode_request(StatsRequest(id=wrid)), zmq.NOBLOCK)
                     pending.waiting[slot.id] = wrid
         self._pending.append(pending)
         self._check_pending()
 
     def _on_worker_reply(self, slot: WorkerSlot, data: bytes) -> None:
         try:
-            reply = protocol.unpack_header(data, 16 << 20)
+            reply = protocol.decode_stats_reply(data)
         except ProtocolError:
             return
-        rid = reply.get("id")
+        rid = reply.id
         for pending in self._pending:
             if pending.waiting.get(slot.id) == rid:
                 del pending.waiting[slot.id]
@@ -416,9 +435,8 @@ class Scheduler:
 
     def _finish_status(self, pending: PendingStatus) -> None:
         assert self._control is not None
-        self._control.send_multipart(
-            [pending.envelope, protocol.ok_reply(pending.rid, **self.status_snapshot(pending))]
-        )
+        reply = StatusReply(self.status_snapshot(pending), id=pending.rid)
+        self._control.send_multipart([pending.envelope, protocol.encode_reply(reply)])
 
     def status_snapshot(self, pending: PendingStatus) -> dict[str, Any]:
         """Combine the map, the workers' stats and process facts into one status document."""
@@ -431,10 +449,10 @@ class Scheduler:
                 "state": slot.state,
                 "restarts": slot.restarts,
                 "last_exit": slot.last_exit,
-                "responsive": stats is not None and bool(stats.get("ok")),
+                "responsive": isinstance(stats, StatsReply),
             }
-            if stats is not None and stats.get("ok"):
-                entry["stats"] = {k: v for k, v in stats.items() if k not in ("id", "ok")}
+            if isinstance(stats, StatsReply):
+                entry["stats"] = stats.stats
             entry["memory"] = _memory(slot.pid)
             workers.append(entry)
         doc: dict[str, Any] = {
@@ -486,8 +504,7 @@ class Scheduler:
                         frames = self._internal.recv_multipart(zmq.NOBLOCK)
                     except zmq.Again:
                         break
-                    with contextlib.suppress(ProtocolError):
-                        self._on_hello(protocol.unpack_header(frames[-1], 1 << 16))
+                    self._on_hello(frames[-1])
             for sock, slot in socks.items():
                 if sock in events:
                     while True:

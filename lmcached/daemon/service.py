@@ -29,6 +29,7 @@ from lmcached.daemon.scheduler import PendingStatus, Scheduler
 from lmcached.daemon.script_plugins import SchedulerPlugins
 from lmcached.daemon.sdnotify import Notifier
 from lmcached.malloc import tune_for_large_messages
+from lmcached.protocol import ErrorReply
 from lmcached.security import AuthGuard, ClientCurve, ServerCurve
 from lmcached.supervision.states import WORKER_UP
 
@@ -170,11 +171,10 @@ class Operations:
                 workers.append(
                     WorkerSample(slot.id, None, elapsed, f"no answer within {deadline} s")
                 )
-            elif not reply.get("ok"):
-                workers.append(WorkerSample(slot.id, None, elapsed, str(reply.get("error"))))
+            elif isinstance(reply, ErrorReply):
+                workers.append(WorkerSample(slot.id, None, elapsed, reply.error))
             else:
-                stats = {k: v for k, v in reply.items() if k not in ("id", "ok")}
-                workers.append(WorkerSample(slot.id, stats, elapsed))
+                workers.append(WorkerSample(slot.id, reply.stats, elapsed))
         state = "stopping" if s.stopping else ("running" if s.ready else "starting")
         # Plugin supervisors report through `status` extras ({"plugins": [{name, role, state,
         # restarts, worker_id}]}); the same list becomes lmcached_plugin_* metrics.

@@ -33,11 +33,36 @@ from lmcached.errors import EXIT_CONFIG_INVALID, EXIT_PLUGIN_FATAL, ConfigError
 from lmcached.extensions.lifecycle import PluginStartupError
 from lmcached.extensions.startup import extension_states
 from lmcached.malloc import tune_for_large_messages
-from lmcached.protocol import DATA_OPS, ProtocolError, Request
+from lmcached.protocol import (
+    DATA_OPS,
+    DataReply,
+    DataRequest,
+    DeleteReply,
+    DeleteRequest,
+    ErrorReply,
+    ExistsReply,
+    ExistsRequest,
+    FlushReply,
+    FlushRequest,
+    GetReply,
+    GetRequest,
+    Hello,
+    LookupReply,
+    LookupRequest,
+    PingRequest,
+    ProtocolError,
+    PurgeReply,
+    PurgeRequest,
+    PutReply,
+    PutRequest,
+    StatsReply,
+    StatsRequest,
+    WorkerPingReply,
+)
 from lmcached.runtime import bind_endpoints
 from lmcached.security import AuthGuard, ServerCurve, secure_ipc_socket
 from lmcached.storage.base import Block
-from lmcached.version import PROTOCOL_VERSION, __version__
+from lmcached.version import __version__
 
 PR_SET_PDEATHSIG = 1
 POLL_MS = 500
@@ -132,17 +157,7 @@ class Worker:
         sock = self._ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 1000)
         sock.connect(internal_endpoint)
-        sock.send(
-            protocol.pack(
-                {
-                    "v": PROTOCOL_VERSION,
-                    "op": "hello",
-                    "worker_id": self.worker_id,
-                    "pid": os.getpid(),
-                    "endpoints": self.endpoints,
-                }
-            )
-        )
+        sock.send(protocol.encode_hello(Hello(self.worker_id, os.getpid(), self.endpoints)))
         sock.close()
 
     # ------------------------------------------------------------------------ off-loop I/O
@@ -185,18 +200,20 @@ class Worker:
                 self.log.exception("io_completion_failed")
 
     # ----------------------------------------------------------------------------- replies
-    def reply(self, envelope: Any, header: bytes, frames: list[Any] | tuple[Any, ...] = ()) -> None:
+    def reply(self, envelope: Any, msg: DataReply | ErrorReply) -> None:
         """Send a reply to the client identified by ``envelope`` (loop thread only)."""
         assert self._router is not None
         try:
-            self._router.send_multipart([envelope, header, *frames], copy=False)
+            self._router.send_multipart(
+                [envelope, protocol.encode_reply(msg), *protocol.payload_of(msg)], copy=False
+            )
         except zmq.ZMQError as exc:
             # The peer is gone or its queue is full: a dropped reply is the client's timeout.
             self.log.warning("reply_dropped", error=str(exc))
 
     def reply_error(self, envelope: Any, rid: int, code: str, message: str) -> None:
         self.ops.errors[code] = self.ops.errors.get(code, 0) + 1
-        self.reply(envelope, protocol.error_reply(rid, code, message))
+        self.reply(envelope, ErrorReply(code, message, id=rid))
 
     # ------------------------------------------------------------------------------ serving
     def handle_message(self, frames: list[zmq.Frame]) -> None:
@@ -220,12 +237,7 @@ class Worker:
         try:
             req = protocol.decode_request(header_frame.bytes, frames[2:], self.limits, DATA_OPS)
         except ProtocolError as exc:
-            rid = 0
-            with contextlib.suppress(ProtocolError):
-                rid = protocol.request_id_of(
-                    protocol.unpack_header(header_frame.bytes, self.limits.max_header_bytes)
-                )
-            self.reply_error(envelope, rid, exc.code, exc.message)
+            self.reply_error(envelope, exc.request_id, exc.code, exc.message)
             return
         self.ops.requests[req.op] = self.ops.requests.get(req.op, 0) + 1
         self._dispatching = (req.op, received)
@@ -238,21 +250,21 @@ class Worker:
             self._dispatching = None
             self.latency.observe(req.op, time.perf_counter() - received)
 
-    def op_put(self, envelope: Any, req: Request) -> None:
-        metas = req.header.get("metas") or [None] * len(req.keys)
-        sums = req.header.get("sums") or [None] * len(req.keys)
+    def op_put(self, envelope: Any, req: PutRequest) -> None:
+        metas = req.metas or [None] * len(req.keys)
+        sums = req.sums or [None] * len(req.keys)
         stored = 0
         for key, group, size, meta, checksum in zip(
             req.keys, req.blocks, req.sizes, metas, sums, strict=True
         ):
             # The received ZMQ frames become the stored buffers: no copy on the put path.
-            block = Block(frames=group, nbytes=size, meta=meta, checksum=checksum)
+            block = Block(frames=tuple(group), nbytes=size, meta=meta, checksum=checksum)
             if self.store.put(key, block):
                 stored += 1
             self.ops.bytes_in += size
-        self.reply(envelope, protocol.ok_reply(req.id, stored=stored))
+        self.reply(envelope, PutReply(stored, id=req.id))
 
-    def op_get(self, envelope: Any, req: Request) -> None:
+    def op_get(self, envelope: Any, req: GetRequest) -> None:
         cached = self.store.get_cached_many(req.keys)
         if not self.store.has_lower or all(b is not None for b in cached):
             self.send_blocks(envelope, req.id, cached)
@@ -269,7 +281,7 @@ class Worker:
     def _off_loop(
         self,
         envelope: Any,
-        req: Request,
+        req: DataRequest,
         work: Callable[[], Any],
         answer: Callable[[Any], None],
     ) -> None:
@@ -292,31 +304,26 @@ class Worker:
         self.latency.count_retrieve(len(blocks), sum(1 for b in blocks if b is not None))
         found: list[bool] = []
         sizes: list[int] = []
-        nframes: list[int] = []
         metas: list[Any] = []
         sums: list[Any] = []
-        out: list[Any] = []
+        frames: list[Any] = []
         for block in blocks:
             if block is None:
                 found.append(False)
                 continue
             found.append(True)
             sizes.append(block.nbytes)
-            nframes.append(len(block.frames))
             metas.append(block.meta)
             sums.append(block.checksum)
-            out.extend(block.frames)
+            frames.append(block.frames)
             self.ops.bytes_out += block.nbytes
-        header = protocol.ok_reply(
-            rid, found=found, sizes=sizes, nframes=nframes, metas=metas, sums=sums
-        )
-        self.reply(envelope, header, out)
+        self.reply(envelope, GetReply(found, sizes, metas, sums, frames, id=rid))
 
-    def op_lookup(self, envelope: Any, req: Request) -> None:
+    def op_lookup(self, envelope: Any, req: LookupRequest) -> None:
         def answer(hit: int) -> None:
             self.ops.lookup_keys += len(req.keys)
             self.ops.lookup_hits += hit
-            self.reply(envelope, protocol.ok_reply(req.id, hit=hit))
+            self.reply(envelope, LookupReply(hit, id=req.id))
 
         hit = 0
         for key in req.keys:
@@ -328,12 +335,12 @@ class Worker:
         else:
             self._off_loop(envelope, req, lambda: self.store.lookup(req.keys), answer)
 
-    def op_exists(self, envelope: Any, req: Request) -> None:
+    def op_exists(self, envelope: Any, req: ExistsRequest) -> None:
         def answer(flags: list[bool]) -> None:
             # Client.lookup() is answered with exists; its keys count toward the lookup hit ratio.
             self.ops.lookup_keys += len(flags)
             self.ops.lookup_hits += sum(flags)
-            self.reply(envelope, protocol.ok_reply(req.id, flags=flags))
+            self.reply(envelope, ExistsReply(flags, id=req.id))
 
         flags = [self.store.contains_cached(k) for k in req.keys]
         if all(flags) or not self.store.has_lower:
@@ -341,40 +348,39 @@ class Worker:
         else:
             self._off_loop(envelope, req, lambda: self.store.exists_many(req.keys), answer)
 
-    def op_delete(self, envelope: Any, req: Request) -> None:
+    def op_delete(self, envelope: Any, req: DeleteRequest) -> None:
         def answer(count: int) -> None:
-            self.reply(envelope, protocol.ok_reply(req.id, count=count))
+            self.reply(envelope, DeleteReply(count, id=req.id))
 
         if not self.store.has_lower:
             answer(self.store.remove_many(req.keys))
         else:
             self._off_loop(envelope, req, lambda: self.store.remove_many(req.keys), answer)
 
-    def op_purge(self, envelope: Any, req: Request) -> None:
+    def op_purge(self, envelope: Any, req: PurgeRequest) -> None:
         def answer(count: int) -> None:
-            self.reply(envelope, protocol.ok_reply(req.id, count=count))
+            self.reply(envelope, PurgeReply(count, id=req.id))
 
-        prefix = req.header["prefix"]
+        prefix = req.prefix
         if not self.store.has_lower:
             answer(self.store.remove_prefix(prefix))
         else:
             self._off_loop(envelope, req, lambda: self.store.remove_prefix(prefix), answer)
 
-    def op_flush(self, envelope: Any, req: Request) -> None:
-        timeout = req.header.get("timeout")
-        timeout = float(timeout) if isinstance(timeout, (int, float)) and timeout > 0 else 30.0
+    def op_flush(self, envelope: Any, req: FlushRequest) -> None:
+        timeout = req.timeout or 30.0
         self.submit_io(
             lambda: self.store.flush(timeout),
             lambda done, err: self.reply(
-                envelope, protocol.ok_reply(req.id, done=bool(done) and err is None)
+                envelope, FlushReply(bool(done) and err is None, id=req.id)
             ),
         )
 
-    def op_ping(self, envelope: Any, req: Request) -> None:
-        self.reply(envelope, protocol.ok_reply(req.id, worker_id=self.worker_id, pid=os.getpid()))
+    def op_ping(self, envelope: Any, req: PingRequest) -> None:
+        self.reply(envelope, WorkerPingReply(self.worker_id, os.getpid(), id=req.id))
 
-    def op_stats(self, envelope: Any, req: Request) -> None:
-        self.reply(envelope, protocol.ok_reply(req.id, **self.stats()))
+    def op_stats(self, envelope: Any, req: StatsRequest) -> None:
+        self.reply(envelope, StatsReply(self.stats(), id=req.id))
 
     def stats(self) -> dict[str, Any]:
         out = {

@@ -1,0 +1,451 @@
+"""The public :class:`Client`: put, get, lookup and friends, on top of the cluster view and the
+connection layer.
+
+Every call has a deadline (``timeout=``). A batch fans out to all owning workers at once and is
+pipelined (:mod:`lmcached.client.connection`); when a worker it waits on was replaced, the call
+resends as its :class:`~lmcached.client.retry.Retry` allows.
+
+Thread safety: one lock serialises calls on a Client; use one Client per thread for parallel
+calls. Fork safety: a child process that uses an inherited Client gets fresh sockets.
+
+Copies: ``put`` sends the caller's buffers zero-copy (they must not change until ``put``
+returns). ``get`` returns each block as a memoryview over the received ZMQ frame (zero-copy)
+when it arrived as one frame; a block larger than ``wire_frame_size`` arrives in sub-frames and
+is joined into one bytes object (one copy). ``get_into`` copies into caller-owned buffers.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import xxhash
+
+from lmcached import protocol
+from lmcached.client import settings as settings_mod
+from lmcached.client.cluster import ClusterView
+from lmcached.client.connection import Call, Connections, Pipeline
+from lmcached.client.retry import Retry
+from lmcached.errors import LMCachedRequestError, LMCachedTimeout, LMCachedUnavailable
+from lmcached.malloc import tune_for_large_messages
+from lmcached.protocol import (
+    CONTROL_REQUESTS,
+    DataRequest,
+    DeleteReply,
+    DeleteRequest,
+    ExistsReply,
+    ExistsRequest,
+    FlushReply,
+    FlushRequest,
+    Frame,
+    GetReply,
+    GetRequest,
+    Limits,
+    PingReply,
+    PingRequest,
+    PurgeReply,
+    PurgeRequest,
+    PutRequest,
+    StatusReply,
+    StatusRequest,
+    split_payload,
+)
+from lmcached.runtime import control_endpoint
+from lmcached.security import ClientCurve
+
+__all__ = ["DEFAULT_TIMEOUT_S", "Client"]
+
+DEFAULT_TIMEOUT_S = 10.0
+
+Hit = tuple[int, Sequence[Frame], dict[str, Any] | None]
+
+
+class Client:
+    """Store and fetch KV blocks in an lmcached daemon."""
+
+    def __init__(
+        self,
+        endpoint: str | None = None,
+        timeout: float | None = None,
+        *,
+        transport: str = "auto",
+        config_path: str | os.PathLike[str] | None = None,
+        curve: ClientCurve | None = None,
+        retry: Retry | None = None,
+    ) -> None:
+        if endpoint is None and config_path is None:
+            raise ValueError("Client needs an endpoint such as tcp://127.0.0.1:7470 or config_path")
+        if transport not in ("auto", "tcp", "ipc"):
+            raise ValueError("transport must be auto, tcp or ipc")
+        self._endpoint = endpoint
+        self._config_path = str(config_path) if config_path is not None else None
+        self._settings: settings_mod.ClientSettings | None = None
+        # None: the config file's request_timeout (when there is one), else DEFAULT_TIMEOUT_S.
+        self._timeout = None if timeout is None else float(timeout)
+        self.transport = os.environ.get("LMCACHED_TRANSPORT", transport)
+        self.retry = Retry() if retry is None else retry
+        self._lock = threading.RLock()
+        self._ids = itertools.count(1)
+        self._closed = False
+        # CURVE credentials: given, else from the config file's curve_* keys, else from
+        # LMCACHED_CURVE_*_KEY_FILE; None talks plain ZMQ.
+        self._curve = curve
+        self._conns = Connections(self._load_curve)
+        self._cluster = ClusterView(
+            self._conns,
+            self._locate,
+            follows_file=self._config_path is not None,
+            transport=self.transport,
+            retry=self.retry,
+            ids=self._ids,
+        )
+        self._pipeline = Pipeline(self._conns, self._cluster, self.retry, self._ids)
+        tune_for_large_messages()
+
+    @classmethod
+    def from_config(
+        cls, path: str | os.PathLike[str], timeout: float | None = None, **kw: Any
+    ) -> Client:
+        """Connect to the daemon started with the config file at ``path``.
+
+        Only the client's keys are read from the file (runtime folder, instance, request_timeout,
+        CURVE files). The endpoint is read from the daemon's runtime file on first use and again
+        after a failure, so the client follows a daemon restarted on new ports.
+        """
+        return cls(None, timeout, config_path=path, **kw)
+
+    @property
+    def timeout(self) -> float:
+        """The default deadline of a call, in seconds."""
+        if self._timeout is not None:
+            return self._timeout
+        if self._config_path is not None:
+            return self._read_settings().request_timeout
+        return DEFAULT_TIMEOUT_S
+
+    @timeout.setter
+    def timeout(self, value: float) -> None:
+        self._timeout = float(value)
+
+    # ------------------------------------------------------------------ public contract
+    @property
+    def cluster_map(self) -> dict[str, Any]:
+        with self._lock:
+            return self._cluster.ensure(time.monotonic() + self.timeout).as_dict()
+
+    @property
+    def chunk_size(self) -> int:
+        with self._lock:
+            return self._cluster.ensure(time.monotonic() + self.timeout).chunk_size
+
+    def put(
+        self,
+        keys: Sequence[bytes],
+        values: Sequence[Any],
+        metas: Sequence[dict[str, Any] | None] | None = None,
+        timeout: float | None = None,
+    ) -> None:
+        """Store one block per key. Returns once every owning worker has it in memory."""
+        if len(keys) != len(values):
+            raise LMCachedRequestError(f"{len(keys)} keys but {len(values)} values")
+        if metas is not None and len(metas) != len(keys):
+            raise LMCachedRequestError(f"{len(keys)} keys but {len(metas)} metas")
+        if not keys:
+            return
+        with self._lock:
+            deadline = self._start(timeout)
+            cmap = self._cluster.ensure(deadline)
+            limits = cmap.limits
+            views = []
+            for key, value in zip(keys, values, strict=True):
+                _check_key(key, limits)
+                mv = memoryview(value)
+                if mv.nbytes > limits.max_block_size:
+                    raise LMCachedRequestError(
+                        f"block for key {key[:80]!r} is {mv.nbytes} bytes; max_block_size is {limits.max_block_size}",
+                        code=protocol.E_LIMIT,
+                    )
+                views.append(mv)
+            calls = []
+            for worker, positions in self._cluster.owners(keys).items():
+                batch: list[int] = []
+                batch_bytes = 0
+                for pos in positions:
+                    size = views[pos].nbytes
+                    if batch and (
+                        len(batch) >= limits.max_keys_per_batch
+                        or batch_bytes + size > limits.max_request_bytes
+                    ):
+                        calls.append(
+                            _put_call(worker, batch, keys, views, metas, cmap.checksums, limits)
+                        )
+                        batch, batch_bytes = [], 0
+                    batch.append(pos)
+                    batch_bytes += size
+                calls.append(_put_call(worker, batch, keys, views, metas, cmap.checksums, limits))
+            self._pipeline.execute(calls, deadline)
+
+    def get(self, keys: Sequence[bytes], timeout: float | None = None) -> list[Any | None]:
+        """Return each block's bytes (a buffer the caller owns), or None where missing."""
+        return [None if r is None else r[0] for r in self.get_with_meta(keys, timeout)]
+
+    def get_with_meta(
+        self, keys: Sequence[bytes], timeout: float | None = None
+    ) -> list[tuple[Any, dict[str, Any] | None] | None]:
+        """Return (buffer, meta) for each found key, None where missing."""
+        out: list[tuple[Any, dict[str, Any] | None] | None] = [None] * len(keys)
+        for pos, frames, meta in self._fetch(keys, timeout):
+            if len(frames) == 1:
+                value: Any = frames[0].buffer  # zero-copy view; keeps the frame alive
+            else:
+                value = b"".join(f.buffer for f in frames)  # the one copy: sub-frames -> contiguous
+            out[pos] = (value, meta)
+        return out
+
+    def get_into(
+        self, keys: Sequence[bytes], buffers: Sequence[Any], timeout: float | None = None
+    ) -> list[bool]:
+        """Copy each found block into the caller's buffer of the same position; True where found.
+
+        A buffer must be writable and at least as large as the block, else LMCachedRequestError.
+        """
+        if len(buffers) != len(keys):
+            raise LMCachedRequestError(f"{len(keys)} keys but {len(buffers)} buffers")
+        found = [False] * len(keys)
+        for pos, frames, _meta in self._fetch(keys, timeout):
+            dst = memoryview(buffers[pos]).cast("B")
+            size = sum(len(f) for f in frames)
+            if dst.readonly or dst.nbytes < size:
+                raise LMCachedRequestError(
+                    f"buffer {pos} is read-only or smaller than the block ({size} bytes)"
+                )
+            off = 0
+            for f in frames:
+                n = len(f)
+                dst[off : off + n] = f.buffer  # the one copy, into the caller's memory
+                off += n
+            found[pos] = True
+        return found
+
+    def lookup(self, keys: Sequence[bytes], timeout: float | None = None) -> int:
+        """Return how many leading keys are present (the prefix hit)."""
+        # Keys of one prefix live on different workers, so each worker answers for its own keys
+        # in one parallel round trip and the prefix ends at the first missing key.
+        hit = 0
+        for flag in self.exists(keys, timeout):
+            if not flag:
+                break
+            hit += 1
+        return hit
+
+    def exists(self, keys: Sequence[bytes], timeout: float | None = None) -> list[bool]:
+        """Return whether each key is present."""
+        if not keys:
+            return []
+        out = [False] * len(keys)
+        for call in self._run_keyed(ExistsRequest, keys, timeout):
+            assert isinstance(call.reply, ExistsReply)
+            for pos, flag in zip(call.positions, call.reply.flags, strict=False):
+                out[pos] = flag
+        return out
+
+    def delete(self, keys: Sequence[bytes], timeout: float | None = None) -> int:
+        """Remove the keys from every tier; return how many were present."""
+        if not keys:
+            return 0
+        calls = self._run_keyed(DeleteRequest, keys, timeout)
+        return sum(c.reply.count for c in calls if isinstance(c.reply, DeleteReply))
+
+    def purge(self, prefix: bytes, timeout: float | None = None) -> int:
+        """Remove every key starting with ``prefix`` from every tier; return how many."""
+        if not isinstance(prefix, bytes):
+            raise LMCachedRequestError("prefix must be bytes")
+        calls = self._broadcast(lambda: PurgeRequest(prefix), timeout)
+        return sum(c.reply.count for c in calls if isinstance(c.reply, PurgeReply))
+
+    def flush(self, timeout: float | None = None) -> None:
+        """Wait until the daemon's asynchronous tier writes are done."""
+        t = self.timeout if timeout is None else timeout
+        calls = self._broadcast(lambda: FlushRequest(t), timeout)
+        if not all(isinstance(c.reply, FlushReply) and c.reply.done for c in calls):
+            raise LMCachedTimeout("flush did not finish before its deadline")
+
+    def ping(self, timeout: float | None = None) -> dict[str, Any]:
+        """Round-trip the scheduler; return its pid and map epoch."""
+        with self._lock:
+            deadline = self._start(timeout)
+            reply = self._cluster.control_call(PingRequest(), deadline)
+            assert isinstance(reply, PingReply)
+            return protocol.reply_fields(reply)
+
+    def stats(self, timeout: float | None = None) -> dict[str, Any]:
+        """Return the daemon's status: map epoch, and per worker its tiers' and ops' counters."""
+        with self._lock:
+            deadline = self._start(timeout)
+            reply = self._cluster.control_call(StatusRequest(), deadline)
+            assert isinstance(reply, StatusReply)
+            status = protocol.reply_fields(reply)
+            status["totals"] = reply.tier_totals()
+            return status
+
+    def control(self, op: str, timeout: float | None = None, **fields: Any) -> dict[str, Any]:
+        """Send a control op (status, reload, shutdown ...) to the scheduler; return its reply."""
+        make = CONTROL_REQUESTS.get(op)
+        if make is None:
+            raise LMCachedRequestError(
+                f"unknown op {op!r}; expected one of {sorted(CONTROL_REQUESTS)}",
+                code=protocol.E_UNKNOWN_OP,
+            )
+        if fields:
+            raise LMCachedRequestError(f"control op '{op}' takes no fields, got {sorted(fields)}")
+        with self._lock:
+            deadline = self._start(timeout)
+            return protocol.reply_fields(self._cluster.control_call(make(), deadline))
+
+    def close(self) -> None:
+        """Close every socket. Idempotent; safe after fork."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            if self._conns.forked():
+                self._cluster.forget()
+            self._cluster.reset_control()
+            self._conns.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------------- internals
+    def _start(self, timeout: float | None) -> float:
+        if self._closed:
+            raise LMCachedRequestError("client is closed")
+        if self._conns.forked():
+            self._cluster.forget()
+        t = self.timeout if timeout is None else float(timeout)
+        if t <= 0:
+            raise LMCachedRequestError("timeout must be > 0")
+        return time.monotonic() + t
+
+    def _read_settings(self) -> settings_mod.ClientSettings:
+        if self._settings is None:
+            assert self._config_path is not None
+            self._settings = settings_mod.load(self._config_path)
+        return self._settings
+
+    def _locate(self) -> str:
+        """Return the scheduler's control endpoint: given, or from the daemon's runtime file."""
+        if self._config_path is None:
+            assert self._endpoint is not None
+            return self._endpoint
+        prefer = "ipc" if self.transport in ("auto", "ipc") else "tcp"
+        ep = control_endpoint(self._read_settings(), prefer)
+        if ep is None:
+            raise LMCachedUnavailable(
+                f"no lmcached daemon is running for {self._config_path} (no endpoints file)"
+            )
+        return ep
+
+    def _load_curve(self) -> ClientCurve | None:
+        if self._curve is not None:
+            return self._curve
+        if self._config_path is not None:
+            return ClientCurve.from_config(self._read_settings())
+        return ClientCurve.load()
+
+    def _run_keyed(
+        self,
+        make: type[GetRequest] | type[ExistsRequest] | type[DeleteRequest],
+        keys: Sequence[bytes],
+        timeout: float | None,
+    ) -> list[Call]:
+        """Validate ``keys``, send one request per owning worker and wait for the replies."""
+        with self._lock:
+            deadline = self._start(timeout)
+            limits = self._cluster.ensure(deadline).limits
+            _check_keys(keys, limits)
+            calls = []
+            for worker, positions in self._cluster.owners(keys).items():
+                for i in range(0, len(positions), limits.max_keys_per_batch):
+                    part = positions[i : i + limits.max_keys_per_batch]
+                    calls.append(Call(worker, make([keys[p] for p in part]), positions=part))
+            self._pipeline.execute(calls, deadline)
+            return calls
+
+    def _fetch(self, keys: Sequence[bytes], timeout: float | None) -> list[Hit]:
+        """Run a get; return (position, frames, meta) for every found key."""
+        if not keys:
+            return []
+        out: list[Hit] = []
+        for call in self._run_keyed(GetRequest, keys, timeout):
+            reply = call.reply
+            assert isinstance(reply, GetReply)
+            if len(reply.found) != len(call.positions):
+                raise LMCachedUnavailable("malformed get reply from worker")
+            hit = 0
+            for pos, flag in zip(call.positions, reply.found, strict=True):
+                if flag:
+                    out.append((pos, reply.blocks[hit], reply.metas[hit]))
+                    hit += 1
+        return out
+
+    def _broadcast(self, make: Callable[[], DataRequest], timeout: float | None) -> list[Call]:
+        """Send one request built by ``make()`` to every worker and wait for the replies."""
+        with self._lock:
+            deadline = self._start(timeout)
+            cmap = self._cluster.ensure(deadline)
+            calls = [Call(w, make()) for w in range(cmap.num_workers)]
+            self._pipeline.execute(calls, deadline)
+            return [c for c in calls if c.reply is not None]
+
+
+def _check_keys(keys: Sequence[Any], limits: Limits) -> None:
+    """Validate a batch of keys; the common all-good case costs two C-level passes."""
+    if all(type(k) is bytes and k for k in keys) and max(map(len, keys)) <= limits.max_key_length:
+        return
+    for k in keys:
+        _check_key(k, limits)
+
+
+def _check_key(key: Any, limits: Limits) -> None:
+    if not isinstance(key, bytes) or not key:
+        raise LMCachedRequestError(f"keys must be non-empty bytes, got {type(key).__name__}")
+    if len(key) > limits.max_key_length:
+        raise LMCachedRequestError(
+            f"key {key[:40]!r}... is {len(key)} bytes; max_key_length is {limits.max_key_length}",
+            code=protocol.E_LIMIT,
+        )
+
+
+def _put_call(
+    worker: int,
+    positions: list[int],
+    keys: Sequence[bytes],
+    views: list[memoryview],
+    metas: Sequence[dict[str, Any] | None] | None,
+    checksums: bool,
+    limits: Limits,
+) -> Call:
+    frames: list[Frame] = []
+    blocks: list[Sequence[Frame]] = []
+    sizes: list[int] = []
+    for pos in positions:
+        parts = split_payload(views[pos], limits.wire_frame_size)
+        frames.extend(parts)
+        blocks.append(parts)
+        sizes.append(views[pos].nbytes)
+    request = PutRequest(
+        [keys[p] for p in positions],
+        sizes,
+        blocks,
+        metas=None if metas is None else [metas[p] for p in positions],
+        sums=[xxhash.xxh3_64_intdigest(views[p]) for p in positions] if checksums else None,
+    )
+    return Call(worker, request, frames, sum(sizes), positions)

@@ -1,0 +1,327 @@
+"""The connection layer: one DEALER socket per worker, and the engine that pipelines requests.
+
+:class:`Connections` owns this process's ZMQ context and its sockets. It records the pid that
+built them: a forked child that inherits a client must not touch the parent's context, so it
+forgets everything and builds anew. CURVE credentials are applied to every socket before it
+connects.
+
+:class:`Pipeline` sends a call's requests to their workers at once, with at most
+``max_request_bytes`` of payload unacknowledged per connection, matches replies by request id,
+and resends the requests lost to a replaced worker as its :class:`~lmcached.client.retry.Retry`
+allows, all within the call's deadline.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import zmq
+
+from lmcached import protocol
+from lmcached.client.retry import Retry
+from lmcached.errors import (
+    LMCachedError,
+    LMCachedRequestError,
+    LMCachedTimeout,
+    LMCachedUnavailable,
+)
+from lmcached.protocol import DataReply, DataRequest, ErrorReply, Frame, ProtocolError
+from lmcached.security import ClientCurve
+
+__all__ = ["Call", "ClusterHooks", "Connection", "Connections", "Pipeline"]
+
+Socket = zmq.Socket[Any]
+
+
+@dataclass(slots=True)
+class Connection:
+    """A DEALER connection to one worker incarnation."""
+
+    sock: Socket
+    endpoint: str
+    # (daemon id, worker pid): a change means a new incarnation, whose socket is a new one.
+    identity: tuple[str, int | None]
+
+
+@dataclass(slots=True)
+class Call:
+    """One request to one worker and, once answered, its reply."""
+
+    worker: int
+    request: DataRequest
+    frames: list[Frame] = field(default_factory=list)
+    nbytes: int = 0
+    # Index of each key of this request in the caller's batch.
+    positions: list[int] = field(default_factory=list)
+    reply: DataReply | None = None
+    resends: int = 0
+
+
+class Connections:
+    """This process's ZMQ context and its per-worker sockets; rebuilt after a fork."""
+
+    def __init__(self, curve: Callable[[], ClientCurve | None]) -> None:
+        self._load_curve = curve
+        self._curve: ClientCurve | None = None
+        self._curve_loaded = False
+        self._pid = os.getpid()
+        self._ctx: zmq.Context[Any] | None = None
+        self.workers: dict[int, Connection] = {}
+
+    def forked(self) -> bool:
+        """Forget the parent's context and sockets in a forked child; return True if so."""
+        if os.getpid() == self._pid:
+            return False
+        # Closing them would touch the parent's context: drop the references, build anew.
+        self._pid = os.getpid()
+        self._ctx = None
+        self.workers = {}
+        return True
+
+    def dealer(self, endpoint: str, *, unbounded: bool) -> Socket:
+        """Return a connected DEALER; ``unbounded`` lifts the high-water marks (pipelining)."""
+        if self._ctx is None:
+            self._ctx = zmq.Context(io_threads=1)
+        sock = self._ctx.socket(zmq.DEALER)
+        if not self._curve_loaded:
+            self._curve = self._load_curve()
+            self._curve_loaded = True
+        if self._curve is not None:
+            self._curve.apply(sock)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.IMMEDIATE, 1)
+        if unbounded:
+            sock.setsockopt(zmq.SNDHWM, 0)
+            sock.setsockopt(zmq.RCVHWM, 0)
+        sock.connect(endpoint)
+        return sock
+
+    def connect(self, worker: int, endpoint: str, identity: tuple[str, int | None]) -> None:
+        """Connect to ``worker`` unless already connected to this incarnation and endpoint."""
+        conn = self.workers.get(worker)
+        if conn is not None and conn.identity == identity and conn.endpoint == endpoint:
+            return
+        if conn is not None:
+            conn.sock.close(linger=0)
+        self.workers[worker] = Connection(self.dealer(endpoint, unbounded=True), endpoint, identity)
+
+    def drop(self, worker: int) -> Connection | None:
+        """Close the connection to ``worker`` (anything queued for it is dropped)."""
+        conn = self.workers.pop(worker, None)
+        if conn is not None:
+            conn.sock.close(linger=0)
+        return conn
+
+    def close(self) -> None:
+        """Close every worker socket and the context; the caller closed its own sockets first."""
+        if os.getpid() == self._pid:
+            for conn in self.workers.values():
+                conn.sock.close(linger=0)
+            if self._ctx is not None:
+                self._ctx.term()
+        self.workers = {}
+        self._ctx = None
+
+
+class ClusterHooks(Protocol):
+    """What the pipeline asks of the cluster view (see lmcached.client.cluster)."""
+
+    @property
+    def daemon_id(self) -> str | None: ...
+
+    @property
+    def window(self) -> int: ...
+
+    def refresh(self, deadline: float, quick: bool = False) -> object | None: ...
+
+    def resync(self, deadline: float) -> object | None: ...
+
+    def await_workers(self, workers: set[int], deadline: float) -> None: ...
+
+
+def _times(n: int) -> str:
+    return {1: "once", 2: "twice"}.get(n, f"{n} times")
+
+
+class Pipeline:
+    """Run a call's requests over the worker connections, pipelined, resending as allowed."""
+
+    def __init__(
+        self, conns: Connections, cluster: ClusterHooks, retry: Retry, ids: Iterator[int]
+    ) -> None:
+        self.conns = conns
+        self.cluster = cluster
+        self.retry = retry
+        self._ids = ids
+
+    def execute(self, calls: list[Call], deadline: float) -> None:
+        """Send every call to its worker; resend those lost to a worker change."""
+        pending = calls
+        while pending:
+            failed = self._run(pending, deadline)
+            if not failed:
+                return
+            if any(c.resends >= self.retry.resends for c in failed):
+                # Leave a fresh map behind, so that the caller's next call is routed right.
+                with contextlib.suppress(LMCachedError):
+                    self.cluster.resync(deadline)
+                raise LMCachedUnavailable(
+                    f"workers {sorted({c.worker for c in failed})} failed "
+                    f"{_times(self.retry.resends + 1)} within one call"
+                )
+            for c in failed:
+                c.resends += 1
+            self.cluster.await_workers({c.worker for c in failed}, deadline)
+            pending = failed
+
+    def _run(self, calls: list[Call], deadline: float) -> list[Call]:
+        """Run ``calls``; return the ones lost to a vanished worker (to be resent)."""
+        conns = self.conns.workers
+        if self.cluster.daemon_id is None or any(c.worker not in conns for c in calls):
+            if self.cluster.refresh(deadline, quick=True) is None:
+                # Daemon unreachable right now: everything is "lost"; execute() waits, resends.
+                return calls
+            conns = self.conns.workers
+        window = self.cluster.window
+        probe_s = self.retry.probe_interval
+        queues: dict[int, list[Call]] = {}
+        for c in calls:
+            queues.setdefault(c.worker, []).append(c)
+        inflight: dict[int, dict[int, Call]] = {w: {} for w in queues}
+        inflight_bytes = dict.fromkeys(queues, 0)
+        failed: list[Call] = []
+        remaining = len(calls)
+        next_probe = time.monotonic() + probe_s
+
+        def fail_worker(w: int, close_conn: bool = True) -> None:
+            nonlocal remaining
+            lost = list(inflight[w].values()) + queues[w]
+            failed.extend(lost)
+            remaining -= len(lost)
+            inflight[w].clear()
+            queues[w] = []
+            inflight_bytes[w] = 0
+            if close_conn:
+                self.conns.drop(w)  # drops anything still queued for the old incarnation
+
+        def send_more(w: int) -> None:
+            conn = self.conns.workers.get(w)
+            if conn is None:
+                fail_worker(w)
+                return
+            q = queues[w]
+            while q and (not inflight[w] or inflight_bytes[w] + q[0].nbytes <= window):
+                c = q[0]
+                c.request.id = next(self._ids)
+                header = protocol.encode_request(c.request)
+                try:
+                    if c.frames:
+                        conn.sock.send_multipart([header, *c.frames], copy=False, flags=zmq.NOBLOCK)
+                    else:
+                        conn.sock.send(header, flags=zmq.NOBLOCK)  # small: a copy is cheapest
+                except zmq.Again:
+                    return  # not connected yet; retried when the socket turns writable
+                q.pop(0)
+                inflight[w][c.request.id] = c
+                inflight_bytes[w] += c.nbytes
+
+        for w in queues:
+            send_more(w)
+        while remaining > 0:
+            now = time.monotonic()
+            if now >= deadline:
+                for w in list(inflight):
+                    if inflight[w] or queues[w]:
+                        self.conns.drop(w)
+                raise LMCachedTimeout("lmcached did not answer before the call's deadline")
+            poller = zmq.Poller()
+            for w in queues:
+                conn = self.conns.workers.get(w)
+                if conn is None:
+                    continue
+                flags = zmq.POLLIN if inflight[w] else 0
+                if queues[w]:
+                    flags |= zmq.POLLOUT
+                if flags:
+                    poller.register(conn.sock, flags)
+            wait = max(0.0, min(deadline, next_probe) - now)
+            events = dict(poller.poll(int(wait * 1000) + 1))
+            progressed = False
+            for w in list(queues):
+                conn = self.conns.workers.get(w)
+                if conn is None or conn.sock not in events:
+                    continue
+                if events[conn.sock] & zmq.POLLIN:
+                    while True:
+                        try:
+                            msg = conn.sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                        except zmq.Again:
+                            break
+                        done = self._take(w, msg, inflight[w], failed)
+                        if done is None:
+                            continue  # late reply to an abandoned request
+                        inflight_bytes[w] -= done.nbytes
+                        remaining -= 1
+                        progressed = True
+                send_more(w)
+            if progressed:
+                next_probe = time.monotonic() + probe_s
+            elif time.monotonic() >= next_probe:
+                next_probe = time.monotonic() + probe_s
+                self._probe(queues, inflight, fail_worker, deadline)
+        return failed
+
+    def _take(
+        self, w: int, msg: list[zmq.Frame], inflight: dict[int, Call], failed: list[Call]
+    ) -> Call | None:
+        """Match one reply with its call; the call is answered, or added to ``failed``."""
+        try:
+            raw = protocol.parse_reply(msg[0].bytes)
+        except ProtocolError as exc:
+            raise LMCachedUnavailable(f"worker {w} sent an unreadable reply: {exc}") from None
+        c = inflight.pop(raw.id, None) if raw.id is not None else None
+        if c is None:
+            return None
+        if raw.daemon != self.cluster.daemon_id:
+            # A restarted daemon answered on the old path: our map (and so our routing) may be
+            # stale. Refresh and resend.
+            failed.append(c)
+            return c
+        try:
+            reply = protocol.decode_data_reply(c.request.op, raw, msg[1:])
+        except ProtocolError as exc:
+            raise LMCachedUnavailable(
+                f"malformed {c.request.op} reply from worker {w}: {exc}"
+            ) from None
+        if isinstance(reply, ErrorReply):
+            if reply.code == protocol.E_UNAVAILABLE:
+                failed.append(c)
+                return c
+            raise LMCachedRequestError(f"worker {w}: {reply.error}", code=reply.code)
+        c.reply = reply
+        return c
+
+    def _probe(
+        self,
+        queues: dict[int, list[Call]],
+        inflight: dict[int, dict[int, Call]],
+        fail_worker: Callable[[int, bool], None],
+        deadline: float,
+    ) -> None:
+        """No progress for a while: fail the workers whose incarnation is gone from the map."""
+        conns = self.conns.workers
+        waiting = [w for w in queues if inflight[w] or queues[w]]
+        old = {w: conns[w].identity for w in waiting if w in conns}
+        with contextlib.suppress(LMCachedRequestError):
+            if self.cluster.refresh(deadline, quick=True) is None:
+                return  # scheduler unreachable: keep waiting until the deadline
+            for w in waiting:
+                conn = self.conns.workers.get(w)
+                if conn is None or conn.identity != old.get(w):
+                    # refresh() already replaced the connection; keep the new one.
+                    fail_worker(w, False)

@@ -1,0 +1,124 @@
+"""What a client reads from a daemon's config file: where the daemon is, and how to talk to it.
+
+A client must not load the daemon's whole config: validating it imports the storage tiers and the
+extensions. :func:`load` reads the YAML with ``yaml.safe_load``, applies the ``LMCACHED_<KEY>``
+environment overrides of the few keys a client uses, and derives the instance folder with the
+daemon's rule (:mod:`lmcached.runtime`), so it finds the daemon's ``endpoints.json``.
+Other keys are ignored here; the daemon validates them when it starts.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lmcached.errors import ConfigError
+from lmcached.runtime import default_runtime_dir, derived_instance_name
+
+__all__ = ["ClientSettings", "load"]
+
+ENV_PREFIX = "LMCACHED_"
+DEFAULT_REQUEST_TIMEOUT_S = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class ClientSettings:
+    """The client's share of a daemon config file."""
+
+    source: str
+    runtime_dir: str
+    instance_name: str
+    request_timeout: float = DEFAULT_REQUEST_TIMEOUT_S
+    curve_client_key_file: str | None = None
+    curve_server_key_file: str | None = None
+    # On the daemon's host a client may use the daemon's own key pair (see ClientCurve).
+    curve_secret_key_file: str | None = None
+
+    @property
+    def instance_dir(self) -> str:
+        return os.path.join(self.runtime_dir, self.instance_name)
+
+
+def _optional_path(value: Any) -> str | None:
+    if value is None or value == "":
+        return None
+    if isinstance(value, str) and value.startswith("file://"):
+        value = value[len("file://") :]
+    if not isinstance(value, str):
+        raise ValueError(f"expected a string, got {value!r}")
+    return str(Path(value).expanduser().absolute())
+
+
+def _optional_string(value: Any) -> str | None:
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        raise ValueError(f"expected a string, got {value!r}")
+    return value
+
+
+def _seconds(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        raise ValueError(f"expected a duration in seconds > 0, got {value!r}")
+    return float(value)
+
+
+_KEYS: dict[str, Callable[[Any], Any]] = {
+    "runtime_dir": _optional_path,
+    "instance_name": _optional_string,
+    "request_timeout": _seconds,
+    "curve_client_key_file": _optional_path,
+    "curve_server_key_file": _optional_path,
+    "curve_secret_key_file": _optional_path,
+}
+
+
+def load(
+    path: str | os.PathLike[str], *, environ: Mapping[str, str] | None = None
+) -> ClientSettings:
+    """Read the client's keys from the config file at ``path`` plus env overrides."""
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as exc:
+        raise ConfigError("--config", f"cannot read {p}: {exc.strerror}") from None
+    source = str(p.absolute())
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError("<file>", f"not valid YAML: {exc}".replace("\n", " "), source) from None
+    if not isinstance(data, Mapping):
+        raise ConfigError(
+            "<file>",
+            f"expected a mapping of keys at the top level, got {type(data).__name__}",
+            source,
+        )
+    raw: dict[str, Any] = {k: data[k] for k in _KEYS if k in data}
+    env = os.environ if environ is None else environ
+    for key in _KEYS:
+        value = env.get(ENV_PREFIX + key.upper())
+        if value is None:
+            continue
+        try:
+            raw[key] = yaml.safe_load(value) if value != "" else None
+        except yaml.YAMLError:
+            raw[key] = value
+    values: dict[str, Any] = {}
+    for key, convert in _KEYS.items():
+        if raw.get(key) is None:
+            continue
+        try:
+            values[key] = convert(raw[key])
+        except ValueError as exc:
+            raise ConfigError(key, str(exc), source) from None
+    return ClientSettings(
+        source=source,
+        runtime_dir=values.pop("runtime_dir", None) or default_runtime_dir(),
+        instance_name=values.pop("instance_name", None) or derived_instance_name(source),
+        **values,
+    )
