@@ -651,7 +651,7 @@ def describe_keys() -> list[tuple[str, Any, str]]:
     """Return (key, default, doc) for every key, for docs and `config show`."""
     out = []
     for f in _key_fields():
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
         out.append((f.name, default, f.metadata["doc"]))
     return out
 
@@ -803,7 +803,7 @@ def from_mapping(
     for name, f in fields.items():
         if name in values:
             continue
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
         values[name] = f.metadata["convert"](default) if default is not None else None
     cfg = Config(**values, source=source)
     validate(cfg)

@@ -342,7 +342,7 @@ def run(args: argparse.Namespace) -> Report:
                 for op in ("store", "retrieve", "retrieve_into"):
                     for n in clients:
                         progress(f"lmcached {op} {transport} {size // 1024} KiB x{n} clients")
-                        best = max(
+                        best_row = max(
                             (
                                 run_point(endpoint, transport, op, size, n, total)
                                 for _ in range(repeats)
@@ -350,12 +350,12 @@ def run(args: argparse.Namespace) -> Report:
                             key=lambda r: r.gbps,
                         )
                         base = report.zmq.get(f"{op.replace('_into', '')}/{transport}/{size}")
-                        best.baseline_gbps = base
-                        best.ratio = best.gbps / base if base else None
+                        best_row.baseline_gbps = base
+                        best_row.ratio = best_row.gbps / base if base else None
                         redis_base = report.redis.get(f"{'set' if op == 'store' else 'get'}/{size}")
-                        best.redis_gbps = redis_base
-                        best.redis_ratio = best.gbps / redis_base if redis_base else None
-                        report.rows.append(best)
+                        best_row.redis_gbps = redis_base
+                        best_row.redis_ratio = best_row.gbps / redis_base if redis_base else None
+                        report.rows.append(best_row)
         by = {(r.op, r.transport, r.clients, r.size): r.gbps for r in report.rows}
         if 2 * MiB in sizes and 32 * MiB in sizes:
             for (op, tr, n, size), g in by.items():

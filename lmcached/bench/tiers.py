@@ -28,6 +28,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +57,28 @@ def _timed(fn: Callable[[], Any]) -> float:
     start = time.perf_counter()
     fn()
     return time.perf_counter() - start
+
+
+def _timed_gbps(nbytes: int, fn: Callable[[], Any]) -> float:
+    return _gbps(nbytes, _timed(fn))
+
+
+# The timed bodies are module functions bound with partial (not lambdas binding the loop's
+# variables through defaults, whose types mypy cannot infer).
+def _redis_set_all(raw: Any, blocks: list[tuple[bytes, bytes]]) -> list[Any]:
+    return [raw.set(k, v) for k, v in blocks]
+
+
+def _redis_get_all(raw: Any, blocks: list[tuple[bytes, bytes]]) -> list[Any]:
+    return [raw.get(k) for k, _ in blocks]
+
+
+def _put_all(client: Any, blocks: list[tuple[bytes, bytes]]) -> list[Any]:
+    return [client.put([k], [v]) for k, v in blocks]
+
+
+def _read_files(paths: list[Path]) -> list[bytes]:
+    return [p.read_bytes() for p in paths]
 
 
 def _row(case: str, size: int, gbps: float, baseline: str, base: float, target: float) -> Row:
@@ -135,14 +158,10 @@ def bench_remote(sizes: list[int], total: int, repeats: int, workdir: Path) -> l
             _progress(f"redis-py SET/GET {size // 1024} KiB x{n}")
             baseline = _blocks(size, n, "raw")
             set_gbps = _best(
-                lambda b=baseline, nb=nbytes: _gbps(
-                    nb, _timed(lambda: [raw.set(k, v) for k, v in b])
-                ),
-                repeats,
+                partial(_timed_gbps, nbytes, partial(_redis_set_all, raw, baseline)), repeats
             )
             get_gbps = _best(
-                lambda b=baseline, nb=nbytes: _gbps(nb, _timed(lambda: [raw.get(k) for k, _ in b])),
-                repeats,
+                partial(_timed_gbps, nbytes, partial(_redis_get_all, raw, baseline)), repeats
             )
             raw.delete(*(k for k, _ in baseline))
             del baseline
@@ -162,7 +181,7 @@ def bench_remote(sizes: list[int], total: int, repeats: int, workdir: Path) -> l
                 with daemon.client(timeout=120) as c:
                     put_s = []
                     for blocks in sets:
-                        put_s.append(_timed(lambda b=blocks: [c.put([k], [v]) for k, v in b]))
+                        put_s.append(_timed(partial(_put_all, c, blocks)))
                     c.flush(timeout=300)
                     stored = c.stats()["totals"]["remote"]["puts"]
                 if stored != repeats * n:
@@ -174,8 +193,8 @@ def bench_remote(sizes: list[int], total: int, repeats: int, workdir: Path) -> l
                 with daemon.client(timeout=120) as c:
                     _warm_up(c)
                     for blocks in sets:
-                        cold.append(_gbps(nbytes, _timed(lambda b=blocks: _read_all(c, b))))
-                        warm.append(_gbps(nbytes, _timed(lambda b=blocks: _read_all(c, b))))
+                        cold.append(_gbps(nbytes, _timed(partial(_read_all, c, blocks))))
+                        warm.append(_gbps(nbytes, _timed(partial(_read_all, c, blocks))))
                     remote_hits = c.stats()["totals"]["remote"]["hits"]
                 if remote_hits != repeats * n:
                     raise RuntimeError(f"expected {repeats * n} remote hits, got {remote_hits}")
@@ -265,10 +284,10 @@ def bench_disk(sizes: list[int], total: int, repeats: int, workdir: Path) -> lis
                         for blocks, paths in zip(sets, files, strict=True):
                             if mode == "cold":
                                 drop_page_cache(paths)
-                            plain = _timed(lambda ps=paths: [p.read_bytes() for p in ps])
+                            plain = _timed(partial(_read_files, paths))
                             if mode == "cold":
                                 drop_page_cache(paths)
-                            ours = _timed(lambda b=blocks: _read_all(c, b))
+                            ours = _timed(partial(_read_all, c, blocks))
                             results.setdefault(f"plain/{mode}", []).append(_gbps(nbytes, plain))
                             results.setdefault(f"ours/{mode}", []).append(_gbps(nbytes, ours))
                         disk_hits = c.stats()["totals"]["disk"]["hits"]

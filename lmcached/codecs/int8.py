@@ -189,7 +189,8 @@ def quantize_tensor(tensor: torch.Tensor, token_dim: int = 0) -> bytes:
     # numpy has no bfloat16: hand over the raw 16-bit patterns instead (a view, no copy).
     raw = t.view(torch.int16).numpy() if t.element_size() == 2 else t.numpy()
     meta = {"dtype": dtype, "shape": list(t.shape), "token_dim": token_dim}
-    return Int8Codec().encode(memoryview(raw).cast("B"), meta)
+    # ``.data`` is the array's buffer: numpy declares ``__buffer__`` only from Python 3.12.
+    return Int8Codec().encode(raw.data.cast("B"), meta)
 
 
 def dequantize_tensor(data: Buffer, device: str | torch.device | None = None) -> torch.Tensor:

@@ -128,11 +128,11 @@ def plan_store(cfg: Config, registry: PluginRegistry | None = None) -> StorePlan
         raise ConfigError("eviction_policy", str(exc), src) from None
     codecs: dict[str, str] = {}
     for tier in CODEC_TIERS:
-        name = tier_codec(cfg, tier)
-        if name is not None:
+        codec = tier_codec(cfg, tier)
+        if codec is not None:
             key = f"{tier}_codec" if getattr(cfg, f"{tier}_codec") else "remote_serde"
-            _require_codec(registry, name, key, src)
-            codecs[tier] = name
+            _require_codec(registry, codec, key, src)
+            codecs[tier] = codec
     for spec in plugins.backends:
         cls = _require(
             registry, "storage_backend", spec.name, f"external_backends ({spec.name})", src
@@ -180,14 +180,16 @@ def _codec_name(name: str | None) -> str | None:
     return name.lower()
 
 
-def _require(registry: PluginRegistry, category: str, name: str, key: str, src: str | None) -> type:
+def _require(
+    registry: PluginRegistry, category: str, name: str, key: str, src: str | None
+) -> type[Any]:
     try:
         return registry.get_class(category, name)
     except PluginError as exc:
         raise ConfigError(key, str(exc), src) from None
 
 
-def _require_connector(registry: PluginRegistry, url: str, src: str | None) -> type:
+def _require_connector(registry: PluginRegistry, url: str, src: str | None) -> type[Any]:
     scheme = urlsplit(url).scheme.lower()
     if not registry.has("remote_connector", scheme):
         raise ConfigError(
@@ -351,19 +353,22 @@ def build_remote_connector(
         return None
     timeout = float(cfg.remote_timeout or cfg.request_timeout)
     cls = _require_connector(registry, remote_url, cfg.source)
+    # Connector constructors take the URL first, which PluginBase's own signature (what
+    # issubclass narrows ``cls`` to) does not declare: construct through an untyped callable.
+    construct: Callable[..., Any] = cls
     scheme = urlsplit(remote_url).scheme.lower()
     entry = registry.get_entry("remote_connector", scheme)
     if entry.builtin and not issubclass(cls, PluginBase):
-        connector: RemoteConnector = cls(remote_url, timeout=timeout)
+        connector: RemoteConnector = construct(remote_url, timeout=timeout)
         return connector
     spec = plan.plugins.connectors.get(scheme)
     build: Callable[[], Any]
     if issubclass(cls, PluginBase):
         ctx = _context(cfg, scheme, "remote_connector", worker_id)
         options: Mapping[str, Any] = dict(spec.options) if spec is not None else {}
-        build = partial(cls, remote_url, timeout=timeout, options=options, context=ctx)
+        build = partial(construct, remote_url, timeout=timeout, options=options, context=ctx)
     else:
-        build = partial(cls, remote_url, timeout=timeout)
+        build = partial(construct, remote_url, timeout=timeout)
     instance = start_plugin(cls, build, scheme, "remote_connector", strict=cfg.strict_plugins)
     if instance is None:
         return None

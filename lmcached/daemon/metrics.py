@@ -610,8 +610,8 @@ class MetricsServer:
                 start_response("200 OK", [("Content-Type", CONTENT_TYPE_LATEST)])
                 return [output]
         except Exception as exc:  # a scrape must never take the scheduler down
-            body = json.dumps({"status": "error", "problems": [f"{type(exc).__name__}: {exc}"]})
+            problem = json.dumps({"status": "error", "problems": [f"{type(exc).__name__}: {exc}"]})
             start_response("500 Internal Server Error", [("Content-Type", "application/json")])
-            return [body.encode()]
+            return [problem.encode()]
         start_response("404 Not Found", [("Content-Type", "text/plain")])
         return [b"not found: try /metrics or /healthz\n"]

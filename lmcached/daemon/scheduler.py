@@ -9,6 +9,7 @@ client that sees a dead or changed worker knows to refresh.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import secrets
@@ -495,7 +496,7 @@ class Scheduler:
             try:
                 events = dict(poller.poll(LOOP_MS))
             except zmq.ZMQError as exc:
-                if exc.errno in (zmq.ETERM, zmq.EINTR):
+                if exc.errno in (zmq.ETERM, errno.EINTR):
                     continue
                 raise
             if self._internal in events:
@@ -524,10 +525,10 @@ class Scheduler:
             self._check_pending()
             if self._reload_requested:
                 self._reload_requested = False
-                for hook in self.on_reload:
-                    hook()
-            for hook in self.on_tick:
-                hook()
+                for reload_hook in self.on_reload:
+                    reload_hook()
+            for tick_hook in self.on_tick:
+                tick_hook()
 
     def shutdown(self) -> None:
         """Stop every worker (SIGTERM, then SIGKILL after shutdown_timeout) and clean up."""

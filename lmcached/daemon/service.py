@@ -20,6 +20,7 @@ import queue
 import time
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
+from functools import partial
 from typing import Any
 
 from lmcached import config as config_mod
@@ -106,7 +107,7 @@ class Operations:
                 s.request_worker_stats(
                     None,
                     0,
-                    lambda p, fut=fut: fut.set_result(self.snapshot_from(p)),
+                    partial(self._answer_request, fut),
                     deadline_s=self.cfg.health_deadline,
                 )
         now = time.monotonic()
@@ -154,6 +155,9 @@ class Operations:
         return extra
 
     # -------------------------------------------------------------------------- snapshots
+    def _answer_request(self, fut: Future[ClusterSnapshot], pending: PendingStatus) -> None:
+        fut.set_result(self.snapshot_from(pending))
+
     def snapshot_from(self, pending: PendingStatus) -> ClusterSnapshot:
         """Build a snapshot from a finished stats round (loop thread)."""
         s = self.scheduler

@@ -430,8 +430,8 @@ class PluginRegistry:
         cat = self._category(category, name)
         with self._lock:
             if ":" in name:
-                for rivals in self._entries[category].values():
-                    for entry in rivals:
+                for named in self._entries[category].values():
+                    for entry in named:
                         if entry.class_path == name:
                             return entry
                 raise PluginNotFoundError(category, name, "no entry has this class path")

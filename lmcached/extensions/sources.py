@@ -245,8 +245,8 @@ def parse_config_plugins(cfg: Config) -> ConfigPlugins:
     if len(set(listed)) != len(listed):
         raise ConfigError("external_backends", f"lists a name twice: {listed}", src)
     for order, name in enumerate(listed):
-        opts = declared.get(("external_backend", name))
-        out.backends.append(_spec("external_backend", name, opts, order, src))
+        backend_opts = declared.get(("external_backend", name))
+        out.backends.append(_spec("external_backend", name, backend_opts, order, src))
     for (kind, name), opts in declared.items():
         if kind == "external_connector":
             spec = _spec(kind, name.lower(), opts, 0, src)

@@ -652,12 +652,12 @@ class PluginLauncher:
                     self.log.warning("plugin_config names a plugin that was not found", plugin=name)
 
         changes: dict[str, list[str]] = {"added": [], "removed": [], "changed": [], "retried": []}
-        for name, p in self._plugins.items():
+        for name, running in self._plugins.items():
             if name not in wanted:
                 changes["removed"].append(name)
-                p.remove_when_stopped = True
-                p.replacement = None
-                self._request_stop(p)
+                running.remove_when_stopped = True
+                running.replacement = None
+                self._request_stop(running)
         for name, (f, policy) in wanted.items():
             p = self._plugins.get(name)
             if p is None or p.remove_when_stopped:

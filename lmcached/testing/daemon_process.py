@@ -74,7 +74,7 @@ class DaemonProcess:
         if self.proc.poll() is not None:
             return True
         data = runtime.read_endpoints(self.cfg)
-        return bool(data) and data.get("pid") == self.proc.pid
+        return data is not None and data.get("pid") == self.proc.pid
 
     def log(self) -> str:
         with contextlib.suppress(OSError):
