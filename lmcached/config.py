@@ -16,7 +16,6 @@ import dataclasses
 import difflib
 import os
 import re
-import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +26,7 @@ import yaml
 
 from lmcached.errors import ConfigError
 from lmcached.protocol import Limits
+from lmcached.runtime import default_runtime_dir, derived_instance_name
 
 ENV_PREFIX = "LMCACHED_"
 GIB = 1 << 30
@@ -236,14 +236,6 @@ def quota_map(value: Any) -> dict[str, int]:
         except ValueError as exc:
             raise ValueError(f"namespace {name!r}: {exc}") from None
     return out
-
-
-def default_runtime_dir() -> str:
-    """Return the per-user runtime folder: $XDG_RUNTIME_DIR/lmcached, else /tmp/lmcached-<uid>."""
-    xdg = os.environ.get("XDG_RUNTIME_DIR")
-    if xdg and os.path.isdir(xdg):
-        return os.path.join(xdg, "lmcached")
-    return os.path.join(tempfile.gettempdir(), f"lmcached-{os.getuid()}")
 
 
 # --- script plugins --------------------------------------------------------------------------
@@ -592,10 +584,7 @@ class Config:
         if self.instance_name:
             return self.instance_name
         if self.source:
-            import xxhash
-
-            digest = xxhash.xxh3_64_hexdigest(os.path.realpath(self.source).encode())
-            return f"d{digest[:10]}"
+            return derived_instance_name(self.source)
         return "default"
 
     @property
@@ -640,6 +629,15 @@ ALIASES: dict[str, str] = {
 
 def _key_fields() -> list[dataclasses.Field[Any]]:
     return [f for f in dataclasses.fields(Config) if not f.metadata.get("internal")]
+
+
+def converter(key: str) -> Converter:
+    """Return the named converter of config key ``key`` (a client reads a few keys with it)."""
+    for f in _key_fields():
+        if f.name == key:
+            convert: Converter = f.metadata["convert"]
+            return convert
+    raise KeyError(key)
 
 
 def key_names() -> list[str]:

@@ -46,9 +46,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("old_tree", type=Path)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("bench_args", nargs=argparse.REMAINDER)
-    args = parser.parse_args(argv)
-    bench_args = [a for a in args.bench_args if a != "--"]
+    argv = sys.argv[1:] if argv is None else argv
+    # Everything after `--` goes to `lmcached bench` unchanged.
+    split = argv.index("--") if "--" in argv else len(argv)
+    args = parser.parse_args(argv[:split])
+    bench_args = argv[split + 1 :]
     runs: dict[str, list[dict[str, float]]] = {"old": [], "new": []}
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(args.rounds):

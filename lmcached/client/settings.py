@@ -1,28 +1,29 @@
 """What a client reads from a daemon's config file: where the daemon is, and how to talk to it.
 
-A client must not load the daemon's whole config: validating it imports the storage tiers and the
-extensions. :func:`load` reads the YAML with ``yaml.safe_load``, applies the ``LMCACHED_<KEY>``
-environment overrides of the few keys a client uses, and derives the instance folder with the
-daemon's rule (:mod:`lmcached.runtime`), so it finds the daemon's ``endpoints.json``.
-Other keys are ignored here; the daemon validates them when it starts.
+A client does not validate the daemon's whole config: it needs none of the other keys, and a
+daemon-side problem must not break an engine's client. :func:`load` reads the YAML with
+``yaml.safe_load``, applies the ``LMCACHED_<KEY>`` environment overrides of the few keys a client
+uses (through the config schema's own converters), and derives the instance folder with the
+daemon's rule (:mod:`lmcached.runtime`), so it finds the daemon's ``endpoints.json``. Other keys
+are ignored here; the daemon validates them when it starts.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from lmcached import config as config_mod
 from lmcached.errors import ConfigError
 from lmcached.runtime import default_runtime_dir, derived_instance_name
 
 __all__ = ["ClientSettings", "load"]
 
-ENV_PREFIX = "LMCACHED_"
 DEFAULT_REQUEST_TIMEOUT_S = 10.0
 
 
@@ -44,38 +45,16 @@ class ClientSettings:
         return os.path.join(self.runtime_dir, self.instance_name)
 
 
-def _optional_path(value: Any) -> str | None:
-    if value is None or value == "":
-        return None
-    if isinstance(value, str) and value.startswith("file://"):
-        value = value[len("file://") :]
-    if not isinstance(value, str):
-        raise ValueError(f"expected a string, got {value!r}")
-    return str(Path(value).expanduser().absolute())
-
-
-def _optional_string(value: Any) -> str | None:
-    if value is None or value == "":
-        return None
-    if not isinstance(value, str):
-        raise ValueError(f"expected a string, got {value!r}")
-    return value
-
-
-def _seconds(value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-        raise ValueError(f"expected a duration in seconds > 0, got {value!r}")
-    return float(value)
-
-
-_KEYS: dict[str, Callable[[Any], Any]] = {
-    "runtime_dir": _optional_path,
-    "instance_name": _optional_string,
-    "request_timeout": _seconds,
-    "curve_client_key_file": _optional_path,
-    "curve_server_key_file": _optional_path,
-    "curve_secret_key_file": _optional_path,
-}
+# The keys a client reads, each through the daemon config's own converter, so both sides read
+# a value the same way.
+_KEYS = (
+    "runtime_dir",
+    "instance_name",
+    "request_timeout",
+    "curve_client_key_file",
+    "curve_server_key_file",
+    "curve_secret_key_file",
+)
 
 
 def load(
@@ -101,7 +80,7 @@ def load(
     raw: dict[str, Any] = {k: data[k] for k in _KEYS if k in data}
     env = os.environ if environ is None else environ
     for key in _KEYS:
-        value = env.get(ENV_PREFIX + key.upper())
+        value = env.get(config_mod.ENV_PREFIX + key.upper())
         if value is None:
             continue
         try:
@@ -109,11 +88,11 @@ def load(
         except yaml.YAMLError:
             raw[key] = value
     values: dict[str, Any] = {}
-    for key, convert in _KEYS.items():
+    for key in _KEYS:
         if raw.get(key) is None:
             continue
         try:
-            values[key] = convert(raw[key])
+            values[key] = config_mod.converter(key)(raw[key])
         except ValueError as exc:
             raise ConfigError(key, str(exc), source) from None
     return ClientSettings(
