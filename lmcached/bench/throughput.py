@@ -25,9 +25,9 @@ import time
 from dataclasses import asdict
 from typing import Any
 
-import msgpack
 import yaml
 
+from lmcached import protocol
 from lmcached.bench.common import (
     MiB,
     ProgressBar,
@@ -227,7 +227,8 @@ def lookup_latency(endpoint: str, transport: str, raw: RawZmq, n: int) -> dict[s
         if hit != len(keys):
             raise RuntimeError(f"bench: lookup found {hit} of {len(keys)} keys")
         c.delete(keys)
-    header = msgpack.packb({"v": 1, "op": "exists", "id": 1, "keys": keys}, use_bin_type=True)
+    # The same header the client sends for this lookup, encoded by the wire module.
+    header = protocol.encode_request(protocol.ExistsRequest(keys=keys, id=1))
     bare = raw.header_roundtrip_s(header, n)
     p50 = statistics.median(samples)
     out = {"keys": 128, "p50_us": p50 * 1e6, "bare_zmq_p50_us": bare * 1e6, "ratio": p50 / bare}
