@@ -20,8 +20,9 @@ import itertools
 import os
 import threading
 import time
+import weakref
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import xxhash
 
@@ -94,10 +95,12 @@ class Client:
         # CURVE credentials: given, else from the config file's curve_* keys, else from
         # LMCACHED_CURVE_*_KEY_FILE; None talks plain ZMQ.
         self._curve = curve
-        self._conns = Connections(self._load_curve)
+        # Weak: the parts must not refer back to the Client, so that a Client dropped without
+        # close() is freed (and its sockets closed) at once, not left to the cycle collector.
+        self._conns = Connections(_weak(self._load_curve))
         self._cluster = ClusterView(
             self._conns,
-            self._locate,
+            _weak(self._locate),
             follows_file=self._config_path is not None,
             transport=self.transport,
             retry=self.retry,
@@ -404,6 +407,22 @@ class Client:
             calls = [Call(w, make()) for w in range(cmap.num_workers)]
             self._pipeline.execute(calls, deadline)
             return [c for c in calls if c.reply is not None]
+
+
+T = TypeVar("T")
+
+
+def _weak(method: Callable[[], T]) -> Callable[[], T]:
+    """Return a callable for a bound method of the Client that does not keep the Client alive."""
+    ref = weakref.WeakMethod(method)
+
+    def call() -> T:
+        bound = ref()
+        if bound is None:
+            raise LMCachedRequestError("client is closed")
+        return bound()
+
+    return call
 
 
 def _check_keys(keys: Sequence[Any], limits: Limits) -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -62,6 +63,40 @@ class Call:
     resends: int = 0
 
 
+class _Sockets:
+    """A process's ZMQ context and every socket made from it, so they can be closed together.
+
+    A weakref.finalize on the owning :class:`Connections` holds this object. If the client is
+    dropped unclosed, even inside a reference cycle, the finalizer closes the sockets and then
+    terminates the context. Left to itself, pyzmq's Context finalizer would call ``term()``
+    with the sockets still open (the cycle collector has already cleared the weak set through
+    which the context knows its sockets) and block for ever.
+    """
+
+    def __init__(self) -> None:
+        self.pid = os.getpid()
+        self.ctx: zmq.Context[Any] | None = None
+        self.open: list[Socket] = []
+
+    def socket(self, kind: int) -> Socket:
+        if self.ctx is None:
+            self.ctx = zmq.Context(io_threads=1)
+        self.open = [s for s in self.open if not s.closed]  # forget the ones closed meanwhile
+        sock = self.ctx.socket(kind)
+        self.open.append(sock)
+        return sock
+
+    def close(self) -> None:
+        """Close every socket, then the context (only in the process that made them)."""
+        if os.getpid() == self.pid:
+            for sock in self.open:
+                sock.close(linger=0)
+            if self.ctx is not None:
+                self.ctx.term()
+        self.open = []
+        self.ctx = None
+
+
 class Connections:
     """This process's ZMQ context and its per-worker sockets; rebuilt after a fork."""
 
@@ -69,25 +104,24 @@ class Connections:
         self._load_curve = curve
         self._curve: ClientCurve | None = None
         self._curve_loaded = False
-        self._pid = os.getpid()
-        self._ctx: zmq.Context[Any] | None = None
+        self._sockets = _Sockets()
+        self._finalizer = weakref.finalize(self, _Sockets.close, self._sockets)
         self.workers: dict[int, Connection] = {}
 
     def forked(self) -> bool:
         """Forget the parent's context and sockets in a forked child; return True if so."""
-        if os.getpid() == self._pid:
+        if os.getpid() == self._sockets.pid:
             return False
         # Closing them would touch the parent's context: drop the references, build anew.
-        self._pid = os.getpid()
-        self._ctx = None
+        self._finalizer.detach()
+        self._sockets = _Sockets()
+        self._finalizer = weakref.finalize(self, _Sockets.close, self._sockets)
         self.workers = {}
         return True
 
     def dealer(self, endpoint: str, *, unbounded: bool) -> Socket:
         """Return a connected DEALER; ``unbounded`` lifts the high-water marks (pipelining)."""
-        if self._ctx is None:
-            self._ctx = zmq.Context(io_threads=1)
-        sock = self._ctx.socket(zmq.DEALER)
+        sock = self._sockets.socket(zmq.DEALER)
         if not self._curve_loaded:
             self._curve = self._load_curve()
             self._curve_loaded = True
@@ -118,14 +152,9 @@ class Connections:
         return conn
 
     def close(self) -> None:
-        """Close every worker socket and the context; the caller closed its own sockets first."""
-        if os.getpid() == self._pid:
-            for conn in self.workers.values():
-                conn.sock.close(linger=0)
-            if self._ctx is not None:
-                self._ctx.term()
+        """Close every socket (the control socket too) and the context. Idempotent."""
+        self._finalizer()  # runs _Sockets.close once; later calls do nothing
         self.workers = {}
-        self._ctx = None
 
 
 class ClusterHooks(Protocol):
