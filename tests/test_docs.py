@@ -15,7 +15,9 @@ in a sandbox folder that holds a copy of config/, with HOME pointing into the sa
 A line must exit 0 unless an HTML comment on the line just before its block says otherwise:
 
     <!-- docs-test: exit 1 -->          every command of the block must exit 1
-    <!-- docs-test: skip (systemd) -->  the block is not run (say why: root, systemd, minutes)
+    <!-- docs-test: skip (systemd) -->  the block is not run (say why: root, systemd, minutes);
+                                        a visible "*Not run by the test suite (why).*" line
+                                        goes just above the marker, for readers
 """
 
 from __future__ import annotations
@@ -388,3 +390,20 @@ def test_files_that_point_into_docs_point_at_pages_that_exist() -> None:
         if not (ROOT / name).exists()
     ]
     assert not missing, missing
+
+
+def test_every_skipped_block_tells_the_reader_it_is_not_run():
+    # The marker is an HTML comment, invisible once rendered: the line above it says it aloud.
+    missing = []
+    for path in DOC_FILES:
+        lines = path.read_text().splitlines()
+        for i, line in enumerate(lines):
+            marker = _MARKER.match(line)
+            if marker and marker.group(1).startswith("skip"):
+                above = lines[i - 1].strip() if i else ""
+                if not above.startswith("*Not run by the test suite"):
+                    missing.append(f"{path.relative_to(ROOT)}:{i + 1}")
+    assert not missing, (
+        "put a visible '*Not run by the test suite (why).*' line above these skip markers: "
+        + ", ".join(missing)
+    )
