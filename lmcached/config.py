@@ -746,7 +746,7 @@ def _suggest(key: str) -> str:
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 
-def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
+def env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
     """Return the known keys set through LMCACHED_<KEY>; other LMCACHED_* names are ignored."""
     known = {name.upper(): name for name in key_names()}
     known.update({alias.upper(): alias for alias in ALIASES})
@@ -779,7 +779,7 @@ def from_mapping(
             source,
         )
     merged: dict[str, Any] = dict(data)
-    merged.update(_env_overrides(os.environ if environ is None else environ))
+    merged.update(env_overrides(os.environ if environ is None else environ))
     fields = {f.name: f for f in _key_fields()}
     values: dict[str, Any] = {}
     for raw_key, raw_value in merged.items():

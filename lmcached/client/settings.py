@@ -78,15 +78,8 @@ def load(
             source,
         )
     raw: dict[str, Any] = {k: data[k] for k in _KEYS if k in data}
-    env = os.environ if environ is None else environ
-    for key in _KEYS:
-        value = env.get(config_mod.ENV_PREFIX + key.upper())
-        if value is None:
-            continue
-        try:
-            raw[key] = yaml.safe_load(value) if value != "" else None
-        except yaml.YAMLError:
-            raw[key] = value
+    overrides = config_mod.env_overrides(os.environ if environ is None else environ)
+    raw.update({k: v for k, v in overrides.items() if k in _KEYS})
     values: dict[str, Any] = {}
     for key in _KEYS:
         if raw.get(key) is None:
