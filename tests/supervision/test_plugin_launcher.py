@@ -351,7 +351,7 @@ def test_kill_9_of_the_owner_leaves_no_plugin_process(
             pass  # structlog's default output goes to stdout too
         wait_for((tmp_path / "out" / "tree-started").exists, what="the plugin tree")
         wait_for(
-            lambda: len([p for p in processes_with_marker(marker) if p.name() == "sleep"]) >= 3
+            lambda: len([p for p in processes_with_marker(marker) if _name(p) == "sleep"]) >= 3
         )
         plugin_pids = {p.pid for p in processes_with_marker(marker)}
         # The plugins' own groups (the shims stay in the owner's group, which is the test's).
@@ -363,7 +363,7 @@ def test_kill_9_of_the_owner_leaves_no_plugin_process(
         # The tree ignores SIGTERM, so this also waits through the shim's SIGKILL escalation.
         wait_for(lambda: not processes_with_marker(marker), 20, "every plugin process to die")
         in_groups = [
-            p for p in psutil.process_iter() if _pgid(p.pid) in pgids and p.status() != "zombie"
+            p for p in psutil.process_iter() if _pgid(p.pid) in pgids and _status(p) != "zombie"
         ]
         assert in_groups == []
         by_cmdline = [
@@ -376,6 +376,22 @@ def test_kill_9_of_the_owner_leaves_no_plugin_process(
         if owner.poll() is None:
             owner.kill()
             owner.wait()
+
+
+# The plugin's `while true; do sleep 1` loop starts and ends short-lived processes all the time:
+# one listed a moment ago may be gone by the time it is asked for its name or status.
+def _name(p: psutil.Process) -> str | None:
+    try:
+        return p.name()
+    except psutil.NoSuchProcess:
+        return None
+
+
+def _status(p: psutil.Process) -> str | None:
+    try:
+        return p.status()
+    except psutil.NoSuchProcess:
+        return None
 
 
 def _pgid(pid: int) -> int | None:
