@@ -16,11 +16,13 @@ hooks are done; STOPPING=1 at shutdown.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import queue
 import time
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 from lmcached import config as config_mod
@@ -29,9 +31,16 @@ from lmcached.daemon.metrics import ClusterSnapshot, MetricsServer, WorkerSample
 from lmcached.daemon.scheduler import PendingStatus, Scheduler
 from lmcached.daemon.script_plugins import SchedulerPlugins
 from lmcached.daemon.sdnotify import Notifier
+from lmcached.errors import StartupError
 from lmcached.malloc import tune_for_large_messages
 from lmcached.protocol import ErrorReply
-from lmcached.security import AuthGuard, ClientCurve, ServerCurve
+from lmcached.security import (
+    AuthGuard,
+    ClientCurve,
+    ServerCurve,
+    ensure_generated_keys,
+    share_with_group,
+)
 from lmcached.supervision.states import WORKER_UP
 
 
@@ -278,17 +287,48 @@ def run(cfg: config_mod.Config) -> int:
     warning = config_mod.memory_warning(cfg)
     if warning:
         log.warning("memory_budget", message=warning)
+    cfg = with_tcp_keys(cfg)
     scheduler = Scheduler(cfg)
     plugins = SchedulerPlugins(scheduler)
     scheduler.install_signal_handlers()
     try:
-        attach(scheduler)  # sd_notify, health checks, /metrics, CURVE
+        try:
+            attach(scheduler)  # sd_notify, health checks, /metrics, CURVE
+        except OSError as exc:  # the metrics port is taken, most likely
+            raise StartupError(
+                f"cannot serve metrics on {cfg.metrics_host}:{cfg.metrics_port}: {exc}"
+            ) from None
         scheduler.start()
         scheduler.serve()
     finally:
         scheduler.shutdown()
         plugins.stop()
     return scheduler.exit_code
+
+
+def with_tcp_keys(cfg: config_mod.Config) -> config_mod.Config:
+    """With ``enable_tcp`` and no keys of the operator's, use keys generated in the runtime folder.
+
+    TCP is never served without CURVE. The generated pair lives beside the ipc sockets (mode 0640,
+    ``socket_group``), so exactly the users who may use the sockets may use TCP; off-host clients
+    are admitted by putting their public keys in the allow-list folder.
+    """
+    if not cfg.enable_tcp or cfg.curve_secret_key_file:
+        return cfg
+    instance = Path(cfg.instance_dir)
+    try:
+        instance.mkdir(parents=True, exist_ok=True, mode=0o750)
+        share_with_group(instance, cfg.socket_group, 0o750)
+        secret, allowed = ensure_generated_keys(instance, cfg.socket_group)
+    except OSError as exc:
+        raise StartupError(
+            f"cannot create CURVE keys for enable_tcp in {instance}: {exc}"
+        ) from None
+    return dataclasses.replace(
+        cfg,
+        curve_secret_key_file=str(secret),
+        curve_authorized_keys=cfg.curve_authorized_keys or str(allowed),
+    )
 
 
 def health_of_status(status: dict[str, Any]) -> list[str]:
