@@ -458,16 +458,15 @@ def main(argv: list[str] | None = None) -> int:
         cfg = config_mod.from_mapping(json.load(f), environ={})
     try:
         return _run(cfg, args)
-    except BaseException as exc:
+    except Exception as exc:  # a failed start: its reason for the scheduler, its trace in the log
         _record_start_error(cfg, args.worker_id, exc)
-        raise
+        logs.get_logger("lmcached.daemon.worker").exception("worker_start_failed")
+        return 1
 
 
 def _record_start_error(cfg: config_mod.Config, worker_id: int, exc: BaseException) -> None:
     """Leave the one-line reason of a failed start where the scheduler reads it when it gives
     up (worker_start_attempts); the full traceback is in this worker's log."""
-    if isinstance(exc, SystemExit):
-        return
     path = os.path.join(cfg.instance_dir, f"worker-{worker_id}.start-error")
     line = f"{type(exc).__name__}: {exc}".replace("\n", " ")[:500]
     with contextlib.suppress(OSError):
