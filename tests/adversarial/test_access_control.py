@@ -110,9 +110,7 @@ def test_any_local_user_cannot_put_purge_or_shut_down_the_daemon(daemon_factory:
     targets = ipc + _listening(d.all_pids())
     assert len(targets) >= 3  # control + 2 workers, at least over ipc
     purge = protocol.encode_request(PurgeRequest(prefix=b"", id=1))
-    put = protocol.encode_request(
-        PutRequest(keys=[keys[0]], sizes=[6], blocks=[[b"forged"]], id=2)
-    )
+    put = protocol.encode_request(PutRequest(keys=[keys[0]], sizes=[6], blocks=[[b"forged"]], id=2))
     shutdown = protocol.encode_request(ShutdownRequest(id=3))
     plan = []
     for t in targets:
