@@ -95,6 +95,15 @@ def bind_endpoints(sock: Any, cfg: DaemonInstance, name: str, port: int | None) 
     return out
 
 
+DEFAULT_INSTANCE = "default"
+
+
+def default_control_endpoint() -> str:
+    """The control endpoint of a daemon started without ``--config``, for this user: the ipc
+    socket ``<default runtime_dir>/default/control.sock``."""
+    return f"ipc://{os.path.join(default_runtime_dir(), DEFAULT_INSTANCE, 'control.sock')}"
+
+
 def host_id() -> str:
     """Identify this host (and boot), so a client knows when ipc endpoints are reachable."""
     boot = ""
