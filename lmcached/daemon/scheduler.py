@@ -198,7 +198,7 @@ class Scheduler:
         port = cfg.port if cfg.enable_tcp else None
         try:
             self.control_endpoints = bind_endpoints(control, cfg, "control", port)
-        except zmq.ZMQError as exc:
+        except (zmq.ZMQError, OSError) as exc:
             where = f"tcp://{cfg.host}:{port}" if port else "its ipc socket"
             raise StartupError(f"cannot bind the control endpoint {where}: {exc}") from None
         secure_ipc_socket(self.control_endpoints["ipc"], cfg.socket_group)
@@ -208,7 +208,7 @@ class Scheduler:
         internal.setsockopt(zmq.MAXMSGSIZE, 1 << 16)
         try:
             self._internal_endpoint = bind_endpoints(internal, cfg, "internal", None)["ipc"]
-        except zmq.ZMQError as exc:
+        except (zmq.ZMQError, OSError) as exc:
             raise StartupError(f"cannot bind the internal ipc socket: {exc}") from None
         os.chmod(self._internal_endpoint[len("ipc://") :], 0o600)
         # Published at once (ready: false), so `status` and `stop` find a daemon whose workers

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import queue
 import time
 from concurrent.futures import Future
@@ -41,6 +42,7 @@ from lmcached.security import (
     ensure_generated_keys,
     share_with_group,
 )
+from lmcached.supervision.orphans import OWNER_ENV
 from lmcached.supervision.states import WORKER_UP
 
 
@@ -287,6 +289,9 @@ def run(cfg: config_mod.Config) -> int:
     warning = config_mod.memory_warning(cfg)
     if warning:
         log.warning("memory_budget", message=warning)
+    # A daemon started from a plugin is no plugin process itself: drop the tag its workers would
+    # inherit, or its own scheduler would take them for a dead shim's orphans.
+    os.environ.pop(OWNER_ENV, None)
     cfg = with_tcp_keys(cfg)
     scheduler = Scheduler(cfg)
     plugins = SchedulerPlugins(scheduler)

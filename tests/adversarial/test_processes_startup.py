@@ -156,3 +156,23 @@ def test_status_and_stop_say_not_running_while_the_scheduler_lives(tmp_path: Pat
             proc.kill()
             proc.wait()
         log.close()
+
+
+def test_start_with_the_control_socket_path_taken_is_one_line(tmp_path: Path) -> None:
+    cfg_path = _write_config(tmp_path)
+    cfg = config_mod.load(cfg_path, environ={})
+    # Something that is not a stale socket sits where the control socket goes.
+    (Path(cfg.instance_dir) / "control.sock").mkdir(parents=True)
+    (Path(cfg.instance_dir) / "control.sock" / "keep").write_text("x")
+    out = _lmcached("start", "--config", str(cfg_path))
+    assert out.returncode != 0
+    lines = _plain_lines(out.stderr)
+    assert len(lines) == 1 and "cannot bind the control endpoint" in lines[0], out.stderr
+
+
+def test_status_of_an_endpoint_nobody_serves_ends_within_its_timeout() -> None:
+    out = _lmcached(
+        "status", "--endpoint", "ipc:///tmp/lmcached-nobody-here/control.sock", "--timeout", "1"
+    )
+    assert out.returncode == 3
+    assert len(_plain_lines(out.stderr)) == 1, out.stderr
