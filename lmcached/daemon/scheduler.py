@@ -638,6 +638,9 @@ class Scheduler:
             for name in ("control", "internal"):
                 with contextlib.suppress(OSError):
                     os.unlink(instance_dir(self.cfg) / f"{name}.sock")
+            for slot in self.slots:
+                with contextlib.suppress(OSError):
+                    self._start_error_file(slot.id).unlink()
             with contextlib.suppress(OSError):
                 Path(self._config_json).unlink()
         self.lock.release()
