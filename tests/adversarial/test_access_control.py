@@ -158,6 +158,8 @@ def test_tcp_is_off_by_default_and_curve_when_enabled(daemon_factory: Any) -> No
         c.put([b"tcp/k"], [b"v"])
     with Client(t.ipc_endpoint, timeout=20) as c:
         assert c.get([b"tcp/k"]) == [b"v"]
+    with Client(t.ipc_endpoint, timeout=20, transport="tcp") as c:  # workers over TCP + CURVE
+        assert c.get([b"tcp/k"]) == [b"v"]
 
 
 def _metrics_port(d: Any) -> int:
