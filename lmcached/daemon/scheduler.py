@@ -380,14 +380,20 @@ class Scheduler:
         if slot.pid != pid or slot.life.state is not ProcessState.STARTING:
             self.log.warning("stale_hello", worker=wid, pid=pid, expected=slot.pid)
             return
-        slot.endpoints = dict(hello.endpoints)
-        slot.failed_starts = 0
-        slot.life.advance(ProcessState.RUNNING)
         sock = self._ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         if self.worker_curve is not None:
             self.worker_curve.apply(sock)
-        sock.connect(slot.endpoints["ipc"])
+        try:
+            sock.connect(hello.endpoints["ipc"])
+        except (KeyError, zmq.ZMQError) as exc:
+            # Closed at once: a socket left open would block the context's term() at shutdown.
+            sock.close(linger=0)
+            self.log.warning("bad_hello", worker=wid, error=f"no usable ipc endpoint: {exc}")
+            return
+        slot.endpoints = dict(hello.endpoints)
+        slot.failed_starts = 0
+        slot.life.advance(ProcessState.RUNNING)
         slot.sock = sock
         self._bump("worker_up", wid)
         if not self._ready and all(s.serving for s in self.slots):
