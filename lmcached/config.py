@@ -949,6 +949,14 @@ def _check_authentication(cfg: Config) -> None:
             "keys any CURVE client could connect",
             cfg.source,
         )
+    if not cfg.enable_tcp and not is_loopback_host(cfg.host):
+        # Before enable_tcp existed, such a host meant TCP; never drop off-host clients silently.
+        raise ConfigError(
+            "enable_tcp",
+            f"host is {cfg.host}, for off-host clients, but TCP is off; set enable_tcp: true "
+            "(it runs CURVE with your keys) or remove host",
+            cfg.source,
+        )
     for key in ("curve_secret_key_file", "curve_authorized_keys"):
         path = getattr(cfg, key)
         if path and not os.path.exists(path):
