@@ -99,7 +99,7 @@ def test_our_own_key_wins_over_the_lmcache_key_mapped_onto_it() -> None:
 
 
 def test_keys_that_would_change_results_fail_with_what_to_do_instead() -> None:
-    with pytest.raises(ConfigError, match="enable_pd: disaggregated prefill.*NixlConnector"):
+    with pytest.raises(ConfigError, match=r"enable_pd: disaggregated prefill.*NixlConnector"):
         config_mod.from_mapping({"enable_pd": True}, environ={})
     with pytest.raises(ConfigError, match="enable_xpyd: disaggregated"):
         config_mod.from_mapping({"enable_xpyd": True}, environ={})  # LMCache's old alias
@@ -190,7 +190,7 @@ def test_lmcache_remote_url_forms_are_accepted() -> None:
         "valkey://127.0.0.1:6379/0",
     ):
         assert config_mod.from_mapping({"remote_url": url}, environ={}).remote_url == url
-    with pytest.raises(ConfigError, match="node '127.0.0.1' .* is not host:port"):
+    with pytest.raises(ConfigError, match=r"node '127.0.0.1' .* is not host:port"):
         config_mod.from_mapping({"remote_url": "redis-sentinel://127.0.0.1/m"}, environ={})
 
 
