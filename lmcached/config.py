@@ -354,7 +354,11 @@ class Config:
     max_local_cpu_size: int = option(
         2.0, byte_size, "CPU tier budget, split evenly across workers. A number is GiB."
     )
-    eviction_policy: str = option("lru", string, "Eviction policy of the CPU tier, by name.")
+    eviction_policy: str = option(
+        "lru",
+        string,
+        "Eviction policy of the CPU tier, by name (LMCache's cache_policy maps here).",
+    )
     # --- core: limits ------------------------------------------------------------------------
     max_block_size: int = option("64MiB", byte_size, "Largest accepted block payload.")
     max_keys_per_batch: int = option(4096, positive_int, "Most keys in one request.")
@@ -419,8 +423,9 @@ class Config:
     remote_url: str | None = option(
         None,
         optional_url,
-        "Shared remote tier: redis://host:port/db, rediss://, unix:///path.sock, "
-        "redis+cluster://h1:p1,h2:p2 or fs:///shared/folder. Unset: no remote tier.",
+        "Shared remote tier: redis://host:port/db, rediss://, unix:///path.sock, valkey://, "
+        "redis+cluster://h1:p1,h2:p2 (or redis-cluster://), redis-sentinel://s1:p1,s2:p2/service "
+        "or fs:///shared/folder. Unset: no remote tier.",
         secret=False,
     )
     remote_key_prefix: str = option(

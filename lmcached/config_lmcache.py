@@ -68,7 +68,7 @@ def ignored(default: Any, why: str) -> Treatment:
     def apply(value: Any) -> Outcome:
         return Outcome() if _is_default(value, default) else Outcome(warning=f"ignored: {why}")
 
-    return Treatment("ignored", f"ignored with a warning (unless {_show(default)}): {why}", apply)
+    return Treatment("ignored", f"(warns unless {_show(default)}): {why}", apply)
 
 
 def refused(default: Any, why: str) -> Treatment:
@@ -77,7 +77,7 @@ def refused(default: Any, why: str) -> Treatment:
     def apply(value: Any) -> Outcome:
         return Outcome() if _is_default(value, default) else Outcome(error=why)
 
-    return Treatment("refused", f"refused unless {_show(default)}: {why}", apply)
+    return Treatment("refused", f"(unless {_show(default)}): {why}", apply)
 
 
 def _show(default: Any) -> str:

@@ -231,3 +231,19 @@ def test_vllm_connector_lmcache_keys_map_or_warn() -> None:
         {"lmcache.chunk_size": 128, "lmcached.chunk_size": 64}
     )
     assert settings == {}
+
+
+def test_migration_guide_is_generated_from_the_mapping_table() -> None:
+    import runpy
+
+    root = Path(__file__).resolve().parents[1]
+    render = runpy.run_path(str(root / "scripts" / "lmcache_migration.py"))["render"]
+    page = (root / "docs" / "migrating-from-lmcache.md").read_text()
+    assert page == render(), (
+        "docs/migrating-from-lmcache.md is stale: regenerate it with "
+        "`python scripts/lmcache_migration.py > docs/migrating-from-lmcache.md`"
+    )
+    for name in SCHEMA["keys"]:
+        assert f"| `{name}` |" in page
+    for alias in SCHEMA["aliases"]:
+        assert f"| `{alias}` |" in page
