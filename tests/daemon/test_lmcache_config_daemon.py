@@ -8,7 +8,9 @@ import yaml
 
 from lmcached.testing import DaemonProcess
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "fixtures" / "lmcache_examples" / "disk-offload.yaml"
+EXAMPLE = (
+    Path(__file__).resolve().parents[1] / "fixtures" / "lmcache_examples" / "disk-offload.yaml"
+)
 
 
 def test_daemon_runs_an_lmcache_config_and_logs_each_ignored_key_once(tmp_path: Path) -> None:
