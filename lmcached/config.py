@@ -1,13 +1,15 @@
 """Load, validate and describe the daemon's configuration.
 
 Every key is one field of :class:`Config`, declared with :func:`option`: its converter, its
-documentation and whether it holds a secret. Values come from YAML, then ``LMCACHED_<KEY>``
-environment overrides. Every value passes through its named converter at load time, so a bad
-value fails at start with one line naming the key, never in the hot path.
+documentation and whether it holds a secret. Values come from YAML, then LMCache's
+``LMCACHE_<KEY>``, then ``LMCACHED_<KEY>`` environment overrides. Every value passes through its
+named converter at load time, so a bad value fails at start with one line naming the key and
+where the value came from, never in the hot path; every such problem is reported in one pass.
 
 Key names and units follow LMCache where LMCache has the key (``chunk_size``,
-``max_local_cpu_size`` in GiB, ``local_disk``, ``remote_url`` ...), so an LMCache user's file
-mostly works.
+``max_local_cpu_size`` in GiB, ``local_disk``, ``remote_url`` ...). Every other key of LMCache's
+schema is mapped, ignored with a warning, or refused by :mod:`lmcached.config_lmcache`, so an
+LMCache user's file runs as it is.
 """
 
 from __future__ import annotations
