@@ -25,6 +25,8 @@ def cmd_config_show(args: argparse.Namespace) -> int:
     cfg = load_config(args)
     import yaml
 
+    for note in cfg.warnings:
+        print(f"warning: {note}", file=sys.stderr)
     print(f"# effective config (source: {cfg.source or 'built-in defaults'}; secrets redacted)")
     print(yaml.safe_dump(cfg.to_dict(redact=True), sort_keys=False).rstrip())
     return 0
