@@ -127,12 +127,23 @@ def test_redis_sentinel_failover_client_calls_work_before_and_after(
         remote_timeout=0.5,
         remote_backoff_max=0.5,
     )
-    with daemon:
+
+    def stored(key: bytes, value: bytes, port: int) -> bool:
+        # While the remote tier backs off from a failure (a dead master, a first connection), a
+        # put's remote copy is dropped and counted, so put again until the server holds it.
         with daemon.client(timeout=10) as c:
-            c.put([before], [_value(1)])
+            c.put([key], [value])
             c.flush()
-            assert _has(master.port, before)
-            assert [bytes(v) for v in c.get([before])] == [_value(1)]
+            assert [bytes(v) for v in c.get([key])] == [value]
+        return _has(port, key)
+
+    def both_served() -> bool:
+        with daemon.client(timeout=10) as c:
+            got = c.get([before, after])
+        return [bytes(v) if v is not None else None for v in got] == [_value(1), _value(2)]
+
+    with daemon:
+        wait_until(lambda: stored(before, _value(1), master.port), 60, what="a put to the master")
         wait_until(lambda: _has(replica.port, before), 30, what="replication to the replica")
 
         master.proc.kill()  # type: ignore[union-attr]  # a crash, not a clean shutdown
@@ -141,23 +152,16 @@ def test_redis_sentinel_failover_client_calls_work_before_and_after(
             60,
             what="the sentinel to promote the replica",
         )
-
-        def stored_after_failover() -> bool:
-            # The remote tier may still be backing off from the dead master; a put made then is
-            # dropped (counted), so put again until the promoted replica holds it.
-            with daemon.client(timeout=10) as c:
-                c.put([after], [_value(2)])
-                c.flush()
-            return _has(replica.port, after)
-
-        wait_until(stored_after_failover, 60, what="a put to reach the promoted master")
+        # The same connector, after the failover: it asks the sentinel again.
+        wait_until(
+            lambda: stored(after, _value(2), replica.port), 60, what="a put to the new master"
+        )
 
         # A fresh CPU tier: both blocks now come from the promoted master, through the sentinel.
         daemon.stop()
         daemon.start()
+        wait_until(both_served, 60, what="both blocks from the promoted master")
         with daemon.client(timeout=10) as c:
-            got = c.get([before, after])
-            assert [bytes(v) if v is not None else None for v in got] == [_value(1), _value(2)]
             assert c.stats()["totals"]["remote"]["hits"] == 2
 
 
