@@ -183,7 +183,12 @@ def test_redis_cluster_url_in_lmcache_spelling_round_trips(redis_cluster) -> Non
 def test_valkey_url_is_redis_under_another_name(tmp_path: Path, redis_server) -> None:
     url = f"valkey://127.0.0.1:{redis_server.port}/0"
     daemon = DaemonProcess(tmp_path / "d", num_workers=1, remote_url=url)
-    with daemon, daemon.client(timeout=10) as c:
-        c.put([b"valkey/k"], [_value(3)])
-        c.flush()
-    assert _has(redis_server.port, b"valkey/k")
+
+    def stored() -> bool:
+        with daemon.client(timeout=10) as c:
+            c.put([b"valkey/k"], [_value(3)])
+            c.flush()
+        return _has(redis_server.port, b"valkey/k")
+
+    with daemon:
+        wait_until(stored, 60, what="a put to reach the server named by valkey://")
