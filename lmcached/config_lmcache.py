@@ -48,8 +48,8 @@ class Treatment:
 
 
 def _is_default(value: Any, default: Any) -> bool:
-    if value is None:
-        return True
+    if value is None or (isinstance(value, (str, list, dict)) and not value and default is None):
+        return True  # null, '' or [] where LMCache's default is unset: nothing is asked for
     if isinstance(default, bool) or isinstance(value, bool):
         return value is default or (
             isinstance(value, str) and value.lower() == str(default).lower()

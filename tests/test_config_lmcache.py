@@ -247,3 +247,10 @@ def test_migration_guide_is_generated_from_the_mapping_table() -> None:
         assert f"| `{name}` |" in page
     for alias in SCHEMA["aliases"]:
         assert f"| `{alias}` |" in page
+
+
+def test_empty_values_of_unset_lmcache_keys_ask_for_nothing() -> None:
+    cfg = config_mod.from_mapping(
+        {"remote_config_url": "", "blend_thresholds": [], "p2p_host": None}, environ={}
+    )
+    assert cfg.warnings == []
