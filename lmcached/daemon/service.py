@@ -278,6 +278,8 @@ def run(cfg: config_mod.Config) -> int:
     warning = config_mod.memory_warning(cfg)
     if warning:
         log.warning("memory_budget", message=warning)
+    for note in cfg.warnings:  # LMCache keys accepted but not honoured, once each
+        log.warning("config_key_ignored", message=note)
     scheduler = Scheduler(cfg)
     plugins = SchedulerPlugins(scheduler)
     scheduler.install_signal_handlers()

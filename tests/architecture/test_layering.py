@@ -87,7 +87,7 @@ RULES = [
     ),
     Rule(
         "config is a leaf",
-        roots=("lmcached.config.*",),
+        roots=("lmcached.config.*", "lmcached.config_lmcache"),
         forbidden=(
             "lmcached.storage",
             "lmcached.extensions",
