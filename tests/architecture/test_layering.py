@@ -100,13 +100,17 @@ RULES = [
     ),
 ]
 
-# What the scheduler process must never load: the worker side of the daemon.
+# What the scheduler process must never load: the worker side of the daemon. The registry
+# itself (and the general plugins and stat loggers it runs in every process) is allowed; the
+# extension modules that wrap or build a store are not.
 WORKER_SIDE = (
     "lmcached.daemon.worker",
     "lmcached.daemon.assembly",
     "lmcached.storage",
     "lmcached.codecs",
-    "lmcached.extensions",
+    "lmcached.extensions.guard",
+    "lmcached.extensions.interfaces",
+    "lmcached.extensions.startup",
 )
 
 
