@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import textwrap
 import urllib.request
 from pathlib import Path
@@ -214,7 +216,18 @@ def test_a_failing_stat_logger_is_isolated_and_counted_and_a_failing_general_plu
             assert c.get([b"k/1"]) == [b"v"]
             status = c.stats()
         metrics = metrics_text(d)
+        shown = subprocess.run(
+            [sys.executable, "-m", "lmcached", "status", "--config", str(d.config_path)],
+            capture_output=True,
+            text=True,
+            env=d.env,
+            timeout=60,
+        )
         log = d.log()
+    rows = [line.split(None, 5) for line in shown.stdout.splitlines()]
+    assert ["sched", "exploding", "stat_logger", "running"] in [r[:4] for r in rows], shown.stdout
+    assert ["sched", "explode", "general", "failed", "1"] in [r[:5] for r in rows]
+    assert ["1", "explode", "general", "failed", "1"] in [r[:5] for r in rows]
     exploding = status["stat_loggers"]["exploding"]
     assert exploding["state"] == "running"
     assert exploding["last_error"] == "ValueError: stat logger says no"
