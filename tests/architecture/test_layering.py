@@ -73,6 +73,7 @@ RULES = [
         roots=(
             "lmcached",  # `import lmcached` / `from lmcached import Client`
             "lmcached.client.*",
+            "lmcached.aio",  # the asyncio client
             "lmcached.integrations.vllm",
             "lmcached.integrations.kv_blocks",
             "lmcached.integrations.daemon_link",
@@ -82,6 +83,7 @@ RULES = [
         dynamic=(
             "import lmcached\n"
             "from lmcached import Client\n"
+            "import lmcached.aio\n"
             "import lmcached.integrations.kv_blocks, lmcached.integrations.daemon_link\n"
         ),
     ),
