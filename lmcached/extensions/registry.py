@@ -137,7 +137,7 @@ CATEGORIES: Mapping[str, Category] = MappingProxyType(
         ),
         "general": Category(
             "general",
-            "a callable taking no arguments",
+            "a callable taking no argument (or a ProcessInfo)",
             "Functions run once in every daemon process (scheduler and each worker) at start.",
             kind="callable",
         ),
