@@ -40,6 +40,15 @@ def logger_options(cfg: config_mod.Config, name: str) -> dict[str, Any]:
     return {k[len(prefix) :]: v for k, v in cfg.extra_config.items() if k.startswith(prefix)}
 
 
+def _option_owners(cfg: config_mod.Config) -> set[str]:
+    """Return the logger names that ``extra_config`` gives options to."""
+    return {
+        k[len(OPTION_PREFIX) :].split(".", 1)[0]
+        for k in cfg.extra_config
+        if k.startswith(OPTION_PREFIX) and "." in k[len(OPTION_PREFIX) :]
+    }
+
+
 class LoggerSlot:
     """One stat logger, its thread, its mailbox and its counters."""
 
@@ -178,6 +187,13 @@ class StatLoggers:
                 continue
             self.slots.append(
                 LoggerSlot(entry.name, entry.class_path, instance, self.cfg.plugin_stop_timeout)
+            )
+        known = set(self.registry.names("stat_logger"))
+        for name in sorted(_option_owners(self.cfg) - known):
+            log.warning(
+                "extra_config names a stat logger that is not registered",
+                key=f"{OPTION_PREFIX}{name}.*",
+                known=sorted(known),
             )
         s = self.scheduler
         s.on_ready.append(self._on_ready)

@@ -170,7 +170,17 @@ def test_general_plugin_runs_once_in_every_process_and_the_stat_logger_gets_snap
     ) as d:
         with d.client() as c:
             c.put([b"k/1"], [b"v"])
-            wait_until(lambda: len(jsonl_lines(stats_file)) >= 3, 60, what="3 snapshots")
+
+            def put_seen_by_3_snapshots() -> bool:
+                lines = jsonl_lines(stats_file)
+                seen = [
+                    line
+                    for line in lines
+                    if any(w["cpu"]["entries"] == 1 for w in line["workers"].values())
+                ]
+                return len(lines) >= 3 and bool(seen)
+
+            wait_until(put_seen_by_3_snapshots, 60, 0.1, what="3 snapshots, one after the put")
             status = c.stats()
         pids = {d.pid, *d.worker_pids()}
         metrics = metrics_text(d)
@@ -182,9 +192,7 @@ def test_general_plugin_runs_once_in_every_process_and_the_stat_logger_gets_snap
         assert w["stats"]["general_plugins"]["example-marker"]["state"] == "ok"
     jsonl = status["stat_loggers"]["jsonl"]
     assert jsonl["state"] == "running" and jsonl["records"] >= 3 and jsonl["errors"] == 0
-    lines = jsonl_lines(stats_file)
-    assert set(lines[-1]["workers"]) == {"0", "1"}
-    assert any(w["cpu"]["entries"] == 1 for w in lines[-1]["workers"].values())
+    assert set(jsonl_lines(stats_file)[-1]["workers"]) == {"0", "1"}
     assert 'lmcached_stat_logger_errors_total{logger="jsonl"} 0.0' in metrics
     assert (
         'lmcached_general_plugin_failed{plugin="example-marker",role="worker",worker="1"} 0.0'
@@ -203,7 +211,10 @@ def test_a_failing_stat_logger_is_isolated_and_counted_and_a_failing_general_plu
         env=daemon_env(example_installed, failing_dist, markers=markers),
         num_workers=2,
         stat_logger_interval=0.2,
-        extra_config={"stat_logger.jsonl.path": str(stats_file)},
+        extra_config={
+            "stat_logger.jsonl.path": str(stats_file),
+            "stat_logger.jsnol.path": str(stats_file),  # a typo is reported, not ignored
+        },
     ) as d:
         with d.client() as c:
 
@@ -211,7 +222,7 @@ def test_a_failing_stat_logger_is_isolated_and_counted_and_a_failing_general_plu
                 loggers = c.stats()["stat_loggers"]
                 return loggers["exploding"]["errors"] >= 3 and loggers["jsonl"]["records"] >= 3
 
-            wait_until(errors_counted, 60, what="3 failed and 3 recorded snapshots")
+            wait_until(errors_counted, 60, 0.2, what="3 failed and 3 recorded snapshots")
             c.put([b"k/1"], [b"v"])  # the daemon serves on
             assert c.get([b"k/1"]) == [b"v"]
             status = c.stats()
@@ -243,6 +254,7 @@ def test_a_failing_stat_logger_is_isolated_and_counted_and_a_failing_general_plu
         assert w["stats"]["general_plugins"]["explode"]["state"] == "failed"
         assert w["stats"]["general_plugins"]["example-marker"]["state"] == "ok"
     assert "general plugin failed" in log and "stat logger failed" in log
+    assert "extra_config names a stat logger that is not registered" in log and "jsnol" in log
     assert log.count("stat logger says no") == 1  # the first failure is logged, then counted
     counted = [
         line
