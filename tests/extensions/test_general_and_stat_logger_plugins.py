@@ -267,6 +267,43 @@ def test_a_failing_stat_logger_is_isolated_and_counted_and_a_failing_general_plu
     )
 
 
+REGISTERING_MODULE = """\
+from lmcached.extensions.registry import register
+
+
+def register_codec(process):
+    if process.role == "worker":
+        register("codec", "packed", "lmcached.codecs.lossless:ZstdCodec")
+"""
+
+
+def test_a_general_plugin_runs_before_the_worker_builds_its_store(tmp_path):
+    # The disk tier's codec exists only once the general plugin has registered it.
+    site = tmp_path / "site"
+    (site / "registering_plugins").mkdir(parents=True)
+    (site / "registering_plugins" / "__init__.py").write_text(REGISTERING_MODULE)
+    info = site / "registering_plugins-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: registering-plugins\n")
+    (info / "entry_points.txt").write_text(
+        "[lmcached.general_plugins]\npacked = registering_plugins:register_codec\n"
+    )
+    with (
+        DaemonProcess(
+            tmp_path / "d",
+            env=daemon_env(site, markers=tmp_path),
+            local_disk=str(tmp_path / "disk"),
+            max_local_disk_size="64MiB",
+            disk_codec="packed",
+        ) as d,
+        d.client() as c,
+    ):
+        c.put([b"k/packed"], [b"x" * 4096])
+        c.flush()
+        assert bytes(c.get([b"k/packed"])[0]) == b"x" * 4096
+        assert "disk" in c.stats()["totals"]
+
+
 def test_strict_plugins_makes_a_failing_general_plugin_fatal(failing_dist, tmp_path):
     d = DaemonProcess(
         tmp_path / "d",
