@@ -479,8 +479,13 @@ class Config:
     strict_plugins: bool = option(
         False,
         boolean,
-        "Make an external plugin that fails in on_startup fatal. Default: disable it, log the "
-        "error and start without it.",
+        "Make an external plugin that fails in on_startup, or a general plugin that fails, "
+        "fatal. Default: disable it, log the error and start without it.",
+    )
+    stat_logger_interval: float = option(
+        10.0,
+        seconds,
+        "Seconds between the stats snapshots the scheduler hands each stat_logger plugin.",
     )
     disk_codec: str | None = option(
         None, optional_string, "Codec of blocks written to the disk tier: none, zstd, lz4 ..."
