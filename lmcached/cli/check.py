@@ -16,9 +16,12 @@ from functools import partial
 from typing import Any
 
 from lmcached import config as config_mod
-from lmcached.cli.commands import CommandTable, print_json
+from lmcached.cli.commands import CommandTable, load_config, print_json
 from lmcached.routing import owner
 from lmcached.runtime import read_endpoints
+
+# A usage error, like a config error: the command was pointed at something that is not there.
+EXIT_NO_FOLDER = 2
 
 
 def _daemon_running(cfg: config_mod.Config) -> bool:
@@ -39,10 +42,17 @@ def cmd_check(args: argparse.Namespace) -> int:
     """Check (and with --fix repair) the disk tier; exit 0 when clean, 1 when problems remain."""
     from lmcached.storage.disk import check_disk
 
-    cfg = config_mod.load(args.config)
+    cfg = load_config(args)
     if not cfg.local_disk:
         print("no disk tier configured (local_disk is unset): nothing to check")
         return 0
+    if not os.path.isdir(cfg.local_disk):
+        # Checking nothing would report "0 problems" for a mistyped path or an unmounted volume.
+        print(
+            f"lmcached check: local_disk {cfg.local_disk} does not exist or is not a folder",
+            file=sys.stderr,
+        )
+        return EXIT_NO_FOLDER
     if args.fix and not args.force and _daemon_running(cfg):
         print(
             "lmcached: the daemon for this config is running; stop it first, or pass --force",
