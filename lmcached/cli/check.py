@@ -17,6 +17,7 @@ from typing import Any
 
 from lmcached import config as config_mod
 from lmcached.cli.commands import CommandTable, load_config, print_json
+from lmcached.cli.progress import TerminalStatus
 from lmcached.routing import owner
 from lmcached.runtime import read_endpoints
 
@@ -59,12 +60,17 @@ def cmd_check(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 1
-    report = check_disk(
-        cfg.local_disk,
-        owner=partial(owner, num_workers=cfg.num_workers),
-        fix=args.fix,
-        verify_payload=not args.headers_only,
-    )
+    with TerminalStatus() as status:
+        report = check_disk(
+            cfg.local_disk,
+            owner=partial(owner, num_workers=cfg.num_workers),
+            fix=args.fix,
+            verify_payload=not args.headers_only,
+            progress=lambda r: status.update(
+                f"checking {cfg.local_disk}: {r.files} block files, {r.bytes} bytes, "
+                f"{len(r.problems)} problems so far"
+            ),
+        )
     out: dict[str, Any] = {"local_disk": cfg.local_disk, **report.as_dict()}
     if args.json:
         print_json(out)
