@@ -63,7 +63,8 @@ __all__ = ["DEFAULT_TIMEOUT_S", "Client", "KeyLike"]
 DEFAULT_TIMEOUT_S = 10.0
 # Read by Client() given neither an endpoint nor a config file (a daemon's plugins get the first).
 ENDPOINT_ENV = "LMCACHED_CONTROL_ENDPOINT"
-CONFIG_ENV = "LMCACHED_CONFIG"
+# In the order the daemon's CLI reads them.
+CONFIG_ENVS = ("LMCACHED_CONFIG", "LMCACHE_CONFIG_FILE")
 
 # A key: bytes, or a str, which is sent as its UTF-8 encoding.
 KeyLike = bytes | str
@@ -85,11 +86,12 @@ class Client:
         retry: Retry | None = None,
     ) -> None:
         if endpoint is None and config_path is None:
-            # $LMCACHED_CONTROL_ENDPOINT, then $LMCACHED_CONFIG, then the default config's
+            # $LMCACHED_CONTROL_ENDPOINT, then the config file `lmcached start` would read
+            # ($LMCACHED_CONFIG, LMCache's $LMCACHE_CONFIG_FILE), then the default config's
             # runtime file (config_path None below: built-in defaults plus LMCACHED_* overrides).
             endpoint = os.environ.get(ENDPOINT_ENV) or None
             if endpoint is None:
-                config_path = os.environ.get(CONFIG_ENV) or None
+                config_path = next((os.environ[e] for e in CONFIG_ENVS if os.environ.get(e)), None)
         if transport not in ("auto", "tcp", "ipc"):
             raise ValueError("transport must be auto, tcp or ipc")
         self._endpoint = endpoint
@@ -366,7 +368,10 @@ class Client:
         settings = self._read_settings()
         ep = control_endpoint(settings, prefer)
         if ep is None:
-            which = self._config_path or f"the default config (no {ENDPOINT_ENV} or {CONFIG_ENV})"
+            which = (
+                self._config_path
+                or f"the default config (none of {ENDPOINT_ENV}, {', '.join(CONFIG_ENVS)} is set)"
+            )
             raise LMCachedUnavailable(
                 f"no lmcached daemon is running for {which} (no endpoints file in "
                 f"{settings.instance_dir})"

@@ -16,7 +16,13 @@ from lmcached.client import Client
 from lmcached.client import settings as settings_mod
 from lmcached.testing import wait_until
 
-ENVS = ("LMCACHED_CONTROL_ENDPOINT", "LMCACHED_CONFIG", "LMCACHED_RUNTIME_DIR", "LMCACHED_PORT")
+ENVS = (
+    "LMCACHED_CONTROL_ENDPOINT",
+    "LMCACHED_CONFIG",
+    "LMCACHE_CONFIG_FILE",
+    "LMCACHED_RUNTIME_DIR",
+    "LMCACHED_PORT",
+)
 
 
 @pytest.fixture
