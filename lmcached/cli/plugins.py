@@ -19,7 +19,7 @@ import argparse
 from collections.abc import Sequence
 from typing import TextIO
 
-from lmcached.cli.commands import CommandTable
+from lmcached.cli.commands import CommandTable, add_config_argument
 
 
 def register(commands: CommandTable) -> None:
@@ -50,8 +50,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         "--validate", action="store_true", help="import and check entries; exit 1 if any is broken"
     )
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    parser.add_argument(
-        "--config", metavar="FILE", help="also register the file's external_backends/connectors"
+    add_config_argument(
+        parser, "also register the file's external_backends/connectors", metavar="FILE"
     )
     parser.set_defaults(func=run)
 

@@ -610,7 +610,7 @@ class PluginRegistry:
             self.get_class(entry.category, entry.class_path)
         except PluginError as exc:
             return str(exc).split(": ", 1)[1]
-        return None
+        return _missing_requirement(entry)
 
     def validate(
         self,
@@ -651,6 +651,21 @@ class PluginRegistry:
                 cat.name, name, "names are lowercase letters, digits and _ . + - (no ':')"
             )
         return name
+
+
+def _missing_requirement(entry: PluginEntry) -> str | None:
+    """Import the modules named by the entry's ``requires`` metadata; say which one fails.
+
+    A class may import its library only when it is built (the codecs do, so a daemon without
+    lz4 can still use zstd): importing the class alone does not prove the entry usable.
+    """
+    required = entry.metadata.get("requires") or []
+    for module in [required] if isinstance(required, str) else required:
+        try:
+            importlib.import_module(str(module))
+        except Exception as exc:  # an entry's library may fail in any way on import
+            return f"needs module {module!r}, which cannot be imported: {exc}"
+    return None
 
 
 def _rank(entry: PluginEntry) -> tuple[int, int, int]:

@@ -38,6 +38,8 @@ from lmcached.storage.eviction import EvictionPolicy, make_policy
 log = structlog.get_logger("lmcached.storage.disk")
 
 SHARD_MARKER = ".lmcached-shard.json"
+# How often a worker pulling its files after a num_workers change logs how far it got.
+RESHARD_PROGRESS_INTERVAL_S = 5.0
 Owner = Callable[[bytes], int]
 
 
@@ -129,13 +131,26 @@ class DiskBackend(StorageBackend):
         """
         if self._read_marker().get("num_workers") == self._num_workers:
             return
-        moved = 0
-        for wid, path in shard_dirs(self.root):
-            if wid == self.worker_id:
-                continue
+        moved = scanned = 0
+        others = [(wid, path) for wid, path in shard_dirs(self.root) if wid != self.worker_id]
+        if others:
+            # A large tier takes minutes to reshard: say so at once, then every few seconds,
+            # so a slow start does not look like a hang.
+            log.info("disk shard resharding", worker_id=self.worker_id, shards=len(others))
+        reported_at = time.monotonic()
+        for _wid, path in others:
             for entry in os.scandir(path):
                 if not entry.name.endswith(BLOCK_SUFFIX):
                     continue
+                scanned += 1
+                if time.monotonic() - reported_at >= RESHARD_PROGRESS_INTERVAL_S:
+                    reported_at = time.monotonic()
+                    log.info(
+                        "disk shard resharding progress",
+                        worker_id=self.worker_id,
+                        files_scanned=scanned,
+                        files_moved_in=moved,
+                    )
                 try:
                     header, _ = read_block_header(entry.path)
                 except (OSError, BlockFormatError):
@@ -412,16 +427,20 @@ def check_disk(
     owner: Owner | None = None,
     fix: bool = False,
     verify_payload: bool = True,
+    progress: Callable[[CheckReport], None] | None = None,
 ) -> CheckReport:
     """Reconcile every shard folder under ``root`` with its files' headers.
 
     Finds torn temporary files, files whose header or payload fails verification, files whose
     name does not match the key in their header, and (given ``owner``) files in the wrong shard.
     With ``fix``, removes the broken ones and moves misplaced ones to their owner's folder.
+    ``progress`` is called with the report so far before each file (a large tier takes minutes).
     """
     report = CheckReport()
     for wid, path in shard_dirs(root):
         for entry in sorted(os.scandir(path), key=lambda e: e.name):
+            if progress is not None:
+                progress(report)
             if is_temp_name(entry.name):
                 report.problems.append((entry.path, "torn temporary file"))
                 if fix:
