@@ -169,9 +169,7 @@ def encode_header(key: bytes, block: Block, secret: bytes | None = None) -> byte
     if len(meta_bytes) > MAX_META_LEN:
         raise ValueError(f"block metadata of {len(meta_bytes)} bytes exceeds {MAX_META_LEN}")
     mac_len = MAC_LEN if secret is not None else 0
-    header_len = (
-        FIXED_SIZE + 8 * len(shape) + len(key) + len(meta_bytes) + mac_len + _TRAILER.size
-    )
+    header_len = FIXED_SIZE + 8 * len(shape) + len(key) + len(meta_bytes) + mac_len + _TRAILER.size
     head = b"".join(
         (
             _FIXED.pack(

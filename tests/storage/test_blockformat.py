@@ -155,7 +155,6 @@ def test_undecodable_or_non_map_meta_is_bad_meta(meta_bytes: bytes) -> None:
     # A valid header checksum over metadata that is not a msgpack map (7, a reserved byte, a
     # list): a BlockFormatError the tiers turn into a miss, never another exception.
 
-
     good = _encoded(b"k", b"x")
     fixed = bytearray(good[:36])
     struct.pack_into("<I", fixed, 16, len(meta_bytes))
