@@ -34,7 +34,6 @@ MAX_READ_VERSION = MAC_FORMAT_VERSION
 FLAG_MAC = 0x0001
 MAC_LEN = 32  # BLAKE2b-256
 _MAC_PERSON = b"lmcached-blk-v2"
-MIN_SECRET_LEN = 16
 
 # magic, version, codec, dtype, ndim, header_len, key_len, flags, meta_len, payload_len,
 # payload_xxh3_64. Little-endian, no padding: 36 bytes.
@@ -135,16 +134,6 @@ def _mac(secret: bytes, covered: Buffer, frames: Iterable[Buffer]) -> bytes:
     for frame in frames:
         h.update(frame)
     return h.digest()
-
-
-def check_secret(secret: bytes) -> bytes:
-    """Return ``secret`` if BLAKE2b can key with it (16..64 bytes), else raise ValueError."""
-    if not MIN_SECRET_LEN <= len(secret) <= hashlib.blake2b.MAX_KEY_SIZE:
-        raise ValueError(
-            f"an integrity secret must be {MIN_SECRET_LEN}..{hashlib.blake2b.MAX_KEY_SIZE} "
-            f"bytes, got {len(secret)}"
-        )
-    return secret
 
 
 def encode_header(key: bytes, block: Block, secret: bytes | None = None) -> bytes:
