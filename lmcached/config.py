@@ -418,8 +418,8 @@ class Config:
     disk_mmap_reads: bool = option(
         True,
         boolean,
-        "Serve disk blocks of 1 MiB or more from a read-only mapping of the file (no copy, no "
-        "page faults per 4 KiB); off: read into a fresh buffer.",
+        "Ignored (kept so old configs load): disk reads always copy into the worker's memory "
+        "and verify that copy, so a file changed or truncated underneath is never served.",
     )
     remote_url: str | None = option(
         None,
@@ -432,7 +432,7 @@ class Config:
         None,
         optional_path,
         "File holding a secret shared by the daemons of one deployment (at least 16 bytes; "
-        "mode 0600 or 0640). Set: remote values carry a keyed BLAKE2b MAC, and a value without "
+        "mode 0600 or 0640). Set: remote values carry an HMAC-SHA256, and a value without "
         "a valid one (forged, or copied under another key) is a counted miss. The secret is "
         "read only from this file, never from the YAML or the environment.",
     )
