@@ -131,6 +131,9 @@ HEADER_SLACK = 64 * 1024
 # The default cap on one block's metadata, msgpack-encoded (config: max_meta_bytes). Metas the
 # project writes are far smaller: the codecs' three fields, a client's dtype and shape.
 DEFAULT_MAX_META_BYTES = 64 * 1024
+# The longest a worker waits for its write queues on one flush, whatever the client asks: the
+# wait holds one of the worker's I/O threads.
+MAX_FLUSH_WAIT_S = 600.0
 # The most a client accepts in one reply header (a get reply's metas, a status document).
 MAX_REPLY_HEADER = 64 << 20
 # The scheduler's bounds on what workers send it.
@@ -1112,7 +1115,9 @@ def _decode_request(
         timeout = header.get("timeout")
         if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
             return FlushRequest(None, id=rid)
-        return FlushRequest(float(timeout), id=rid)
+        # NaN fails every comparison, so min() alone would pass it through.
+        wait = float(timeout) if timeout == timeout else MAX_FLUSH_WAIT_S
+        return FlushRequest(min(wait, MAX_FLUSH_WAIT_S), id=rid)
     if op == "stats":
         return StatsRequest(id=rid)
     return CONTROL_REQUESTS[op](id=rid)
