@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 
 import pytest
@@ -208,3 +209,41 @@ def test_remote_with_a_secret_refuses_values_written_without_it(tmp_path) -> Non
     assert plain.get(b"mine").tobytes() == _block(1).tobytes()  # no secret: checksums only
     assert keyed.get(b"forged") is None
     assert keyed.stats()["mac_failures"] == 1
+
+
+class _PutDuringEviction(DiskBackend):
+    """Puts the first evicted key again while the eviction's unlink is due (another thread)."""
+
+    def __init__(self, *a, key: bytes, **kw) -> None:
+        self.victim_key = key
+        self.put_done = threading.Event()
+        self.putter: threading.Thread | None = None
+        super().__init__(*a, **kw)
+
+    def _delete_files(self, paths: list[str]) -> None:
+        target = os.path.join(self.dir, file_name(self.victim_key))
+        if self.putter is None and target in paths:
+
+            def put_again() -> None:
+                self.put(self.victim_key, _block(9))
+                self.put_done.set()
+
+            self.putter = threading.Thread(target=put_again)
+            self.putter.start()
+            # With the unlink outside the index lock, this put finishes first and loses its file.
+            self.put_done.wait(2)
+        super()._delete_files(paths)
+
+
+def test_index_rebuild_eviction_never_deletes_a_file_written_meanwhile(tmp_path) -> None:
+    big = DiskBackend(str(tmp_path), 0, 10 * MiB)
+    for i in range(8):
+        big.put(f"k{i}".encode(), _block(i, size=64 * KiB))
+    big.close()
+    # A smaller budget: the rebuild evicts the oldest files, k0 first.
+    disk = _PutDuringEviction(str(tmp_path), 0, 5 * 70 * KiB, key=b"k0")
+    assert disk.putter is not None
+    disk.putter.join(10)
+    got = disk.get(b"k0")
+    assert got is not None and got.tobytes() == _block(9).tobytes()
+    disk.close()
