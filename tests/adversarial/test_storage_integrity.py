@@ -243,6 +243,31 @@ def test_disk_file_with_a_bad_meta_is_quarantined_not_a_crash_loop(tmp_path: Pat
         assert _cli(daemon, "check").returncode == 0
 
 
+def test_check_fix_handles_a_bad_meta_file_without_raising(tmp_path: Path) -> None:
+    from lmcached.storage.disk import DiskBackend
+
+    daemon = DaemonProcess(
+        tmp_path / "d",
+        num_workers=1,
+        local_disk=str(tmp_path / "disk"),
+        max_local_disk_size="64MiB",
+    )
+    try:
+        disk = DiskBackend(str(tmp_path / "disk"), 0, 64 * MiB)
+        disk.put(b"good", Block.from_bytes(_value(1)))
+        disk.put(b"bad", Block.from_bytes(_value(2)))
+        disk.close()
+        path = tmp_path / "disk" / "0" / file_name(b"bad")
+        path.write_bytes(_with_raw_meta(path.read_bytes(), b"\xc1"))
+        check = _cli(daemon, "check")
+        assert check.returncode == 1 and "bad_meta" in check.stdout, check.stdout + check.stderr
+        fixed = _cli(daemon, "check", "--fix")
+        assert fixed.returncode == 0 and "Traceback" not in fixed.stderr, fixed.stderr
+        assert not path.exists() and (tmp_path / "disk" / "0" / file_name(b"good")).exists()
+    finally:
+        daemon.close()
+
+
 # --- keyed integrity ----------------------------------------------------------------------------
 
 
