@@ -25,6 +25,8 @@ def cmd_config_show(args: argparse.Namespace) -> int:
     cfg = load_config(args)
     import yaml
 
+    for note in cfg.warnings:
+        print(f"warning: {note}", file=sys.stderr)
     print(f"# effective config (source: {cfg.source or 'built-in defaults'}; secrets redacted)")
     print(yaml.safe_dump(cfg.to_dict(redact=True), sort_keys=False).rstrip())
     return 0
@@ -32,9 +34,22 @@ def cmd_config_show(args: argparse.Namespace) -> int:
 
 def cmd_config_check(args: argparse.Namespace) -> int:
     from lmcached.daemon.assembly import check_store_config
+    from lmcached.errors import ConfigError, ConfigErrors
 
-    cfg = load_config(args)
-    check_store_config(cfg)
+    try:
+        cfg = load_config(args)
+    except ConfigErrors as exc:
+        # Every problem of the file and the environment, one line each, in one run.
+        for problem in exc.problems:
+            print(f"lmcached: config error: {problem}", file=sys.stderr)
+        return 2
+    for note in cfg.warnings:
+        print(f"warning: {note}", file=sys.stderr)
+    try:
+        check_store_config(cfg)
+    except ConfigError as exc:
+        print(f"lmcached: config error: {exc}", file=sys.stderr)
+        return 2
     warning = config_mod.memory_warning(cfg)
     if warning:
         print(f"warning: {warning}", file=sys.stderr)

@@ -30,6 +30,7 @@ from urllib.parse import urlsplit
 
 import structlog
 
+from lmcached import config_lmcache
 from lmcached.codecs.base import CodecError, make_codec
 from lmcached.codecs.tier import CodecTier
 from lmcached.config import Config
@@ -211,6 +212,9 @@ def _require(
 def _require_connector(registry: PluginRegistry, url: str, src: str | None) -> type[Any]:
     scheme = urlsplit(url).scheme.lower()
     if not registry.has("remote_connector", scheme):
+        lmcache_only = config_lmcache.unsupported_scheme_message(scheme)
+        if lmcache_only:
+            raise ConfigError("remote_url", lmcache_only, src)
         raise ConfigError(
             "remote_url",
             f"no connector for scheme {scheme!r}; registered: "

@@ -30,6 +30,7 @@ from lmcached.daemon.assembly import build_store
 from lmcached.daemon.op_latency import OpLatency
 from lmcached.daemon.script_plugins import WorkerPlugins
 from lmcached.errors import EXIT_CONFIG_INVALID, EXIT_PLUGIN_FATAL, ConfigError
+from lmcached.extensions.general import ProcessInfo, general_plugin_states, run_general_plugins
 from lmcached.extensions.lifecycle import PluginStartupError
 from lmcached.extensions.startup import extension_states
 from lmcached.malloc import tune_for_large_messages
@@ -395,6 +396,7 @@ class Worker:
             "store": self.store.stats(),
             "ops": self.ops.as_dict(),
             "extensions": extension_states(),
+            "general_plugins": general_plugin_states(),
             "latency": self.latency.as_dict(),
             "auth": {"refused": self.auth.refused if self.auth is not None else 0},
         }
@@ -470,6 +472,11 @@ def main(argv: list[str] | None = None) -> int:
     log = logs.get_logger("lmcached.daemon.worker")
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the scheduler decides when workers stop
     try:
+        # vLLM's rule: general plugins run first in every process, here before the store is
+        # built, so that one may register a codec or policy this worker's store then uses.
+        run_general_plugins(
+            ProcessInfo("worker", args.worker_id, cfg.source), strict=cfg.strict_plugins
+        )
         worker = Worker(cfg, args.worker_id)
     except PluginStartupError as exc:  # strict_plugins: the scheduler stops the daemon
         log.error("plugin_start_failed", error=str(exc))

@@ -37,7 +37,8 @@ class FSConnector(RemoteConnector):
 
     def __init__(self, url: str, *, timeout: float) -> None:
         parts = urlsplit(url)
-        path = unquote(parts.netloc + parts.path) if parts.netloc else unquote(parts.path)
+        # fs:///path, or LMCache's fs://host:port/path, whose host and port name no folder.
+        path = unquote(parts.path)
         if not path.startswith("/"):
             raise ValueError(f"fs:// needs an absolute path such as fs:///mnt/kv, got {url!r}")
         self.root = path

@@ -1,4 +1,5 @@
-"""Redis connectors: one server (redis://, rediss://, unix://) and Redis Cluster.
+"""Redis connectors: one server (redis://, rediss://, unix://, valkey://), Redis Cluster and
+Redis Sentinel.
 
 Both use redis-py with the hiredis parser. Batches go out as one pipeline (no MULTI), so a batch
 costs one round trip. redis-py's own retries are switched off: the RemoteBackend decides when to
@@ -8,19 +9,30 @@ Cluster URLs list the seed nodes, comma-separated::
 
     redis+cluster://[user:password@]host1:port1,host2:port2[,...][?opt=value]
     rediss+cluster://...   (the same over TLS)
+    redis-cluster://...    (LMCache's spelling of redis+cluster://)
+
+Sentinel URLs (LMCache's form) list the sentinels; the master's service name is the path, else
+``REDIS_SERVICE_NAME`` (as LMCache reads it), else LMCache's default ``redismaster``::
+
+    redis-sentinel://[user:password@]sentinel1:26379,sentinel2:26379[/service_name]
+
+``valkey://`` is redis:// under Valkey's name (the same protocol).
 """
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
+from urllib.parse import unquote, urlsplit
 
 import redis
 import redis.exceptions as rexc
 from redis.backoff import NoBackoff
 from redis.cluster import ClusterNode, RedisCluster
 from redis.retry import Retry
+from redis.sentinel import Sentinel
 
 from lmcached.config import parse_cluster_url, redact_url
 from lmcached.storage.base import Buffer
@@ -177,8 +189,12 @@ class RedisConnector(_RedisBase):
     """One Redis server: ``redis://host:port/db``, ``rediss://`` (TLS), ``unix:///path.sock``."""
 
     def _make_client(self) -> Any:
+        url = self.url
+        if url.lower().startswith("valkey"):
+            # valkey:// and valkeys:// speak RESP like redis:// and rediss://.
+            url = "redis" + url[len("valkey") :]
         return redis.Redis.from_url(
-            self.url,
+            url,
             socket_timeout=self.timeout,
             socket_connect_timeout=self.timeout,
             retry=Retry(NoBackoff(), 0),
@@ -214,3 +230,51 @@ class RedisClusterConnector(_RedisBase):
             if client is not None:
                 client.close()
             raise
+
+
+DEFAULT_SENTINEL_SERVICE = "redismaster"  # LMCache's default when REDIS_SERVICE_NAME is unset
+
+
+class RedisSentinelConnector(_RedisBase):
+    """The master of a Redis Sentinel group: ``redis-sentinel://s1:26379,s2:26379/service``.
+
+    redis-py's Sentinel support asks the sentinels for the current master on each new
+    connection, so after a failover the next call (after the RemoteBackend's reconnect) reaches
+    the promoted replica.
+    """
+
+    def __init__(self, url: str, *, timeout: float) -> None:
+        super().__init__(url, timeout=timeout)
+        self.sentinels, options = parse_cluster_url(url)  # bad URLs fail at start, not later
+        self.credentials = {k: options[k] for k in ("username", "password") if k in options}
+        path = urlsplit(url).path.strip("/")
+        self.service = (
+            unquote(path) or os.environ.get("REDIS_SERVICE_NAME") or DEFAULT_SENTINEL_SERVICE
+        )
+
+    def _make_client(self) -> Any:
+        sentinel = Sentinel(  # type: ignore[no-untyped-call]
+            self.sentinels,
+            socket_timeout=self.timeout,
+            socket_connect_timeout=self.timeout,
+        )
+        return sentinel.master_for(  # type: ignore[no-untyped-call]
+            self.service,
+            socket_timeout=self.timeout,
+            socket_connect_timeout=self.timeout,
+            retry=Retry(NoBackoff(), 0),
+            **self.credentials,
+        )
+
+    def _call(self, fn: Callable[[Any], T]) -> T:
+        try:
+            return super()._call(fn)
+        except RemoteUnavailable:
+            # After a failover, ask the sentinels again rather than retry a dead master.
+            client, self._client = self._client, None
+            if client is not None:
+                client.close()
+            raise
+
+    def describe(self) -> str:
+        return f"{redact_url(self.url)} (service {self.service})"
