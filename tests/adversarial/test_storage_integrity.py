@@ -184,6 +184,43 @@ def test_flush_reports_the_writes_its_queue_dropped(tmp_path: Path) -> None:
         assert on_disk == len(keys) - report.lost
 
 
+def test_asyncio_client_flush_reports_drops_of_puts_made_through_any_connection(
+    tmp_path: Path,
+) -> None:
+    import asyncio
+
+    from lmcached.aio import Client as AsyncClient
+
+    keys = _keys(64)
+    daemon = DaemonProcess(
+        tmp_path / "d",
+        num_workers=1,
+        local_disk=str(tmp_path / "disk"),
+        max_local_disk_size="256MiB",
+        write_queue_size="1MiB",
+    )
+
+    async def put_then_flush():
+        async with AsyncClient.from_config(daemon.config_path, max_concurrency=4) as c:
+            # Concurrent puts go through several pooled connections.
+            await asyncio.gather(
+                *(
+                    c.put(keys[i : i + 8], [_value(j, 256 * KiB) for j in range(i, i + 8)])
+                    for i in range(0, len(keys), 8)
+                )
+            )
+            return await c.flush()
+
+    with daemon:
+        report = asyncio.run(put_then_flush())
+        assert report.dropped > 0
+        daemon.kill9()
+        daemon.start()
+        with daemon.client() as c:
+            on_disk = sum(v is not None for v in c.get(keys))
+        assert on_disk == len(keys) - report.lost
+
+
 # --- quarantine, not crash loops ----------------------------------------------------------------
 
 
