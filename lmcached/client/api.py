@@ -297,7 +297,11 @@ class Client:
         if len(replies) != len(calls) or not all(r.done for r in replies):
             raise LMCachedTimeout(
                 "flush did not finish before its deadline"
-                + (f" ({dropped} dropped, {failed} failed writes so far)" if dropped or failed else "")
+                + (
+                    f" ({dropped} dropped, {failed} failed writes so far)"
+                    if dropped or failed
+                    else ""
+                )
             )
         return FlushReport(dropped=dropped, failed=failed)
 
