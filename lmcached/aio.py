@@ -44,6 +44,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from lmcached.client.api import Client as BlockingClient
+from lmcached.client.api import FlushReport
 from lmcached.errors import LMCachedRequestError, LMCachedTimeout
 
 __all__ = ["Client"]
@@ -132,9 +133,29 @@ class Client:
         """Remove every key starting with ``prefix`` from every tier; return how many."""
         return await self._call(lambda c, t: c.purge(prefix, timeout=t), timeout)
 
-    async def flush(self, timeout: float | None = None) -> None:
-        """Wait until the daemon's asynchronous tier writes are done."""
-        await self._call(lambda c, t: c.flush(timeout=t), timeout)
+    async def flush(self, timeout: float | None = None) -> FlushReport:
+        """Wait until the daemon's asynchronous tier writes are done; report lost copies
+        (see :meth:`lmcached.client.Client.flush`).
+
+        The daemon counts losses per connection, and this client's puts went through any of
+        its pooled connections, so the flush asks through every one of them and adds up.
+        """
+        return await self._call(self._flush_each, timeout)
+
+    def _flush_each(self, first: BlockingClient, timeout: float | None) -> FlushReport:
+        deadline = time.monotonic() + (first.timeout if timeout is None else timeout)
+        report = first.flush(timeout=timeout)  # the one that waits for the writes
+        with self._lock:
+            others = [c for c in self._clients if c is not first]
+        dropped, failed = report.dropped, report.failed
+        for client in others:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise LMCachedTimeout("flush did not finish before its deadline")
+            # A client busy with another call is waited for (its calls are serialised).
+            more = client.flush(timeout=left)
+            dropped, failed = dropped + more.dropped, failed + more.failed
+        return FlushReport(dropped=dropped, failed=failed)
 
     async def ping(self, timeout: float | None = None) -> dict[str, Any]:
         """Round-trip the scheduler; return its pid and map epoch."""

@@ -365,6 +365,12 @@ class Config:
     max_block_size: int = option("64MiB", byte_size, "Largest accepted block payload.")
     max_keys_per_batch: int = option(4096, positive_int, "Most keys in one request.")
     max_key_length: int = option(512, positive_int, "Longest accepted key, in bytes.")
+    max_meta_bytes: int = option(
+        "64KiB",
+        byte_size,
+        "Largest accepted metadata of one block, msgpack-encoded (at most 1MiB, the block "
+        "format's limit). Clients check it before sending; workers refuse larger ones.",
+    )
     max_inflight_bytes: int = option(
         "512MiB",
         byte_size,
@@ -419,8 +425,8 @@ class Config:
     disk_mmap_reads: bool = option(
         True,
         boolean,
-        "Serve disk blocks of 1 MiB or more from a read-only mapping of the file (no copy, no "
-        "page faults per 4 KiB); off: read into a fresh buffer.",
+        "Ignored (kept so old configs load): disk reads always copy into the worker's memory "
+        "and verify that copy, so a file changed or truncated underneath is never served.",
     )
     remote_url: str | None = option(
         None,
@@ -429,6 +435,14 @@ class Config:
         "redis+cluster://h1:p1,h2:p2 (or redis-cluster://), redis-sentinel://s1:p1,s2:p2/service "
         "or fs:///shared/folder. Unset: no remote tier.",
         secret=False,
+    )
+    integrity_key_file: str | None = option(
+        None,
+        optional_path,
+        "File holding a secret shared by the daemons of one deployment (at least 16 bytes; "
+        "mode 0600 or 0640). Set: remote values carry an HMAC-SHA256, and a value without "
+        "a valid one (forged, or copied under another key) is a counted miss. The secret is "
+        "read only from this file, never from the YAML or the environment.",
     )
     remote_key_prefix: str = option(
         "lmcached:", string, "Prefix of every key this daemon writes to the remote store."
@@ -871,6 +885,11 @@ def from_mapping(
     return cfg
 
 
+# The block format's cap on one block's metadata (``meta_len``, docs/format.md): a larger meta
+# could be accepted in memory but never written to disk or remote.
+MAX_META_BYTES_LIMIT = 1 << 20
+
+
 def _fields_by_name() -> dict[str, dataclasses.Field[Any]]:
     return {f.name: f for f in _key_fields()}
 
@@ -977,6 +996,13 @@ def validate(cfg: Config) -> None:
         )
     if cfg.wire_frame_size < 4096:
         raise ConfigError("wire_frame_size", "must be at least 4KiB", src)
+    if cfg.max_meta_bytes > MAX_META_BYTES_LIMIT:
+        raise ConfigError(
+            "max_meta_bytes",
+            f"{cfg.max_meta_bytes} bytes exceeds {MAX_META_BYTES_LIMIT}, the most a stored "
+            "block's header holds (docs/format.md)",
+            src,
+        )
     if cfg.port != 0 and cfg.port + cfg.num_workers > 65535:
         raise ConfigError("port", f"port {cfg.port} + {cfg.num_workers} workers exceeds 65535", src)
     _validate_tiers(cfg)
@@ -1116,6 +1142,7 @@ def wire_limits(cfg: Config) -> Limits:
         max_key_length=cfg.max_key_length,
         max_request_bytes=cfg.max_inflight_bytes,
         wire_frame_size=cfg.wire_frame_size,
+        max_meta_bytes=cfg.max_meta_bytes,
     )
 
 

@@ -1,9 +1,10 @@
 """`lmcached check`: reconcile the disk tier's files with their headers, and optionally repair.
 
-Reports torn temporary files, files whose header or payload fails verification, files whose
-name does not match the key in their header, and files in a shard that does not own their key
-(after a num_workers change that no worker has applied yet). ``--fix`` deletes the broken files
-and moves misplaced ones to their owner. A running daemon is left alone unless ``--force``: its
+Reports torn temporary files, files whose header, metadata or payload fails verification, files
+whose name does not match the key in their header, files a worker moved to its ``quarantine/``
+folder at start, and files in a shard that does not own their key (after a num_workers change
+that no worker has applied yet). ``--fix`` deletes the broken and quarantined files and moves
+misplaced ones to their owner; it reports what it could not repair instead of raising. A running daemon is left alone unless ``--force``: its
 workers are writing temporary files that a fix would delete.
 """
 

@@ -22,6 +22,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
 import xxhash
@@ -188,22 +189,29 @@ class Client:
                         code=protocol.E_LIMIT,
                     )
                 views.append(mv)
+            meta_sizes = _check_metas(keys, metas, limits)
+            # What one block adds to the request's header: its key, its meta, the fixed fields.
+            header_budget = limits.max_header_bytes - protocol.HEADER_SLACK // 2
             calls = []
             for worker, positions in self._cluster.owners(keys).items():
                 batch: list[int] = []
                 batch_bytes = 0
+                batch_header = 0
                 for pos in positions:
                     size = views[pos].nbytes
+                    header_cost = len(keys[pos]) + 48 + meta_sizes[pos]
                     if batch and (
                         len(batch) >= limits.max_keys_per_batch
                         or batch_bytes + size > limits.max_request_bytes
+                        or batch_header + header_cost > header_budget
                     ):
                         calls.append(
                             _put_call(worker, batch, keys, views, metas, cmap.checksums, limits)
                         )
-                        batch, batch_bytes = [], 0
+                        batch, batch_bytes, batch_header = [], 0, 0
                     batch.append(pos)
                     batch_bytes += size
+                    batch_header += header_cost
                 calls.append(_put_call(worker, batch, keys, views, metas, cmap.checksums, limits))
             self._pipeline.execute(calls, deadline)
 
@@ -287,12 +295,32 @@ class Client:
         calls = self._broadcast(lambda: PurgeRequest(prefix), timeout)
         return sum(c.reply.count for c in calls if isinstance(c.reply, PurgeReply))
 
-    def flush(self, timeout: float | None = None) -> None:
-        """Wait until the daemon's asynchronous tier writes are done."""
+    def flush(self, timeout: float | None = None) -> FlushReport:
+        """Wait until the daemon's asynchronous tier writes are done; report what was lost.
+
+        Returns a :class:`FlushReport`: how many lower-tier (disk, remote) copies of this
+        client's puts since its previous flush were dropped by a full write queue or failed to
+        write. ``report.complete`` is True when there were none, i.e. every block put since
+        the last flush is now on every lower tier. Raises LMCachedTimeout when the writes did
+        not finish before the deadline. Losses are reported, not raised: a block whose copy
+        was lost is still served from memory while it stays there, and a cache user decides
+        whether a lost copy matters (docs/client.md).
+        """
         t = self.timeout if timeout is None else timeout
         calls = self._broadcast(lambda: FlushRequest(t), timeout)
-        if not all(isinstance(c.reply, FlushReply) and c.reply.done for c in calls):
-            raise LMCachedTimeout("flush did not finish before its deadline")
+        replies = [c.reply for c in calls if isinstance(c.reply, FlushReply)]
+        dropped = sum(r.dropped for r in replies)
+        failed = sum(r.failed for r in replies)
+        if len(replies) != len(calls) or not all(r.done for r in replies):
+            raise LMCachedTimeout(
+                "flush did not finish before its deadline"
+                + (
+                    f" ({dropped} dropped, {failed} failed writes so far)"
+                    if dropped or failed
+                    else ""
+                )
+            )
+        return FlushReport(dropped=dropped, failed=failed)
 
     def ping(self, timeout: float | None = None) -> dict[str, Any]:
         """Round-trip the scheduler; return its pid and map epoch."""
@@ -435,6 +463,28 @@ class Client:
 T = TypeVar("T")
 
 
+@dataclass(frozen=True, slots=True)
+class FlushReport:
+    """What :meth:`Client.flush` found: lower-tier copies of this client's puts that were lost.
+
+    ``dropped``: a full write queue dropped the copy (the daemon never blocks a put on a slow
+    disk or remote). ``failed``: the tier's write failed or refused the block. Counted since
+    this client's previous flush, summed over the workers.
+    """
+
+    dropped: int = 0
+    failed: int = 0
+
+    @property
+    def lost(self) -> int:
+        return self.dropped + self.failed
+
+    @property
+    def complete(self) -> bool:
+        """True when every copy reached its tiers (nothing dropped or failed)."""
+        return self.lost == 0
+
+
 def _weak(method: Callable[[], T]) -> Callable[[], T]:
     """Return a callable for a bound method of the Client that does not keep the Client alive."""
     ref = weakref.WeakMethod(method)
@@ -474,6 +524,35 @@ def _check_key(key: Any, limits: Limits) -> None:
             f"key {key[:40]!r}... is {len(key)} bytes; max_key_length is {limits.max_key_length}",
             code=protocol.E_LIMIT,
         )
+
+
+def _check_metas(
+    keys: Sequence[bytes], metas: Sequence[dict[str, Any] | None] | None, limits: Limits
+) -> list[int]:
+    """Return each block's meta size; raise the daemon's own limit error before sending."""
+    if metas is None:
+        return [0] * len(keys)
+    sizes = []
+    for key, meta in zip(keys, metas, strict=True):
+        if meta is None:
+            sizes.append(0)
+            continue
+        if not isinstance(meta, dict):
+            raise LMCachedRequestError(f"meta for key {key[:80]!r} must be a dict or None")
+        try:
+            size = protocol.meta_size(meta)
+        except (TypeError, ValueError) as exc:
+            raise LMCachedRequestError(
+                f"meta for key {key[:80]!r} cannot be encoded: {exc}"
+            ) from None
+        if size > limits.max_meta_bytes:
+            raise LMCachedRequestError(
+                f"meta for key {key[:80]!r} is {size} bytes; max_meta_bytes is "
+                f"{limits.max_meta_bytes}",
+                code=protocol.E_LIMIT,
+            )
+        sizes.append(size)
+    return sizes
 
 
 def _put_call(

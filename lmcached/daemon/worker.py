@@ -255,12 +255,14 @@ class Worker:
         metas = req.metas or [None] * len(req.keys)
         sums = req.sums or [None] * len(req.keys)
         stored = 0
+        # The connection's routing id: its next flush reports this put's lost lower-tier copies.
+        origin = envelope.bytes if self.store.has_lower else None
         for key, group, size, meta, checksum in zip(
             req.keys, req.blocks, req.sizes, metas, sums, strict=True
         ):
             # The received ZMQ frames become the stored buffers: no copy on the put path.
             block = Block(frames=tuple(group), nbytes=size, meta=meta, checksum=checksum)
-            if self.store.put(key, block):
+            if self.store.put(key, block, origin):
                 stored += 1
             self.ops.bytes_in += size
         self.reply(envelope, PutReply(stored, id=req.id))
@@ -370,12 +372,15 @@ class Worker:
 
     def op_flush(self, envelope: Any, req: FlushRequest) -> None:
         timeout = req.timeout or 30.0
-        self.submit_io(
-            lambda: self.store.flush(timeout),
-            lambda done, err: self.reply(
-                envelope, FlushReply(bool(done) and err is None, id=req.id)
-            ),
-        )
+        origin = envelope.bytes
+
+        def answer(done: Any, err: BaseException | None) -> None:
+            # Taken after the wait, so a write that failed while we waited is reported too.
+            lost = self.store.take_losses(origin)
+            reply = FlushReply(bool(done) and err is None, lost.dropped, lost.failed, id=req.id)
+            self.reply(envelope, reply)
+
+        self.submit_io(lambda: self.store.flush(timeout), answer)
 
     def op_ping(self, envelope: Any, req: PingRequest) -> None:
         self.reply(envelope, WorkerPingReply(self.worker_id, os.getpid(), id=req.id))

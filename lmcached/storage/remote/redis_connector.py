@@ -36,7 +36,7 @@ from redis.sentinel import Sentinel
 
 from lmcached.config import parse_cluster_url, redact_url
 from lmcached.storage.base import Buffer
-from lmcached.storage.remote.connector import RemoteConnector, RemoteUnavailable
+from lmcached.storage.remote.connector import RemoteConnector, RemoteUnavailable, ValueTooLarge
 
 T = TypeVar("T")
 
@@ -94,17 +94,38 @@ class _RedisBase(RemoteConnector):
         except TRANSIENT as exc:
             raise RemoteUnavailable(f"{type(exc).__name__}: {exc}") from exc
 
-    def get_many(self, keys: Sequence[bytes]) -> list[Buffer | None]:
-        if len(keys) == 1:
-            return [self._call(lambda c: c.get(keys[0]))]
+    def get_many(self, keys: Sequence[bytes]) -> list[Buffer | ValueTooLarge | None]:
+        cap = self.max_value_bytes
+        if cap is None:
+            if len(keys) == 1:
+                return [self._call(lambda c: c.get(keys[0]))]
 
-        def run(c: Any) -> list[Buffer | None]:
+            def run(c: Any) -> list[Buffer | None]:
+                pipe = c.pipeline(transaction=False)
+                for k in keys:
+                    pipe.get(k)
+                return list(pipe.execute())
+
+            return self._call(run)
+
+        # GETRANGE 0..cap returns at most cap + 1 bytes, so a planted huge value costs at most
+        # that much to read; it costs the same as GET otherwise. A missing key reads as b""
+        # (never a valid block: a header alone is longer).
+        def run_capped(c: Any) -> list[Buffer | ValueTooLarge | None]:
             pipe = c.pipeline(transaction=False)
             for k in keys:
-                pipe.get(k)
-            return list(pipe.execute())
+                pipe.getrange(k, 0, cap)
+            out: list[Buffer | ValueTooLarge | None] = []
+            for v in pipe.execute():
+                if not v:
+                    out.append(None)
+                elif len(v) > cap:
+                    out.append(ValueTooLarge(f"value of more than {cap} bytes"))
+                else:
+                    out.append(v)
+            return out
 
-        return self._call(run)
+        return self._call(run_capped)
 
     def put_many(self, items: Sequence[tuple[bytes, Sequence[Buffer]]], ttl: float | None) -> None:
         px = max(1, int(ttl * 1000)) if ttl else None
