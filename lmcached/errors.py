@@ -43,6 +43,19 @@ class ConfigError(LMCachedError):
         super().__init__(f"{where}{key}: {message}")
 
 
+class ConfigErrors(ConfigError):
+    """Several configuration problems found in one pass; ``problems`` holds each one."""
+
+    def __init__(self, problems: list[ConfigError]) -> None:
+        self.problems = list(problems)
+        first = self.problems[0]
+        LMCachedError.__init__(
+            self, f"{len(self.problems)} problems: " + "; ".join(str(p) for p in self.problems)
+        )
+        self.key = first.key
+        self.source = first.source
+
+
 # Worker exit codes the scheduler reads as "restarting will not help": it stops the daemon.
 # A plugin raised in on_startup under strict_plugins (sysexits' EX_CONFIG, documented).
 EXIT_PLUGIN_FATAL = 78

@@ -29,6 +29,7 @@ from lmcached.daemon.assembly import build_store
 from lmcached.daemon.op_latency import OpLatency
 from lmcached.daemon.script_plugins import WorkerPlugins
 from lmcached.errors import EXIT_CONFIG_INVALID, EXIT_PLUGIN_FATAL, ConfigError
+from lmcached.extensions.general import ProcessInfo, general_plugin_states, run_general_plugins
 from lmcached.extensions.lifecycle import PluginStartupError
 from lmcached.extensions.startup import extension_states
 from lmcached.malloc import tune_for_large_messages
@@ -245,12 +246,14 @@ class Worker:
         metas = req.metas or [None] * len(req.keys)
         sums = req.sums or [None] * len(req.keys)
         stored = 0
+        # The connection's routing id: its next flush reports this put's lost lower-tier copies.
+        origin = envelope.bytes if self.store.has_lower else None
         for key, group, size, meta, checksum in zip(
             req.keys, req.blocks, req.sizes, metas, sums, strict=True
         ):
             # The received ZMQ frames become the stored buffers: no copy on the put path.
             block = Block(frames=tuple(group), nbytes=size, meta=meta, checksum=checksum)
-            if self.store.put(key, block):
+            if self.store.put(key, block, origin):
                 stored += 1
             self.ops.bytes_in += size
         self.reply(envelope, PutReply(stored, id=req.id))
@@ -360,12 +363,15 @@ class Worker:
 
     def op_flush(self, envelope: Any, req: FlushRequest) -> None:
         timeout = req.timeout or 30.0
-        self.submit_io(
-            lambda: self.store.flush(timeout),
-            lambda done, err: self.reply(
-                envelope, FlushReply(bool(done) and err is None, id=req.id)
-            ),
-        )
+        origin = envelope.bytes
+
+        def answer(done: Any, err: BaseException | None) -> None:
+            # Taken after the wait, so a write that failed while we waited is reported too.
+            lost = self.store.take_losses(origin)
+            reply = FlushReply(bool(done) and err is None, lost.dropped, lost.failed, id=req.id)
+            self.reply(envelope, reply)
+
+        self.submit_io(lambda: self.store.flush(timeout), answer)
 
     def op_ping(self, envelope: Any, req: PingRequest) -> None:
         self.reply(envelope, WorkerPingReply(self.worker_id, os.getpid(), id=req.id))
@@ -381,6 +387,7 @@ class Worker:
             "store": self.store.stats(),
             "ops": self.ops.as_dict(),
             "extensions": extension_states(),
+            "general_plugins": general_plugin_states(),
             "latency": self.latency.as_dict(),
             "auth": {"refused": self.auth.refused if self.auth is not None else 0},
         }
@@ -480,6 +487,11 @@ def _run(cfg: config_mod.Config, args: argparse.Namespace) -> int:
     log = logs.get_logger("lmcached.daemon.worker")
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the scheduler decides when workers stop
     try:
+        # vLLM's rule: general plugins run first in every process, here before the store is
+        # built, so that one may register a codec or policy this worker's store then uses.
+        run_general_plugins(
+            ProcessInfo("worker", args.worker_id, cfg.source), strict=cfg.strict_plugins
+        )
         worker = Worker(cfg, args.worker_id)
     except PluginStartupError as exc:  # strict_plugins: the scheduler stops the daemon
         log.error("plugin_start_failed", error=str(exc))

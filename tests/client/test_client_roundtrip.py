@@ -95,7 +95,7 @@ def test_limits_are_checked_before_sending(shared_daemon):
         with pytest.raises(LMCachedRequestError):
             c.put([b"a", b"b"], [b"1"])
         with pytest.raises(LMCachedRequestError):
-            c.get(["not-bytes"])  # type: ignore[list-item]
+            c.get([42])  # type: ignore[list-item]  # str keys are accepted (UTF-8); ints are not
         # The client still works after refusing bad input.
         c.put([b"after-limits"], [b"ok"])
         assert bytes(c.get([b"after-limits"])[0]) == b"ok"

@@ -18,10 +18,13 @@ import structlog
 
 from lmcached.storage.base import Block, StorageBackend, TierStats, Usage
 from lmcached.storage.blockformat import BlockFormatError, decode_block, encode_block
-from lmcached.storage.remote.connector import RemoteConnector, RemoteUnavailable
+from lmcached.storage.remote.connector import RemoteConnector, RemoteUnavailable, ValueTooLarge
 
 log = structlog.get_logger("lmcached.storage.remote")
 T = TypeVar("T")
+
+# Which counter a verification failure goes to (a miss and a delete either way).
+_FAILURE_COUNTERS = {"mac": "mac_failures", "bad_meta": "bad_meta", "oversized": "oversized"}
 
 
 class RemoteHealth:
@@ -76,8 +79,9 @@ class RemoteHealth:
 class RemoteBackend(StorageBackend):
     """Store blocks in a shared remote store through a connector, verified on every read.
 
-    Keys are stored as ``key_prefix + key``. Reads that fail verification delete the remote
-    value and count a checksum failure. When the remote is down every call returns at once as a
+    Keys are stored as ``key_prefix + key``. Reads that fail verification (checksum, metadata,
+    MAC, size cap) delete the remote value and count the failure; each value of a batch fails
+    alone. When the remote is down every call returns at once as a
     miss (get), False (put) or 0 (remove), and is counted.
     """
 
@@ -93,8 +97,17 @@ class RemoteBackend(StorageBackend):
         backoff_max: float = 10.0,
         owner: Callable[[bytes], int] | None = None,
         worker_id: int = 0,
+        integrity_secret: bytes | None = None,
+        max_value_bytes: int | None = None,
     ) -> None:
         self.connector = connector
+        # With a secret every value written carries a MAC, and a value read without a valid
+        # one is a miss: a writer to the shared store without the secret cannot forge blocks.
+        self.secret = integrity_secret
+        # The largest value a reader accepts (largest block + largest header): a bigger value
+        # was not written by lmcached, and must not make a worker buffer it whole.
+        self.max_value_bytes = max_value_bytes
+        connector.max_value_bytes = max_value_bytes
         self.prefix = key_prefix
         self.ttl = ttl or None
         self.health = RemoteHealth(backoff_initial, backoff_max)
@@ -106,6 +119,10 @@ class RemoteBackend(StorageBackend):
             "unavailable",
             "skipped_while_down",
             "unsupported_version",
+            "mac_failures",
+            "bad_meta",
+            "oversized",
+            "rejected_blocks",
         ):
             self.counters.extra[name] = 0
         self._count_lock = threading.Lock()
@@ -176,15 +193,18 @@ class RemoteBackend(StorageBackend):
                 out.append(None)
                 continue
             try:
-                _, block = decode_block(value, self._full(key))
+                if isinstance(value, ValueTooLarge):
+                    raise BlockFormatError("oversized", str(value))
+                _, block = decode_block(value, self._full(key), self.secret)
             except BlockFormatError as exc:
+                # Each value fails alone: the other keys of the batch are still served.
                 self._count("misses")
                 out.append(None)
                 if exc.kind == "unsupported_version":
                     self._count("unsupported_version")
                     continue
                 log.warning("remote block failed verification", key=key, error=str(exc))
-                self._count("checksum_failures")
+                self._count(_FAILURE_COUNTERS.get(exc.kind, "checksum_failures"))
                 corrupt.append(self._full(key))
                 continue
             self._count("hits")
@@ -205,19 +225,35 @@ class RemoteBackend(StorageBackend):
             return []
         # The header names the stored key (prefix included), so a value describes itself in a
         # shared store and an fs:// scan can read keys back from the files.
-        encoded = [(self._full(k), encode_block(self._full(k), b)) for k, b in items]
+        results = [False] * len(items)
+        encoded = []
+        sent: list[int] = []
+        for i, (k, b) in enumerate(items):
+            try:
+                encoded.append((self._full(k), encode_block(self._full(k), b, self.secret)))
+                sent.append(i)
+            except (ValueError, TypeError) as exc:
+                # A block the format cannot hold (key or meta too large) fails alone.
+                self._count("rejected")
+                self._count("rejected_blocks")
+                if self.counters.extra["rejected_blocks"] == 1:
+                    log.warning("remote tier rejected a block", key=k[:80], error=str(exc))
+        if not encoded:
+            return results
         try:
             self._call(lambda: self.connector.put_many(encoded, self.ttl))
         except RemoteUnavailable:
-            self._count("errors", len(items))
-            return [False] * len(items)
+            self._count("errors", len(encoded))
+            return results
         except Exception as exc:  # e.g. Redis maxmemory with noeviction: OOM command not allowed
             log.warning("remote put rejected", remote=self.connector.describe(), error=str(exc))
-            self._count("rejected", len(items))
-            return [False] * len(items)
-        self._count("puts", len(items))
-        self._count("bytes_stored", sum(b.nbytes for _, b in items))
-        return [True] * len(items)
+            self._count("rejected", len(encoded))
+            return results
+        self._count("puts", len(encoded))
+        self._count("bytes_stored", sum(items[i][1].nbytes for i in sent))
+        for i in sent:
+            results[i] = True
+        return results
 
     def remove(self, key: bytes) -> bool:
         return self.remove_many([key])[0]
