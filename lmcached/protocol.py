@@ -1080,6 +1080,11 @@ def _keys(header: Header, limits: Limits) -> list[bytes]:
         raise ProtocolError(
             E_LIMIT, f"{len(keys)} keys exceed max_keys_per_batch={limits.max_keys_per_batch}"
         )
+    # The common all-good batch costs three C-level passes; the loop below names the bad key.
+    if keys and set(map(type, keys)) == {bytes}:
+        lengths = list(map(len, keys))
+        if min(lengths) > 0 and max(lengths) <= limits.max_key_length:
+            return keys
     for k in keys:
         if not isinstance(k, bytes) or not k:
             raise ProtocolError(E_MALFORMED, "every key must be non-empty bytes")

@@ -325,11 +325,7 @@ class Worker:
             self.ops.lookup_hits += hit
             self.reply(envelope, LookupReply(hit, id=req.id))
 
-        hit = 0
-        for key in req.keys:
-            if not self.store.contains_cached(key):
-                break
-            hit += 1
+        hit = self.store.cached_prefix(req.keys)
         if hit == len(req.keys) or not self.store.has_lower:
             answer(hit)
         else:
@@ -342,7 +338,7 @@ class Worker:
             self.ops.lookup_hits += sum(flags)
             self.reply(envelope, ExistsReply(flags, id=req.id))
 
-        flags = [self.store.contains_cached(k) for k in req.keys]
+        flags = self.store.contains_cached_many(req.keys)
         if all(flags) or not self.store.has_lower:
             answer(flags)
         else:
