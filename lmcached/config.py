@@ -359,10 +359,17 @@ class Config:
     max_keys_per_batch: int = option(4096, positive_int, "Most keys in one request.")
     max_key_length: int = option(512, positive_int, "Longest accepted key, in bytes.")
     max_inflight_bytes: int = option(
-        "512MiB",
+        "64MiB",
         byte_size,
-        "Most payload bytes one client connection may have unacknowledged; also the largest "
-        "single request.",
+        "Most request bytes a worker holds in flight (being served or queued for its I/O pool); "
+        "over it a request gets a 'busy' reply. Also the largest single request, and what one "
+        "client connection may have unacknowledged.",
+    )
+    io_queue_depth: int = option(
+        256,
+        positive_int,
+        "Most disk/remote jobs a worker's I/O pool holds, running or queued; a request that "
+        "needs one more gets a 'busy' reply.",
     )
     wire_frame_size: int = option(
         "16MiB",

@@ -119,6 +119,8 @@ E_UNKNOWN_OP = "unknown_op"
 E_LIMIT = "limit"
 E_INTERNAL = "internal"
 E_UNAVAILABLE = "unavailable"
+# The worker holds max_inflight_bytes of requests, or its I/O queue is full: retry later.
+E_BUSY = "busy"
 
 # Headers are small: keys are bounded, so a header never needs more than this much room.
 HEADER_SLACK = 64 * 1024
