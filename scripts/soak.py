@@ -10,7 +10,7 @@ each worker's RSS, open fds and CPU-tier fill. Verdict (exit status 0 when all h
 - every worker's CPU tier is full (>= 90 % of its budget) before the reference time, which is
   minute 2 (or 30 % of a run shorter than 400 s);
 - at the end, each worker id's RSS and fd count are within 10 % of their value at the
-  reference time (a restarted worker is compared under its id);
+  reference time (worker 0 is killed and restarted before it, Redis twice after it);
 - 0 wrong bytes.
 
     python scripts/soak.py --minutes 10
@@ -136,12 +136,15 @@ def main(argv: list[str] | None = None) -> int:
     duration = args.minutes * 60
     reference = 120.0 if duration >= 400 else 0.3 * duration
     block = args.block_kib * 1024
+    # The worker is killed before the reference time, so the end is compared with the same
+    # process: a fresh process's heap is smaller than one with minutes of history (measured:
+    # 84 against 124 MiB), and that difference is not a leak.
     events = [
+        (0.5 * reference, "kill -9 worker 0"),
         (0.35 * duration, "kill -9 redis"),
         (0.42 * duration, "restart redis"),
         (0.50 * duration, "kill -9 redis"),
         (0.57 * duration, "restart redis"),
-        (0.65 * duration, "kill -9 worker 0"),
     ]
     work = Path(tempfile.mkdtemp(prefix="lmsoak-"))
     redis = RedisServer(work / "redis", extra_args=["--maxmemory", "256mb"]).start()
