@@ -1083,10 +1083,13 @@ def _keys(header: Header, limits: Limits) -> list[bytes]:
             E_LIMIT, f"{len(keys)} keys exceed max_keys_per_batch={limits.max_keys_per_batch}"
         )
     # The common all-good batch costs three C-level passes; the loop below names the bad key.
-    if keys and set(map(type, keys)) == {bytes}:
-        lengths = list(map(len, keys))
-        if min(lengths) > 0 and max(lengths) <= limits.max_key_length:
-            return keys
+    if (
+        keys
+        and set(map(type, keys)) == {bytes}
+        and min(map(len, keys)) > 0
+        and max(map(len, keys)) <= limits.max_key_length
+    ):
+        return keys
     for k in keys:
         if not isinstance(k, bytes) or not k:
             raise ProtocolError(E_MALFORMED, "every key must be non-empty bytes")

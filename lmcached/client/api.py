@@ -449,10 +449,12 @@ def _weak(method: Callable[[], T]) -> Callable[[], T]:
 
 def _check_keys(keys: Sequence[Any], limits: Limits) -> None:
     """Validate a batch of keys; the common all-good case costs three C-level passes."""
-    if set(map(type, keys)) == {bytes}:
-        lengths = list(map(len, keys))
-        if min(lengths) > 0 and max(lengths) <= limits.max_key_length:
-            return
+    if (
+        set(map(type, keys)) == {bytes}
+        and min(map(len, keys)) > 0
+        and max(map(len, keys)) <= limits.max_key_length
+    ):
+        return
     for k in keys:
         _check_key(k, limits)
 
