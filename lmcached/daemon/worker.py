@@ -182,12 +182,23 @@ class Worker:
         """Run ``fn`` on the I/O pool; call ``done(result, error)`` later on the loop thread.
 
         Raises WorkerBusy, submitting nothing, when the pool already holds ``io_queue_depth``
-        jobs: a queue without a bound is a latency without one.
+        jobs, or when the request being handed over would take the request bytes the pool
+        holds past ``max_inflight_bytes``: a queue without a bound is a latency without one.
+        A request served on the loop is never refused for its bytes: it is done with before
+        the next message is read, so at most one such message adds to the pool's bytes.
         """
         if self._io_jobs >= self.cfg.io_queue_depth:
             raise WorkerBusy(
                 f"worker {self.worker_id} is busy: its I/O queue holds {self._io_jobs} jobs "
                 f"(io_queue_depth); retry later"
+            )
+        would_hold = self._inflight_bytes + self._dispatching_bytes
+        # A lone request always goes through, whatever its size: the bound must not stall.
+        if self._inflight_bytes and would_hold > self.cfg.max_inflight_bytes:
+            raise WorkerBusy(
+                f"worker {self.worker_id} is busy: its I/O queue holds {self._inflight_bytes} "
+                f"request bytes, max_inflight_bytes is {self.cfg.max_inflight_bytes}; "
+                "retry later"
             )
         if self._io_pool is None:
             self._io_pool = ThreadPoolExecutor(
@@ -309,18 +320,8 @@ class Worker:
             self.reply_error(envelope, exc.request_id, exc.code, exc.message)
             return
         self.ops.requests[req.op] = self.ops.requests.get(req.op, 0) + 1
-        nbytes = sum(len(f) for f in frames[1:])
-        if self._inflight_bytes + nbytes > self.cfg.max_inflight_bytes:
-            self.reply_error(
-                envelope,
-                req.id,
-                protocol.E_BUSY,
-                f"worker {self.worker_id} is busy: {self._inflight_bytes} request bytes in "
-                f"flight, max_inflight_bytes is {self.cfg.max_inflight_bytes}; retry later",
-            )
-            return
         self._dispatching = (req.op, received)
-        self._dispatching_bytes = nbytes
+        self._dispatching_bytes = sum(len(f) for f in frames[1:])
         try:
             getattr(self, f"op_{req.op}")(envelope, req)
         except WorkerBusy as exc:
