@@ -1066,7 +1066,11 @@ def _decode_request(
     if op == "flush":
         # As lenient as ever: a missing or nonsensical timeout means the worker's default.
         timeout = header.get("timeout")
-        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
+        if (
+            isinstance(timeout, bool)
+            or not isinstance(timeout, (int, float))
+            or not timeout > 0  # NaN too
+        ):
             return FlushRequest(None, id=rid)
         return FlushRequest(float(timeout), id=rid)
     if op == "stats":

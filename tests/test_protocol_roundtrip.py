@@ -241,3 +241,10 @@ def test_request_errors_carry_the_request_id() -> None:
     with pytest.raises(ProtocolError) as err:
         protocol.decode_request(header, [], LIMITS, DATA_OPS)
     assert (err.value.code, err.value.request_id) == (protocol.E_MALFORMED, 42)
+
+
+@pytest.mark.parametrize("timeout", [float("nan"), -1.0, 0, "10", True])
+def test_flush_timeout_nan_or_nonsense_means_the_workers_default(timeout: Any) -> None:
+    header = protocol.pack({"v": PROTOCOL_VERSION, "op": "flush", "id": 3, "timeout": timeout})
+    req = protocol.decode_request(header, [], LIMITS, DATA_OPS)
+    assert isinstance(req, protocol.FlushRequest) and req.timeout is None
