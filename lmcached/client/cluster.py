@@ -101,6 +101,8 @@ class ClusterView:
         """Group the positions of ``keys`` by owning worker."""
         assert self._map is not None
         n = self._map.num_workers
+        if n == 1:
+            return {0: list(range(len(keys)))}
         groups: dict[int, list[int]] = {}
         for pos, key in enumerate(keys):
             groups.setdefault(routing.cached_owner(key, n), []).append(pos)
