@@ -69,6 +69,8 @@ POLL_MS = 500
 # The longest a flush may hold an I/O thread, whatever the client asked: an abandoned flush
 # must not keep a pool thread (of 4) for ever.
 MAX_FLUSH_TIMEOUT_S = 60.0
+# An oversized message at least this large is followed by malloc_trim (see Worker.receive).
+TRIM_AFTER_BYTES = 16 << 20
 
 
 class WorkerBusy(Exception):
@@ -282,8 +284,11 @@ class Worker:
         dropped = len(frames)
         frames.clear()
         while more:
-            more = sock.recv(copy=False).more
+            frame = sock.recv(copy=False)
+            more = frame.more
+            nbytes += len(frame)
             dropped += 1
+        del frame
         self.reply_error(
             first,
             0,
@@ -292,8 +297,11 @@ class Worker:
             f"frames, {self._max_message_bytes} bytes)",
         )
         del first
-        release_free_memory()
-        self.log.warning("oversized_message_dropped", frames=dropped - 1)
+        # libzmq holds about 64 bytes per frame besides the payload. malloc_trim walks the
+        # heap, so only a message big enough to matter pays for it.
+        if nbytes + 64 * dropped >= TRIM_AFTER_BYTES:
+            release_free_memory()
+        self.log.warning("oversized_message_dropped", frames=dropped - 1, bytes=nbytes)
         return None
 
     def handle_message(self, frames: list[zmq.Frame]) -> None:
