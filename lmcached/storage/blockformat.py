@@ -33,8 +33,8 @@ MAC_FORMAT_VERSION = 2
 MAX_READ_VERSION = MAC_FORMAT_VERSION
 FLAG_MAC = 0x0001
 # Keyed BLAKE3-256 (its keyed-hash mode, a MAC by design): the MAC is the dominant cost of a
-# keyed read, and BLAKE3 ran about 4x faster than HMAC-SHA256 on one thread in one run here
-# (scripts/bench_integrity.py, docs/benchmarks.md). One thread: a worker shares the machine.
+# keyed read, and BLAKE3 on one thread ran 2.6x as fast as HMAC-SHA256 in one run here
+# (scripts/bench_integrity.py, docs/benchmarks.md).
 MAC_LEN = 32
 
 # magic, version, codec, dtype, ndim, header_len, key_len, flags, meta_len, payload_len,
@@ -131,7 +131,8 @@ def _dtype_name(value: Any) -> str | None:
 
 
 def _mac(secret: bytes, covered: Buffer, frames: Iterable[Buffer]) -> bytes:
-    # blake3's default max_threads is 1: more threads ran slower on the 2-core dev machine.
+    # blake3's default max_threads is 1. AUTO was no steady win on the 2-core dev machine
+    # (slower in one run, 1.3x in another) and would take the core other worker threads use.
     h = blake3.blake3(key=secret)
     # blake3 takes only byte-format buffers with strides (not a zmq.Frame or a float16 view,
     # which hmac took): a byte view of each, no copy.
