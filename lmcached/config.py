@@ -447,7 +447,7 @@ class Config:
         None,
         optional_path,
         "File holding a secret shared by the daemons of one deployment (at least 16 bytes; "
-        "mode 0600 or 0640). Set: remote values carry an HMAC-SHA256, and a value without "
+        "mode 0600 or 0640). Set: remote values carry a keyed BLAKE3 MAC, and a value without "
         "a valid one (forged, or copied under another key) is a counted miss. The secret is "
         "read only from this file, never from the YAML or the environment.",
     )
