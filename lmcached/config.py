@@ -381,10 +381,17 @@ class Config:
         "format's limit). Clients check it before sending; workers refuse larger ones.",
     )
     max_inflight_bytes: int = option(
-        "512MiB",
+        "64MiB",
         byte_size,
-        "Most payload bytes one client connection may have unacknowledged; also the largest "
-        "single request.",
+        "Most request bytes a worker's I/O pool holds (queued or running; the one message "
+        "being served comes on top); a request that would pass it gets a 'busy' reply. Also "
+        "the largest single request, and what one client connection may have unacknowledged.",
+    )
+    io_queue_depth: int = option(
+        256,
+        positive_int,
+        "Most disk/remote jobs a worker's I/O pool holds, running or queued; a request that "
+        "needs one more gets a 'busy' reply.",
     )
     wire_frame_size: int = option(
         "16MiB",
@@ -455,7 +462,7 @@ class Config:
         None,
         optional_path,
         "File holding a secret shared by the daemons of one deployment (at least 16 bytes; "
-        "mode 0600 or 0640). Set: remote values carry an HMAC-SHA256, and a value without "
+        "mode 0600 or 0640). Set: remote values carry a keyed BLAKE3 MAC, and a value without "
         "a valid one (forged, or copied under another key) is a counted miss. The secret is "
         "read only from this file, never from the YAML or the environment.",
     )

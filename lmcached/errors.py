@@ -20,6 +20,10 @@ class LMCachedTimeout(LMCachedUnavailable):
     """A call did not complete before its deadline."""
 
 
+class LMCachedBusy(LMCachedUnavailable):
+    """The worker is at its in-flight bound (``busy``): back off and retry the call."""
+
+
 class LMCachedRequestError(LMCachedError):
     """The daemon rejected a request as malformed or over a limit."""
 

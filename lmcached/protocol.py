@@ -125,6 +125,8 @@ E_UNKNOWN_OP = "unknown_op"
 E_LIMIT = "limit"
 E_INTERNAL = "internal"
 E_UNAVAILABLE = "unavailable"
+# The worker holds max_inflight_bytes of requests, or its I/O queue is full: retry later.
+E_BUSY = "busy"
 
 # Headers are small: keys are bounded, so a header never needs more than this much room.
 HEADER_SLACK = 64 * 1024
@@ -1113,7 +1115,11 @@ def _decode_request(
     if op == "flush":
         # As lenient as ever: a missing or nonsensical timeout means the worker's default.
         timeout = header.get("timeout")
-        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
+        if (
+            isinstance(timeout, bool)
+            or not isinstance(timeout, (int, float))
+            or not timeout > 0  # NaN too
+        ):
             return FlushRequest(None, id=rid)
         # NaN fails every comparison, so min() alone would pass it through.
         wait = float(timeout) if timeout == timeout else MAX_FLUSH_WAIT_S
@@ -1131,6 +1137,14 @@ def _keys(header: Header, limits: Limits) -> list[bytes]:
         raise ProtocolError(
             E_LIMIT, f"{len(keys)} keys exceed max_keys_per_batch={limits.max_keys_per_batch}"
         )
+    # The common all-good batch costs three C-level passes; the loop below names the bad key.
+    if (
+        keys
+        and set(map(type, keys)) == {bytes}
+        and min(map(len, keys)) > 0
+        and max(map(len, keys)) <= limits.max_key_length
+    ):
+        return keys
     for k in keys:
         if not isinstance(k, bytes) or not k:
             raise ProtocolError(E_MALFORMED, "every key must be non-empty bytes")

@@ -47,6 +47,8 @@ from lmcached.protocol import (
     GetReply,
     GetRequest,
     Limits,
+    LookupReply,
+    LookupRequest,
     PingReply,
     PingRequest,
     PurgeReply,
@@ -275,10 +277,22 @@ class Client:
 
     def lookup(self, keys: Sequence[KeyLike], timeout: float | None = None) -> int:
         """Return how many leading keys are present (the prefix hit)."""
-        # Keys of one prefix live on different workers, so each worker answers for its own keys
-        # in one parallel round trip and the prefix ends at the first missing key.
+        if not keys:
+            return 0
+        calls = self._run_keyed(LookupRequest, keys, timeout, whole_chain=True)
+        if len(calls) == 1 and isinstance(calls[0].reply, LookupReply):
+            # The routing rule puts a prompt's chain on one worker: it counted the prefix
+            # itself, stopping at the first miss, in one round trip.
+            return min(calls[0].reply.hit, len(keys))
+        # Keys without a shared route live on several workers: each says which of its keys it
+        # holds, in one parallel round trip, and the prefix ends at the first missing key.
+        flags = [False] * len(keys)
+        for call in calls:
+            assert isinstance(call.reply, ExistsReply)
+            for pos, flag in zip(call.positions, call.reply.flags, strict=False):
+                flags[pos] = flag
         hit = 0
-        for flag in self.exists(keys, timeout):
+        for flag in flags:
             if not flag:
                 break
             hit += 1
@@ -434,18 +448,26 @@ class Client:
 
     def _run_keyed(
         self,
-        make: type[GetRequest] | type[ExistsRequest] | type[DeleteRequest],
+        make: type[GetRequest] | type[ExistsRequest] | type[DeleteRequest] | type[LookupRequest],
         keys: Sequence[KeyLike],
         timeout: float | None,
+        whole_chain: bool = False,
     ) -> list[Call]:
-        """Validate ``keys``, send one request per owning worker and wait for the replies."""
+        """Validate ``keys``, send one request per owning worker and wait for the replies.
+
+        A ``LookupRequest`` is sent as such only when one request to one worker covers every
+        key (``whole_chain``); otherwise it becomes per-worker ``ExistsRequest``s.
+        """
         keys = _encode_keys(keys)
         with self._lock:
             deadline = self._start(timeout)
             limits = self._cluster.ensure(deadline).limits
             _check_keys(keys, limits)
+            owners = self._cluster.owners(keys)
+            if whole_chain and (len(owners) > 1 or len(keys) > limits.max_keys_per_batch):
+                make = ExistsRequest
             calls = []
-            for worker, positions in self._cluster.owners(keys).items():
+            for worker, positions in owners.items():
                 for i in range(0, len(positions), limits.max_keys_per_batch):
                     part = positions[i : i + limits.max_keys_per_batch]
                     calls.append(Call(worker, make([keys[p] for p in part]), positions=part))
@@ -528,8 +550,12 @@ def _encode_keys(keys: Sequence[KeyLike]) -> Sequence[bytes]:
 
 
 def _check_keys(keys: Sequence[Any], limits: Limits) -> None:
-    """Validate a batch of keys; the common all-good case costs two C-level passes."""
-    if all(type(k) is bytes and k for k in keys) and max(map(len, keys)) <= limits.max_key_length:
+    """Validate a batch of keys; the common all-good case costs three C-level passes."""
+    if (
+        set(map(type, keys)) == {bytes}
+        and min(map(len, keys)) > 0
+        and max(map(len, keys)) <= limits.max_key_length
+    ):
         return
     for k in keys:
         _check_key(k, limits)

@@ -6,20 +6,20 @@ the key, so a disk tier can rebuild its index by scanning files, and carries an 
 of the payload, so a reader never returns bytes that were torn, truncated or flipped.
 
 A checksum protects against accidents only: anyone who can write to a shared store can compute
-it. With an integrity secret (``integrity_key_file``) a writer adds an HMAC-SHA256 over the
+it. With an integrity secret (``integrity_key_file``) a writer adds a keyed BLAKE3 MAC over the
 header and the payload (format version 2), and a reader holding the secret treats a block
 without a valid MAC as a miss: a forged value, or a valid one copied under another key.
 """
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+import blake3
 import msgpack
 import xxhash
 
@@ -32,9 +32,9 @@ FORMAT_VERSION = 1
 MAC_FORMAT_VERSION = 2
 MAX_READ_VERSION = MAC_FORMAT_VERSION
 FLAG_MAC = 0x0001
-# HMAC-SHA256 rather than keyed BLAKE2b: both are real MACs, and with the SHA extensions of
-# current x86 CPUs OpenSSL's SHA-256 ran twice as fast as hashlib's BLAKE2b in one run here
-# (scripts/bench_integrity.py). The MAC is the dominant cost of a keyed read.
+# Keyed BLAKE3-256 (its keyed-hash mode, a MAC by design): the MAC is the dominant cost of a
+# keyed read, and BLAKE3 on one thread ran 2.6x as fast as HMAC-SHA256 in one run here
+# (scripts/bench_integrity.py, docs/benchmarks.md).
 MAC_LEN = 32
 
 # magic, version, codec, dtype, ndim, header_len, key_len, flags, meta_len, payload_len,
@@ -131,10 +131,14 @@ def _dtype_name(value: Any) -> str | None:
 
 
 def _mac(secret: bytes, covered: Buffer, frames: Iterable[Buffer]) -> bytes:
-    h = hmac.new(secret, digestmod=hashlib.sha256)
-    h.update(covered)
+    # blake3's default max_threads is 1. AUTO was no steady win on the 2-core dev machine
+    # (slower in one run, 1.3x in another) and would take the core other worker threads use.
+    h = blake3.blake3(key=secret)
+    # blake3 takes only byte-format buffers with strides (not a zmq.Frame or a float16 view,
+    # which hmac took): a byte view of each, no copy.
+    h.update(memoryview(covered).cast("B"))
     for frame in frames:
-        h.update(frame)
+        h.update(memoryview(frame).cast("B"))
     return h.digest()
 
 

@@ -22,7 +22,7 @@ class IntegrityKeyError(ValueError):
 
 
 def load_integrity_key(path: str) -> bytes:
-    """Return the 32-byte MAC key derived from the secret in ``path``.
+    """Return the 32-byte keyed-BLAKE3 MAC key derived from the secret in ``path``.
 
     The file's contents, less surrounding whitespace, are the secret (any bytes, at least 16;
     ``openssl rand -hex 32 > key`` makes one). Raises :class:`IntegrityKeyError`.
@@ -51,5 +51,6 @@ def load_integrity_key(path: str) -> bytes:
             f"{path} holds {len(material)} bytes; an integrity secret needs at least "
             f"{MIN_SECRET_BYTES}"
         )
-    # A fixed-size key whatever the file holds (BLAKE2b keys are at most 64 bytes).
+    # A fixed-size key whatever the file holds: keyed BLAKE3 takes exactly 32 bytes. This step
+    # is part of the format (docs/format.md); changing it changes every MAC.
     return hashlib.blake2b(material, digest_size=32, person=b"lmcached-ikey").digest()

@@ -317,6 +317,21 @@ class TieredStore:
         with self._cpu_lock:
             return self.top.contains(key)
 
+    def contains_cached_many(self, keys: Sequence[bytes]) -> list[bool]:
+        """``contains_cached`` of each key under one lock (a lookup asks about 100s of keys)."""
+        contains = self.top.contains
+        with self._cpu_lock:
+            return [contains(k) for k in keys]
+
+    def cached_prefix(self, keys: Sequence[bytes]) -> int:
+        """Return how many leading keys the CPU tier holds, under one lock."""
+        contains = self.top.contains
+        with self._cpu_lock:
+            for i, key in enumerate(keys):
+                if not contains(key):
+                    return i
+        return len(keys)
+
     def exists_many(self, keys: Sequence[bytes]) -> list[bool]:
         """Return, per key, whether any tier holds it (may block: call it off the loop)."""
         with self._cpu_lock:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import struct
 
+import blake3
 import pytest
 import xxhash
 
@@ -18,6 +21,7 @@ from lmcached.storage.blockformat import (
     decode_header,
     encode_block,
 )
+from lmcached.storage.integrity import load_integrity_key
 
 
 def _encoded(key: bytes, payload: bytes, meta: dict | None = None) -> bytearray:
@@ -148,6 +152,37 @@ def test_keyed_block_copied_under_another_key_is_a_mac_failure() -> None:
     with pytest.raises(BlockFormatError) as err:
         decode_block(bytes(buf), b"attack-key", SECRET)
     assert err.value.kind == "mac"
+
+
+# A fixed vector pins the keyed format (docs/format.md): key file contents -> K -> the MAC of a
+# small block. A change here changes every MAC a deployment has stored.
+VECTOR_SECRET_FILE = "0123456789abcdef0123456789abcdef\n"
+VECTOR_K = "f79c1d23539a797e28cf5de1c169a91c7138fbf120d84ceb3eeec813c5b1d727"
+VECTOR_MAC = "f875d477abc6c0c5e0cd250af114ac8bdcaded7907c2a835d7c374555234cb05"
+
+
+def test_keyed_format_is_pinned_by_a_fixed_vector(tmp_path) -> None:
+    path = tmp_path / "key"
+    path.write_text(VECTOR_SECRET_FILE)
+    path.chmod(0o600)
+    secret = load_integrity_key(str(path))
+    assert secret.hex() == VECTOR_K
+    # K = BLAKE2b-256 of the stripped contents, person "lmcached-ikey".
+    material = VECTOR_SECRET_FILE.strip().encode()
+    assert secret == hashlib.blake2b(material, digest_size=32, person=b"lmcached-ikey").digest()
+
+    buf = _keyed(b"k", b"payload", secret)
+    header = decode_header(buf)
+    assert header.version == 2 and header.mac is not None
+    assert header.mac.hex() == VECTOR_MAC
+    # The MAC field sits right before the 8-byte trailer and is keyed BLAKE3-256 over every
+    # header byte before it, then the payload (not HMAC-SHA256, the first draft).
+    mac_at = header.header_len - 8 - 32
+    assert buf[mac_at : mac_at + 32].hex() == VECTOR_MAC
+    covered = buf[:mac_at]
+    assert header.mac == blake3.blake3(covered + b"payload", key=secret).digest()
+    assert header.mac != hmac.new(secret, covered + b"payload", "sha256").digest()
+    decode_block(buf, b"k", secret)
 
 
 @pytest.mark.parametrize("meta_bytes", [b"\x07", b"\xc1", b"\x92\x01"])

@@ -2,8 +2,9 @@
 
 Health is a small circuit breaker. After a failure the remote is ``down`` and every call fails
 at once, without touching the network, until the backoff delay has passed; then one call tries
-again. Success makes it ``ok`` and resets the delay; another failure doubles it (up to
-``backoff_max``). So a dead Redis costs one timeout per backoff period, never one per request.
+again: exactly one, while concurrent callers keep failing at once until that probe ends. Success
+makes it ``ok`` and resets the delay; another failure doubles it (up to ``backoff_max``). So a
+dead Redis costs one timeout per backoff period, never one per request or per waiting thread.
 """
 
 from __future__ import annotations
@@ -38,17 +39,31 @@ class RemoteHealth:
         self.last_error: str | None = None
         self.retry_at = 0.0
         self._delay = backoff_initial
+        # True while the one call let through to test a down remote has not finished.
+        self._probing = False
         self._lock = threading.Lock()
 
     def may_try(self) -> bool:
+        """True while the remote is ok; when it is down, True for one probe per backoff period."""
         with self._lock:
-            return self.state == "ok" or time.monotonic() >= self.retry_at
+            if self.state == "ok":
+                return True
+            if self._probing or time.monotonic() < self.retry_at:
+                return False
+            self._probing = True
+            return True
+
+    def probe_abandoned(self) -> None:
+        """The probe ended without a verdict (an unexpected error): let the next caller probe."""
+        with self._lock:
+            self._probing = False
 
     def succeeded(self) -> bool:
         """Record a success; return True when this ended an outage."""
         with self._lock:
             recovered = self.state != "ok"
             self.state = "ok"
+            self._probing = False
             self.consecutive_failures = 0
             self._delay = self.backoff_initial
             return recovered
@@ -58,6 +73,7 @@ class RemoteHealth:
         with self._lock:
             started = self.state == "ok"
             self.state = "down"
+            self._probing = False
             self.consecutive_failures += 1
             self.last_error = error
             self.retry_at = time.monotonic() + self._delay
@@ -150,6 +166,9 @@ class RemoteBackend(StorageBackend):
                 log.warning(
                     "remote store unavailable", remote=self.connector.describe(), error=str(exc)
                 )
+            raise
+        except BaseException:
+            self.health.probe_abandoned()
             raise
         if self.health.succeeded():
             log.info("remote store reachable again", remote=self.connector.describe())
