@@ -331,7 +331,16 @@ class Config:
 
     # --- core: processes and endpoints -----------------------------------------------------
     num_workers: int = option(2, positive_int, "Worker processes; each owns 1/N of the keys.")
-    host: str = option("127.0.0.1", bind_host, "Address the control and data endpoints bind.")
+    enable_tcp: bool = option(
+        False,
+        boolean,
+        "Also listen on TCP (host, port), for off-host clients and benchmarks. TCP always runs "
+        "CURVE: without curve_secret_key_file the daemon generates its keys in the runtime "
+        "folder. Off: clients use the ipc sockets of the runtime folder only.",
+    )
+    host: str = option(
+        "127.0.0.1", bind_host, "Address the TCP control and data endpoints bind (enable_tcp)."
+    )
     port: int = option(
         7470,
         port_number,
@@ -394,6 +403,12 @@ class Config:
     # --- core: supervision and logging -------------------------------------------------------
     worker_start_timeout: float = option(
         20.0, seconds, "How long a worker may take to report ready."
+    )
+    worker_start_attempts: int = option(
+        5,
+        positive_int,
+        "Consecutive failed starts of one worker (it exits or times out before it serves) "
+        "after which the daemon gives up and exits with the reason.",
     )
     worker_restart_backoff: float = option(
         0.2, seconds, "First delay before restarting a crashed worker; doubles up to 10 s."
@@ -556,7 +571,9 @@ class Config:
         "Ephemeral when `port` is 0.",
     )
     metrics_host: str = option(
-        "127.0.0.1", bind_host, "Address the metrics endpoint binds (it has no authentication)."
+        "127.0.0.1",
+        bind_host,
+        "Address the metrics endpoint binds; loopback only, as it has no authentication.",
     )
     health_deadline: float = option(
         2.0, seconds, "How long each worker has to answer a health probe before it counts as down."
@@ -1108,6 +1125,13 @@ def is_loopback_host(host: str) -> bool:
 
 
 def _check_authentication(cfg: Config) -> None:
+    if cfg.metrics_port is not None and not is_loopback_host(cfg.metrics_host):
+        raise ConfigError(
+            "metrics_host",
+            f"binding {cfg.metrics_host} exposes the unauthenticated metrics endpoint beyond this "
+            "machine; keep it on a loopback address and let a local agent or proxy export it",
+            cfg.source,
+        )
     if not is_loopback_host(cfg.host) and not cfg.curve_secret_key_file:
         raise ConfigError(
             "host",
@@ -1120,6 +1144,14 @@ def _check_authentication(cfg: Config) -> None:
             "curve_authorized_keys",
             "is required with curve_secret_key_file: without an allow-list of client public "
             "keys any CURVE client could connect",
+            cfg.source,
+        )
+    if not cfg.enable_tcp and not is_loopback_host(cfg.host):
+        # Before enable_tcp existed, such a host meant TCP; never drop off-host clients silently.
+        raise ConfigError(
+            "enable_tcp",
+            f"host is {cfg.host}, for off-host clients, but TCP is off; set enable_tcp: true "
+            "(it runs CURVE with your keys) or remove host",
             cfg.source,
         )
     for key in ("curve_secret_key_file", "curve_authorized_keys"):

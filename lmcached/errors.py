@@ -32,6 +32,11 @@ class LMCachedRequestError(LMCachedError):
         self.code = code
 
 
+class StartupError(LMCachedError):
+    """The daemon cannot start or keep running: a port or socket is taken, the runtime folder is
+    in use, or its workers cannot start. The message is the one-line reason."""
+
+
 class ConfigError(LMCachedError):
     """A configuration value is missing, unknown or invalid."""
 
@@ -62,3 +67,5 @@ EXIT_PLUGIN_FATAL = 78
 # cannot be imported or fails its interface check ...); the worker logs the one-line reason.
 # sysexits' EX_DATAERR, since EX_CONFIG already means the above.
 EXIT_CONFIG_INVALID = 65
+# A worker failed to start worker_start_attempts times in a row (sysexits' EX_SOFTWARE).
+EXIT_WORKERS_CANNOT_START = 70

@@ -76,7 +76,7 @@ def ipc_endpoint(cfg: Instance, name: str) -> str:
 
 
 def bind_endpoints(sock: Any, cfg: DaemonInstance, name: str, port: int | None) -> dict[str, str]:
-    """Bind ``sock`` on tcp (``port``; 0 = ephemeral; None = no tcp) and on ipc socket ``name``.
+    """Bind ``sock`` on ipc socket ``name`` and, when ``port`` is not None, on tcp (0 = ephemeral).
 
     A stale socket file from a crashed run is removed first; the caller sets its permissions.
     """
@@ -93,6 +93,15 @@ def bind_endpoints(sock: Any, cfg: DaemonInstance, name: str, port: int | None) 
     sock.bind(ipc)
     out["ipc"] = ipc
     return out
+
+
+DEFAULT_INSTANCE = "default"
+
+
+def default_control_endpoint() -> str:
+    """The control endpoint of a daemon started without ``--config``, for this user: the ipc
+    socket ``<default runtime_dir>/default/control.sock``."""
+    return f"ipc://{os.path.join(default_runtime_dir(), DEFAULT_INSTANCE, 'control.sock')}"
 
 
 def host_id() -> str:
@@ -160,12 +169,25 @@ def read_endpoints(cfg: Instance) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
+def ready_pid(cfg: Instance) -> int | None:
+    """Return the pid of the daemon whose workers all serve, or None (none, or still starting).
+
+    The scheduler publishes its endpoints as soon as it binds them (``ready: false``) and again
+    once every worker serves (``ready: true``); a file without the field predates that.
+    """
+    data = read_endpoints(cfg)
+    if not data or not data.get("ready", True):
+        return None
+    pid = data.get("pid")
+    return pid if isinstance(pid, int) else None
+
+
 def remove_endpoints(cfg: Instance) -> None:
     with contextlib.suppress(OSError):
         (instance_dir(cfg) / ENDPOINTS_FILE).unlink()
 
 
-def control_endpoint(cfg: Instance, prefer: str = "tcp") -> str | None:
+def control_endpoint(cfg: Instance, prefer: str = "ipc") -> str | None:
     """Return the control endpoint of the daemon for ``cfg`` from its runtime file."""
     data = read_endpoints(cfg)
     if not data:
@@ -173,7 +195,7 @@ def control_endpoint(cfg: Instance, prefer: str = "tcp") -> str | None:
     control = data.get("control")
     if not isinstance(control, dict):
         return None
-    for name in (prefer, "tcp", "ipc"):
+    for name in (prefer, "ipc", "tcp"):
         ep = control.get(name)
         if isinstance(ep, str) and ep:
             return ep

@@ -94,6 +94,49 @@ def load_public_key(path: str, key: str) -> bytes:
     return public
 
 
+# The daemon's own key pair when `enable_tcp` is on and no curve_secret_key_file is given:
+# generated into the instance folder, so it is exactly as secret as the ipc sockets beside it.
+GENERATED_KEYS_DIR = "curve"
+GENERATED_KEY_NAME = "daemon"
+GENERATED_AUTHORIZED_DIR = "authorized"
+
+
+def generated_secret_path(instance_dir: str | os.PathLike[str]) -> Path:
+    """Return where the daemon of ``instance_dir`` keeps a generated secret certificate."""
+    return Path(instance_dir) / GENERATED_KEYS_DIR / f"{GENERATED_KEY_NAME}.key_secret"
+
+
+def ensure_generated_keys(
+    instance_dir: str | os.PathLike[str], group: str | None
+) -> tuple[Path, Path]:
+    """Create (once) the daemon's CURVE pair and an empty allow-list in the instance folder.
+
+    Returns (secret certificate, allow-list folder). The secret file is mode 0640 with group
+    ``socket_group``: whoever may use the ipc sockets may also read the key, so the TCP endpoint
+    admits exactly the users the ipc sockets admit (plus keys an operator puts in the allow-list).
+    An existing pair is reused, so clients keep working across restarts.
+    """
+    folder = Path(instance_dir) / GENERATED_KEYS_DIR
+    secret = generated_secret_path(instance_dir)
+    allowed = folder / GENERATED_AUTHORIZED_DIR
+    if not secret.exists():
+        keygen(folder, GENERATED_KEY_NAME, force=True)
+    allowed.mkdir(mode=0o750, exist_ok=True)
+    os.chmod(secret, 0o640)
+    gid = resolve_group(group)
+    for path in (folder, allowed, secret):
+        if os.stat(path).st_gid != gid:
+            os.chown(path, -1, gid)
+    os.chmod(folder, 0o750)
+    return secret, allowed
+
+
+def readable_generated_certificate(instance_dir: str | os.PathLike[str]) -> str | None:
+    """Return the generated secret certificate of ``instance_dir`` when this process may read it."""
+    path = generated_secret_path(instance_dir)
+    return str(path) if os.access(path, os.R_OK) else None
+
+
 # ---------------------------------------------------------------------------------------------
 # Server side.
 # ---------------------------------------------------------------------------------------------
@@ -315,12 +358,31 @@ class ClientCurve:
         as the service user), which every lmcached process admits.
         """
         found = cls.load(cfg.curve_client_key_file, cfg.curve_server_key_file, environ)
-        if found is not None or not cfg.curve_secret_key_file:
+        if found is not None:
             return found
-        if not os.access(cfg.curve_secret_key_file, os.R_OK):
+        own = cfg.curve_secret_key_file
+        if not own or not os.access(own, os.R_OK):
+            # A daemon with enable_tcp and no keys of its own generated them into its folder.
+            own = readable_generated_certificate(cfg.instance_dir)
+        if not own:
             return None
-        public, secret = load_secret_certificate(cfg.curve_secret_key_file, "curve_secret_key_file")
+        return cls.own_daemon(own)
+
+    @classmethod
+    def own_daemon(cls, secret_file: str) -> ClientCurve:
+        """Use the daemon's own key pair (every lmcached process admits it)."""
+        public, secret = load_secret_certificate(secret_file, "curve_secret_key_file")
         return cls(public, secret, public)
+
+    @classmethod
+    def beside_ipc(cls, endpoint: str) -> ClientCurve | None:
+        """For an ``ipc://<instance>/control.sock`` endpoint: the daemon's generated pair, if
+        this process may read it (it may then use the sockets beside it anyway)."""
+        path = ipc_path(endpoint)
+        if path is None:
+            return None
+        own = readable_generated_certificate(os.path.dirname(path))
+        return cls.own_daemon(own) if own else None
 
     def apply(self, sock: zmq.Socket[Any]) -> None:
         """Set the CURVE client options on ``sock``; call before connect()."""

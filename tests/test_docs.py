@@ -181,7 +181,7 @@ class Sandbox:
     def endpoint(self) -> str:
         data = runtime.read_endpoints(self.cfg)
         assert data, "the docs daemon is not running"
-        return str(data["control"]["tcp"])
+        return str(data["control"]["ipc"])
 
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
@@ -205,8 +205,7 @@ class Sandbox:
                 raise AssertionError(
                     f"`{line}` exited with {self.proc.returncode} before serving:\n{self.log()}"
                 )
-            data = runtime.read_endpoints(self.cfg)
-            if data and data.get("pid") == self.proc.pid:
+            if runtime.ready_pid(self.cfg) == self.proc.pid:
                 return
             time.sleep(0.05)
         raise AssertionError(f"`{line}` did not become ready within 30 s:\n{self.log()}")

@@ -160,14 +160,15 @@ def test_non_loopback_bind_requires_curve(keys):
         config.from_mapping(
             {"host": "0.0.0.0", "curve_secret_key_file": keys["server_sec"]}, environ={}
         )
-    cfg = config.from_mapping(
-        {
-            "host": "0.0.0.0",
-            "curve_secret_key_file": keys["server_sec"],
-            "curve_authorized_keys": keys["allowed"],
-        },
-        environ={},
-    )
+    full = {
+        "host": "0.0.0.0",
+        "curve_secret_key_file": keys["server_sec"],
+        "curve_authorized_keys": keys["allowed"],
+    }
+    # TCP is off by default: a non-loopback host without enable_tcp is a mistake, said aloud.
+    with pytest.raises(ConfigError, match="enable_tcp"):
+        config.from_mapping(full, environ={})
+    cfg = config.from_mapping({**full, "enable_tcp": True}, environ={})
     assert cfg.host == "0.0.0.0"
     # Loopback stays keyless by default.
     assert ServerCurve.from_config(config.from_mapping({}, environ={})) is None

@@ -296,6 +296,9 @@ def run(args: argparse.Namespace) -> Report:
                 overrides = yaml.safe_load(f) or {}
         overrides["port"] = 0
         overrides.pop("runtime_dir", None)  # the private daemon gets its own runtime folder
+        if "tcp" in transports:
+            # TCP is off by default and always CURVE when on (every endpoint, ipc included).
+            overrides["enable_tcp"] = True
         overrides.setdefault("max_local_cpu_size", "2GiB")
         overrides.setdefault("log_level", "warning")
         progress("starting a private daemon")
@@ -306,6 +309,11 @@ def run(args: argparse.Namespace) -> Report:
 
         with Client(endpoint, timeout=30) as c:
             status = c.stats()
+            has_tcp = all(w.get("tcp") for w in c.cluster_map["workers"])
+        if "tcp" in transports and not has_tcp:
+            # Never measure ipc under the name tcp: a daemon without enable_tcp has no TCP.
+            progress("skipping tcp: the daemon serves no TCP endpoint (enable_tcp is off)")
+            transports = [t for t in transports if t != "tcp"]
             report.memory["idle_worker_uss_mb"] = [
                 round((w.get("memory") or {}).get("uss", 0) / 1e6, 1) for w in status["workers"]
             ]

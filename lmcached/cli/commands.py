@@ -59,7 +59,8 @@ class CommandTable:
         if endpoint:
             p.add_argument(
                 "--endpoint",
-                help="control endpoint, e.g. tcp://127.0.0.1:7470 (overrides --config)",
+                help="control endpoint, e.g. ipc:///run/lmcached/default/control.sock "
+                "(overrides --config)",
             )
             p.add_argument(
                 "--timeout", type=float, default=5.0, help="seconds to wait for the daemon"
@@ -98,7 +99,7 @@ def client_for(args: argparse.Namespace, timeout: float = 5.0) -> Any:
     if config is None:
         from lmcached import runtime
 
-        ep = runtime.control_endpoint(cfg) or f"tcp://{cfg.host}:{cfg.port}"
+        ep = runtime.control_endpoint(cfg) or runtime.ipc_endpoint(cfg, "control")
         return Client(ep, timeout=timeout)
     return Client.from_config(config, timeout=timeout)
 

@@ -75,6 +75,19 @@ KeyLike = bytes | str
 Hit = tuple[int, Sequence[Frame], dict[str, Any] | None]
 
 
+ENDPOINT_SCHEMES = ("ipc://", "tcp://")
+
+
+def check_endpoint(endpoint: str) -> None:
+    """Raise a one-line LMCachedRequestError unless ``endpoint`` is a ZMQ endpoint we serve."""
+    if not isinstance(endpoint, str) or not endpoint.startswith(ENDPOINT_SCHEMES):
+        raise LMCachedRequestError(
+            f"{endpoint!r} is not an lmcached endpoint; expected "
+            "ipc:///PATH/control.sock (same host) or tcp://HOST:PORT (enable_tcp)",
+            "bad_endpoint",
+        )
+
+
 class Client:
     """Store and fetch KV blocks in an lmcached daemon."""
 
@@ -97,6 +110,8 @@ class Client:
                 config_path = next((os.environ[e] for e in CONFIG_ENVS if os.environ.get(e)), None)
         if transport not in ("auto", "tcp", "ipc"):
             raise ValueError("transport must be auto, tcp or ipc")
+        if endpoint is not None:
+            check_endpoint(endpoint)
         self._endpoint = endpoint
         self._config_path = str(config_path) if config_path is not None else None
         # Without an endpoint the daemon is found through its runtime file, again after a failure.
@@ -110,7 +125,8 @@ class Client:
         self._ids = itertools.count(1)
         self._closed = False
         # CURVE credentials: given, else from the config file's curve_* keys, else from
-        # LMCACHED_CURVE_*_KEY_FILE; None talks plain ZMQ.
+        # LMCACHED_CURVE_*_KEY_FILE, else the daemon's generated pair beside an ipc endpoint;
+        # None talks plain ZMQ.
         self._curve = curve
         # Weak: the parts must not refer back to the Client, so that a Client dropped without
         # close() is freed (and its sockets closed) at once, not left to the cycle collector.
@@ -425,7 +441,10 @@ class Client:
             return self._curve
         if self._follows_file:
             return ClientCurve.from_config(self._read_settings())
-        return ClientCurve.load()
+        found = ClientCurve.load()
+        if found is None and self._endpoint is not None:
+            found = ClientCurve.beside_ipc(self._endpoint)
+        return found
 
     def _run_keyed(
         self,

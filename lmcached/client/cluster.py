@@ -157,7 +157,7 @@ class ClusterView:
         assert self._map is not None
         ipc = self._use_ipc()
         for w in self._map.workers:
-            endpoint = (w.ipc if ipc else w.tcp) or w.tcp
+            endpoint = w.ipc if ipc else w.tcp  # None: not served that way (no enable_tcp)
             if not w.up or not endpoint:
                 self._conns.drop(w.id)
                 continue

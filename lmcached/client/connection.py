@@ -133,7 +133,14 @@ class Connections:
         if unbounded:
             sock.setsockopt(zmq.SNDHWM, 0)
             sock.setsockopt(zmq.RCVHWM, 0)
-        sock.connect(endpoint)
+        try:
+            sock.connect(endpoint)
+        except zmq.ZMQError as exc:
+            # Closed now: an open socket would block the context's term() in close() for ever.
+            sock.close(linger=0)
+            raise LMCachedRequestError(
+                f"cannot connect to {endpoint!r}: {exc}", "bad_endpoint"
+            ) from None
         return sock
 
     def connect(self, worker: int, endpoint: str, identity: tuple[str, int | None]) -> None:

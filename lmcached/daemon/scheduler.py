@@ -9,6 +9,7 @@ client that sees a dead or changed worker knows to refresh.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import json
 import os
@@ -26,7 +27,12 @@ import zmq
 
 from lmcached import config as config_mod
 from lmcached import logs, protocol
-from lmcached.errors import EXIT_CONFIG_INVALID, EXIT_PLUGIN_FATAL
+from lmcached.errors import (
+    EXIT_CONFIG_INVALID,
+    EXIT_PLUGIN_FATAL,
+    EXIT_WORKERS_CANNOT_START,
+    StartupError,
+)
 from lmcached.protocol import (
     CONTROL_OPS,
     ClusterMap,
@@ -49,6 +55,7 @@ from lmcached.protocol import (
 )
 from lmcached.runtime import (
     InstanceLock,
+    RuntimeDirError,
     bind_endpoints,
     host_id,
     instance_dir,
@@ -65,6 +72,9 @@ from lmcached.supervision.states import (
 from lmcached.version import PROTOCOL_VERSION, __version__
 
 LOOP_MS = 100
+PR_SET_PDEATHSIG = 1
+# Loaded before any fork: the child between fork and exec may only call into what is loaded.
+_libc = ctypes.CDLL(None, use_errno=True)
 MAX_BACKOFF_S = 10.0
 # A worker that stayed up this long is healthy again: its next crash restarts it quickly.
 STABLE_AFTER_S = 30.0
@@ -81,6 +91,8 @@ class WorkerSlot:
     endpoints: dict[str, str] = field(default_factory=dict)
     last_exit: int | None = None
     sock: zmq.Socket | None = None  # scheduler -> worker, for stats and health
+    # Starts in a row that ended before the worker served (reset once it serves).
+    failed_starts: int = 0
     life: ProcessLife = field(init=False)
 
     def __post_init__(self) -> None:
@@ -172,22 +184,36 @@ class Scheduler:
     def start(self) -> None:
         """Take the instance lock, bind the endpoints and spawn the workers."""
         cfg = self.cfg
-        self.lock.acquire()
-        control = self._ctx.socket(zmq.ROUTER)
+        try:
+            self.lock.acquire()
+        except (RuntimeDirError, OSError) as exc:
+            raise StartupError(f"cannot use the runtime folder: {exc}") from None
+        # Owned (closed by shutdown()) before binding: a failed bind must not leave a socket
+        # open, or the context's term() would wait for it for ever.
+        control = self._control = self._ctx.socket(zmq.ROUTER)
         control.setsockopt(zmq.LINGER, 0)
         control.setsockopt(zmq.MAXMSGSIZE, 1 << 20)
         if self.auth is not None:
             self.auth.secure(control)
-        self.control_endpoints = bind_endpoints(control, cfg, "control", cfg.port)
+        port = cfg.port if cfg.enable_tcp else None
+        try:
+            self.control_endpoints = bind_endpoints(control, cfg, "control", port)
+        except (zmq.ZMQError, OSError) as exc:
+            where = f"tcp://{cfg.host}:{port}" if port else "its ipc socket"
+            raise StartupError(f"cannot bind the control endpoint {where}: {exc}") from None
         secure_ipc_socket(self.control_endpoints["ipc"], cfg.socket_group)
-        self._control = control
 
-        internal = self._ctx.socket(zmq.ROUTER)
+        internal = self._internal = self._ctx.socket(zmq.ROUTER)
         internal.setsockopt(zmq.LINGER, 0)
         internal.setsockopt(zmq.MAXMSGSIZE, 1 << 16)
-        self._internal_endpoint = bind_endpoints(internal, cfg, "internal", None)["ipc"]
+        try:
+            self._internal_endpoint = bind_endpoints(internal, cfg, "internal", None)["ipc"]
+        except (zmq.ZMQError, OSError) as exc:
+            raise StartupError(f"cannot bind the internal ipc socket: {exc}") from None
         os.chmod(self._internal_endpoint[len("ipc://") :], 0o600)
-        self._internal = internal
+        # Published at once (ready: false), so `status` and `stop` find a daemon whose workers
+        # are still starting, or failing to, instead of reporting it "not running".
+        self._publish_endpoints()
 
         # Workers read the effective config (env overrides applied) from a private file.
         effective = cfg.to_dict(redact=False)
@@ -220,8 +246,14 @@ class Scheduler:
             self._internal_endpoint,
             "--daemon-id",
             self.daemon_id,
+            "--parent-pid",
+            str(os.getpid()),
         ]
-        slot.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, close_fds=True)
+        with contextlib.suppress(FileNotFoundError):
+            self._start_error_file(slot.id).unlink()
+        slot.proc = subprocess.Popen(
+            cmd, stdin=subprocess.DEVNULL, close_fds=True, preexec_fn=_die_with_parent(os.getpid())
+        )
         slot.pid = slot.proc.pid
         slot.life.advance(ProcessState.STARTING)
         self.log.info("worker_spawned", worker=slot.id, pid=slot.pid)
@@ -277,8 +309,13 @@ class Scheduler:
                 slot.life.restarts += 1
                 self._spawn(slot)
 
+    def _start_error_file(self, worker: int) -> Path:
+        return instance_dir(self.cfg) / f"worker-{worker}.start-error"
+
     def _worker_died(self, slot: WorkerSlot, code: int, now: float) -> None:
         was_up = slot.serving
+        if not was_up:
+            slot.failed_starts += 1
         slot.last_exit = code
         slot.proc = None
         slot.pid = None
@@ -306,10 +343,28 @@ class Scheduler:
             )
             self.exit_code = code
             self._stopping = True
+        elif slot.failed_starts >= self.cfg.worker_start_attempts:
+            self._give_up(slot, code)
         slot.life.advance(ProcessState.BACKOFF)
         self.log.error("worker_exited", worker=slot.id, code=code, restart_in_s=round(delay, 3))
         if was_up:
             self._bump("worker_down", slot.id)
+
+    def _give_up(self, slot: WorkerSlot, code: int) -> None:
+        """Stop the daemon: this worker cannot start, and neither would it on the next try."""
+        reason = f"exit code {code}"
+        with contextlib.suppress(OSError):
+            text = self._start_error_file(slot.id).read_text(errors="replace").strip()
+            if text:
+                reason = text.splitlines()[0]
+        message = (
+            f"worker {slot.id} failed to start {slot.failed_starts} times in a row "
+            f"(worker_start_attempts); last: {reason}"
+        )
+        self.log.error("workers_cannot_start", worker=slot.id, reason=reason)
+        print(f"lmcached: {message}", file=sys.stderr, flush=True)
+        self.exit_code = EXIT_WORKERS_CANNOT_START
+        self._stopping = True
 
     def _on_hello(self, data: bytes) -> None:
         try:
@@ -325,38 +380,45 @@ class Scheduler:
         if slot.pid != pid or slot.life.state is not ProcessState.STARTING:
             self.log.warning("stale_hello", worker=wid, pid=pid, expected=slot.pid)
             return
-        slot.endpoints = dict(hello.endpoints)
-        slot.life.advance(ProcessState.RUNNING)
         sock = self._ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         if self.worker_curve is not None:
             self.worker_curve.apply(sock)
-        sock.connect(slot.endpoints["ipc"])
+        try:
+            sock.connect(hello.endpoints["ipc"])
+        except (KeyError, zmq.ZMQError) as exc:
+            # Closed at once: a socket left open would block the context's term() at shutdown.
+            sock.close(linger=0)
+            self.log.warning("bad_hello", worker=wid, error=f"no usable ipc endpoint: {exc}")
+            return
+        slot.endpoints = dict(hello.endpoints)
+        slot.failed_starts = 0
+        slot.life.advance(ProcessState.RUNNING)
         slot.sock = sock
         self._bump("worker_up", wid)
         if not self._ready and all(s.serving for s in self.slots):
             self._become_ready()
 
-    def _become_ready(self) -> None:
-        self._ready = True
+    def _publish_endpoints(self) -> None:
         write_endpoints(
             self.cfg,
             {
                 "pid": os.getpid(),
                 "daemon_id": self.daemon_id,
+                "ready": self._ready,
                 "control": self.control_endpoints,
                 "version": __version__,
                 "started_at": self.started_at,
                 **self.endpoint_extras,
             },
         )
-        self.log.info(
-            "daemon_ready", control=self.control_endpoints["tcp"], workers=len(self.slots)
-        )
-        print(
-            f"lmcached ready: control {self.control_endpoints['tcp']} ({len(self.slots)} workers)",
-            flush=True,
-        )
+
+    def _become_ready(self) -> None:
+        self._ready = True
+        self._publish_endpoints()
+        control = self.control_endpoints.get("tcp") or self.control_endpoints["ipc"]
+        self.log.info("daemon_ready", control=control, workers=len(self.slots))
+        print(f"lmcached ready: control {control} ({len(self.slots)} workers)", flush=True)
         for hook in self.on_ready:
             hook()
 
@@ -582,10 +644,30 @@ class Scheduler:
             for name in ("control", "internal"):
                 with contextlib.suppress(OSError):
                     os.unlink(instance_dir(self.cfg) / f"{name}.sock")
+            for slot in self.slots:
+                with contextlib.suppress(OSError):
+                    self._start_error_file(slot.id).unlink()
             with contextlib.suppress(OSError):
                 Path(self._config_json).unlink()
         self.lock.release()
         self.log.info("scheduler_stopped")
+
+
+def _die_with_parent(parent: int) -> Callable[[], None]:
+    """Return the worker's preexec_fn: between fork and exec, before any code of ours runs in
+    it, ask the kernel for SIGTERM when the scheduler dies (the worker then stops its plugins
+    and drains its write queues, as on any stop), then make sure it has not died already.
+
+    The death signal fires when the forking *thread* ends; workers are spawned from the
+    scheduler's main thread, whose end is the process's. Only async-signal-safe calls here.
+    """
+
+    def preexec() -> None:
+        _libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        if os.getppid() != parent:  # the scheduler died before the death signal was armed
+            os._exit(1)
+
+    return preexec
 
 
 def _memory(pid: int | None) -> dict[str, int] | None:

@@ -16,11 +16,14 @@ hooks are done; STOPPING=1 at shutdown.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import os
 import queue
 import time
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 from lmcached import config as config_mod
@@ -30,12 +33,19 @@ from lmcached.daemon.scheduler import PendingStatus, Scheduler
 from lmcached.daemon.script_plugins import SchedulerPlugins
 from lmcached.daemon.sdnotify import Notifier
 from lmcached.daemon.stat_loggers import StatLoggers
-from lmcached.errors import EXIT_PLUGIN_FATAL
+from lmcached.errors import EXIT_PLUGIN_FATAL, StartupError
 from lmcached.extensions.general import ProcessInfo, general_plugin_states, run_general_plugins
 from lmcached.extensions.lifecycle import PluginStartupError
 from lmcached.malloc import tune_for_large_messages
 from lmcached.protocol import ErrorReply
-from lmcached.security import AuthGuard, ClientCurve, ServerCurve
+from lmcached.security import (
+    AuthGuard,
+    ClientCurve,
+    ServerCurve,
+    ensure_generated_keys,
+    share_with_group,
+)
+from lmcached.supervision.orphans import OWNER_ENV
 from lmcached.supervision.states import WORKER_UP
 
 
@@ -290,12 +300,16 @@ def run(cfg: config_mod.Config) -> int:
         log.warning("memory_budget", message=warning)
     for note in cfg.warnings:  # LMCache keys accepted but not honoured, once each
         log.warning("config_key_ignored", message=note)
+    # A daemon started from a plugin is no plugin process itself: drop the tag its workers would
+    # inherit, or its own scheduler would take them for a dead shim's orphans.
+    os.environ.pop(OWNER_ENV, None)
     try:
         # vLLM's rule: general plugins run first in every process, before anything is bound.
         run_general_plugins(ProcessInfo("scheduler", None, cfg.source), strict=cfg.strict_plugins)
     except PluginStartupError as exc:
         log.error("plugin_start_failed", error=str(exc))
         return EXIT_PLUGIN_FATAL
+    cfg = with_tcp_keys(cfg)
     scheduler = Scheduler(cfg)
     plugins = SchedulerPlugins(scheduler)
     stat_loggers = StatLoggers(scheduler)
@@ -307,7 +321,12 @@ def run(cfg: config_mod.Config) -> int:
         except PluginStartupError as exc:
             log.error("plugin_start_failed", error=str(exc))
             return EXIT_PLUGIN_FATAL
-        attach(scheduler)  # sd_notify, health checks, /metrics, CURVE
+        try:
+            attach(scheduler)  # sd_notify, health checks, /metrics, CURVE
+        except OSError as exc:  # the metrics port is taken, most likely
+            raise StartupError(
+                f"cannot serve metrics on {cfg.metrics_host}:{cfg.metrics_port}: {exc}"
+            ) from None
         scheduler.start()
         scheduler.serve()
     finally:
@@ -315,6 +334,31 @@ def run(cfg: config_mod.Config) -> int:
         stat_loggers.stop()
         plugins.stop()
     return scheduler.exit_code
+
+
+def with_tcp_keys(cfg: config_mod.Config) -> config_mod.Config:
+    """With ``enable_tcp`` and no keys of the operator's, use keys generated in the runtime folder.
+
+    TCP is never served without CURVE. The generated pair lives beside the ipc sockets (mode 0640,
+    ``socket_group``), so exactly the users who may use the sockets may use TCP; off-host clients
+    are admitted by putting their public keys in the allow-list folder.
+    """
+    if not cfg.enable_tcp or cfg.curve_secret_key_file:
+        return cfg
+    instance = Path(cfg.instance_dir)
+    try:
+        instance.mkdir(parents=True, exist_ok=True, mode=0o750)
+        share_with_group(instance, cfg.socket_group, 0o750)
+        secret, allowed = ensure_generated_keys(instance, cfg.socket_group)
+    except OSError as exc:
+        raise StartupError(
+            f"cannot create CURVE keys for enable_tcp in {instance}: {exc}"
+        ) from None
+    return dataclasses.replace(
+        cfg,
+        curve_secret_key_file=str(secret),
+        curve_authorized_keys=cfg.curve_authorized_keys or str(allowed),
+    )
 
 
 def health_of_status(status: dict[str, Any]) -> list[str]:

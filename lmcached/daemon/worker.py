@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import json
 import os
 import signal
@@ -65,7 +64,6 @@ from lmcached.security import AuthGuard, ServerCurve, secure_ipc_socket
 from lmcached.storage.base import Block
 from lmcached.version import __version__
 
-PR_SET_PDEATHSIG = 1
 POLL_MS = 500
 # The longest a flush may hold an I/O thread, whatever the client asked: an abandoned flush
 # must not keep a pool thread (of 4) for ever.
@@ -76,13 +74,6 @@ TRIM_AFTER_BYTES = 16 << 20
 
 class WorkerBusy(Exception):
     """The worker is at max_inflight_bytes or its I/O queue is full; answered with E_BUSY."""
-
-
-def _die_with_parent() -> None:
-    """Ask the kernel to SIGTERM us when the scheduler dies, so a kill -9 leaves no worker."""
-    with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
 
 
 class OpStats:
@@ -149,7 +140,8 @@ class Worker:
 
     # ----------------------------------------------------------------------------- set-up
     def bind(self) -> dict[str, str]:
-        sock = self._ctx.socket(zmq.ROUTER)
+        # Owned before binding: close() must close it even when a bind fails, or term() hangs.
+        sock = self._router = self._ctx.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
         # A backstop only: the map carries the limits and clients check them before sending.
         sock.setsockopt(
@@ -164,10 +156,9 @@ class Worker:
             sock,
             cfg,
             f"worker-{self.worker_id}",
-            0 if cfg.port == 0 else cfg.port + 1 + self.worker_id,
+            None if not cfg.enable_tcp else 0 if cfg.port == 0 else cfg.port + 1 + self.worker_id,
         )
         secure_ipc_socket(self.endpoints["ipc"], cfg.socket_group)
-        self._router = sock
         return self.endpoints
 
     def register(self, internal_endpoint: str) -> None:
@@ -493,12 +484,12 @@ class Worker:
         return out
 
     # --------------------------------------------------------------------------------- loop
-    def serve(self) -> None:
+    def serve(self, parent: int) -> None:
+        """Serve until stopped, or until ``parent`` (the scheduler's pid) is no longer ours."""
         assert self._router is not None
         poller = zmq.Poller()
         poller.register(self._router, zmq.POLLIN)
         poller.register(self._wake_r, zmq.POLLIN)
-        parent = os.getppid()
         while not self._stop.is_set():
             try:
                 events = dict(poller.poll(POLL_MS))
@@ -551,12 +542,36 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--worker-id", type=int, required=True)
     parser.add_argument("--internal", required=True, help="scheduler's internal endpoint")
     parser.add_argument("--daemon-id", required=True, help="the scheduler's id, stamped on replies")
+    parser.add_argument("--parent-pid", type=int, required=True, help="the scheduler's pid")
     args = parser.parse_args(argv)
+    # The scheduler armed our death signal before exec; if it died before that, we were
+    # re-parented and the signal will never come.
+    if os.getppid() != args.parent_pid:
+        return 1
     protocol.REPLY_STAMP["d"] = args.daemon_id
-    _die_with_parent()
     tune_for_large_messages(daemon=True)
     with open(args.config_json) as f:
         cfg = config_mod.from_mapping(json.load(f), environ={})
+    try:
+        return _run(cfg, args)
+    except Exception as exc:  # a failed start: its reason for the scheduler, its trace in the log
+        _record_start_error(cfg, args.worker_id, exc)
+        logs.get_logger("lmcached.daemon.worker").exception("worker_start_failed")
+        return 1
+
+
+def _record_start_error(cfg: config_mod.Config, worker_id: int, exc: BaseException) -> None:
+    """Leave the one-line reason of a failed start where the scheduler reads it when it gives
+    up (worker_start_attempts); the full traceback is in this worker's log."""
+    path = os.path.join(cfg.instance_dir, f"worker-{worker_id}.start-error")
+    line = f"{type(exc).__name__}: {exc}".replace("\n", " ")[:500]
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(line + "\n")
+
+
+def _run(cfg: config_mod.Config, args: argparse.Namespace) -> int:
     logs.configure("worker", args.worker_id, cfg.log_level, cfg.log_format)
     log = logs.get_logger("lmcached.daemon.worker")
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the scheduler decides when workers stop
@@ -575,14 +590,18 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_CONFIG_INVALID
     plugins = WorkerPlugins(worker, args.config_json)
     signal.signal(signal.SIGTERM, lambda *_: worker.stop())
+    serving = False
     try:
         endpoints = worker.bind()
         plugins.start()
         worker.register(args.internal)
         log.info("worker_ready", endpoints=endpoints, version=__version__)
-        worker.serve()
-    except Exception:
+        serving = True
+        worker.serve(args.parent_pid)
+    except Exception as exc:
         log.exception("worker_failed")
+        if not serving:
+            _record_start_error(cfg, args.worker_id, exc)
         return 1
     finally:
         plugins.stop()

@@ -5,7 +5,7 @@ Start vLLM with::
     --kv-transfer-config '{"kv_connector": "LMCachedConnector",
                            "kv_connector_module_path": "lmcached.integrations.vllm",
                            "kv_role": "kv_both", "kv_load_failure_policy": "recompute",
-                           "kv_connector_extra_config": {"lmcached.endpoint": "tcp://127.0.0.1:7470"}}'
+                           "kv_connector_extra_config": {"lmcached.config": "/etc/lmcached/lmcached.yaml"}}'
 
 How it works:
 
@@ -58,6 +58,7 @@ from vllm.logger import init_logger
 
 from lmcached.integrations.daemon_link import DaemonLink
 from lmcached.integrations.kv_blocks import HostBufferPool, PagedKV, payload_tensor
+from lmcached.runtime import default_control_endpoint
 
 if TYPE_CHECKING:
     import torch
@@ -73,7 +74,8 @@ if TYPE_CHECKING:
 
 logger = init_logger(__name__)
 
-DEFAULT_ENDPOINT = "tcp://127.0.0.1:7470"
+# Same-host engines use the daemon's ipc control socket; TCP is off unless enabled (with CURVE).
+DEFAULT_ENDPOINT = default_control_endpoint()
 DEFAULT_CHUNK_SIZE = 256
 
 
@@ -103,8 +105,9 @@ SETTINGS_DOC: dict[str, tuple[str, Any, str]] = {
     "lmcached.endpoint": (
         "endpoint",
         str,
-        "Daemon control endpoint, e.g. tcp://127.0.0.1:7470 or ipc:///run/lmcached/control. "
-        f"Default: $LMCACHED_CONTROL_ENDPOINT, else {DEFAULT_ENDPOINT}.",
+        "Daemon control endpoint, e.g. ipc:///run/lmcached/default/control.sock, or "
+        "tcp://host:7470 with enable_tcp. Default: $LMCACHED_CONTROL_ENDPOINT, else the ipc "
+        "control socket of a daemon started without --config (<runtime_dir>/default/control.sock).",
     ),
     "lmcached.config": (
         "config",

@@ -35,7 +35,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
@@ -45,6 +45,7 @@ import structlog
 from lmcached.config import Config
 from lmcached.supervision import discovery
 from lmcached.supervision.discovery import SCHEDULER, WORKER, InterpreterError, PluginFile
+from lmcached.supervision.orphans import OWNER_ENV, OrphanReaper, become_subreaper
 from lmcached.supervision.states import ProcessLife, ProcessState, RestartPolicy
 
 SHIM_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "shim.py")
@@ -62,6 +63,17 @@ _CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
 _BACKOFF_CAP = 60.0
 _SHIM_GRACE = 3.0  # beyond plugin_stop_timeout, before the launcher kills the shim itself
 _TICK = 0.5
+# How often the owner looks for orphans re-parented to it (besides at every shim exit).
+_ORPHAN_SWEEP_S = 2.0
+# What of the daemon's environment a plugin never sees: the daemon's own settings (secrets among
+# them: a remote_url with a password, key-file paths) and systemd's channel to the daemon. Kept
+# from those prefixes: what is addressed to plugins.
+_SCRUBBED_PREFIXES = ("LMCACHED_", "LMCACHE_")
+_KEPT_PREFIXES = ("LMCACHE_PLUGIN_", "LMCACHE_RUNTIME_PLUGIN_")
+_KEPT_NAMES = frozenset({"LMCACHED_CONTROL_ENDPOINT"})
+_SYSTEMD_NAMES = frozenset(
+    {"NOTIFY_SOCKET", "WATCHDOG_PID", "WATCHDOG_USEC", "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES"}
+)
 
 
 # Plugins follow the one process life of lmcached.supervision.states (the name is kept for
@@ -233,6 +245,8 @@ class PluginLauncher:
         self._stop_requested = False
         self._stopped = False
         self._stopping_all = False
+        self._orphans = OrphanReaper(self._shim_pids)
+        self._next_sweep = 0.0
 
     # -- public API (any thread) -----------------------------------------------------------------
 
@@ -242,6 +256,9 @@ class PluginLauncher:
             if self._stop_requested:
                 raise RuntimeError("PluginLauncher was stopped; make a new one")
             if self._thread is None:
+                # Descendants of a shim killed with -9 come to us, not to init: see orphans.py.
+                if not become_subreaper():
+                    self.log.warning("cannot become a child subreaper; orphans go to init")
                 self._thread = threading.Thread(
                     target=self._run, name=f"plugins-{self.role.lower()}", daemon=True
                 )
@@ -436,8 +453,19 @@ class PluginLauncher:
             "plugin state", plugin=p.name, old=old.value, new=new.value, pid=p.pid, **info
         )
 
+    def _shim_pids(self) -> set[int]:
+        return {p.shim.pid for p in self._plugins.values() if p.shim is not None}
+
+    def _sweep_orphans(self) -> None:
+        self._next_sweep = time.monotonic() + _ORPHAN_SWEEP_S
+        killed = self._orphans.sweep()
+        if killed:
+            self.log.warning("killed plugin processes left by a dead shim", processes=killed)
+
     def _advance_all(self) -> None:
         now = time.monotonic()
+        if now >= self._next_sweep:
+            self._sweep_orphans()
         for p in list(self._plugins.values()):
             self._resume_streams(p, now)
             self._report_drops(p, now)
@@ -518,6 +546,8 @@ class PluginLauncher:
             # SIGKILL through the death signal; take down what is left of the plugin's group.
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(p.pid, signal.SIGKILL)
+            # What left the group (setsid) was re-parented to us, the subreaper: end it too.
+            self._sweep_orphans()
         for stream in p.streams:
             self._drain(p, stream)
         self._close_process_fds(p)
@@ -604,6 +634,12 @@ class PluginLauncher:
             self._publish()
             self._wait_for_events()
         self._close_lifeline()
+        # A shim killed during the stop left its orphans to us; end and reap them (bounded).
+        deadline = time.monotonic() + 2.0
+        self._sweep_orphans()
+        while self._orphans.pending and time.monotonic() < deadline:
+            time.sleep(0.05)
+            self._sweep_orphans()
 
     def _kill_all_now(self) -> None:
         for p in self._plugins.values():
@@ -689,7 +725,8 @@ class PluginLauncher:
     # -- environment -----------------------------------------------------------------------------
 
     def _environment(self, p: _Plugin) -> dict[str, str]:
-        """Return the daemon's environment plus the LMCACHE_PLUGIN_* (and _RUNTIME_) variables."""
+        """Return the plugin's environment: the daemon's, scrubbed (:func:`scrubbed_environment`),
+        plus the LMCACHE_PLUGIN_* (and _RUNTIME_) variables and the owner tag."""
         summary = self.cfg.to_dict(redact=True)
         summary.pop("plugin_config", None)
         summary["config_file"] = self.cfg.source
@@ -703,7 +740,8 @@ class PluginLauncher:
             "CONFIG": json.dumps(summary, default=str, sort_keys=True),
             "NAME": p.name,
         }
-        env = dict(os.environ)
+        env = scrubbed_environment(os.environ)
+        env[OWNER_ENV] = str(os.getpid())
         for key, value in values.items():
             env[f"LMCACHE_PLUGIN_{key}"] = value
             env[f"LMCACHE_RUNTIME_PLUGIN_{key}"] = value
@@ -849,6 +887,31 @@ class PluginLauncher:
 
     def _publish(self) -> None:
         self._snapshot = [p.snapshot() for p in sorted(self._plugins.values(), key=_by_name)]
+
+
+def scrubbed_environment(environ: Mapping[str, str]) -> dict[str, str]:
+    """Return what of the daemon's environment a plugin may see.
+
+    Removed: every ``LMCACHED_*`` and ``LMCACHE_*`` variable (config overrides, among them
+    secrets such as a remote_url with a password and key-file paths; the plugin gets the redacted
+    config in LMCACHE_PLUGIN_CONFIG instead) except ``LMCACHE_PLUGIN_*``,
+    ``LMCACHE_RUNTIME_PLUGIN_*`` and ``LMCACHED_CONTROL_ENDPOINT``; and systemd's notify and
+    socket-activation variables, so a plugin cannot speak to systemd for the daemon. Everything
+    else passes (PATH, the locale, HOME, TMPDIR, the service's own variables): it is the
+    environment the operator gave the service.
+    """
+    out = {}
+    for name, value in environ.items():
+        if name in _SYSTEMD_NAMES:
+            continue
+        if (
+            name.startswith(_SCRUBBED_PREFIXES)
+            and not name.startswith(_KEPT_PREFIXES)
+            and name not in _KEPT_NAMES
+        ):
+            continue
+        out[name] = value
+    return out
 
 
 def _by_name(p: _Plugin) -> str:

@@ -73,8 +73,7 @@ class DaemonProcess:
         assert self.proc is not None
         if self.proc.poll() is not None:
             return True
-        data = runtime.read_endpoints(self.cfg)
-        return data is not None and data.get("pid") == self.proc.pid
+        return runtime.ready_pid(self.cfg) == self.proc.pid
 
     def log(self) -> str:
         with contextlib.suppress(OSError):
@@ -88,10 +87,19 @@ class DaemonProcess:
 
     @property
     def endpoint(self) -> str:
+        """The control endpoint same-host clients use: the ipc socket (TCP is off by default)."""
+        return self.ipc_endpoint
+
+    @property
+    def tcp_endpoint(self) -> str:
+        """The TCP control endpoint (only with ``enable_tcp=True``; CURVE is then required)."""
         data = runtime.read_endpoints(self.cfg)
         if not data:
             raise RuntimeError("daemon is not running")
-        return str(data["control"]["tcp"])
+        tcp = data["control"].get("tcp")
+        if not tcp:
+            raise RuntimeError("the daemon has no TCP endpoint; start it with enable_tcp=True")
+        return str(tcp)
 
     @property
     def ipc_endpoint(self) -> str:

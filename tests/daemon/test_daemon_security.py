@@ -38,6 +38,7 @@ def curve_keys(tmp_path):
 
 def test_curve_admits_authorised_clients_and_counts_refusals(daemon_factory, curve_keys):
     d = daemon_factory(
+        enable_tcp=True,
         curve_secret_key_file=str(curve_keys / "server.key_secret"),
         curve_authorized_keys=str(curve_keys / "authorized"),
     )

@@ -69,8 +69,7 @@ def test_a_running_scheduler_has_no_storage_codecs_or_extensions_loaded(tmp_path
     try:
 
         def ready_or_dead() -> bool:
-            data = runtime.read_endpoints(cfg)
-            return proc.poll() is not None or (bool(data) and data.get("pid") == proc.pid)
+            return proc.poll() is not None or runtime.ready_pid(cfg) == proc.pid
 
         wait_until(ready_or_dead, 30, what="the daemon to become ready")
         assert proc.poll() is None, (tmp_path / "daemon.log").read_text()
