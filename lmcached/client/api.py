@@ -31,6 +31,7 @@ from lmcached.client import settings as settings_mod
 from lmcached.client.cluster import ClusterView
 from lmcached.client.connection import Call, Connections, Pipeline
 from lmcached.client.retry import Retry
+from lmcached.client.shared import Lease, SharedMemory
 from lmcached.errors import LMCachedRequestError, LMCachedTimeout, LMCachedUnavailable
 from lmcached.malloc import tune_for_large_messages
 from lmcached.protocol import (
@@ -57,12 +58,24 @@ from lmcached.protocol import (
 )
 from lmcached.runtime import control_endpoint
 from lmcached.security import ClientCurve
+from lmcached.shm.layout import SlotRef
 
 __all__ = ["DEFAULT_TIMEOUT_S", "Client"]
 
 DEFAULT_TIMEOUT_S = 10.0
 
-Hit = tuple[int, Sequence[Frame], dict[str, Any] | None]
+
+class _Shared:
+    """A block served from a worker's arena: what the reader made of it (a view, or None)."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+
+Hit = tuple[int, "Sequence[Frame] | _Shared", dict[str, Any] | None]
+_Reader = Callable[[int, int, SlotRef, Lease], Any]
 
 
 class Client:
@@ -107,6 +120,11 @@ class Client:
             ids=self._ids,
         )
         self._pipeline = Pipeline(self._conns, self._cluster, self.retry, self._ids)
+        # Same-host clients map the workers' arenas (off with LMCACHED_SHARED_MEMORY=0).
+        self._shm: SharedMemory | None = None
+        if os.environ.get("LMCACHED_SHARED_MEMORY", "1") not in ("0", "false", "no"):
+            self._shm = SharedMemory()
+            self._cluster.on_sync = self._shm.sync
         tune_for_large_messages()
 
     @classmethod
@@ -173,8 +191,12 @@ class Client:
                         code=protocol.E_LIMIT,
                     )
                 views.append(mv)
+            owners = self._cluster.owners(keys)
+            if self._shm is not None and all(w in self._shm.arenas for w in owners):
+                self._put_shared(owners, keys, views, metas, limits, deadline)
+                return
             calls = []
-            for worker, positions in self._cluster.owners(keys).items():
+            for worker, positions in owners.items():
                 batch: list[int] = []
                 batch_bytes = 0
                 for pos in positions:
@@ -201,7 +223,10 @@ class Client:
     ) -> list[tuple[Any, dict[str, Any] | None] | None]:
         """Return (buffer, meta) for each found key, None where missing."""
         out: list[tuple[Any, dict[str, Any] | None] | None] = [None] * len(keys)
-        for pos, frames, meta in self._fetch(keys, timeout):
+        for pos, frames, meta in self._fetch(keys, timeout, self._view):
+            if isinstance(frames, _Shared):
+                out[pos] = (frames.value, meta)
+                continue
             if len(frames) == 1:
                 value: Any = frames[0].buffer  # zero-copy view; keeps the frame alive
             else:
@@ -219,8 +244,30 @@ class Client:
         if len(buffers) != len(keys):
             raise LMCachedRequestError(f"{len(keys)} keys but {len(buffers)} buffers")
         found = [False] * len(keys)
-        for pos, frames, _meta in self._fetch(keys, timeout):
-            dst = memoryview(buffers[pos]).cast("B")
+        dsts: dict[int, memoryview] = {}
+        for pos, buf in enumerate(buffers):
+            dst = memoryview(buf)
+            dsts[pos] = dst.cast("B") if dst.format != "B" or dst.ndim != 1 else dst
+
+        def into(worker: int, pos: int, ref: SlotRef, lease: Lease) -> Any:
+            # The one copy, from the arena into the caller's memory; the lease ends right after.
+            try:
+                dst = dsts[pos]
+                if dst.readonly or dst.nbytes < ref.length:
+                    raise LMCachedRequestError(
+                        f"buffer {pos} is read-only or smaller than the block ({ref.length} bytes)"
+                    )
+                assert self._shm is not None
+                self._shm.copy_into(worker, ref, dst)
+            finally:
+                lease.drop()
+            return None
+
+        for pos, frames, _meta in self._fetch(keys, timeout, into):
+            if isinstance(frames, _Shared):
+                found[pos] = True
+                continue
+            dst = dsts[pos]
             size = sum(len(f) for f in frames)
             if dst.readonly or dst.nbytes < size:
                 raise LMCachedRequestError(
@@ -319,6 +366,8 @@ class Client:
                 self._cluster.forget()
             self._cluster.reset_control()
             self._conns.close()
+            if self._shm is not None:
+                self._shm.close()
 
     def __enter__(self) -> Client:
         return self
@@ -382,22 +431,124 @@ class Client:
             self._pipeline.execute(calls, deadline)
             return calls
 
-    def _fetch(self, keys: Sequence[bytes], timeout: float | None) -> list[Hit]:
-        """Run a get; return (position, frames, meta) for every found key."""
+    def _fetch(
+        self, keys: Sequence[bytes], timeout: float | None, shared: _Reader | None = None
+    ) -> list[Hit]:
+        """Run a get; return (position, frames, meta) for every found key.
+
+        A block answered from a worker's arena is handed to ``shared(worker, position, slot,
+        lease)`` and comes back as a :class:`_Shared` holding what that returned.
+        """
         if not keys:
             return []
-        out: list[Hit] = []
-        for call in self._run_keyed(GetRequest, keys, timeout):
-            reply = call.reply
-            assert isinstance(reply, GetReply)
-            if len(reply.found) != len(call.positions):
-                raise LMCachedUnavailable("malformed get reply from worker")
-            hit = 0
-            for pos, flag in zip(call.positions, reply.found, strict=True):
-                if flag:
-                    out.append((pos, reply.blocks[hit], reply.metas[hit]))
+        with self._lock:
+            deadline = self._start(timeout)
+            limits = self._cluster.ensure(deadline).limits
+            _check_keys(keys, limits)
+            shm = self._shm
+            calls = []
+            for worker, positions in self._cluster.owners(keys).items():
+                mapped = shm is not None and shared is not None and worker in shm.arenas
+                for i in range(0, len(positions), limits.max_keys_per_batch):
+                    part = positions[i : i + limits.max_keys_per_batch]
+                    release = shm.take_releases(worker) if shm is not None else []
+                    request = GetRequest([keys[p] for p in part], mapped, release)
+                    calls.append(Call(worker, request, positions=part))
+            self._pipeline.execute(calls, deadline)
+            out: list[Hit] = []
+            for call in calls:
+                reply = call.reply
+                assert isinstance(reply, GetReply)
+                if len(reply.found) != len(call.positions):
+                    raise LMCachedUnavailable("malformed get reply from worker")
+                lease = None
+                if reply.slots is not None and reply.lease is not None:
+                    assert shm is not None and shared is not None
+                    n = sum(1 for sl in reply.slots if sl is not None)
+                    lease = Lease(call.worker, reply.lease, n, shm.release_later)
+                hit = 0
+                for pos, flag in zip(call.positions, reply.found, strict=True):
+                    if not flag:
+                        continue
+                    slot = reply.slots[hit] if reply.slots is not None else None
+                    if slot is not None and lease is not None and shared is not None:
+                        try:
+                            ref = SlotRef.from_list(slot)
+                        except ValueError as exc:
+                            raise LMCachedUnavailable(f"malformed get reply: {exc}") from None
+                        value = shared(call.worker, pos, ref, lease)
+                        out.append((pos, _Shared(value), reply.metas[hit]))
+                    else:
+                        out.append((pos, reply.blocks[hit], reply.metas[hit]))
                     hit += 1
-        return out
+            return out
+
+    def _view(self, worker: int, pos: int, ref: SlotRef, lease: Lease) -> Any:
+        assert self._shm is not None
+        return self._shm.view(worker, ref, lease)
+
+    def _put_shared(
+        self,
+        owners: dict[int, list[int]],
+        keys: Sequence[bytes],
+        views: list[memoryview],
+        metas: Sequence[dict[str, Any] | None] | None,
+        limits: Limits,
+        deadline: float,
+    ) -> None:
+        """Same-host put: copy into the staging file (hashing as we go), then commit by header.
+
+        The staging file is filled, the requests for everything in it run (all owning workers
+        at once), and the next round reuses it. The caller holds the lock.
+        """
+        assert self._shm is not None
+        stage = self._shm.staging()
+        calls: list[Call] = []
+        used = 0  # staging bytes filled this round
+
+        def request(worker: int, batch: list[int], offsets: list[int], sums: list[int]) -> Call:
+            put = PutRequest(
+                [keys[p] for p in batch],
+                [views[p].nbytes for p in batch],
+                [() for _ in batch],
+                metas=None if metas is None else [metas[p] for p in batch],
+                sums=list[int | None](sums),
+                stage=stage.path,
+                offsets=offsets,
+            )
+            return Call(worker, put, [], 0, batch)
+
+        for worker, positions in owners.items():
+            batch: list[int] = []
+            offsets: list[int] = []
+            sums: list[int] = []
+            batch_bytes = 0
+            for pos in positions:
+                mv = views[pos]
+                size = mv.nbytes
+                full = batch and (
+                    len(batch) >= limits.max_keys_per_batch
+                    or batch_bytes + size > limits.max_request_bytes
+                )
+                if full or used + size > stage.size:
+                    if batch:
+                        calls.append(request(worker, batch, offsets, sums))
+                    batch, offsets, sums, batch_bytes = [], [], [], 0
+                if used + size > stage.size:
+                    # The staging file is full: commit what it holds, then reuse it.
+                    self._pipeline.execute(calls, deadline)
+                    calls, used = [], 0
+                if mv.format != "B" or mv.ndim != 1:
+                    mv = mv.cast("B") if mv.c_contiguous else memoryview(mv.tobytes())
+                sums.append(stage.write(used, mv))
+                offsets.append(used)
+                batch.append(pos)
+                batch_bytes += size
+                used += -(-size // 64) * 64  # keep blocks 64-byte aligned in the staging file
+            if batch:
+                calls.append(request(worker, batch, offsets, sums))
+        if calls:
+            self._pipeline.execute(calls, deadline)
 
     def _broadcast(self, make: Callable[[], DataRequest], timeout: float | None) -> list[Call]:
         """Send one request built by ``make()`` to every worker and wait for the replies."""
