@@ -281,6 +281,18 @@ class Client:
             found[pos] = True
         return found
 
+    def shared_arenas(self, timeout: float | None = None) -> list[tuple[int, memoryview, int]]:
+        """Return (worker id, read-only view, size) of each worker arena this client has mapped.
+
+        Empty when the daemon is on another host, shared memory is off, or the arenas cannot
+        be mapped. A connector may register them with CUDA (``cudaHostRegister``) so a GPU
+        copies straight from them; a restarted worker's new arena appears after the next map
+        refresh (``shared_arenas()`` refreshes the map when it has none yet).
+        """
+        with self._lock:
+            self._cluster.ensure(self._start(timeout))
+            return [] if self._shm is None else self._shm.shared_arenas()
+
     def lookup(self, keys: Sequence[bytes], timeout: float | None = None) -> int:
         """Return how many leading keys are present (the prefix hit)."""
         # Keys of one prefix live on different workers, so each worker answers for its own keys

@@ -217,22 +217,30 @@ class Worker:
         libzmq has sent them (or at the lease timeout), so eviction cannot reuse them meanwhile.
         """
         assert self._router is not None
+        payload = protocol.payload_of(msg)
         try:
             if pin is None:
                 self._router.send_multipart(
-                    [envelope, protocol.encode_reply(msg), *protocol.payload_of(msg)], copy=False
+                    [envelope, protocol.encode_reply(msg), *payload], copy=False
                 )
                 return
-            tracker = self._router.send_multipart(
-                [envelope, protocol.encode_reply(msg), *protocol.payload_of(msg)],
-                copy=False,
-                track=True,
+            # pyzmq copies frames below its copy threshold at send time; only the larger ones
+            # are read later by libzmq's I/O thread, so only those keep the pin.
+            tracked = [
+                zmq.Frame(f, copy=False, track=True) if len(f) >= zmq.COPY_THRESHOLD else f
+                for f in payload
+            ]
+            self._router.send_multipart(
+                [envelope, protocol.encode_reply(msg), *tracked], copy=False
             )
-            if tracker is not None:
-                self._sending.append((tracker, pin))
+            frames = [f for f in tracked if isinstance(f, zmq.Frame)]
+            if frames:
+                self._sending.append((zmq.MessageTracker(*frames), pin))
+                pin = None
         except zmq.ZMQError as exc:
             # The peer is gone or its queue is full: a dropped reply is the client's timeout.
             self.log.warning("reply_dropped", error=str(exc))
+        finally:
             if pin is not None and self.arena is not None:
                 self.arena.unpin(pin)
 

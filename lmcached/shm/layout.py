@@ -25,6 +25,7 @@ and the client only run on the same host.
 
 from __future__ import annotations
 
+import hashlib
 import mmap
 import os
 import struct
@@ -40,6 +41,7 @@ __all__ = [
     "SlotRef",
     "StaleSlot",
     "arena_file_name",
+    "instance_tag",
     "stage_file_name",
 ]
 
@@ -127,6 +129,11 @@ def pack_descriptor(generation: int, offset: int, length: int, checksum: int) ->
 
 def pack_generation(generation: int) -> bytes:
     return _GENERATION.pack(generation)
+
+
+def instance_tag(instance_dir: str) -> str:
+    """A short stable tag of a daemon instance, so its arena files can be found again."""
+    return hashlib.blake2b(instance_dir.encode(), digest_size=4).hexdigest()
 
 
 def arena_file_name(tag: str, worker_id: int, nonce_hex: str) -> str:

@@ -18,7 +18,6 @@ socket may map it, read-only. Clients never write it.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import heapq
 import itertools
 import mmap
@@ -37,11 +36,20 @@ from lmcached.shm.layout import (
     ArenaHeader,
     SlotRef,
     arena_file_name,
+    instance_tag,
     pack_descriptor,
     pack_generation,
 )
 
-__all__ = ["ENTRY_OVERHEAD", "MIN_SLOT", "Arena", "StageMaps", "arena_dir", "slot_size"]
+__all__ = [
+    "ENTRY_OVERHEAD",
+    "MIN_SLOT",
+    "Arena",
+    "StageMaps",
+    "arena_dir",
+    "instance_tag",
+    "slot_size",
+]
 
 MIN_SLOT = 64
 _MIN_ORDER = MIN_SLOT.bit_length() - 1
@@ -66,11 +74,6 @@ def arena_dir() -> str:
     import tempfile
 
     return tempfile.gettempdir()
-
-
-def instance_tag(instance_dir: str) -> str:
-    """A short stable tag of a daemon instance, so its arena files can be found again."""
-    return hashlib.blake2b(instance_dir.encode(), digest_size=4).hexdigest()
 
 
 @dataclass(slots=True)
@@ -220,17 +223,18 @@ class Arena:
             s = self._slots.get(index)
             if s is None or s.zombie:
                 return
-            # Odd generation first: from now on no reader accepts what it reads here.
-            self._map[self.header.descriptor_at(index) : self.header.descriptor_at(index) + 8] = (
-                pack_generation(s.generation | 1)
-            )
             if s.pins:
+                # Readers hold it: its bytes and generation stay valid until the last pin goes.
                 s.zombie = True
                 self.zombies += 1
             else:
                 self._reclaim(index, s)
 
     def _reclaim(self, index: int, s: _Slot) -> None:
+        # Odd generation first: from now on no reader accepts what it reads here; only then
+        # may the bytes and the descriptor be reused.
+        at = self.header.descriptor_at(index)
+        self._map[at : at + 8] = pack_generation(s.generation | 1)
         del self._slots[index]
         if s.order >= 0:
             self._free_order(s.offset, s.order)
