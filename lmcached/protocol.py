@@ -33,7 +33,8 @@ id>`` on every reply. A ``get`` reply carries ``found``, ``sizes``, ``nframes``,
 ``sums``, followed by the payload frames of the found blocks in key order. To a get with
 ``shm``, a block held in the arena is answered by an entry of ``slots`` (``[index, generation,
 offset, length]``, see :mod:`lmcached.shm.layout`) and no frame (its ``nframes`` is 0); the
-reply's ``lease`` id keeps those slots from reuse until released or ``lease_timeout``.
+reply's ``lease`` id keeps those slots from reuse until released or ``lease_timeout``, and its
+``arena`` names the arena file the slots are in.
 
 Internal messages: a worker announces itself to the scheduler with :class:`Hello`; the scheduler
 probes a worker with a :class:`StatsRequest`, answered by a :class:`StatsReply`.
@@ -560,6 +561,9 @@ class GetReply(_Reply):
     # Same-host replies: per found block, [index, generation, offset, length] or None (frames).
     slots: list[list[int] | None] | None = None
     lease: int | None = None
+    # The arena the slots are in: a client whose mapping is another (a restarted worker that
+    # reappeared on the same socket path) must map this one, never read the old one.
+    arena: str | None = None
 
     def _fields(self) -> Header:
         fields: Header = {
@@ -572,6 +576,7 @@ class GetReply(_Reply):
         if self.slots is not None:
             fields["slots"] = self.slots
             fields["lease"] = self.lease
+            fields["arena"] = self.arena
         return fields
 
     @classmethod
@@ -599,12 +604,19 @@ class GetReply(_Reply):
                 E_MALFORMED,
                 f"header announces {sum(nframes)} payload frames, message has {len(payload)}",
             )
-        slots, lease = h.get("slots"), h.get("lease")
+        slots, lease, arena = h.get("slots"), h.get("lease"), h.get("arena")
         if slots is not None:
-            if not (type(slots) is list and len(slots) == hits and _is_int(lease)):
-                raise ProtocolError(E_MALFORMED, "'slots' needs one entry per hit and a 'lease'")
+            if not (
+                type(slots) is list
+                and len(slots) == hits
+                and _is_int(lease)
+                and isinstance(arena, str)
+            ):
+                raise ProtocolError(
+                    E_MALFORMED, "'slots' needs one entry per hit, a 'lease' and an 'arena'"
+                )
             blocks = _group_slot_frames(payload, nframes, slots)
-            return cls(found, sizes, metas, sums, blocks, slots, lease)
+            return cls(found, sizes, metas, sums, blocks, slots, lease, arena)
         if nframes.count(1) == hits:  # every block in one frame: the common case
             blocks = [(f,) for f in payload]
         else:

@@ -476,6 +476,8 @@ class Client:
                 lease = None
                 if reply.slots is not None and reply.lease is not None:
                     assert shm is not None and shared is not None
+                    # A worker restarted on the same socket path answers from a new arena.
+                    shm.follow(call.worker, reply.arena)
                     n = sum(1 for sl in reply.slots if sl is not None)
                     lease = Lease(call.worker, reply.lease, n, shm.release_later)
                 hit = 0

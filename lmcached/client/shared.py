@@ -26,9 +26,9 @@ from typing import Any
 
 import xxhash
 
-from lmcached.errors import LMCachedLeaseExpired
+from lmcached.errors import LMCachedLeaseExpired, LMCachedUnavailable
 from lmcached.protocol import ClusterMap
-from lmcached.shm.layout import ArenaReader, SlotRef, StaleSlot, stage_file_name
+from lmcached.shm.layout import ARENA_PREFIX, ArenaReader, SlotRef, StaleSlot, stage_file_name
 
 __all__ = ["HASH_PIECE", "Lease", "LeasedView", "SharedMemory", "Staging"]
 
@@ -181,6 +181,28 @@ class SharedMemory:
                 self.arenas[w.id] = ArenaReader(path)
             except (OSError, ValueError):
                 self._refused[w.id] = path  # not ours to map: this worker stays on ZMQ
+
+    def follow(self, worker: int, path: str | None) -> None:
+        """Make sure the arena mapped for ``worker`` is ``path`` (the one a reply names).
+
+        Raises LMCachedUnavailable when it cannot be mapped: reading the old mapping would
+        give another arena's bytes.
+        """
+        current = self.arenas.get(worker)
+        if current is not None and current.path == path:
+            return
+        if path is None or not os.path.basename(path).startswith(ARENA_PREFIX):
+            raise LMCachedUnavailable(f"worker {worker} named no arena in a shared-memory reply")
+        if current is not None and os.path.dirname(path) != os.path.dirname(current.path):
+            raise LMCachedUnavailable(f"worker {worker} named an arena in another folder")
+        try:
+            reader = ArenaReader(path)
+        except (OSError, ValueError) as exc:
+            raise LMCachedUnavailable(f"cannot map worker {worker}'s new arena: {exc}") from None
+        if current is not None:
+            current.close()
+        self.releases.pop(worker, None)  # leases of the old incarnation died with it
+        self.arenas[worker] = reader
 
     def _forget_after_fork(self) -> None:
         # The parent's staging file must not be shared with a child; mappings are fine to keep.

@@ -425,7 +425,8 @@ class Worker:
                 frames.append(block.frames)
         if shm and pin is not None:
             # The pin is the client's lease: released by a later get's 'release', or expired.
-            reply = GetReply(found, sizes, metas, sums, frames, slots, pin, id=rid)
+            arena = self.arena.path if self.arena is not None else None
+            reply = GetReply(found, sizes, metas, sums, frames, slots, pin, arena, id=rid)
             self.reply(envelope, reply)
             return
         self.reply(envelope, GetReply(found, sizes, metas, sums, frames, id=rid), pin)
