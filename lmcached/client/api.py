@@ -90,6 +90,7 @@ class Client:
         config_path: str | os.PathLike[str] | None = None,
         curve: ClientCurve | None = None,
         retry: Retry | None = None,
+        shared_memory: bool | None = None,
     ) -> None:
         if endpoint is None and config_path is None:
             raise ValueError("Client needs an endpoint such as tcp://127.0.0.1:7470 or config_path")
@@ -120,9 +121,12 @@ class Client:
             ids=self._ids,
         )
         self._pipeline = Pipeline(self._conns, self._cluster, self.retry, self._ids)
-        # Same-host clients map the workers' arenas (off with LMCACHED_SHARED_MEMORY=0).
+        # Same-host clients map the workers' arenas (docs/same-host.md); None: on unless
+        # LMCACHED_SHARED_MEMORY=0.
+        if shared_memory is None:
+            shared_memory = os.environ.get("LMCACHED_SHARED_MEMORY", "1") not in ("0", "false")
         self._shm: SharedMemory | None = None
-        if os.environ.get("LMCACHED_SHARED_MEMORY", "1") not in ("0", "false", "no"):
+        if shared_memory:
             self._shm = SharedMemory()
             self._cluster.on_sync = self._shm.sync
         tune_for_large_messages()

@@ -8,10 +8,11 @@ file next to the arenas:
   into its arena, hashing again, and refuses a block whose bytes changed meanwhile.
 - ``get_into`` copies once, straight from the arena into the caller's buffer, and checks the
   slot's generation after copying (a seqlock).
-- ``get`` returns read-only zero-copy views (:class:`LeasedView`) held by a lease: the worker
-  keeps their slots from reuse until every view of the reply is released (``release()``, a
-  ``with`` block, or garbage collection) or ``lease_timeout`` has passed. ``check()`` tells a
-  reader that held a view past its lease that the bytes are gone, instead of trusting them.
+- ``get`` returns read-only zero-copy memoryviews over the arena (their ``obj`` is a
+  :class:`LeasedView`) held by a lease: the worker keeps their slots from reuse until every
+  view of the reply is released (``view.release()``, a ``with`` block, or garbage collection)
+  or ``lease_timeout`` has passed. :func:`check_view` tells a reader that held a view past its
+  lease that the bytes are gone, instead of trusting them.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from lmcached.errors import LMCachedLeaseExpired, LMCachedUnavailable
 from lmcached.protocol import ClusterMap
 from lmcached.shm.layout import ARENA_PREFIX, ArenaReader, SlotRef, StaleSlot, stage_file_name
 
-__all__ = ["HASH_PIECE", "Lease", "LeasedView", "SharedMemory", "Staging"]
+__all__ = ["HASH_PIECE", "Lease", "LeasedView", "SharedMemory", "Staging", "check_view"]
 
 HASH_PIECE = 1 << 20
 # The staging file's size (sparse: tmpfs gives pages as they are first written).
@@ -88,6 +89,17 @@ if _np is not None:
 
 else:  # pragma: no cover
     LeasedView = None  # type: ignore[assignment,misc,unused-ignore]
+
+
+def check_view(view: Any) -> None:
+    """Raise LMCachedLeaseExpired if a view from a same-host ``get`` lost its slot.
+
+    Call it after reading a view held longer than ``lease_timeout``; a view that did not come
+    from shared memory (a ZMQ frame, bytes) always passes.
+    """
+    obj = view.obj if isinstance(view, memoryview) else view
+    if LeasedView is not None and isinstance(obj, LeasedView):
+        obj.check()
 
 
 def _make_view(arena: ArenaReader, ref: SlotRef, lease: Lease) -> Any:
@@ -242,7 +254,9 @@ class SharedMemory:
             self.copy_into(worker, ref, memoryview(out))
             lease.drop()
             return out
-        return _make_view(arena, ref, lease)
+        # A memoryview, as a get over ZMQ returns: the same comparisons, slicing, `with`
+        # (which releases it) and buffer protocol. Its ``obj`` is the LeasedView.
+        return memoryview(_make_view(arena, ref, lease))
 
     def copy_into(self, worker: int, ref: SlotRef, dst: memoryview) -> None:
         try:

@@ -12,6 +12,7 @@ import textwrap
 
 import pytest
 
+from lmcached.client.shared import check_view
 from lmcached.testing import wait_until
 
 from .helpers import worker_pid
@@ -32,7 +33,7 @@ def test_worker_kill_9_leaves_held_views_readable_and_the_restart_gets_a_new_are
         os.kill(old_pid, signal.SIGKILL)
         # The mapping outlives the worker: the old bytes, never a fault.
         assert bytes(view) == value
-        view.check()
+        check_view(view)
 
         def restarted() -> dict | None:
             w = c.control("map")["map"]["workers"][0]

@@ -6,6 +6,7 @@ import os
 
 import pytest
 
+from lmcached.client.shared import check_view
 from lmcached.errors import LMCachedLeaseExpired
 from lmcached.testing import wait_until
 
@@ -31,7 +32,7 @@ def test_eviction_under_a_reader_keeps_the_readers_bytes(daemon_factory):
         stats = cpu_stats(c)[0]
         assert stats["evictions"] > 0 and stats["arena_zombies"] == 1  # ... its slot kept
         assert bytes(view) == value  # the reader still sees its own bytes
-        view.check()
+        check_view(view)
         view.release()
         # The release travels with the next get; the zombie slot is then reused.
         c.get([b"flood/0"])
@@ -48,7 +49,7 @@ def test_a_reader_past_its_lease_gets_an_error_not_other_bytes(daemon_factory):
         wait_until(lambda: cpu_stats(c)[0]["arena_pinned"] == 0, 20, what="lease expiry")
         _flood(c, "flood", 40, MIB)
         with pytest.raises(LMCachedLeaseExpired, match="evicted or its lease expired"):
-            view.check()
+            check_view(view)
 
 
 def test_get_into_never_needs_a_lease_and_survives_eviction_races(daemon_factory):

@@ -11,7 +11,7 @@ import xxhash
 import zmq
 
 from lmcached.client import Client
-from lmcached.client.shared import LeasedView
+from lmcached.client.shared import LeasedView, check_view
 from lmcached.routing import owner
 from lmcached.shm.layout import stage_file_name
 from lmcached.version import PROTOCOL_VERSION
@@ -31,10 +31,10 @@ def test_a_same_host_client_puts_and_gets_through_the_arena(daemon_factory):
         assert [w for w, _view, _size in arenas] == [0, 1]
         got = c.get_with_meta(keys)
         for i, (value, meta) in enumerate(got):  # type: ignore[misc]
-            assert isinstance(value, LeasedView)  # zero-copy, straight from the arena
-            assert not value.flags.writeable
-            assert bytes(value) == vals[i] and meta == {"i": i}
-            value.check()
+            assert isinstance(value.obj, LeasedView)  # zero-copy, straight from the arena
+            assert value.readonly
+            assert value == vals[i] and meta == {"i": i}
+            check_view(value)
         bufs = [bytearray(2 * MIB) for _ in keys]
         assert c.get_into(keys, bufs) == [True] * 16
         assert bufs == vals
@@ -58,7 +58,7 @@ def test_a_tcp_client_and_a_same_host_client_share_one_cluster(daemon_factory):
         assert [bytes(v) for v in remote.get(keys)] == vals  # type: ignore[arg-type]
         assert [bytes(v) for v in local.get(keys)] == vals  # type: ignore[arg-type]
         got = remote.get(keys[:1])[0]
-        assert not isinstance(got, LeasedView)  # ZMQ frames, as before
+        assert not isinstance(got.obj, LeasedView)  # ZMQ frames, as before
 
 
 def test_with_shared_memory_off_the_map_has_no_arena_and_zmq_serves(daemon_factory):
