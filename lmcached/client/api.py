@@ -63,6 +63,9 @@ from lmcached.shm.layout import SlotRef
 __all__ = ["DEFAULT_TIMEOUT_S", "Client"]
 
 DEFAULT_TIMEOUT_S = 10.0
+# Payload bytes of one same-host put request: small enough that the client stages the next
+# request while the worker copies this one, large enough that headers stay negligible.
+SHARED_PUT_BYTES = 8 << 20
 
 
 class _Shared:
@@ -516,55 +519,60 @@ class Client:
     ) -> None:
         """Same-host put: copy into the staging file (hashing as we go), then commit by header.
 
-        The staging file is filled, the requests for everything in it run (all owning workers
-        at once), and the next round reuses it. The caller holds the lock.
+        Requests carry at most SHARED_PUT_BYTES each and are staged just before they are sent
+        (Call.prepare), so the client copies the next request while the worker copies the
+        previous one into its arena. When the staging file is full, the requests staged so far
+        run to completion and the next round reuses it. The caller holds the lock.
         """
         assert self._shm is not None
         stage = self._shm.staging()
         calls: list[Call] = []
-        used = 0  # staging bytes filled this round
+        used = 0  # staging bytes reserved this round
+        per_request = min(limits.max_request_bytes, SHARED_PUT_BYTES)
 
-        def request(worker: int, batch: list[int], offsets: list[int], sums: list[int]) -> Call:
+        def call(worker: int, batch: list[int], offsets: list[int]) -> Call:
             put = PutRequest(
                 [keys[p] for p in batch],
                 [views[p].nbytes for p in batch],
                 [() for _ in batch],
                 metas=None if metas is None else [metas[p] for p in batch],
-                sums=list[int | None](sums),
+                sums=[],
                 stage=stage.path,
                 offsets=offsets,
             )
-            return Call(worker, put, [], 0, batch)
+
+            def fill() -> None:
+                # The one copy, hashed piece by piece while each piece is in cache.
+                put.sums = [
+                    stage.write(off, _bytes_view(views[p]))
+                    for p, off in zip(batch, offsets, strict=True)
+                ]
+
+            return Call(worker, put, [], 0, batch, prepare=fill)
 
         for worker, positions in owners.items():
             batch: list[int] = []
             offsets: list[int] = []
-            sums: list[int] = []
             batch_bytes = 0
             for pos in positions:
-                mv = views[pos]
-                size = mv.nbytes
+                size = views[pos].nbytes
                 full = batch and (
-                    len(batch) >= limits.max_keys_per_batch
-                    or batch_bytes + size > limits.max_request_bytes
+                    len(batch) >= limits.max_keys_per_batch or batch_bytes + size > per_request
                 )
                 if full or used + size > stage.size:
                     if batch:
-                        calls.append(request(worker, batch, offsets, sums))
-                    batch, offsets, sums, batch_bytes = [], [], [], 0
+                        calls.append(call(worker, batch, offsets))
+                    batch, offsets, batch_bytes = [], [], 0
                 if used + size > stage.size:
                     # The staging file is full: commit what it holds, then reuse it.
                     self._pipeline.execute(calls, deadline)
                     calls, used = [], 0
-                if mv.format != "B" or mv.ndim != 1:
-                    mv = mv.cast("B") if mv.c_contiguous else memoryview(mv.tobytes())
-                sums.append(stage.write(used, mv))
                 offsets.append(used)
                 batch.append(pos)
                 batch_bytes += size
                 used += -(-size // 64) * 64  # keep blocks 64-byte aligned in the staging file
             if batch:
-                calls.append(request(worker, batch, offsets, sums))
+                calls.append(call(worker, batch, offsets))
         if calls:
             self._pipeline.execute(calls, deadline)
 
@@ -592,6 +600,13 @@ def _weak(method: Callable[[], T]) -> Callable[[], T]:
         return bound()
 
     return call
+
+
+def _bytes_view(mv: memoryview) -> memoryview:
+    """A flat byte view of a caller's buffer (a copy only for a non-contiguous one)."""
+    if mv.format == "B" and mv.ndim == 1:
+        return mv
+    return mv.cast("B") if mv.c_contiguous else memoryview(mv.tobytes())
 
 
 def _check_keys(keys: Sequence[Any], limits: Limits) -> None:
