@@ -251,15 +251,11 @@ class Client:
         if len(buffers) != len(keys):
             raise LMCachedRequestError(f"{len(keys)} keys but {len(buffers)} buffers")
         found = [False] * len(keys)
-        dsts: dict[int, memoryview] = {}
-        for pos, buf in enumerate(buffers):
-            dst = memoryview(buf)
-            dsts[pos] = dst.cast("B") if dst.format != "B" or dst.ndim != 1 else dst
 
         def into(worker: int, pos: int, ref: SlotRef, lease: Lease) -> Any:
             # The one copy, from the arena into the caller's memory; the lease ends right after.
             try:
-                dst = dsts[pos]
+                dst = memoryview(buffers[pos]).cast("B")
                 if dst.readonly or dst.nbytes < ref.length:
                     raise LMCachedRequestError(
                         f"buffer {pos} is read-only or smaller than the block ({ref.length} bytes)"
@@ -274,7 +270,7 @@ class Client:
             if isinstance(frames, _Shared):
                 found[pos] = True
                 continue
-            dst = dsts[pos]
+            dst = memoryview(buffers[pos]).cast("B")
             size = sum(len(f) for f in frames)
             if dst.readonly or dst.nbytes < size:
                 raise LMCachedRequestError(
