@@ -354,11 +354,12 @@ class Worker:
         if self.arena is not None:
             for lease in req.release:
                 self.arena.unpin(lease)
-        cached = self.store.get_cached_many(req.keys)
-        # Pin the slots now, on the loop thread: nothing can evict and reuse them until the
-        # reply's bytes are sent (ZMQ) or the client's lease ends (shared memory).
-        slots = [b.slot for b in cached if b is not None and b.slot is not None]
-        pin = self.arena.pin(slots) if self.arena is not None and slots else None
+        # Pin the slots with the lookup: nothing can evict and reuse them until the reply's
+        # bytes are sent (ZMQ) or the client's lease ends (shared memory).
+        if self.arena is not None:
+            cached, pin = self.store.get_cached_pinned(req.keys, self.arena.pin)
+        else:
+            cached, pin = self.store.get_cached_many(req.keys), None
         if not self.store.has_lower or all(b is not None for b in cached):
             self.send_blocks(envelope, req.id, cached, pin, req.shm)
             return

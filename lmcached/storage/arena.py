@@ -248,6 +248,7 @@ class Arena:
         expires = time.monotonic() + (self.lease_timeout if timeout is None else timeout)
         with self._lock:
             pid = next(self._pin_ids)
+            held = [i for i in held if i in self._slots]
             for i in held:
                 self._slots[i].pins += 1
             self._pins[pid] = (held, expires)
