@@ -82,7 +82,12 @@ _Reader = Callable[[int, int, SlotRef, Lease], Any]
 
 
 class Client:
-    """Store and fetch KV blocks in an lmcached daemon."""
+    """Store and fetch KV blocks in an lmcached daemon.
+
+    On the daemon's host the client moves bytes through the workers' shared-memory arenas
+    (docs/same-host.md); ``shared_memory=False`` (or ``LMCACHED_SHARED_MEMORY=0``) keeps it on
+    ZMQ.
+    """
 
     def __init__(
         self,

@@ -89,3 +89,28 @@ def test_the_arena_is_readable_by_the_group_only_and_unlinked_at_close(tmp_path)
     for x in (a, b, stale):
         x.close()
     assert os.listdir(tmp_path) == []
+
+
+def test_a_cpu_tier_in_an_arena_evicts_by_its_budget_and_frees_slots(arena):
+    from functools import partial
+
+    from lmcached.storage.base import Block
+    from lmcached.storage.cpu import CPUBackend, entry_cost
+    from lmcached.storage.namespaces import NamespacedBackend
+
+    cost = entry_cost(b"t/0", 64 * KIB, None, arena=True)
+    tier = NamespacedBackend(
+        8 * cost, {"t": 4 * cost}, make_partition=partial(CPUBackend, arena=arena)
+    )
+    for i in range(10):
+        assert tier.put(b"t/%d" % i, Block.from_bytes(bytes([i]) * (64 * KIB)))
+    stats = tier.stats()
+    assert stats["evictions"] == 6 and stats["entries"] == 4
+    # The partitions share the arena: its figures are counted once.
+    assert stats["arena_slot_bytes"] == arena.slot_bytes == 4 * 64 * KIB
+    block = tier.get(b"t/9")
+    assert block is not None and block.slot is not None
+    assert bytes(block.frames[0]) == bytes([9]) * (64 * KIB)
+    # A block whose bytes do not match its checksum is refused, and its slot freed.
+    assert not tier.put(b"bad", Block.from_bytes(b"x" * 100, checksum=1))
+    assert arena.slot_bytes == 4 * 64 * KIB
