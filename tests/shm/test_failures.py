@@ -110,3 +110,37 @@ def test_a_user_outside_the_group_cannot_map_the_arena(daemon_factory):
     )
     assert out.returncode != 0 and "Permission denied" in out.stderr
     # A client running as that user falls back to ZMQ, which the ipc socket's mode refuses too.
+
+
+def test_worker_kill_9_mid_put_leaves_only_whole_blocks(daemon_factory):
+    import threading
+
+    from lmcached.errors import LMCachedError
+
+    d = daemon_factory(num_workers=1)
+    with d.client(timeout=30) as c:
+        pid = worker_pid(c, 0)
+        started = threading.Event()
+
+        def kill_soon() -> None:
+            started.wait(30)
+            os.kill(pid, signal.SIGKILL)
+
+        killer = threading.Thread(target=kill_soon)
+        killer.start()
+        keys = [f"wk/{i}".encode() for i in range(40)]
+        try:
+            for i, key in enumerate(keys):
+                if i == 3:
+                    started.set()
+                try:
+                    c.put([key], [random.Random(key).randbytes(2 * MIB)])
+                except LMCachedError:
+                    pass  # the worker died under this put: an error, never a hang
+        finally:
+            started.set()
+            killer.join()
+        # Whatever survived (puts after the restart), every visible block is whole.
+        for key, value in zip(keys, c.get(keys, timeout=60), strict=True):
+            if value is not None:
+                assert value == random.Random(key).randbytes(2 * MIB)
