@@ -137,6 +137,8 @@ class Client:
         if shared_memory:
             self._shm = SharedMemory()
             self._cluster.on_sync = self._shm.sync
+            # A Client dropped without close() (or alive at exit) still unlinks its staging file.
+            weakref.finalize(self, self._shm.close)
         tune_for_large_messages()
 
     @classmethod

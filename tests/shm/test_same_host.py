@@ -132,3 +132,17 @@ def test_a_put_naming_a_file_that_is_not_a_staging_file_is_refused(daemon_factor
     assert not reply["ok"] and reply["code"] == "malformed"
     with d.client() as c:
         assert c.get([b"k"]) == [None]
+
+
+def test_a_client_dropped_without_close_removes_its_staging_file(daemon_factory):
+    import gc
+    import glob
+
+    d = daemon_factory(num_workers=1)
+    mine = f"/dev/shm/lmcached-stage-{os.getpid()}-*"
+    c = d.client()
+    c.put([b"dropped"], [b"x" * 10_000])
+    assert len(glob.glob(mine)) == 1
+    del c
+    gc.collect()
+    assert glob.glob(mine) == []
