@@ -263,15 +263,20 @@ def make_arena(cfg: Config, worker_id: int) -> Arena | None:
     # Every entry costs at least ENTRY_OVERHEAD, so the budget bounds the descriptors too. The
     # payload area has an eighth more than the budget for the buddy allocator's fragmentation;
     # the budget, not the file size, bounds what is written (tmpfs pages come on first write).
-    return Arena(
-        arena_dir(),
-        instance_tag(cfg.instance_dir),
-        worker_id,
-        data_size=budget + budget // 8,
-        descriptors=budget // ENTRY_OVERHEAD + 1,
-        group=cfg.socket_group,
-        lease_timeout=cfg.lease_timeout,
-    )
+    try:
+        return Arena(
+            arena_dir(),
+            instance_tag(cfg.instance_dir),
+            worker_id,
+            data_size=budget + budget // 8,
+            descriptors=budget // ENTRY_OVERHEAD + 1,
+            group=cfg.socket_group,
+            lease_timeout=cfg.lease_timeout,
+        )
+    except OSError as exc:
+        # No usable shared memory (a full or read-only /dev/shm): serve over ZMQ, say so once.
+        log.warning("shared_memory_unavailable", worker=worker_id, error=str(exc))
+        return None
 
 
 def build_tiers(cfg: Config, worker_id: int) -> list[StorageBackend]:

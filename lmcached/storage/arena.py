@@ -125,7 +125,9 @@ class Arena:
         self._map[: len(self.header.pack())] = self.header.pack()
         self.view = memoryview(self._map)
         self._lock = threading.Lock()
+        # Free slots by order (log2 of their size); the largest order ever carved bounds merging.
         self._free: list[set[int]] = [set() for _ in range(64)]
+        self._top_order = _MIN_ORDER
         self._carve(data_size)
         self._slots: dict[int, _Slot] = {}
         self._free_desc: list[int] = []
@@ -140,13 +142,14 @@ class Arena:
 
     # ------------------------------------------------------------------------- buddy allocator
     def _carve(self, size: int) -> None:
+        """Cut the payload area into the largest aligned power-of-two blocks that fit."""
         pos = 0
         while size - pos >= MIN_SLOT:
             order = _MIN_ORDER
             while pos % (1 << (order + 1)) == 0 and pos + (1 << (order + 1)) <= size and order < 40:
                 order += 1
             self._free[order].add(pos)
-            self._top_order = max(getattr(self, "_top_order", 0), order)
+            self._top_order = max(self._top_order, order)
             pos += 1 << order
 
     def _alloc_order(self, order: int) -> int | None:
