@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from lmcached.errors import (
     ConfigError,
+    LMCachedBusy,
     LMCachedError,
     LMCachedRequestError,
     LMCachedTimeout,
@@ -23,6 +24,7 @@ __all__ = [
     "PROTOCOL_VERSION",
     "Client",
     "ConfigError",
+    "LMCachedBusy",
     "LMCachedError",
     "LMCachedRequestError",
     "LMCachedTimeout",

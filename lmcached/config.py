@@ -1,13 +1,15 @@
 """Load, validate and describe the daemon's configuration.
 
 Every key is one field of :class:`Config`, declared with :func:`option`: its converter, its
-documentation and whether it holds a secret. Values come from YAML, then ``LMCACHED_<KEY>``
-environment overrides. Every value passes through its named converter at load time, so a bad
-value fails at start with one line naming the key, never in the hot path.
+documentation and whether it holds a secret. Values come from YAML, then LMCache's
+``LMCACHE_<KEY>``, then ``LMCACHED_<KEY>`` environment overrides. Every value passes through its
+named converter at load time, so a bad value fails at start with one line naming the key and
+where the value came from, never in the hot path; every such problem is reported in one pass.
 
 Key names and units follow LMCache where LMCache has the key (``chunk_size``,
-``max_local_cpu_size`` in GiB, ``local_disk``, ``remote_url`` ...), so an LMCache user's file
-mostly works.
+``max_local_cpu_size`` in GiB, ``local_disk``, ``remote_url`` ...). Every other key of LMCache's
+schema is mapped, ignored with a warning, or refused by :mod:`lmcached.config_lmcache`, so an
+LMCache user's file runs as it is.
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ from urllib.parse import parse_qsl, unquote, urlsplit, urlunsplit
 
 import yaml
 
-from lmcached.errors import ConfigError
+from lmcached import config_lmcache
+from lmcached.errors import ConfigError, ConfigErrors
 from lmcached.protocol import Limits
 from lmcached.runtime import default_runtime_dir, derived_instance_name
 
@@ -353,7 +356,11 @@ class Config:
     max_local_cpu_size: int = option(
         2.0, byte_size, "CPU tier budget, split evenly across workers. A number is GiB."
     )
-    eviction_policy: str = option("lru", string, "Eviction policy of the CPU tier, by name.")
+    eviction_policy: str = option(
+        "lru",
+        string,
+        "Eviction policy of the CPU tier, by name (LMCache's cache_policy maps here).",
+    )
     shared_memory: bool = option(
         True,
         boolean,
@@ -370,11 +377,24 @@ class Config:
     max_block_size: int = option("64MiB", byte_size, "Largest accepted block payload.")
     max_keys_per_batch: int = option(4096, positive_int, "Most keys in one request.")
     max_key_length: int = option(512, positive_int, "Longest accepted key, in bytes.")
-    max_inflight_bytes: int = option(
-        "512MiB",
+    max_meta_bytes: int = option(
+        "64KiB",
         byte_size,
-        "Most payload bytes one client connection may have unacknowledged; also the largest "
-        "single request.",
+        "Largest accepted metadata of one block, msgpack-encoded (at most 1MiB, the block "
+        "format's limit). Clients check it before sending; workers refuse larger ones.",
+    )
+    max_inflight_bytes: int = option(
+        "64MiB",
+        byte_size,
+        "Most request bytes a worker's I/O pool holds (queued or running; the one message "
+        "being served comes on top); a request that would pass it gets a 'busy' reply. Also "
+        "the largest single request, and what one client connection may have unacknowledged.",
+    )
+    io_queue_depth: int = option(
+        256,
+        positive_int,
+        "Most disk/remote jobs a worker's I/O pool holds, running or queued; a request that "
+        "needs one more gets a 'busy' reply.",
     )
     wire_frame_size: int = option(
         "16MiB",
@@ -424,15 +444,24 @@ class Config:
     disk_mmap_reads: bool = option(
         True,
         boolean,
-        "Serve disk blocks of 1 MiB or more from a read-only mapping of the file (no copy, no "
-        "page faults per 4 KiB); off: read into a fresh buffer.",
+        "Ignored (kept so old configs load): disk reads always copy into the worker's memory "
+        "and verify that copy, so a file changed or truncated underneath is never served.",
     )
     remote_url: str | None = option(
         None,
         optional_url,
-        "Shared remote tier: redis://host:port/db, rediss://, unix:///path.sock, "
-        "redis+cluster://h1:p1,h2:p2 or fs:///shared/folder. Unset: no remote tier.",
+        "Shared remote tier: redis://host:port/db, rediss://, unix:///path.sock, valkey://, "
+        "redis+cluster://h1:p1,h2:p2 (or redis-cluster://), redis-sentinel://s1:p1,s2:p2/service "
+        "or fs:///shared/folder. Unset: no remote tier.",
         secret=False,
+    )
+    integrity_key_file: str | None = option(
+        None,
+        optional_path,
+        "File holding a secret shared by the daemons of one deployment (at least 16 bytes; "
+        "mode 0600 or 0640). Set: remote values carry an HMAC-SHA256, and a value without "
+        "a valid one (forged, or copied under another key) is a counted miss. The secret is "
+        "read only from this file, never from the YAML or the environment.",
     )
     remote_key_prefix: str = option(
         "lmcached:", string, "Prefix of every key this daemon writes to the remote store."
@@ -483,8 +512,13 @@ class Config:
     strict_plugins: bool = option(
         False,
         boolean,
-        "Make an external plugin that fails in on_startup fatal. Default: disable it, log the "
-        "error and start without it.",
+        "Make an external plugin that fails in on_startup, or a general plugin that fails, "
+        "fatal. Default: disable it, log the error and start without it.",
+    )
+    stat_logger_interval: float = option(
+        10.0,
+        seconds,
+        "Seconds between the stats snapshots the scheduler hands each stat_logger plugin.",
     )
     disk_codec: str | None = option(
         None, optional_string, "Codec of blocks written to the disk tier: none, zstd, lz4 ..."
@@ -584,6 +618,8 @@ class Config:
 
     # Set by load(); not a key.
     source: str | None = field(default=None, metadata={"internal": True})
+    # One line per LMCache key that lmcached accepted but does not honour (not keys).
+    warnings: list[str] = field(default_factory=list, metadata={"internal": True})
 
     # ---------------------------------------------------------------------------------------
 
@@ -710,8 +746,16 @@ def redact_url(url: str) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
+# Remote URL schemes that list several host:port nodes: Redis Cluster seeds (ours and LMCache's
+# spelling) and Redis Sentinels.
+MULTI_NODE_SCHEMES = frozenset(
+    {"redis+cluster", "rediss+cluster", "redis-cluster", "redis-sentinel"}
+)
+
+
 def parse_cluster_url(url: str) -> tuple[list[tuple[str, int]], dict[str, Any]]:
-    """Split a ``redis+cluster://`` URL into seed nodes and client options."""
+    """Split a multi-node URL (``redis+cluster://``, ``redis-cluster://``, ``redis-sentinel://``)
+    into its nodes and client options (credentials, query options)."""
     parts = urlsplit(url)
     netloc = parts.netloc
     opts: dict[str, Any] = {}
@@ -727,8 +771,8 @@ def parse_cluster_url(url: str) -> tuple[list[tuple[str, int]], dict[str, Any]]:
         host, sep, port = item.strip().rpartition(":")
         if not sep or not host or not port.isdigit():
             raise ValueError(
-                f"cluster node {item!r} in {redact_url(url)!r} is not host:port; "
-                "expected redis+cluster://host1:port1,host2:port2"
+                f"node {item!r} in {redact_url(url)!r} is not host:port; "
+                f"expected {parts.scheme}://host1:port1,host2:port2"
             )
         nodes.append((host.strip("[]"), int(port)))
     for k, v in parse_qsl(parts.query):
@@ -754,15 +798,22 @@ def redact_value(key: str, value: Any, secret: bool = False) -> Any:
 
 
 def _suggest(key: str) -> str:
-    close = difflib.get_close_matches(key, key_names() + list(ALIASES), n=1, cutoff=0.6)
+    names = key_names() + list(ALIASES)
+    names += list(config_lmcache.LMCACHE_KEYS) + list(config_lmcache.LMCACHE_ALIASES)
+    close = difflib.get_close_matches(key, names, n=1, cutoff=0.6)
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 
 def env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
     """Return the known keys set through LMCACHED_<KEY>; other LMCACHED_* names are ignored."""
+    return {key: value for key, value, _where in _env_entries(environ)}
+
+
+def _env_entries(environ: Mapping[str, str]) -> list[tuple[str, Any, str]]:
+    """Return (key, value, env name) for every LMCACHED_<KEY> naming one of our keys or aliases."""
     known = {name.upper(): name for name in key_names()}
     known.update({alias.upper(): alias for alias in ALIASES})
-    out: dict[str, Any] = {}
+    out = []
     for env_name, raw in environ.items():
         if not env_name.startswith(ENV_PREFIX):
             continue
@@ -770,11 +821,43 @@ def env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
         if key is None:
             # LMCACHED_PLUGINS, LMCACHED_CONTROL_ENDPOINT ... are not config keys.
             continue
-        try:
-            out[key] = yaml.safe_load(raw) if raw != "" else None
-        except yaml.YAMLError:
-            out[key] = raw
+        out.append((key, _env_value(raw), env_name))
     return out
+
+
+def _env_value(raw: str) -> Any:
+    try:
+        return yaml.safe_load(raw) if raw != "" else None
+    except yaml.YAMLError:
+        return raw
+
+
+def lmcache_env_entries(environ: Mapping[str, str]) -> list[tuple[str, Any, str]]:
+    """Return (LMCache key, value, env name) for every LMCACHE_<KEY> of LMCache's schema.
+
+    As LMCache reads them: only its config keys and aliases (LMCACHE_DISABLE_BANNER, the
+    LMCACHE_PLUGIN_* settings lmcached gives its script plugins ... are not keys, so they are
+    ignored), and a value in matching quotes is the string inside them.
+    """
+    names = list(config_lmcache.LMCACHE_KEYS) + list(config_lmcache.LMCACHE_ALIASES)
+    out = []
+    for name in names:
+        env_name = config_lmcache.ENV_PREFIX + name.upper()
+        raw = environ.get(env_name)
+        if raw is None:
+            continue
+        text = raw.strip()
+        if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
+            text = text[1:-1]  # LMCache unquotes, then converts by the key's type
+        value = _env_value(text)
+        if value is None and text.strip():
+            value = text  # e.g. " # # ", which YAML reads as a comment
+        out.append((name, value, env_name))
+    return out
+
+
+# One value as read: (key as written, raw value, where it came from: a file path or "env NAME").
+_Entry = tuple[Any, Any, "str | None"]
 
 
 def from_mapping(
@@ -783,41 +866,134 @@ def from_mapping(
     source: str | None = None,
     environ: Mapping[str, str] | None = None,
 ) -> Config:
-    """Build a validated Config from a mapping plus env overrides."""
+    """Build a validated Config from a mapping plus env overrides.
+
+    Precedence, lowest first: the mapping (the file), ``LMCACHE_<KEY>`` (LMCache's names), then
+    ``LMCACHED_<KEY>``. LMCache keys are translated by :mod:`lmcached.config_lmcache`; within one
+    layer our own key wins over an LMCache key mapped onto it. Every problem is collected, so one
+    run reports them all (a single problem raises ConfigError, several raise ConfigErrors), each
+    naming where its value came from.
+    """
     if not isinstance(data, Mapping):
         raise ConfigError(
             "<file>",
             f"expected a mapping of keys at the top level, got {type(data).__name__}",
             source,
         )
-    merged: dict[str, Any] = dict(data)
-    merged.update(env_overrides(os.environ if environ is None else environ))
-    fields = {f.name: f for f in _key_fields()}
-    values: dict[str, Any] = {}
-    for raw_key, raw_value in merged.items():
-        if not isinstance(raw_key, str):
-            raise ConfigError(repr(raw_key), "config keys must be strings", source)
-        key = ALIASES.get(raw_key, raw_key)
-        f = fields.get(key)
-        if f is None:
-            raise ConfigError(raw_key, f"unknown key{_suggest(raw_key)}", source)
-        if key in values and raw_key != key and key in merged:
-            raise ConfigError(
-                raw_key, f"is an alias of '{key}', which is also set; keep one", source
-            )
-        try:
-            values[key] = f.metadata["convert"](raw_value)
-        except ValueError as exc:
-            raise ConfigError(raw_key, str(exc), source) from None
+    env = os.environ if environ is None else environ
+    layers: list[list[_Entry]] = [
+        [(k, v, source) for k, v in data.items()],
+        [(k, v, f"env {name}") for k, v, name in lmcache_env_entries(env)],
+        [(k, v, f"env {name}") for k, v, name in _env_entries(env)],
+    ]
+    reader = _Reader()
+    for entries in layers:
+        reader.read_layer(entries)
+    reader.read_lmcache_extra_config()
+    if reader.problems:
+        raise reader.problems[0] if len(reader.problems) == 1 else ConfigErrors(reader.problems)
+    values = reader.values
     # Defaults pass through their converters too, so sizes like "64MiB" become ints.
-    for name, f in fields.items():
+    for name, f in _fields_by_name().items():
         if name in values:
             continue
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
         values[name] = f.metadata["convert"](default) if default is not None else None
-    cfg = Config(**values, source=source)
+    cfg = Config(**values, source=source, warnings=reader.warnings)
     validate(cfg)
     return cfg
+
+
+# The block format's cap on one block's metadata (``meta_len``, docs/format.md): a larger meta
+# could be accepted in memory but never written to disk or remote.
+MAX_META_BYTES_LIMIT = 1 << 20
+
+
+def _fields_by_name() -> dict[str, dataclasses.Field[Any]]:
+    return {f.name: f for f in _key_fields()}
+
+
+class _Reader:
+    """Convert the layers of raw values into our keys, collecting problems and warnings."""
+
+    def __init__(self) -> None:
+        self.fields = _fields_by_name()
+        self.values: dict[str, Any] = {}
+        self.where: dict[str, str | None] = {}
+        self.problems: list[ConfigError] = []
+        self.warnings: list[str] = []
+
+    def read_layer(self, entries: list[_Entry]) -> None:
+        own: dict[str, str] = {}  # our key -> the spelling that set it in this layer
+        mapped: dict[str, str] = {}  # our key -> the LMCache key mapped onto it in this layer
+        # LMCache keys first, so that our own spelling of the same setting wins in the layer.
+        ordered = sorted(entries, key=lambda e: isinstance(e[0], str) and self._is_ours(e[0]))
+        for raw_key, raw_value, where in ordered:
+            if not isinstance(raw_key, str):
+                self.problems.append(
+                    ConfigError(repr(raw_key), "config keys must be strings", where)
+                )
+                continue
+            if self._is_ours(raw_key):
+                key = ALIASES.get(raw_key, raw_key)
+                if key in own and own[key] != raw_key:
+                    self.problems.append(
+                        ConfigError(
+                            raw_key, f"is an alias of '{key}', which is also set; keep one", where
+                        )
+                    )
+                    continue
+                if key in mapped:
+                    self._warn(where, mapped[key], f"overridden by '{raw_key}'")
+                own[key] = raw_key
+                self._set(key, raw_value, raw_key, where)
+            elif config_lmcache.is_lmcache_key(raw_key):
+                outcome = config_lmcache.apply(raw_key, raw_value)
+                self._take(outcome, raw_key, where, mapped)
+            else:
+                self.problems.append(ConfigError(raw_key, f"unknown key{_suggest(raw_key)}", where))
+
+    def read_lmcache_extra_config(self) -> None:
+        """Apply LMCache's own extra_config keys (use_odirect ...); others stay free-form."""
+        extra = self.values.get("extra_config") or {}
+        where = self.where.get("extra_config")
+        for name, value in extra.items():
+            outcome = config_lmcache.apply_extra(name, value)
+            if outcome is None:
+                continue
+            # An explicitly set key of ours wins over its extra_config spelling.
+            updates = {k: v for k, v in outcome.updates.items() if k not in self.values}
+            self._take(
+                dataclasses.replace(outcome, updates=updates), f"extra_config.{name}", where, {}
+            )
+
+    def _is_ours(self, raw_key: str) -> bool:
+        return ALIASES.get(raw_key, raw_key) in self.fields
+
+    def _take(
+        self,
+        outcome: config_lmcache.Outcome,
+        raw_key: str,
+        where: str | None,
+        mapped: dict[str, str],
+    ) -> None:
+        if outcome.error:
+            self.problems.append(ConfigError(raw_key, outcome.error, where))
+        if outcome.warning:
+            self._warn(where, raw_key, outcome.warning)
+        for key, value in outcome.updates.items():
+            mapped[key] = raw_key
+            self._set(key, value, raw_key, where)
+
+    def _set(self, key: str, raw_value: Any, raw_key: str, where: str | None) -> None:
+        try:
+            self.values[key] = self.fields[key].metadata["convert"](raw_value)
+            self.where[key] = where
+        except ValueError as exc:
+            self.problems.append(ConfigError(raw_key, str(exc), where))
+
+    def _warn(self, where: str | None, key: str, message: str) -> None:
+        self.warnings.append(f"{where or 'config'}: {key}: {message}")
 
 
 def validate(cfg: Config) -> None:
@@ -839,6 +1015,13 @@ def validate(cfg: Config) -> None:
         )
     if cfg.wire_frame_size < 4096:
         raise ConfigError("wire_frame_size", "must be at least 4KiB", src)
+    if cfg.max_meta_bytes > MAX_META_BYTES_LIMIT:
+        raise ConfigError(
+            "max_meta_bytes",
+            f"{cfg.max_meta_bytes} bytes exceeds {MAX_META_BYTES_LIMIT}, the most a stored "
+            "block's header holds (docs/format.md)",
+            src,
+        )
     if cfg.port != 0 and cfg.port + cfg.num_workers > 65535:
         raise ConfigError("port", f"port {cfg.port} + {cfg.num_workers} workers exceeds 65535", src)
     _validate_tiers(cfg)
@@ -863,20 +1046,34 @@ def _validate_tiers(cfg: Config) -> None:
     if cfg.remote_url:
         # Only the URL's own shape; whether a connector serves the scheme is the registry's
         # question (check_store_config).
-        scheme = urlsplit(cfg.remote_url).scheme.lower()
-        if scheme.endswith("+cluster"):
+        parts = urlsplit(cfg.remote_url)
+        scheme = parts.scheme.lower()
+        if scheme in MULTI_NODE_SCHEMES:
             try:
                 parse_cluster_url(cfg.remote_url)
             except ValueError as exc:
                 raise ConfigError("remote_url", str(exc), src) from None
+        if scheme == "fs" and parts.netloc:
+            # LMCache's documented form is fs://host:port/path; its host and port mean nothing
+            # to a folder.
+            cfg.warnings.append(
+                f"{src or 'config'}: remote_url: the host and port of fs://{parts.netloc} are "
+                f"ignored; fs:// names a folder on this machine ({unquote(parts.path) or '/'})"
+            )
 
 
 def load(
     path: str | os.PathLike[str] | None, *, environ: Mapping[str, str] | None = None
 ) -> Config:
-    """Load and validate a config file (None: defaults plus env overrides)."""
+    """Load and validate a config file (None: defaults plus env overrides).
+
+    Without a path, LMCache's ``LMCACHE_CONFIG_FILE`` names the file, as it does for LMCache (a
+    path given here, by ``--config`` or ``LMCACHED_CONFIG``, comes first).
+    """
     if path is None:
-        return from_mapping({}, environ=environ)
+        path = (os.environ if environ is None else environ).get(config_lmcache.CONFIG_FILE_ENV)
+        if not path:
+            return from_mapping({}, environ=environ)
     p = Path(path)
     try:
         text = p.read_text()
@@ -964,6 +1161,7 @@ def wire_limits(cfg: Config) -> Limits:
         max_key_length=cfg.max_key_length,
         max_request_bytes=cfg.max_inflight_bytes,
         wire_frame_size=cfg.wire_frame_size,
+        max_meta_bytes=cfg.max_meta_bytes,
     )
 
 

@@ -20,6 +20,10 @@ class LMCachedTimeout(LMCachedUnavailable):
     """A call did not complete before its deadline."""
 
 
+class LMCachedBusy(LMCachedUnavailable):
+    """The worker is at its in-flight bound (``busy``): back off and retry the call."""
+
+
 class LMCachedRequestError(LMCachedError):
     """The daemon rejected a request as malformed or over a limit."""
 
@@ -47,6 +51,19 @@ class ConfigError(LMCachedError):
         self.source = source
         where = f"{source}: " if source else ""
         super().__init__(f"{where}{key}: {message}")
+
+
+class ConfigErrors(ConfigError):
+    """Several configuration problems found in one pass; ``problems`` holds each one."""
+
+    def __init__(self, problems: list[ConfigError]) -> None:
+        self.problems = list(problems)
+        first = self.problems[0]
+        LMCachedError.__init__(
+            self, f"{len(self.problems)} problems: " + "; ".join(str(p) for p in self.problems)
+        )
+        self.key = first.key
+        self.source = first.source
 
 
 # Worker exit codes the scheduler reads as "restarting will not help": it stops the daemon.

@@ -60,3 +60,21 @@ def tune_for_large_messages(daemon: bool = False) -> bool:
         ok = bool(mallopt(M_MMAP_MAX, 0)) and ok
     _applied = ok
     return ok
+
+
+def release_free_memory() -> bool:
+    """Give the heap's free pages back to the kernel (glibc ``malloc_trim(0)``).
+
+    The daemon keeps freed memory (M_TRIM_THRESHOLD above) so that blocks reuse it; after an
+    oversized message was dropped, that memory is no cache's and must not stay resident.
+    Returns True when glibc released something; False elsewhere (musl, macOS).
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        trim = libc.malloc_trim
+    except (OSError, AttributeError):
+        return False
+    trim.argtypes = [ctypes.c_size_t]
+    return bool(trim(0))

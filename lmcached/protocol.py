@@ -27,6 +27,10 @@ Request header fields (a msgpack map with string keys):
 ``offsets``put with ``stage``: where each block starts in the staging file
 =========  ===================================================================================
 
+A ``flush`` reply carries ``done`` and, per worker, ``dropped`` and ``failed``: the lower-tier
+copies of this connection's puts (since its previous flush) that a full write queue dropped or
+whose write failed. Both are absent (read as 0) from workers older than this field.
+
 Reply header: ``{"id": <id>, "ok": true, ...op fields}`` or
 ``{"id": <id>, "ok": false, "code": <str>, "error": <str>}``; a worker stamps ``"d": <daemon
 id>`` on every reply. A ``get`` reply carries ``found``, ``sizes``, ``nframes``, ``metas`` and
@@ -53,6 +57,7 @@ from lmcached.version import PROTOCOL_VERSION
 __all__ = [
     "CONTROL_OPS",
     "DATA_OPS",
+    "DEFAULT_MAX_META_BYTES",
     "E_INTERNAL",
     "E_LIMIT",
     "E_MALFORMED",
@@ -108,6 +113,7 @@ __all__ = [
     "encode_hello",
     "encode_reply",
     "encode_request",
+    "meta_size",
     "parse_reply",
     "payload_of",
     "reply_fields",
@@ -127,9 +133,17 @@ E_UNKNOWN_OP = "unknown_op"
 E_LIMIT = "limit"
 E_INTERNAL = "internal"
 E_UNAVAILABLE = "unavailable"
+# The worker holds max_inflight_bytes of requests, or its I/O queue is full: retry later.
+E_BUSY = "busy"
 
 # Headers are small: keys are bounded, so a header never needs more than this much room.
 HEADER_SLACK = 64 * 1024
+# The default cap on one block's metadata, msgpack-encoded (config: max_meta_bytes). Metas the
+# project writes are far smaller: the codecs' three fields, a client's dtype and shape.
+DEFAULT_MAX_META_BYTES = 64 * 1024
+# The longest a worker waits for its write queues on one flush, whatever the client asks: the
+# wait holds one of the worker's I/O threads.
+MAX_FLUSH_WAIT_S = 600.0
 # The most a client accepts in one reply header (a get reply's metas, a status document).
 MAX_REPLY_HEADER = 64 << 20
 # Most lease ids one get may release.
@@ -163,10 +177,17 @@ class Limits:
     max_key_length: int
     max_request_bytes: int
     wire_frame_size: int
+    max_meta_bytes: int = DEFAULT_MAX_META_BYTES
 
     @property
     def max_header_bytes(self) -> int:
-        return self.max_keys_per_batch * (self.max_key_length + 48) + HEADER_SLACK
+        # Room for a full batch of the longest keys, and for one block's largest meta; a client
+        # splits a put whose metas need more (see put_header_cost).
+        return (
+            self.max_keys_per_batch * (self.max_key_length + 48)
+            + HEADER_SLACK
+            + self.max_meta_bytes
+        )
 
     @property
     def max_frames(self) -> int:
@@ -180,6 +201,7 @@ class Limits:
             "max_key_length": self.max_key_length,
             "max_request_bytes": self.max_request_bytes,
             "wire_frame_size": self.wire_frame_size,
+            "max_meta_bytes": self.max_meta_bytes,
         }
 
     @classmethod
@@ -190,6 +212,8 @@ class Limits:
             max_key_length=int(d["max_key_length"]),
             max_request_bytes=int(d["max_request_bytes"]),
             wire_frame_size=int(d["wire_frame_size"]),
+            # Absent from the maps of older daemons: they enforced the default's order of size.
+            max_meta_bytes=int(d.get("max_meta_bytes", DEFAULT_MAX_META_BYTES)),
         )
 
 
@@ -258,11 +282,27 @@ def _opt_list(header: Header, name: str, n: int) -> list[Any] | None:
     return value
 
 
-def _metas(header: Header, n: int) -> list[dict[str, Any] | None] | None:
+def _metas(header: Header, n: int, max_meta_bytes: int) -> list[dict[str, Any] | None] | None:
     metas = _opt_list(header, "metas", n)
-    if metas is not None and not all(m is None or isinstance(m, dict) for m in metas):
-        raise ProtocolError(E_MALFORMED, "'metas' entries must be maps or nil")
+    if metas is None:
+        return None
+    for i, m in enumerate(metas):
+        if m is None:
+            continue
+        if not isinstance(m, dict):
+            raise ProtocolError(E_MALFORMED, "'metas' entries must be maps or nil")
+        size = meta_size(m)
+        if size > max_meta_bytes:
+            raise ProtocolError(
+                E_LIMIT,
+                f"meta of block {i} is {size} bytes; max_meta_bytes is {max_meta_bytes}",
+            )
     return metas
+
+
+def meta_size(meta: Mapping[str, Any]) -> int:
+    """Return the msgpack size of one block's metadata: what ``max_meta_bytes`` bounds."""
+    return len(msgpack.packb(meta, use_bin_type=True))
 
 
 def _sums(header: Header, n: int) -> list[int | None] | None:
@@ -691,14 +731,25 @@ class PurgeReply(_Reply):
 
 @dataclass(slots=True)
 class FlushReply(_Reply):
+    """``done``: the queues drained in time. ``dropped``/``failed``: this connection's lost
+    lower-tier copies since its previous flush (see the module docstring)."""
+
     done: bool
+    dropped: int = 0
+    failed: int = 0
 
     def _fields(self) -> Header:
-        return {"done": self.done}
+        return {"done": self.done, "dropped": self.dropped, "failed": self.failed}
 
     @classmethod
     def _decode(cls, h: Header, payload: Sequence[Frame]) -> FlushReply:
-        return cls(_bool(h, "done"))
+        counts = []
+        for name in ("dropped", "failed"):
+            value = h.get(name, 0)
+            if type(value) is not int or value < 0:
+                raise ProtocolError(E_MALFORMED, f"{name!r} must be a non-negative int")
+            counts.append(value)
+        return cls(_bool(h, "done"), counts[0], counts[1])
 
 
 @dataclass(slots=True)
@@ -1132,9 +1183,15 @@ def _decode_request(
     if op == "flush":
         # As lenient as ever: a missing or nonsensical timeout means the worker's default.
         timeout = header.get("timeout")
-        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
+        if (
+            isinstance(timeout, bool)
+            or not isinstance(timeout, (int, float))
+            or not timeout > 0  # NaN too
+        ):
             return FlushRequest(None, id=rid)
-        return FlushRequest(float(timeout), id=rid)
+        # NaN fails every comparison, so min() alone would pass it through.
+        wait = float(timeout) if timeout == timeout else MAX_FLUSH_WAIT_S
+        return FlushRequest(min(wait, MAX_FLUSH_WAIT_S), id=rid)
     if op == "stats":
         return StatsRequest(id=rid)
     return CONTROL_REQUESTS[op](id=rid)
@@ -1148,6 +1205,14 @@ def _keys(header: Header, limits: Limits) -> list[bytes]:
         raise ProtocolError(
             E_LIMIT, f"{len(keys)} keys exceed max_keys_per_batch={limits.max_keys_per_batch}"
         )
+    # The common all-good batch costs three C-level passes; the loop below names the bad key.
+    if (
+        keys
+        and set(map(type, keys)) == {bytes}
+        and min(map(len, keys)) > 0
+        and max(map(len, keys)) <= limits.max_key_length
+    ):
+        return keys
     for k in keys:
         if not isinstance(k, bytes) or not k:
             raise ProtocolError(E_MALFORMED, "every key must be non-empty bytes")
@@ -1176,7 +1241,7 @@ def _decode_put(
     n = len(keys)
     sizes = _int_list(header, "sizes", n)
     nframes = _int_list(header, "nframes", n)
-    metas = _metas(header, n)
+    metas = _metas(header, n, limits.max_meta_bytes)
     sums = _sums(header, n)
     stage = header.get("stage")
     offsets: list[int] | None = None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import msgpack
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -130,7 +131,11 @@ data_requests = st.one_of(
     st.builds(ExistsRequest, keys, id=ids),
     st.builds(DeleteRequest, keys, id=ids),
     st.builds(PurgeRequest, st.binary(max_size=64), id=ids),
-    st.builds(FlushRequest, st.none() | st.floats(min_value=1e-3, max_value=1e6), id=ids),
+    st.builds(
+        FlushRequest,
+        st.none() | st.floats(min_value=1e-3, max_value=protocol.MAX_FLUSH_WAIT_S),
+        id=ids,
+    ),
     st.builds(StatsRequest, id=ids),
     st.builds(PingRequest, id=ids),
 )
@@ -156,7 +161,17 @@ data_replies = st.one_of(
     ),
     st.tuples(st.just("delete"), st.builds(DeleteReply, small, id=ids, daemon=daemons)),
     st.tuples(st.just("purge"), st.builds(PurgeReply, small, id=ids, daemon=daemons)),
-    st.tuples(st.just("flush"), st.builds(FlushReply, st.booleans(), id=ids, daemon=daemons)),
+    st.tuples(
+        st.just("flush"),
+        st.builds(
+            FlushReply,
+            st.booleans(),
+            st.integers(min_value=0, max_value=1 << 40),
+            st.integers(min_value=0, max_value=1 << 40),
+            id=ids,
+            daemon=daemons,
+        ),
+    ),
     st.tuples(st.just("ping"), st.builds(WorkerPingReply, small, small, id=ids, daemon=daemons)),
     st.tuples(st.just("stats"), st.builds(StatsReply, docs, id=ids, daemon=daemons)),
     st.tuples(st.sampled_from(sorted(DATA_OPS)), errors),
@@ -241,3 +256,31 @@ def test_request_errors_carry_the_request_id() -> None:
     with pytest.raises(ProtocolError) as err:
         protocol.decode_request(header, [], LIMITS, DATA_OPS)
     assert (err.value.code, err.value.request_id) == (protocol.E_MALFORMED, 42)
+
+
+def test_flush_wait_asked_by_a_client_is_bounded_by_the_worker() -> None:
+    for asked in (1e9, float("inf")):
+        header = msgpack.packb({"v": PROTOCOL_VERSION, "op": "flush", "id": 1, "timeout": asked})
+        req = protocol.decode_request(header, [], LIMITS, DATA_OPS)
+        assert req == FlushRequest(protocol.MAX_FLUSH_WAIT_S, id=1)
+
+
+def test_put_with_a_meta_over_max_meta_bytes_is_a_limit_error() -> None:
+    limits = Limits(**{**LIMITS.as_dict(), "max_meta_bytes": 1024})
+    meta = {"blob": b"m" * 2000}
+    msg = PutRequest([b"k"], [1], [[b"x"]], metas=[meta])
+    with pytest.raises(protocol.ProtocolError) as err:
+        protocol.decode_request(protocol.encode(msg), [b"x"], limits, DATA_OPS)
+    assert err.value.code == protocol.E_LIMIT and "max_meta_bytes" in str(err.value)
+
+
+def test_limits_from_an_older_map_default_max_meta_bytes() -> None:
+    old = {k: v for k, v in LIMITS.as_dict().items() if k != "max_meta_bytes"}
+    assert Limits.from_dict(old).max_meta_bytes == protocol.DEFAULT_MAX_META_BYTES
+
+
+@pytest.mark.parametrize("timeout", [float("nan"), -1.0, 0, "10", True])
+def test_flush_timeout_nan_or_nonsense_means_the_workers_default(timeout: Any) -> None:
+    header = protocol.pack({"v": PROTOCOL_VERSION, "op": "flush", "id": 3, "timeout": timeout})
+    req = protocol.decode_request(header, [], LIMITS, DATA_OPS)
+    assert isinstance(req, protocol.FlushRequest) and req.timeout is None

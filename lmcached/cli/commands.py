@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable
 from typing import Any, TextIO
@@ -17,7 +18,12 @@ from lmcached import config as config_mod
 
 Handler = Callable[[argparse.Namespace], int]
 
-DEFAULT_CONFIG_HELP = "config file (default: built-in defaults plus LMCACHED_* env overrides)"
+# Names the config file of every command that takes --config/-c, as systemd units and shell
+# profiles set it once instead of repeating the flag.
+CONFIG_ENV = "LMCACHED_CONFIG"
+DEFAULT_CONFIG_HELP = (
+    f"config file (default: ${CONFIG_ENV}, else built-in defaults plus LMCACHED_* env overrides)"
+)
 # Sentinel: a command's description is its help line.
 SAME_AS_HELP = "same as help"
 
@@ -49,7 +55,7 @@ class CommandTable:
             description = help if self._describe else None
         p = self._sub.add_parser(name, help=help, description=description)
         if config_help is not None:
-            p.add_argument("--config", help=config_help)
+            add_config_argument(p, config_help)
         if endpoint:
             p.add_argument(
                 "--endpoint",
@@ -67,8 +73,17 @@ class CommandTable:
         return CommandTable(p.add_subparsers(dest=f"{name}_command", required=True), describe=False)
 
 
+def add_config_argument(
+    p: argparse.ArgumentParser, help: str = DEFAULT_CONFIG_HELP, metavar: str | None = None
+) -> None:
+    """Add ``-c/--config``, defaulting to ``$LMCACHED_CONFIG`` (read when the parser is built)."""
+    p.add_argument(
+        "-c", "--config", default=os.environ.get(CONFIG_ENV) or None, help=help, metavar=metavar
+    )
+
+
 def load_config(args: argparse.Namespace) -> config_mod.Config:
-    """Return the config named by ``--config`` (or the defaults plus env overrides)."""
+    """Return the config named by ``--config``/``$LMCACHED_CONFIG`` (or the defaults plus env)."""
     return config_mod.load(getattr(args, "config", None))
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from lmcached.cli.commands import CommandTable
+from lmcached.cli.commands import CommandTable, print_json
 
 
 def register(commands: CommandTable) -> None:
@@ -28,6 +28,7 @@ def register(commands: CommandTable) -> None:
     p.add_argument("directory", help="folder to write the key files into (created 0750)")
     p.add_argument("name", nargs="?", default="server", help="key name (default: server)")
     p.add_argument("--force", action="store_true", help="replace an existing key pair")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
 
 
 def run_keygen(args: argparse.Namespace) -> int:
@@ -38,6 +39,9 @@ def run_keygen(args: argparse.Namespace) -> int:
     except (FileExistsError, ValueError, OSError) as exc:
         print(f"lmcached keygen: {exc}", file=sys.stderr)
         return 1
+    if args.json:
+        print_json({"public": str(public), "secret": str(secret)})
+        return 0
     print(f"public key: {public}")
     print(f"secret key: {secret} (mode 0600: keep it with its owner only)")
     return 0

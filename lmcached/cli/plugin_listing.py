@@ -1,7 +1,7 @@
 """What `lmcached plugins` shows: the registry's entries as tables or JSON, and `--validate`.
 
-Loaded only when that command runs (through :mod:`lmcached.cli.plugins`), so no other command,
-`lmcached start` above all, imports the registry.
+Loaded only when that command runs (through :mod:`lmcached.cli.plugins`), so no other command
+imports the listing code.
 """
 
 from __future__ import annotations

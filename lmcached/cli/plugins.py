@@ -19,7 +19,7 @@ import argparse
 from collections.abc import Sequence
 from typing import TextIO
 
-from lmcached.cli.commands import CommandTable
+from lmcached.cli.commands import CommandTable, add_config_argument
 
 
 def register(commands: CommandTable) -> None:
@@ -27,7 +27,8 @@ def register(commands: CommandTable) -> None:
     parser = commands.add(
         "plugins",
         run,
-        "list, show and validate extensions (backends, connectors, codecs, policies)",
+        "list, show and validate extensions (backends, connectors, codecs, policies, general "
+        "plugins, stat loggers)",
         description="List, show and validate the entries of lmcached's plugin registry.",
         config_help=None,  # its own --config FILE, below
     )
@@ -36,11 +37,12 @@ def register(commands: CommandTable) -> None:
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     # Named without importing the registry: every `lmcached` command builds this parser, and
-    # the daemon's scheduler process must not load lmcached.extensions.
+    # only the registry modules, not the store's, may load in the scheduler process.
     parser.add_argument(
         "category",
         nargs="?",
-        help="one of: storage_backend, remote_connector, codec, eviction_policy",
+        help="one of: storage_backend, remote_connector, codec, eviction_policy, general, "
+        "stat_logger",
     )
     parser.add_argument("name", nargs="?", help="an entry's name (a URL scheme for connectors)")
     parser.add_argument("--packages", action="store_true", help="list contributing packages")
@@ -48,8 +50,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         "--validate", action="store_true", help="import and check entries; exit 1 if any is broken"
     )
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    parser.add_argument(
-        "--config", metavar="FILE", help="also register the file's external_backends/connectors"
+    add_config_argument(
+        parser, "also register the file's external_backends/connectors", metavar="FILE"
     )
     parser.set_defaults(func=run)
 

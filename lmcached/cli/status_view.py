@@ -77,8 +77,27 @@ def render_plugins(status: dict[str, Any]) -> list[str]:
 
 
 def extension_lines(status: dict[str, Any]) -> list[str]:
-    """Return the plugin section of ``lmcached status``: each plugin's state per worker."""
-    rows = []
+    """Return the plugin section of ``lmcached status``: each plugin's state per worker.
+
+    General plugins (per process) and the scheduler's stat loggers are rows too; the scheduler
+    is the process ``sched``.
+    """
+    rows = general_plugin_rows("sched", status.get("general_plugins"))
+    for name, state in sorted((status.get("stat_loggers") or {}).items()):
+        counts = f"records={state.get('records', 0)}, dropped={state.get('dropped', 0)}"
+        detail = state.get("last_error") or state.get("error") or counts
+        rows.append(
+            [
+                "sched",
+                name,
+                "stat_logger",
+                state.get("state", "?"),
+                str(state.get("errors", 0)),
+                detail,
+            ]
+        )
+    for w in status.get("workers", []):
+        rows += general_plugin_rows(str(w.get("id")), (w.get("stats") or {}).get("general_plugins"))
     for w in status.get("workers", []):
         stats = w.get("stats") or {}
         store = stats.get("store") or {}
@@ -99,6 +118,24 @@ def extension_lines(status: dict[str, Any]) -> list[str]:
     if not rows:
         return []
     return ["", *table_lines(["WORKER", "PLUGIN", "CATEGORY", "STATE", "ERRORS", "DETAIL"], rows)]
+
+
+def general_plugin_rows(where: str, runs: Any) -> list[list[str]]:
+    """Return one status row per general plugin run in one process."""
+    rows = []
+    for name, run in sorted((runs or {}).items()):
+        failed = run.get("state") != "ok"
+        rows.append(
+            [
+                where,
+                name,
+                "general",
+                run.get("state", "?"),
+                str(int(failed)),
+                run.get("error") or "-",
+            ]
+        )
+    return rows
 
 
 def table_lines(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:

@@ -11,7 +11,7 @@ A client process imports none of the daemon's code (storage, extensions, the dae
 
 from __future__ import annotations
 
-from lmcached.client.api import DEFAULT_TIMEOUT_S, Client
+from lmcached.client.api import DEFAULT_TIMEOUT_S, Client, FlushReport
 from lmcached.client.retry import Retry
 
-__all__ = ["DEFAULT_TIMEOUT_S", "Client", "Retry"]
+__all__ = ["DEFAULT_TIMEOUT_S", "Client", "FlushReport", "Retry"]

@@ -22,7 +22,8 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Sequence
-from typing import Any, TypeVar
+from dataclasses import dataclass
+from typing import Any, TypeVar, cast
 
 import xxhash
 
@@ -47,6 +48,8 @@ from lmcached.protocol import (
     GetReply,
     GetRequest,
     Limits,
+    LookupReply,
+    LookupRequest,
     PingReply,
     PingRequest,
     PurgeReply,
@@ -60,12 +63,19 @@ from lmcached.runtime import control_endpoint
 from lmcached.security import ClientCurve
 from lmcached.shm.layout import SlotRef
 
-__all__ = ["DEFAULT_TIMEOUT_S", "Client"]
+__all__ = ["DEFAULT_TIMEOUT_S", "Client", "KeyLike"]
 
 DEFAULT_TIMEOUT_S = 10.0
 # Payload bytes of one same-host put request: small enough that the client stages the next
 # request while the worker copies this one, large enough that headers stay negligible.
 SHARED_PUT_BYTES = 8 << 20
+# Read by Client() given neither an endpoint nor a config file (a daemon's plugins get the first).
+ENDPOINT_ENV = "LMCACHED_CONTROL_ENDPOINT"
+# In the order the daemon's CLI reads them.
+CONFIG_ENVS = ("LMCACHED_CONFIG", "LMCACHE_CONFIG_FILE")
+
+# A key: bytes, or a str, which is sent as its UTF-8 encoding.
+KeyLike = bytes | str
 
 
 class _Shared:
@@ -101,11 +111,18 @@ class Client:
         shared_memory: bool | None = None,
     ) -> None:
         if endpoint is None and config_path is None:
-            raise ValueError("Client needs an endpoint such as tcp://127.0.0.1:7470 or config_path")
+            # $LMCACHED_CONTROL_ENDPOINT, then the config file `lmcached start` would read
+            # ($LMCACHED_CONFIG, LMCache's $LMCACHE_CONFIG_FILE), then the default config's
+            # runtime file (config_path None below: built-in defaults plus LMCACHED_* overrides).
+            endpoint = os.environ.get(ENDPOINT_ENV) or None
+            if endpoint is None:
+                config_path = next((os.environ[e] for e in CONFIG_ENVS if os.environ.get(e)), None)
         if transport not in ("auto", "tcp", "ipc"):
             raise ValueError("transport must be auto, tcp or ipc")
         self._endpoint = endpoint
         self._config_path = str(config_path) if config_path is not None else None
+        # Without an endpoint the daemon is found through its runtime file, again after a failure.
+        self._follows_file = endpoint is None
         self._settings: settings_mod.ClientSettings | None = None
         # None: the config file's request_timeout (when there is one), else DEFAULT_TIMEOUT_S.
         self._timeout = None if timeout is None else float(timeout)
@@ -123,7 +140,7 @@ class Client:
         self._cluster = ClusterView(
             self._conns,
             _weak(self._locate),
-            follows_file=self._config_path is not None,
+            follows_file=self._follows_file,
             transport=self.transport,
             retry=self.retry,
             ids=self._ids,
@@ -158,7 +175,7 @@ class Client:
         """The default deadline of a call, in seconds."""
         if self._timeout is not None:
             return self._timeout
-        if self._config_path is not None:
+        if self._follows_file:
             return self._read_settings().request_timeout
         return DEFAULT_TIMEOUT_S
 
@@ -179,12 +196,13 @@ class Client:
 
     def put(
         self,
-        keys: Sequence[bytes],
+        keys: Sequence[KeyLike],
         values: Sequence[Any],
         metas: Sequence[dict[str, Any] | None] | None = None,
         timeout: float | None = None,
     ) -> None:
         """Store one block per key. Returns once every owning worker has it in memory."""
+        keys = _encode_keys(keys)
         if len(keys) != len(values):
             raise LMCachedRequestError(f"{len(keys)} keys but {len(values)} values")
         if metas is not None and len(metas) != len(keys):
@@ -205,35 +223,42 @@ class Client:
                         code=protocol.E_LIMIT,
                     )
                 views.append(mv)
+            meta_sizes = _check_metas(keys, metas, limits)
             owners = self._cluster.owners(keys)
             if self._shm is not None and all(w in self._shm.arenas for w in owners):
-                self._put_shared(owners, keys, views, metas, limits, deadline)
+                self._put_shared(owners, keys, views, metas, meta_sizes, limits, deadline)
                 return
+            # What one block adds to the request's header: its key, its meta, the fixed fields.
+            header_budget = limits.max_header_bytes - protocol.HEADER_SLACK // 2
             calls = []
             for worker, positions in owners.items():
                 batch: list[int] = []
                 batch_bytes = 0
+                batch_header = 0
                 for pos in positions:
                     size = views[pos].nbytes
+                    header_cost = len(keys[pos]) + 48 + meta_sizes[pos]
                     if batch and (
                         len(batch) >= limits.max_keys_per_batch
                         or batch_bytes + size > limits.max_request_bytes
+                        or batch_header + header_cost > header_budget
                     ):
                         calls.append(
                             _put_call(worker, batch, keys, views, metas, cmap.checksums, limits)
                         )
-                        batch, batch_bytes = [], 0
+                        batch, batch_bytes, batch_header = [], 0, 0
                     batch.append(pos)
                     batch_bytes += size
+                    batch_header += header_cost
                 calls.append(_put_call(worker, batch, keys, views, metas, cmap.checksums, limits))
             self._pipeline.execute(calls, deadline)
 
-    def get(self, keys: Sequence[bytes], timeout: float | None = None) -> list[Any | None]:
+    def get(self, keys: Sequence[KeyLike], timeout: float | None = None) -> list[Any | None]:
         """Return each block's bytes (a buffer the caller owns), or None where missing."""
         return [None if r is None else r[0] for r in self.get_with_meta(keys, timeout)]
 
     def get_with_meta(
-        self, keys: Sequence[bytes], timeout: float | None = None
+        self, keys: Sequence[KeyLike], timeout: float | None = None
     ) -> list[tuple[Any, dict[str, Any] | None] | None]:
         """Return (buffer, meta) for each found key, None where missing."""
         out: list[tuple[Any, dict[str, Any] | None] | None] = [None] * len(keys)
@@ -249,7 +274,7 @@ class Client:
         return out
 
     def get_into(
-        self, keys: Sequence[bytes], buffers: Sequence[Any], timeout: float | None = None
+        self, keys: Sequence[KeyLike], buffers: Sequence[Any], timeout: float | None = None
     ) -> list[bool]:
         """Copy each found block into the caller's buffer of the same position; True where found.
 
@@ -303,18 +328,30 @@ class Client:
             self._cluster.ensure(self._start(timeout))
             return [] if self._shm is None else self._shm.shared_arenas()
 
-    def lookup(self, keys: Sequence[bytes], timeout: float | None = None) -> int:
+    def lookup(self, keys: Sequence[KeyLike], timeout: float | None = None) -> int:
         """Return how many leading keys are present (the prefix hit)."""
-        # Keys of one prefix live on different workers, so each worker answers for its own keys
-        # in one parallel round trip and the prefix ends at the first missing key.
+        if not keys:
+            return 0
+        calls = self._run_keyed(LookupRequest, keys, timeout, whole_chain=True)
+        if len(calls) == 1 and isinstance(calls[0].reply, LookupReply):
+            # The routing rule puts a prompt's chain on one worker: it counted the prefix
+            # itself, stopping at the first miss, in one round trip.
+            return min(calls[0].reply.hit, len(keys))
+        # Keys without a shared route live on several workers: each says which of its keys it
+        # holds, in one parallel round trip, and the prefix ends at the first missing key.
+        flags = [False] * len(keys)
+        for call in calls:
+            assert isinstance(call.reply, ExistsReply)
+            for pos, flag in zip(call.positions, call.reply.flags, strict=False):
+                flags[pos] = flag
         hit = 0
-        for flag in self.exists(keys, timeout):
+        for flag in flags:
             if not flag:
                 break
             hit += 1
         return hit
 
-    def exists(self, keys: Sequence[bytes], timeout: float | None = None) -> list[bool]:
+    def exists(self, keys: Sequence[KeyLike], timeout: float | None = None) -> list[bool]:
         """Return whether each key is present."""
         if not keys:
             return []
@@ -325,26 +362,48 @@ class Client:
                 out[pos] = flag
         return out
 
-    def delete(self, keys: Sequence[bytes], timeout: float | None = None) -> int:
+    def delete(self, keys: Sequence[KeyLike], timeout: float | None = None) -> int:
         """Remove the keys from every tier; return how many were present."""
         if not keys:
             return 0
         calls = self._run_keyed(DeleteRequest, keys, timeout)
         return sum(c.reply.count for c in calls if isinstance(c.reply, DeleteReply))
 
-    def purge(self, prefix: bytes, timeout: float | None = None) -> int:
+    def purge(self, prefix: KeyLike, timeout: float | None = None) -> int:
         """Remove every key starting with ``prefix`` from every tier; return how many."""
+        if isinstance(prefix, str):
+            prefix = prefix.encode()
         if not isinstance(prefix, bytes):
-            raise LMCachedRequestError("prefix must be bytes")
+            raise LMCachedRequestError("prefix must be bytes or str")
         calls = self._broadcast(lambda: PurgeRequest(prefix), timeout)
         return sum(c.reply.count for c in calls if isinstance(c.reply, PurgeReply))
 
-    def flush(self, timeout: float | None = None) -> None:
-        """Wait until the daemon's asynchronous tier writes are done."""
+    def flush(self, timeout: float | None = None) -> FlushReport:
+        """Wait until the daemon's asynchronous tier writes are done; report what was lost.
+
+        Returns a :class:`FlushReport`: how many lower-tier (disk, remote) copies of this
+        client's puts since its previous flush were dropped by a full write queue or failed to
+        write. ``report.complete`` is True when there were none, i.e. every block put since
+        the last flush is now on every lower tier. Raises LMCachedTimeout when the writes did
+        not finish before the deadline. Losses are reported, not raised: a block whose copy
+        was lost is still served from memory while it stays there, and a cache user decides
+        whether a lost copy matters (docs/client.md).
+        """
         t = self.timeout if timeout is None else timeout
         calls = self._broadcast(lambda: FlushRequest(t), timeout)
-        if not all(isinstance(c.reply, FlushReply) and c.reply.done for c in calls):
-            raise LMCachedTimeout("flush did not finish before its deadline")
+        replies = [c.reply for c in calls if isinstance(c.reply, FlushReply)]
+        dropped = sum(r.dropped for r in replies)
+        failed = sum(r.failed for r in replies)
+        if len(replies) != len(calls) or not all(r.done for r in replies):
+            raise LMCachedTimeout(
+                "flush did not finish before its deadline"
+                + (
+                    f" ({dropped} dropped, {failed} failed writes so far)"
+                    if dropped or failed
+                    else ""
+                )
+            )
+        return FlushReport(dropped=dropped, failed=failed)
 
     def ping(self, timeout: float | None = None) -> dict[str, Any]:
         """Round-trip the scheduler; return its pid and map epoch."""
@@ -410,43 +469,57 @@ class Client:
 
     def _read_settings(self) -> settings_mod.ClientSettings:
         if self._settings is None:
-            assert self._config_path is not None
             self._settings = settings_mod.load(self._config_path)
         return self._settings
 
     def _locate(self) -> str:
         """Return the scheduler's control endpoint: given, or from the daemon's runtime file."""
-        if self._config_path is None:
+        if not self._follows_file:
             assert self._endpoint is not None
             return self._endpoint
         prefer = "ipc" if self.transport in ("auto", "ipc") else "tcp"
-        ep = control_endpoint(self._read_settings(), prefer)
+        settings = self._read_settings()
+        ep = control_endpoint(settings, prefer)
         if ep is None:
+            which = (
+                self._config_path
+                or f"the default config (none of {ENDPOINT_ENV}, {', '.join(CONFIG_ENVS)} is set)"
+            )
             raise LMCachedUnavailable(
-                f"no lmcached daemon is running for {self._config_path} (no endpoints file)"
+                f"no lmcached daemon is running for {which} (no endpoints file in "
+                f"{settings.instance_dir})"
             )
         return ep
 
     def _load_curve(self) -> ClientCurve | None:
         if self._curve is not None:
             return self._curve
-        if self._config_path is not None:
+        if self._follows_file:
             return ClientCurve.from_config(self._read_settings())
         return ClientCurve.load()
 
     def _run_keyed(
         self,
-        make: type[GetRequest] | type[ExistsRequest] | type[DeleteRequest],
-        keys: Sequence[bytes],
+        make: type[GetRequest] | type[ExistsRequest] | type[DeleteRequest] | type[LookupRequest],
+        keys: Sequence[KeyLike],
         timeout: float | None,
+        whole_chain: bool = False,
     ) -> list[Call]:
-        """Validate ``keys``, send one request per owning worker and wait for the replies."""
+        """Validate ``keys``, send one request per owning worker and wait for the replies.
+
+        A ``LookupRequest`` is sent as such only when one request to one worker covers every
+        key (``whole_chain``); otherwise it becomes per-worker ``ExistsRequest``s.
+        """
+        keys = _encode_keys(keys)
         with self._lock:
             deadline = self._start(timeout)
             limits = self._cluster.ensure(deadline).limits
             _check_keys(keys, limits)
+            owners = self._cluster.owners(keys)
+            if whole_chain and (len(owners) > 1 or len(keys) > limits.max_keys_per_batch):
+                make = ExistsRequest
             calls = []
-            for worker, positions in self._cluster.owners(keys).items():
+            for worker, positions in owners.items():
                 for i in range(0, len(positions), limits.max_keys_per_batch):
                     part = positions[i : i + limits.max_keys_per_batch]
                     calls.append(Call(worker, make([keys[p] for p in part]), positions=part))
@@ -454,13 +527,14 @@ class Client:
             return calls
 
     def _fetch(
-        self, keys: Sequence[bytes], timeout: float | None, shared: _Reader | None = None
+        self, keys: Sequence[KeyLike], timeout: float | None, shared: _Reader | None = None
     ) -> list[Hit]:
         """Run a get; return (position, frames, meta) for every found key.
 
         A block answered from a worker's arena is handed to ``shared(worker, position, slot,
         lease)`` and comes back as a :class:`_Shared` holding what that returned.
         """
+        keys = _encode_keys(keys)
         if not keys:
             return []
         with self._lock:
@@ -517,6 +591,7 @@ class Client:
         keys: Sequence[bytes],
         views: list[memoryview],
         metas: Sequence[dict[str, Any] | None] | None,
+        meta_sizes: Sequence[int],
         limits: Limits,
         deadline: float,
     ) -> None:
@@ -532,6 +607,7 @@ class Client:
         calls: list[Call] = []
         used = 0  # staging bytes reserved this round
         per_request = min(limits.max_request_bytes, SHARED_PUT_BYTES)
+        header_budget = limits.max_header_bytes - protocol.HEADER_SLACK // 2
 
         def call(worker: int, batch: list[int], offsets: list[int]) -> Call:
             put = PutRequest(
@@ -557,15 +633,20 @@ class Client:
             batch: list[int] = []
             offsets: list[int] = []
             batch_bytes = 0
+            batch_header = 0
             for pos in positions:
                 size = views[pos].nbytes
+                # What the block adds to the header: its key, meta, offset, size and checksum.
+                header_cost = len(keys[pos]) + 64 + meta_sizes[pos]
                 full = batch and (
-                    len(batch) >= limits.max_keys_per_batch or batch_bytes + size > per_request
+                    len(batch) >= limits.max_keys_per_batch
+                    or batch_bytes + size > per_request
+                    or batch_header + header_cost > header_budget
                 )
                 if full or used + size > stage.size:
                     if batch:
                         calls.append(call(worker, batch, offsets))
-                    batch, offsets, batch_bytes = [], [], 0
+                    batch, offsets, batch_bytes, batch_header = [], [], 0, 0
                 if used + size > stage.size:
                     # The staging file is full: commit what it holds, then reuse it.
                     self._pipeline.execute(calls, deadline)
@@ -573,6 +654,7 @@ class Client:
                 offsets.append(used)
                 batch.append(pos)
                 batch_bytes += size
+                batch_header += header_cost
                 used += -(-size // 64) * 64  # keep blocks 64-byte aligned in the staging file
             if batch:
                 calls.append(call(worker, batch, offsets))
@@ -590,6 +672,28 @@ class Client:
 
 
 T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class FlushReport:
+    """What :meth:`Client.flush` found: lower-tier copies of this client's puts that were lost.
+
+    ``dropped``: a full write queue dropped the copy (the daemon never blocks a put on a slow
+    disk or remote). ``failed``: the tier's write failed or refused the block. Counted since
+    this client's previous flush, summed over the workers.
+    """
+
+    dropped: int = 0
+    failed: int = 0
+
+    @property
+    def lost(self) -> int:
+        return self.dropped + self.failed
+
+    @property
+    def complete(self) -> bool:
+        """True when every copy reached its tiers (nothing dropped or failed)."""
+        return self.lost == 0
 
 
 def _weak(method: Callable[[], T]) -> Callable[[], T]:
@@ -612,9 +716,23 @@ def _bytes_view(mv: memoryview) -> memoryview:
     return mv.cast("B") if mv.c_contiguous else memoryview(mv.tobytes())
 
 
+def _encode_keys(keys: Sequence[KeyLike]) -> Sequence[bytes]:
+    """Return ``keys`` with each str key encoded as UTF-8 (the all-bytes case is not copied)."""
+    if all(type(k) is bytes for k in keys):
+        return cast("Sequence[bytes]", keys)
+    try:
+        return [k.encode() if isinstance(k, str) else k for k in keys]
+    except UnicodeEncodeError as exc:
+        raise LMCachedRequestError(f"a str key is not valid UTF-8: {exc}") from None
+
+
 def _check_keys(keys: Sequence[Any], limits: Limits) -> None:
-    """Validate a batch of keys; the common all-good case costs two C-level passes."""
-    if all(type(k) is bytes and k for k in keys) and max(map(len, keys)) <= limits.max_key_length:
+    """Validate a batch of keys; the common all-good case costs three C-level passes."""
+    if (
+        set(map(type, keys)) == {bytes}
+        and min(map(len, keys)) > 0
+        and max(map(len, keys)) <= limits.max_key_length
+    ):
         return
     for k in keys:
         _check_key(k, limits)
@@ -622,12 +740,41 @@ def _check_keys(keys: Sequence[Any], limits: Limits) -> None:
 
 def _check_key(key: Any, limits: Limits) -> None:
     if not isinstance(key, bytes) or not key:
-        raise LMCachedRequestError(f"keys must be non-empty bytes, got {type(key).__name__}")
+        raise LMCachedRequestError(f"keys must be non-empty bytes or str, got {type(key).__name__}")
     if len(key) > limits.max_key_length:
         raise LMCachedRequestError(
             f"key {key[:40]!r}... is {len(key)} bytes; max_key_length is {limits.max_key_length}",
             code=protocol.E_LIMIT,
         )
+
+
+def _check_metas(
+    keys: Sequence[bytes], metas: Sequence[dict[str, Any] | None] | None, limits: Limits
+) -> list[int]:
+    """Return each block's meta size; raise the daemon's own limit error before sending."""
+    if metas is None:
+        return [0] * len(keys)
+    sizes = []
+    for key, meta in zip(keys, metas, strict=True):
+        if meta is None:
+            sizes.append(0)
+            continue
+        if not isinstance(meta, dict):
+            raise LMCachedRequestError(f"meta for key {key[:80]!r} must be a dict or None")
+        try:
+            size = protocol.meta_size(meta)
+        except (TypeError, ValueError) as exc:
+            raise LMCachedRequestError(
+                f"meta for key {key[:80]!r} cannot be encoded: {exc}"
+            ) from None
+        if size > limits.max_meta_bytes:
+            raise LMCachedRequestError(
+                f"meta for key {key[:80]!r} is {size} bytes; max_meta_bytes is "
+                f"{limits.max_meta_bytes}",
+                code=protocol.E_LIMIT,
+            )
+        sizes.append(size)
+    return sizes
 
 
 def _put_call(

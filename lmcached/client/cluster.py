@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator, Sequence
+from typing import cast
 
 import zmq
 
@@ -30,6 +31,9 @@ from lmcached.protocol import (
 from lmcached.runtime import host_id
 
 __all__ = ["ClusterView"]
+
+# Most keys whose owner a client remembers; past it the memory starts again empty.
+OWNER_CACHE_KEYS = 1 << 16
 
 
 class ClusterView:
@@ -59,6 +63,10 @@ class ClusterView:
         # Called after every map refresh with (map, same host): the shared-memory path maps
         # new arenas there (a restarted worker's), in step with the sockets.
         self.on_sync: Callable[[ClusterMap, bool], None] | None = None
+        # key -> owner for the current worker count: an engine asks about the same prompts'
+        # keys again and again, and a dict lookup per key in C beats hashing each one.
+        self._owners: dict[bytes, int] = {}
+        self._owners_n = 0
 
     # ------------------------------------------------------------------------------ the map
     @property
@@ -104,9 +112,22 @@ class ClusterView:
         """Group the positions of ``keys`` by owning worker."""
         assert self._map is not None
         n = self._map.num_workers
+        if n == 1:
+            return {0: list(range(len(keys)))}
+        if n != self._owners_n or len(self._owners) > OWNER_CACHE_KEYS:
+            self._owners, self._owners_n = {}, n
+        cache = self._owners
+        found: list[int | None] = list(map(cache.get, keys))
+        if None in found:
+            for pos, key in enumerate(keys):
+                if found[pos] is None:
+                    found[pos] = cache[key] = routing.owner(key, n)
+        workers = cast(list[int], found)
+        if not workers or workers.count(workers[0]) == len(workers):  # one prompt's chain
+            return {workers[0]: list(range(len(keys)))} if workers else {}
         groups: dict[int, list[int]] = {}
-        for pos, key in enumerate(keys):
-            groups.setdefault(routing.cached_owner(key, n), []).append(pos)
+        for pos, w in enumerate(workers):
+            groups.setdefault(w, []).append(pos)
         return groups
 
     def resync(self, deadline: float) -> ClusterMap | None:

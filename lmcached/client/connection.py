@@ -26,6 +26,7 @@ import zmq
 from lmcached import protocol
 from lmcached.client.retry import Retry
 from lmcached.errors import (
+    LMCachedBusy,
     LMCachedError,
     LMCachedRequestError,
     LMCachedTimeout,
@@ -337,6 +338,9 @@ class Pipeline:
             if reply.code == protocol.E_UNAVAILABLE:
                 failed.append(c)
                 return c
+            if reply.code == protocol.E_BUSY:
+                # Backpressure belongs to the caller: a resend now would only add to the load.
+                raise LMCachedBusy(f"worker {w}: {reply.error}")
             raise LMCachedRequestError(f"worker {w}: {reply.error}", code=reply.code)
         c.reply = reply
         return c

@@ -25,6 +25,7 @@ from lmcached.runtime import default_runtime_dir, derived_instance_name
 __all__ = ["ClientSettings", "load"]
 
 DEFAULT_REQUEST_TIMEOUT_S = 10.0
+DEFAULT_INSTANCE_NAME = "default"
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,10 +59,37 @@ _KEYS = (
 
 
 def load(
-    path: str | os.PathLike[str], *, environ: Mapping[str, str] | None = None
+    path: str | os.PathLike[str] | None, *, environ: Mapping[str, str] | None = None
 ) -> ClientSettings:
-    """Read the client's keys from the config file at ``path`` plus env overrides."""
-    p = Path(path)
+    """Read the client's keys from the config file at ``path`` plus env overrides.
+
+    ``path`` None: the built-in defaults plus env overrides, as ``lmcached start`` without
+    ``--config`` runs (its instance is named ``default``).
+    """
+    source, data = ("", {}) if path is None else _read(Path(path))
+    raw: dict[str, Any] = {k: data[k] for k in _KEYS if k in data}
+    overrides = config_mod.env_overrides(os.environ if environ is None else environ)
+    raw.update({k: v for k, v in overrides.items() if k in _KEYS})
+    values: dict[str, Any] = {}
+    for key in _KEYS:
+        if raw.get(key) is None:
+            continue
+        try:
+            values[key] = config_mod.converter(key)(raw[key])
+        except ValueError as exc:
+            raise ConfigError(key, str(exc), source) from None
+    return ClientSettings(
+        source=source,
+        runtime_dir=values.pop("runtime_dir", None) or default_runtime_dir(),
+        # The daemon's rule (Config.effective_instance_name): named after the file, else default.
+        instance_name=values.pop("instance_name", None)
+        or (derived_instance_name(source) if source else DEFAULT_INSTANCE_NAME),
+        **values,
+    )
+
+
+def _read(p: Path) -> tuple[str, Mapping[str, Any]]:
+    """Return the absolute path and the top-level mapping of the YAML file at ``p``."""
     try:
         text = p.read_text()
     except OSError as exc:
@@ -77,20 +105,4 @@ def load(
             f"expected a mapping of keys at the top level, got {type(data).__name__}",
             source,
         )
-    raw: dict[str, Any] = {k: data[k] for k in _KEYS if k in data}
-    overrides = config_mod.env_overrides(os.environ if environ is None else environ)
-    raw.update({k: v for k, v in overrides.items() if k in _KEYS})
-    values: dict[str, Any] = {}
-    for key in _KEYS:
-        if raw.get(key) is None:
-            continue
-        try:
-            values[key] = config_mod.converter(key)(raw[key])
-        except ValueError as exc:
-            raise ConfigError(key, str(exc), source) from None
-    return ClientSettings(
-        source=source,
-        runtime_dir=values.pop("runtime_dir", None) or default_runtime_dir(),
-        instance_name=values.pop("instance_name", None) or derived_instance_name(source),
-        **values,
-    )
+    return source, data

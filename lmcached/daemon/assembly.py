@@ -30,6 +30,7 @@ from urllib.parse import urlsplit
 
 import structlog
 
+from lmcached import config_lmcache
 from lmcached.codecs.base import CodecError, make_codec
 from lmcached.codecs.tier import CodecTier
 from lmcached.config import Config
@@ -55,6 +56,7 @@ from lmcached.storage.arena import ENTRY_OVERHEAD, Arena, arena_dir, instance_ta
 from lmcached.storage.base import StorageBackend
 from lmcached.storage.cpu import CPUBackend
 from lmcached.storage.disk import DiskBackend
+from lmcached.storage.integrity import IntegrityKeyError, load_integrity_key
 from lmcached.storage.namespaces import NamespacedBackend
 from lmcached.storage.remote import RemoteBackend
 from lmcached.storage.tiered import TieredStore
@@ -102,6 +104,24 @@ def check_store_config(cfg: Config) -> None:
     """
     plan_store(cfg)
     check_plugin_locations(cfg)
+    integrity_key(cfg)
+
+
+def integrity_key(cfg: Config) -> bytes | None:
+    """Return the MAC key of the shared tiers (None: not configured); ConfigError if unusable."""
+    if not cfg.integrity_key_file:
+        return None
+    try:
+        return load_integrity_key(cfg.integrity_key_file)
+    except IntegrityKeyError as exc:
+        raise ConfigError("integrity_key_file", str(exc), cfg.source) from None
+
+
+def remote_value_cap(cfg: Config) -> int:
+    """Return the largest remote value a worker reads: the largest block a client may put, as a
+    codec may have grown it, behind the largest header it may have."""
+    header = 4096 + len(cfg.remote_key_prefix.encode()) + cfg.max_key_length + cfg.max_meta_bytes
+    return cfg.max_block_size + cfg.max_block_size // 100 + header + (256 << 10)
 
 
 def plan_store(cfg: Config, registry: PluginRegistry | None = None) -> StorePlan:
@@ -193,6 +213,9 @@ def _require(
 def _require_connector(registry: PluginRegistry, url: str, src: str | None) -> type[Any]:
     scheme = urlsplit(url).scheme.lower()
     if not registry.has("remote_connector", scheme):
+        lmcache_only = config_lmcache.unsupported_scheme_message(scheme)
+        if lmcache_only:
+            raise ConfigError("remote_url", lmcache_only, src)
         raise ConfigError(
             "remote_url",
             f"no connector for scheme {scheme!r}; registered: "
@@ -323,6 +346,8 @@ def build_tiers(cfg: Config, worker_id: int) -> list[StorageBackend]:
                     backoff_max=cfg.remote_backoff_max,
                     owner=key_owner,
                     worker_id=worker_id,
+                    integrity_secret=integrity_key(cfg),
+                    max_value_bytes=remote_value_cap(cfg),
                 )
             )
     tiers.extend(build_external_backends(plan, worker_id))

@@ -299,6 +299,7 @@ class ClusterCollector(Collector):
         out.extend(self._request_families(counters))
         out.extend(self._worker_families(snap))
         out.extend(self._plugin_families(snap))
+        out.extend(self._stat_logger_families(snap))
         out.extend(self._namespace_families(counters, gauges))
 
         refused = CounterMetricFamily(
@@ -501,6 +502,47 @@ class ClusterCollector(Collector):
                     ext_values.add_metric([*values, metric], number)
         yield ext
         yield ext_values
+
+    @staticmethod
+    def _stat_logger_families(snap: ClusterSnapshot) -> Iterator[Metric]:
+        # The scheduler's stat loggers (lmcached.daemon.stat_loggers): counted per logger.
+        loggers = snap.scheduler.get("stat_loggers") or {}
+        families = {
+            key: CounterMetricFamily(name, text, labels=["logger"])
+            for key, name, text in (
+                ("records", "lmcached_stat_logger_records", "Snapshots a stat logger recorded."),
+                ("errors", "lmcached_stat_logger_errors", "Snapshots a stat logger raised on."),
+                (
+                    "dropped",
+                    "lmcached_stat_logger_dropped",
+                    "Snapshots replaced by a newer one while a stat logger was still busy.",
+                ),
+            )
+        }
+        for name, info in sorted(loggers.items()):
+            if isinstance(info, Mapping):
+                for key, family in families.items():
+                    family.add_metric([str(name)], float(info.get(key, 0) or 0))
+        yield from families.values()
+        # General plugins: 1 when one failed to run in a process (scheduler or a worker).
+        failed = GaugeMetricFamily(
+            "lmcached_general_plugin_failed",
+            "1 when a general plugin failed to run in that daemon process.",
+            labels=["plugin", "role", "worker"],
+        )
+        runs: list[tuple[str, str, Any]] = [
+            ("scheduler", "", snap.scheduler.get("general_plugins"))
+        ]
+        for w in snap.workers:
+            runs.append(("worker", str(w.worker_id), (w.stats or {}).get("general_plugins")))
+        for role, worker, states in runs:
+            if not isinstance(states, Mapping):
+                continue
+            for name, info in sorted(states.items()):
+                if isinstance(info, Mapping):
+                    value = 0.0 if info.get("state") == "ok" else 1.0
+                    failed.add_metric([str(name), role, worker], value)
+        yield failed
 
     @staticmethod
     def _namespace_families(

@@ -88,10 +88,12 @@ class SchedulerPlugins:
             except config_mod.ConfigError as exc:
                 self.log.error("plugin reload refused: config error", error=str(exc))
                 return {"plugins": {"error": str(exc)}}
+            # Converted values on both sides: to_dict() renders sizes as '256MiB', which never
+            # equals the 268435456 the running config holds.
             ignored = [
                 k
-                for k, v in new.to_dict(redact=False).items()
-                if k not in PLUGIN_KEYS and v != getattr(self.cfg, k)
+                for k in config_mod.key_names()
+                if k not in PLUGIN_KEYS and getattr(new, k) != getattr(self.cfg, k)
             ]
             if ignored:
                 self.log.warning("reload applies plugin keys only; restart for", keys=ignored)

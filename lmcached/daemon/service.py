@@ -29,6 +29,10 @@ from lmcached.daemon.metrics import ClusterSnapshot, MetricsServer, WorkerSample
 from lmcached.daemon.scheduler import PendingStatus, Scheduler
 from lmcached.daemon.script_plugins import SchedulerPlugins
 from lmcached.daemon.sdnotify import Notifier
+from lmcached.daemon.stat_loggers import StatLoggers
+from lmcached.errors import EXIT_PLUGIN_FATAL
+from lmcached.extensions.general import ProcessInfo, general_plugin_states, run_general_plugins
+from lmcached.extensions.lifecycle import PluginStartupError
 from lmcached.malloc import tune_for_large_messages
 from lmcached.protocol import ErrorReply
 from lmcached.security import AuthGuard, ClientCurve, ServerCurve
@@ -183,16 +187,21 @@ class Operations:
         # Plugin supervisors report through `status` extras ({"plugins": [{name, role, state,
         # restarts, worker_id}]}); the same list becomes lmcached_plugin_* metrics.
         plugins: list[Any] = []
+        # Stat loggers and general plugins report {name: {...}} through extras too.
+        named: dict[str, dict[str, Any]] = {"stat_loggers": {}, "general_plugins": {}}
         for extra in s.status_extras:
             if extra == self._status_extra:
                 continue
             try:
-                reported = extra().get("plugins")
+                reported = extra()
             except Exception:
                 self.log.exception("status_extra_failed")
                 continue
-            if isinstance(reported, list):
-                plugins.extend(reported)
+            if isinstance(reported.get("plugins"), list):
+                plugins.extend(reported["plugins"])
+            for section, found in named.items():
+                if isinstance(reported.get(section), dict):
+                    found.update(reported[section])
         return ClusterSnapshot(
             workers=workers,
             expected_workers=len(s.slots),
@@ -203,6 +212,7 @@ class Operations:
                 "worker_restarts": {slot.id: slot.restarts for slot in s.slots},
                 "auth_refused": self.auth.refused if self.auth is not None else 0,
                 "plugins": plugins,
+                **named,
             },
         )
 
@@ -278,15 +288,31 @@ def run(cfg: config_mod.Config) -> int:
     warning = config_mod.memory_warning(cfg)
     if warning:
         log.warning("memory_budget", message=warning)
+    for note in cfg.warnings:  # LMCache keys accepted but not honoured, once each
+        log.warning("config_key_ignored", message=note)
+    try:
+        # vLLM's rule: general plugins run first in every process, before anything is bound.
+        run_general_plugins(ProcessInfo("scheduler", None, cfg.source), strict=cfg.strict_plugins)
+    except PluginStartupError as exc:
+        log.error("plugin_start_failed", error=str(exc))
+        return EXIT_PLUGIN_FATAL
     scheduler = Scheduler(cfg)
     plugins = SchedulerPlugins(scheduler)
+    stat_loggers = StatLoggers(scheduler)
+    scheduler.status_extras.append(lambda: {"general_plugins": general_plugin_states()})
     scheduler.install_signal_handlers()
     try:
+        try:
+            stat_loggers.start()
+        except PluginStartupError as exc:
+            log.error("plugin_start_failed", error=str(exc))
+            return EXIT_PLUGIN_FATAL
         attach(scheduler)  # sd_notify, health checks, /metrics, CURVE
         scheduler.start()
         scheduler.serve()
     finally:
         scheduler.shutdown()
+        stat_loggers.stop()
         plugins.stop()
     return scheduler.exit_code
 

@@ -31,9 +31,10 @@ from lmcached.daemon.assembly import build_store
 from lmcached.daemon.op_latency import OpLatency
 from lmcached.daemon.script_plugins import WorkerPlugins
 from lmcached.errors import EXIT_CONFIG_INVALID, EXIT_PLUGIN_FATAL, ConfigError
+from lmcached.extensions.general import ProcessInfo, general_plugin_states, run_general_plugins
 from lmcached.extensions.lifecycle import PluginStartupError
 from lmcached.extensions.startup import extension_states
-from lmcached.malloc import tune_for_large_messages
+from lmcached.malloc import release_free_memory, tune_for_large_messages
 from lmcached.protocol import (
     DATA_OPS,
     DataReply,
@@ -68,6 +69,15 @@ from lmcached.version import __version__
 
 PR_SET_PDEATHSIG = 1
 POLL_MS = 500
+# The longest a flush may hold an I/O thread, whatever the client asked: an abandoned flush
+# must not keep a pool thread (of 4) for ever.
+MAX_FLUSH_TIMEOUT_S = 60.0
+# An oversized message at least this large is followed by malloc_trim (see Worker.receive).
+TRIM_AFTER_BYTES = 16 << 20
+
+
+class WorkerBusy(Exception):
+    """The worker is at max_inflight_bytes or its I/O queue is full; answered with E_BUSY."""
 
 
 def _die_with_parent() -> None:
@@ -126,6 +136,14 @@ class Worker:
         self._io_pool: ThreadPoolExecutor | None = None
         # Completions posted by I/O threads; the loop drains them after a byte on the pipe.
         self._done: deque[Callable[[], None]] = deque()
+        # Backpressure: I/O jobs running or queued, and the request bytes they hold.
+        self._io_jobs = 0
+        self._inflight_bytes = 0
+        # Bytes of the message being dispatched; submit_io takes them over like _dispatching.
+        self._dispatching_bytes = 0
+        # Frames and bytes one message may have (identity frame and header included).
+        self._max_message_frames = self.limits.max_frames + 1
+        self._max_message_bytes = self.limits.max_header_bytes + self.limits.max_request_bytes
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         self.endpoints: dict[str, str] = {}
@@ -174,26 +192,50 @@ class Worker:
     def submit_io(
         self, fn: Callable[[], Any], done: Callable[[Any, BaseException | None], None]
     ) -> None:
-        """Run ``fn`` on the I/O pool; call ``done(result, error)`` later on the loop thread."""
+        """Run ``fn`` on the I/O pool; call ``done(result, error)`` later on the loop thread.
+
+        Raises WorkerBusy, submitting nothing, when the pool already holds ``io_queue_depth``
+        jobs, or when the request being handed over would take the request bytes the pool
+        holds past ``max_inflight_bytes``: a queue without a bound is a latency without one.
+        A request served on the loop is never refused for its bytes: it is done with before
+        the next message is read, so at most one such message adds to the pool's bytes.
+        """
+        if self._io_jobs >= self.cfg.io_queue_depth:
+            raise WorkerBusy(
+                f"worker {self.worker_id} is busy: its I/O queue holds {self._io_jobs} jobs "
+                f"(io_queue_depth); retry later"
+            )
+        would_hold = self._inflight_bytes + self._dispatching_bytes
+        # A lone request always goes through, whatever its size: the bound must not stall.
+        if self._inflight_bytes and would_hold > self.cfg.max_inflight_bytes:
+            raise WorkerBusy(
+                f"worker {self.worker_id} is busy: its I/O queue holds {self._inflight_bytes} "
+                f"request bytes, max_inflight_bytes is {self.cfg.max_inflight_bytes}; "
+                "retry later"
+            )
         if self._io_pool is None:
             self._io_pool = ThreadPoolExecutor(
                 max_workers=4, thread_name_prefix=f"w{self.worker_id}-io"
             )
-        if self._dispatching is not None:
-            op, received = self._dispatching
-            self._dispatching = None  # timed when done() has replied, not at hand-off
-            answer = done
+        held, self._dispatching_bytes = self._dispatching_bytes, 0
+        timed, self._dispatching = self._dispatching, None  # timed at reply, not at hand-off
+        self._io_jobs += 1
+        self._inflight_bytes += held
 
-            def done(result: Any, exc: BaseException | None) -> None:
-                try:
-                    answer(result, exc)
-                finally:
+        def settle(result: Any, exc: BaseException | None) -> None:
+            self._io_jobs -= 1
+            self._inflight_bytes -= held
+            try:
+                done(result, exc)
+            finally:
+                if timed is not None:
+                    op, received = timed
                     self.latency.observe(op, time.perf_counter() - received)
 
         def finished(fut: Future[Any]) -> None:
             exc = fut.exception()
             result = None if exc is not None else fut.result()
-            self._done.append(lambda: done(result, exc))
+            self._done.append(lambda: settle(result, exc))
             with contextlib.suppress(OSError):
                 os.write(self._wake_w, b"x")
 
@@ -263,6 +305,53 @@ class Worker:
         self.reply(envelope, ErrorReply(code, message, id=rid))
 
     # ------------------------------------------------------------------------------ serving
+    def receive(self) -> list[zmq.Frame] | None:
+        """Take one message off the ROUTER, frame by frame; raise zmq.Again when none is queued.
+
+        libzmq hands a message over only once all of it has arrived, so a peer can make it
+        buffer one far over our limits (ZMQ_MAXMSGSIZE bounds single frames only). Reading it
+        frame by frame, we stop keeping frames at the first one over the limits, drop the rest
+        as they are read, answer ``limit`` and give the heap back to the kernel: the flood
+        costs its transfer once, never a resident copy. Returns None for such a message.
+        """
+        assert self._router is not None
+        sock = self._router
+        first = sock.recv(zmq.NOBLOCK, copy=False)
+        frames = [first]
+        nbytes = 0
+        more = first.more
+        while more:
+            frame = sock.recv(copy=False)
+            more = frame.more
+            nbytes += len(frame)
+            frames.append(frame)
+            if len(frames) > self._max_message_frames or nbytes > self._max_message_bytes:
+                break
+        else:
+            return frames
+        dropped = len(frames)
+        frames.clear()
+        while more:
+            frame = sock.recv(copy=False)
+            more = frame.more
+            nbytes += len(frame)
+            dropped += 1
+        del frame
+        self.reply_error(
+            first,
+            0,
+            protocol.E_LIMIT,
+            f"message of {dropped - 1} frames exceeds the limits ({self.limits.max_frames} "
+            f"frames, {self._max_message_bytes} bytes)",
+        )
+        del first
+        # libzmq holds about 64 bytes per frame besides the payload. malloc_trim walks the
+        # heap, so only a message big enough to matter pays for it.
+        if nbytes + 64 * dropped >= TRIM_AFTER_BYTES:
+            release_free_memory()
+        self.log.warning("oversized_message_dropped", frames=dropped - 1, bytes=nbytes)
+        return None
+
     def handle_message(self, frames: list[zmq.Frame]) -> None:
         """Validate one ROUTER message and serve it; malformed input gets an error reply."""
         if len(frames) < 2:
@@ -288,11 +377,15 @@ class Worker:
             return
         self.ops.requests[req.op] = self.ops.requests.get(req.op, 0) + 1
         self._dispatching = (req.op, received)
+        self._dispatching_bytes = sum(len(f) for f in frames[1:])
         try:
             getattr(self, f"op_{req.op}")(envelope, req)
+        except WorkerBusy as exc:
+            self.reply_error(envelope, req.id, protocol.E_BUSY, str(exc))
         except Exception as exc:  # a bug must cost one request, never the worker
             self.log.exception("request_failed", op=req.op)
             self.reply_error(envelope, req.id, protocol.E_INTERNAL, f"{type(exc).__name__}: {exc}")
+        self._dispatching_bytes = 0
         if self._dispatching is not None:  # answered on the loop: receipt to reply
             self._dispatching = None
             self.latency.observe(req.op, time.perf_counter() - received)
@@ -304,12 +397,14 @@ class Worker:
         metas = req.metas or [None] * len(req.keys)
         sums = req.sums or [None] * len(req.keys)
         stored = 0
+        # The connection's routing id: its next flush reports this put's lost lower-tier copies.
+        origin = envelope.bytes if self.store.has_lower else None
         for key, group, size, meta, checksum in zip(
             req.keys, req.blocks, req.sizes, metas, sums, strict=True
         ):
             # The received ZMQ frames become the stored buffers: no copy on the put path.
             block = Block(frames=tuple(group), nbytes=size, meta=meta, checksum=checksum)
-            if self.store.put(key, block):
+            if self.store.put(key, block, origin):
                 stored += 1
             self.ops.bytes_in += size
         self.reply(envelope, PutReply(stored, id=req.id))
@@ -330,6 +425,8 @@ class Worker:
             return
         metas = req.metas or [None] * len(req.keys)
         stored = 0
+        # The connection's routing id: its next flush reports this put's lost lower-tier copies.
+        origin = envelope.bytes if self.store.has_lower else None
         for key, size, off, meta, checksum in zip(
             req.keys, req.sizes, req.offsets, metas, req.sums, strict=True
         ):
@@ -345,7 +442,7 @@ class Worker:
                     continue
                 src = buf
             block = Block(frames=(src,), nbytes=size, meta=meta, checksum=checksum)
-            if self.store.put(key, block):
+            if self.store.put(key, block, origin):
                 stored += 1
             self.ops.bytes_in += size
         self.reply(envelope, PutReply(stored, id=req.id))
@@ -438,11 +535,7 @@ class Worker:
             self.ops.lookup_hits += hit
             self.reply(envelope, LookupReply(hit, id=req.id))
 
-        hit = 0
-        for key in req.keys:
-            if not self.store.contains_cached(key):
-                break
-            hit += 1
+        hit = self.store.cached_prefix(req.keys)
         if hit == len(req.keys) or not self.store.has_lower:
             answer(hit)
         else:
@@ -455,7 +548,7 @@ class Worker:
             self.ops.lookup_hits += sum(flags)
             self.reply(envelope, ExistsReply(flags, id=req.id))
 
-        flags = [self.store.contains_cached(k) for k in req.keys]
+        flags = self.store.contains_cached_many(req.keys)
         if all(flags) or not self.store.has_lower:
             answer(flags)
         else:
@@ -481,13 +574,16 @@ class Worker:
             self._off_loop(envelope, req, lambda: self.store.remove_prefix(prefix), answer)
 
     def op_flush(self, envelope: Any, req: FlushRequest) -> None:
-        timeout = req.timeout or 30.0
-        self.submit_io(
-            lambda: self.store.flush(timeout),
-            lambda done, err: self.reply(
-                envelope, FlushReply(bool(done) and err is None, id=req.id)
-            ),
-        )
+        timeout = min(req.timeout or 30.0, MAX_FLUSH_TIMEOUT_S)
+        origin = envelope.bytes
+
+        def answer(done: Any, err: BaseException | None) -> None:
+            # Taken after the wait, so a write that failed while we waited is reported too.
+            lost = self.store.take_losses(origin)
+            reply = FlushReply(bool(done) and err is None, lost.dropped, lost.failed, id=req.id)
+            self.reply(envelope, reply)
+
+        self.submit_io(lambda: self.store.flush(timeout), answer)
 
     def op_ping(self, envelope: Any, req: PingRequest) -> None:
         self.reply(envelope, WorkerPingReply(self.worker_id, os.getpid(), id=req.id))
@@ -503,6 +599,7 @@ class Worker:
             "store": self.store.stats(),
             "ops": self.ops.as_dict(),
             "extensions": extension_states(),
+            "general_plugins": general_plugin_states(),
             "latency": self.latency.as_dict(),
             "auth": {"refused": self.auth.refused if self.auth is not None else 0},
         }
@@ -531,10 +628,11 @@ class Worker:
                 # Drain what is queued, but keep answering completions between messages.
                 for _ in range(64):
                     try:
-                        frames = self._router.recv_multipart(zmq.NOBLOCK, copy=False)
+                        frames = self.receive()
                     except zmq.Again:
                         break
-                    self.handle_message(frames)
+                    if frames is not None:
+                        self.handle_message(frames)
             if not events and os.getppid() != parent:
                 self.log.warning("scheduler_gone", parent=parent)
                 break
@@ -581,6 +679,11 @@ def main(argv: list[str] | None = None) -> int:
     log = logs.get_logger("lmcached.daemon.worker")
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the scheduler decides when workers stop
     try:
+        # vLLM's rule: general plugins run first in every process, here before the store is
+        # built, so that one may register a codec or policy this worker's store then uses.
+        run_general_plugins(
+            ProcessInfo("worker", args.worker_id, cfg.source), strict=cfg.strict_plugins
+        )
         worker = Worker(cfg, args.worker_id)
     except PluginStartupError as exc:  # strict_plugins: the scheduler stops the daemon
         log.error("plugin_start_failed", error=str(exc))

@@ -1,2 +1,3 @@
-"""In-process extensions: the registry of storage backends, remote connectors, codecs and
-eviction policies, where its entries come from, their lifecycle and the guard around them."""
+"""In-process extensions: the registry of storage backends, remote connectors, codecs, eviction
+policies, general plugins and stat loggers, where its entries come from, their lifecycle and the
+guard around them."""

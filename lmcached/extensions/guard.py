@@ -16,6 +16,7 @@ the object once. The two wrappers differ only in how a failure is answered:
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, TypeVar
@@ -24,7 +25,7 @@ import structlog
 
 from lmcached.extensions.lifecycle import PluginBase
 from lmcached.storage.base import Block, Buffer, StorageBackend, Usage
-from lmcached.storage.remote.connector import RemoteConnector, RemoteUnavailable
+from lmcached.storage.remote.connector import RemoteConnector, RemoteUnavailable, ValueTooLarge
 
 log = structlog.get_logger("lmcached.plugins")
 T = TypeVar("T")
@@ -220,12 +221,25 @@ class GuardedConnector(RemoteConnector):
             raise self._failed(op, f"returned {got} for {n} keys")
         return list(result)
 
-    def get_many(self, keys: Sequence[bytes]) -> list[Buffer | None]:
+    @property
+    def max_value_bytes(self) -> int | None:
+        return getattr(self.inner, "max_value_bytes", None)
+
+    @max_value_bytes.setter
+    def max_value_bytes(self, value: int | None) -> None:
+        # Handed to the connector that reads, so a capped read happens where the bytes arrive.
+        # A connector with slots and no such field reads uncapped, as before.
+        with contextlib.suppress(AttributeError):
+            self.inner.max_value_bytes = value
+
+    def get_many(self, keys: Sequence[bytes]) -> list[Buffer | ValueTooLarge | None]:
         values = self._per_key(
             "get", self._run("get", lambda: self.inner.get_many(keys)), len(keys)
         )
         for value in values:
-            if value is not None and not isinstance(value, (bytes, bytearray, memoryview)):
+            if value is not None and not isinstance(
+                value, (bytes, bytearray, memoryview, ValueTooLarge)
+            ):
                 try:
                     memoryview(value)
                 except TypeError:

@@ -1,4 +1,5 @@
-"""The one registry of in-process extensions: storage backends, remote connectors, codecs, policies.
+"""The one registry of in-process extensions: storage backends, remote connectors, codecs,
+policies, general plugins and stat loggers.
 
 An entry is a name, a class path ``module:Class``, a priority, a description and metadata. The
 class is imported only when someone asks for it (:meth:`PluginRegistry.get_class`), and then
@@ -16,6 +17,10 @@ A shadowed entry stays reachable by its full class path (``get_class(cat, "pkg.m
 
 Built-ins are registered from ``builtin.yaml`` beside this module, through the same code path as
 any external manifest, so nothing is special-cased.
+
+Most categories hold classes. ``general`` holds callables (vLLM's general plugins: a function run
+once in every daemon process at start), so its entries are checked for being callable instead
+of against an interface.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ import inspect
 import re
 import threading
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
@@ -51,6 +56,7 @@ __all__ = [
     "PluginRegistry",
     "PluginValidationError",
     "check_interface",
+    "find_registered_name",
     "get_registry",
     "import_class_path",
     "register",
@@ -98,6 +104,9 @@ class Category:
     description: str
     keyed_by: str = "name"
     plugin_type: str = "OTHER"  # KV-OptKit's plugin types: KV_CACHE, QUANTIZATION, OTHER
+    # "class": entries are classes checked against ``interface``; "callable": entries are
+    # functions (or any callable object), and ``interface`` only describes the call.
+    kind: str = "class"
 
 
 CATEGORIES: Mapping[str, Category] = MappingProxyType(
@@ -125,6 +134,17 @@ CATEGORIES: Mapping[str, Category] = MappingProxyType(
             "eviction_policy",
             "lmcached.storage.eviction:EvictionPolicy",
             "Strategies that pick the next block to evict from a tier.",
+        ),
+        "general": Category(
+            "general",
+            "a callable taking no argument (or a ProcessInfo)",
+            "Functions run once in every daemon process (scheduler and each worker) at start.",
+            kind="callable",
+        ),
+        "stat_logger": Category(
+            "stat_logger",
+            "lmcached.extensions.stat_logger:StatLogger",
+            "Classes the scheduler hands its stats snapshot every stat_logger_interval seconds.",
         ),
     }
 )
@@ -223,7 +243,7 @@ class PluginRegistry:
     def __init__(self, *, load_builtins: bool = True) -> None:
         self._lock = threading.RLock()
         self._entries: dict[str, dict[str, list[PluginEntry]]] = {c: {} for c in CATEGORIES}
-        self._classes: dict[str, type] = {}  # class path -> checked class
+        self._classes: dict[str, Any] = {}  # class path -> checked class (or callable)
         self._manifests: list[tuple[str, str]] = []  # (package, source)
         self._packages: dict[str, dict[str, Any]] = {}
         self._seq = 0
@@ -242,7 +262,7 @@ class PluginRegistry:
         self,
         category: str,
         name: str,
-        class_path: str | type,
+        class_path: str | type | Callable[[], Any],
         *,
         priority: int = 0,
         description: str = "",
@@ -253,16 +273,17 @@ class PluginRegistry:
     ) -> PluginEntry:
         """Register one entry and return it; raise PluginError on a malformed name or path.
 
-        ``class_path`` may be a class object (handy for tests and register functions); it is
-        then recorded by its import path and cached without a second import.
+        ``class_path`` may be a class object (handy for tests and register functions), or for
+        ``general`` a function; it is then recorded by its import path and cached without a
+        second import.
         """
         cat = self._category(category, name)
         name = self._check_name(cat, name)
         if package is None:
             # Inside an entry point's register function: credit its distribution.
             package = self._default_package.get()
-        cls_obj: type | None = None
-        if inspect.isclass(class_path):
+        cls_obj: Any = None
+        if inspect.isclass(class_path) or (cat.kind == "callable" and callable(class_path)):
             cls_obj = class_path
             class_path = f"{class_path.__module__}:{class_path.__qualname__}"
         if not isinstance(class_path, str) or not _CLASS_PATH_RE.match(class_path):
@@ -488,8 +509,20 @@ class PluginRegistry:
         """Import (once) and return the class for ``name``, checked against the interface.
 
         ``name`` may be a registered name, or a full class path ``module:Class``: a shadowed
-        entry's path, or any importable class (an explicit path in a config file).
+        entry's path, or any importable class (an explicit path in a config file). In the
+        ``general`` category the object is a callable (see :meth:`get_callable`).
         """
+        loaded: type = self._load(category, name)
+        return loaded
+
+    def get_callable(self, category: str, name: str) -> Callable[[], Any]:
+        """Import (once) and return the callable of a ``general`` entry, checked callable."""
+        if self._category(category, name).kind != "callable":
+            raise PluginError(category, name, "entries of this category are classes")
+        loaded: Callable[[], Any] = self._load(category, name)
+        return loaded
+
+    def _load(self, category: str, name: str) -> Any:
         self._category(category, name)
         if ":" in name:
             try:
@@ -500,7 +533,6 @@ class PluginRegistry:
             class_path = self.get_entry(category, name).class_path
         with self._lock:
             cached = self._classes.get(class_path)
-        interface = self.interface(category)
         if cached is None:
             try:
                 cached = import_class_path(class_path)
@@ -508,7 +540,10 @@ class PluginRegistry:
                 raise PluginValidationError(
                     category, name, f"cannot import {class_path}: {type(exc).__name__}: {exc}"
                 ) from exc
-        problem = check_interface(cached, interface)
+        if CATEGORIES[category].kind == "callable":
+            problem = None if callable(cached) else f"{cached!r} is not callable"
+        else:
+            problem = check_interface(cached, self.interface(category))
         if problem is not None:
             raise PluginValidationError(category, name, f"{class_path}: {problem}")
         with self._lock:
@@ -518,13 +553,15 @@ class PluginRegistry:
     def interface(self, category: str) -> type:
         """Return the interface class of a category (imports the interface's module)."""
         cat = self._category(category, "")
+        if cat.kind != "class":
+            raise TypeError(f"{category} entries are {cat.interface}, not classes")
         iface = import_class_path(cat.interface)
         if not inspect.isclass(iface):  # pragma: no cover - a bug in CATEGORIES
             raise TypeError(f"interface of {category} is not a class: {cat.interface}")
         return iface
 
-    def find_registered_name(self, category: str, cls: type) -> str | None:
-        """Return the name under which ``cls`` is the winning entry, or None."""
+    def find_registered_name(self, category: str, cls: Any) -> str | None:
+        """Return the name under which ``cls`` (a class or function) wins, or None."""
         path = f"{cls.__module__}:{cls.__qualname__}"
         for entry in self.iter_entries(category):
             if entry.class_path == path:
@@ -573,7 +610,7 @@ class PluginRegistry:
             self.get_class(entry.category, entry.class_path)
         except PluginError as exc:
             return str(exc).split(": ", 1)[1]
-        return None
+        return _missing_requirement(entry)
 
     def validate(
         self,
@@ -616,6 +653,21 @@ class PluginRegistry:
         return name
 
 
+def _missing_requirement(entry: PluginEntry) -> str | None:
+    """Import the modules named by the entry's ``requires`` metadata; say which one fails.
+
+    A class may import its library only when it is built (the codecs do, so a daemon without
+    lz4 can still use zstd): importing the class alone does not prove the entry usable.
+    """
+    required = entry.metadata.get("requires") or []
+    for module in [required] if isinstance(required, str) else required:
+        try:
+            importlib.import_module(str(module))
+        except Exception as exc:  # an entry's library may fail in any way on import
+            return f"needs module {module!r}, which cannot be imported: {exc}"
+    return None
+
+
 def _rank(entry: PluginEntry) -> tuple[int, int, int]:
     # Higher priority, then external over built-in, then earlier registration.
     return (entry.priority, 0 if entry.builtin else 1, -entry.seq)
@@ -655,7 +707,7 @@ def reset_registry() -> PluginRegistry:
 def register(
     category: str,
     name: str,
-    class_path: str | type,
+    class_path: str | type | Callable[[], Any],
     *,
     priority: int = 0,
     description: str = "",
@@ -665,3 +717,8 @@ def register(
     return get_registry().register(
         category, name, class_path, priority=priority, description=description, metadata=metadata
     )
+
+
+def find_registered_name(category: str, cls: Any) -> str | None:
+    """Return the name under which ``cls`` wins in this process's registry (reverse lookup)."""
+    return get_registry().find_registered_name(category, cls)

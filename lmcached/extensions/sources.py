@@ -2,18 +2,22 @@
 
 1. **Entry points** (vLLM's and AIPerf's style): the group ``lmcached.plugins``. Each entry
    point names either a YAML manifest inside a package (``my_pkg:plugins.yaml``) or a register
-   function (``my_pkg.reg:register``) called with the registry. ``LMCACHED_PLUGINS``, a
-   comma-separated list of entry-point (or distribution) names, limits which ones load; set
-   but empty means none.
+   function (``my_pkg.reg:register``) called with the registry. vLLM's two process-level
+   groups map onto categories of the same registry: ``lmcached.general_plugins`` (each value a
+   callable, category ``general``) and ``lmcached.stat_logger_plugins`` (each value a class,
+   category ``stat_logger``), registered under the entry point's name without importing it.
+   ``LMCACHED_PLUGINS``, a comma-separated list of entry-point (or distribution) names, limits
+   which ones load in every group; set but empty means none.
 2. **LMCache-style config** (seed 003): ``external_backends`` with
    ``extra_config: external_backend.<name>.module_path / .class_name`` and
    ``external_connector.<scheme>.module_path / .class_name``; ``storage_plugins`` /
    ``storage_plugin.<name>.*`` are accepted as deprecated aliases. Any other
    ``<prefix>.<name>.<option>`` key becomes an option of that plugin.
 
-Loading is idempotent per process (:func:`load`): each worker (and ``lmcached config check`` or
-``lmcached plugins``) loads once, and a forked child loads again because its pid differs. The
-scheduler loads none: it builds no store.
+Loading is idempotent per process (:func:`load`): the scheduler and each worker (and
+``lmcached config check`` or ``lmcached plugins``) load once, and a forked child loads again
+because its pid differs. The scheduler loads so that it can run general plugins and stat
+loggers; registering imports nothing, and it builds no store.
 """
 
 from __future__ import annotations
@@ -41,6 +45,10 @@ if TYPE_CHECKING:  # pragma: no cover
 log = structlog.get_logger("lmcached.plugins")
 
 ENTRY_POINT_GROUP = "lmcached.plugins"
+GENERAL_GROUP = "lmcached.general_plugins"
+STAT_LOGGER_GROUP = "lmcached.stat_logger_plugins"
+# vLLM-style groups whose entry point *is* the entry: group -> registry category.
+ENTRY_GROUPS = {GENERAL_GROUP: "general", STAT_LOGGER_GROUP: "stat_logger"}
 ALLOW_ENV = "LMCACHED_PLUGINS"
 # Entries from a config file were written by the operator for this daemon: they beat packages.
 CONFIG_PRIORITY = 100
@@ -115,29 +123,61 @@ def _read_resource(resource: Any) -> Mapping[str, Any]:
     return data
 
 
+def register_group_entry(
+    registry: PluginRegistry, ep: importlib.metadata.EntryPoint, category: str
+) -> None:
+    """Register one entry point of a vLLM-style group as an entry of ``category`` (no import)."""
+    package = _dist_name(ep)
+    registry.note_package(package, version=_dist_version(ep), entry_point=ep.value)
+    registry.register(
+        category,
+        ep.name,
+        ep.value,
+        package=package,
+        source=f"entry point {ep.group}",
+    )
+    registry.note_manifest(package, ep.value)
+
+
 def load_entry_points(
     registry: PluginRegistry, *, environ: Mapping[str, str] | None = None
 ) -> LoadReport:
-    """Register every allowed entry point of the ``lmcached.plugins`` group; report each."""
+    """Register every allowed entry point of lmcached's groups; report each."""
     report = LoadReport(pid=os.getpid())
     allow = allowed_plugins(environ)
-    seen: set[tuple[str, str]] = set()
-    for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
-        package = _dist_name(ep)
-        if (ep.name, ep.value) in seen:  # the same distribution found twice on sys.path
-            continue
-        seen.add((ep.name, ep.value))
-        if allow is not None and ep.name not in allow and package not in allow:
-            report.skipped.append(ep.name)
-            continue
-        try:
-            load_entry_point(registry, ep)
-        except Exception as exc:  # a broken package must not take the others down
-            report.failed[ep.name] = f"{type(exc).__name__}: {exc}"
-            log.error("cannot load plugin package", plugin=ep.name, value=ep.value, error=str(exc))
-            continue
-        report.loaded.append(ep.name)
+    seen: set[tuple[str, str, str]] = set()
+    groups = [ENTRY_POINT_GROUP, *ENTRY_GROUPS]
+    for group in groups:
+        for ep in importlib.metadata.entry_points(group=group):
+            _load_one(registry, ep, group, allow, seen, report)
     return report
+
+
+def _load_one(
+    registry: PluginRegistry,
+    ep: importlib.metadata.EntryPoint,
+    group: str,
+    allow: set[str] | None,
+    seen: set[tuple[str, str, str]],
+    report: LoadReport,
+) -> None:
+    package = _dist_name(ep)
+    if (group, ep.name, ep.value) in seen:  # the same distribution found twice on sys.path
+        return
+    seen.add((group, ep.name, ep.value))
+    if allow is not None and ep.name not in allow and package not in allow:
+        report.skipped.append(ep.name)
+        return
+    try:
+        if group in ENTRY_GROUPS:
+            register_group_entry(registry, ep, ENTRY_GROUPS[group])
+        else:
+            load_entry_point(registry, ep)
+    except Exception as exc:  # a broken package must not take the others down
+        report.failed[ep.name] = f"{type(exc).__name__}: {exc}"
+        log.error("cannot load plugin package", plugin=ep.name, value=ep.value, error=str(exc))
+        return
+    report.loaded.append(ep.name)
 
 
 _LOAD_LOCK = threading.Lock()

@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import mmap
 import os
 import threading
-import weakref
 from collections.abc import Sequence
 
 import xxhash
@@ -122,62 +120,34 @@ def write_block_file(
     )
 
 
-# Reads of large blocks map the file instead of copying it: a fresh buffer costs a page fault per
-# 4 KiB (about 17 ms for 32 MiB here, more than the read itself), a populated mapping of a cached
-# file costs almost nothing, and the promoted CPU copy then shares the page cache's pages instead
-# of doubling them. Each live block holds one mapping, so their number is capped well below
-# vm.max_map_count (65530 by default); past the cap, reads fall back to a copy.
-MMAP_MIN_BYTES = 1 << 20
-MAX_LIVE_MAPS = 16384
-_maps_lock = threading.Lock()
-_live_maps = 0
+class FileTooLarge(OSError):
+    """A file is larger than the reader's cap (a value no lmcached writer could have made)."""
 
 
-def live_maps() -> int:
-    """Return how many block-file mappings are alive in this process."""
-    return _live_maps
+def read_file(
+    path: str,
+    *,
+    drop_cache: bool = False,
+    use_mmap: bool = False,
+    max_bytes: int | None = None,
+) -> memoryview:
+    """Return a private copy of a whole file's bytes.
 
-
-def _release_map() -> None:
-    global _live_maps
-    with _maps_lock:
-        _live_maps -= 1
-
-
-def _map_file(fd: int, size: int) -> mmap.mmap | None:
-    global _live_maps
-    with _maps_lock:
-        if _live_maps >= MAX_LIVE_MAPS:
-            return None
-        _live_maps += 1
-    try:
-        mm = mmap.mmap(
-            fd,
-            size,
-            flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0),
-            prot=mmap.PROT_READ,
-        )
-    except (OSError, ValueError):
-        _release_map()
-        return None
-    weakref.finalize(mm, _release_map)
-    return mm
-
-
-def read_file(path: str, *, drop_cache: bool = False, use_mmap: bool = False) -> memoryview:
-    """Return a whole file's bytes: a read-only mapping (large files, ``use_mmap``) or a copy.
-
-    A mapping stays valid after the file is renamed over or unlinked (we never modify a block
-    file in place); truncating a mapped file from outside would fault, so nothing must.
+    Always a copy into memory this process owns, never a mapping: bytes are verified once and
+    then served from memory, so they must not change after verification (a mapped file edited
+    underneath would reach clients unverified, and a truncated one would SIGBUS the worker).
+    ``use_mmap`` is accepted for compatibility and ignored. A file larger than ``max_bytes``
+    raises :class:`FileTooLarge` before anything is read.
     """
+    del use_mmap
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         size = os.fstat(fd).st_size
-        if use_mmap and size >= MMAP_MIN_BYTES:
-            mm = _map_file(fd, size)
-            if mm is not None:
-                return memoryview(mm)
-        # One copy, kernel to a buffer we own; the payload is then a view of it.
+        if max_bytes is not None and size > max_bytes:
+            raise FileTooLarge(f"{path} holds {size} bytes, more than the cap of {max_bytes}")
+        # One copy, kernel to a buffer we own; the payload is then a view of it. A file that
+        # shrinks meanwhile gives a short read (then "truncated"); one that grows is cut at
+        # ``size`` and then fails its length check.
         buf = bytearray(size)
         mv = memoryview(buf)
         got = 0
@@ -186,18 +156,31 @@ def read_file(path: str, *, drop_cache: bool = False, use_mmap: bool = False) ->
             if n == 0:
                 break
             got += n
+        if got == size and os.pread(fd, 1, size):
+            got = size + 1  # grew while read: report it as a length mismatch, never a prefix
         if drop_cache:
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
     finally:
         os.close(fd)
+    if got > size:
+        raise BlockFormatError("bad_header", f"{path} grew while it was read")
     return mv[:got]
 
 
 def read_block_file(
-    path: str, key: bytes | None = None, *, drop_cache: bool = False, use_mmap: bool = False
+    path: str,
+    key: bytes | None = None,
+    *,
+    drop_cache: bool = False,
+    use_mmap: bool = False,
+    max_bytes: int | None = None,
 ) -> Block:
-    """Read and verify one block file; raise BlockFormatError or OSError (FileNotFoundError)."""
-    _, block = decode_block(read_file(path, drop_cache=drop_cache, use_mmap=use_mmap), key)
+    """Read and verify one block file; raise BlockFormatError or OSError (FileNotFoundError).
+
+    The returned Block views a private copy of the file (see :func:`read_file`).
+    """
+    data = read_file(path, drop_cache=drop_cache, max_bytes=max_bytes)
+    _, block = decode_block(data, key)
     return block
 
 

@@ -8,7 +8,14 @@ When ``num_workers`` changed since the last run, each worker pulls the files it 
 the other shard folders before it scans its own (see :meth:`DiskBackend._pull_owned_files`).
 
 Thread safety: the worker's I/O threads read, the write-through thread writes and the request
-loop removes, all at once. The index is guarded by one lock; file I/O happens outside it.
+loop removes, all at once. The index is guarded by one lock; reads and writes of file contents
+happen outside it, but an unlink of a key's file happens under it, together with the index
+change, so that it can never remove a newer file of the same key written meanwhile.
+
+A file that cannot be trusted is never fatal: at index rebuild, a file whose header is corrupt
+or whose metadata cannot be decoded is moved aside into ``<local_disk>/<worker_id>/quarantine/``
+(counted as ``quarantined``, listed by ``lmcached check``), so one bad file costs one miss,
+never a crash loop.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ from lmcached.storage.base import Block, StorageBackend, TierStats, Usage
 from lmcached.storage.blockfile import (
     BLOCK_SUFFIX,
     file_name,
+    fsync_dir,
     is_temp_name,
     read_block_file,
     read_block_header,
@@ -38,6 +46,9 @@ from lmcached.storage.eviction import EvictionPolicy, make_policy
 log = structlog.get_logger("lmcached.storage.disk")
 
 SHARD_MARKER = ".lmcached-shard.json"
+# How often a worker pulling its files after a num_workers change logs how far it got.
+RESHARD_PROGRESS_INTERVAL_S = 5.0
+QUARANTINE_DIR = "quarantine"
 Owner = Callable[[bytes], int]
 
 
@@ -87,6 +98,8 @@ class DiskBackend(StorageBackend):
             "torn_files_removed",
             "files_moved_in",
             "unsupported_version",
+            "quarantined",
+            "rejected_blocks",
         ):
             self.counters.extra[name] = 0
         self._index: dict[bytes, int] = {}  # key -> file size (header + payload)
@@ -120,6 +133,7 @@ class DiskBackend(StorageBackend):
         with open(tmp, "w") as f:
             json.dump({"worker_id": self.worker_id, "num_workers": self._num_workers}, f)
         os.replace(tmp, path)
+        fsync_dir(self.dir)
 
     def _pull_owned_files(self) -> None:
         """Move files this worker now owns out of other shard folders (num_workers changed).
@@ -129,13 +143,27 @@ class DiskBackend(StorageBackend):
         """
         if self._read_marker().get("num_workers") == self._num_workers:
             return
-        moved = 0
-        for wid, path in shard_dirs(self.root):
-            if wid == self.worker_id:
-                continue
+        moved = scanned = 0
+        sources: set[str] = set()
+        others = [(wid, path) for wid, path in shard_dirs(self.root) if wid != self.worker_id]
+        if others:
+            # A large tier takes minutes to reshard: say so at once, then every few seconds,
+            # so a slow start does not look like a hang.
+            log.info("disk shard resharding", worker_id=self.worker_id, shards=len(others))
+        reported_at = time.monotonic()
+        for _wid, path in others:
             for entry in os.scandir(path):
                 if not entry.name.endswith(BLOCK_SUFFIX):
                     continue
+                scanned += 1
+                if time.monotonic() - reported_at >= RESHARD_PROGRESS_INTERVAL_S:
+                    reported_at = time.monotonic()
+                    log.info(
+                        "disk shard resharding progress",
+                        worker_id=self.worker_id,
+                        files_scanned=scanned,
+                        files_moved_in=moved,
+                    )
                 try:
                     header, _ = read_block_header(entry.path)
                 except (OSError, BlockFormatError):
@@ -144,8 +172,15 @@ class DiskBackend(StorageBackend):
                     try:
                         os.replace(entry.path, os.path.join(self.dir, file_name(header.key)))
                         moved += 1
+                        sources.add(path)
                     except FileNotFoundError:
                         continue
+        if moved:
+            # A rename is durable only once both folders are synced: without it a power loss
+            # could leave a moved file in neither folder, or the marker ahead of the moves.
+            fsync_dir(self.dir)
+            for path in sorted(sources):
+                fsync_dir(path)
         self.counters.extra["files_moved_in"] += moved
         if moved:
             log.info("disk shard resharded", worker_id=self.worker_id, files_moved_in=moved)
@@ -216,15 +251,15 @@ class DiskBackend(StorageBackend):
                     self._index[key] = size
                     self._used += size
                     self.policy.on_insert(key, size)
-                victims = self._make_room_locked(0)
-            self._delete_files(victims)
+                # Under the lock: a put of a victim's key right after must not lose its new file.
+                self._delete_files(self._make_room_locked(0))
         if deadline is None and not self._closed:
             self._index_complete = True
             log.info("disk index rebuilt", worker_id=self.worker_id, entries=len(self._index))
         return handled
 
     def _read_header(self, entry: os.DirEntry[str]) -> tuple[bytes, int] | None:
-        """Return (key, file size) of a block file this worker owns, or None (and clean up)."""
+        """Return (key, file size) of a block file this worker owns, or None (and set aside)."""
         try:
             header, size = read_block_header(entry.path)
             if entry.name != file_name(header.key):
@@ -233,15 +268,24 @@ class DiskBackend(StorageBackend):
             if exc.kind == "unsupported_version":
                 self.counters.extra["unsupported_version"] += 1
                 return None
-            log.warning("removing corrupt disk block", path=entry.path, error=str(exc))
-            self._unlink(entry.path)
-            self.counters.extra["checksum_failures"] += 1
+            self._quarantine(entry.path, exc)
             return None
         except OSError:
             return None
         if not self._owns(header.key):
             return None  # its owner pulls it at its own start
         return header.key, size
+
+    def _quarantine(self, path: str, exc: BlockFormatError) -> None:
+        """Move a file that failed verification aside (never fatal; `lmcached check` lists it)."""
+        log.warning("disk block moved to quarantine", path=path, error=str(exc))
+        self.counters.extra["checksum_failures"] += 1
+        try:
+            quarantine_file(self.dir, path)
+            self.counters.extra["quarantined"] += 1
+        except OSError as move_exc:
+            log.warning("quarantine failed; removing", path=path, error=str(move_exc))
+            self._unlink(path)
 
     # --- StorageBackend ---------------------------------------------------------------------
 
@@ -288,7 +332,16 @@ class DiskBackend(StorageBackend):
         return block
 
     def put(self, key: bytes, block: Block) -> bool:
-        size = len(encode_header(key, block)) + block.nbytes
+        try:
+            size = len(encode_header(key, block)) + block.nbytes
+        except (ValueError, TypeError) as exc:
+            # One block the format cannot hold (key or meta too large): it fails alone, so the
+            # rest of its write batch is still written.
+            self.counters.rejected += 1
+            self.counters.extra["rejected_blocks"] += 1
+            if self.counters.extra["rejected_blocks"] == 1:
+                log.warning("disk tier rejected a block", key=key[:80], error=str(exc))
+            return False
         if size > self.capacity:
             self.counters.rejected += 1
             return False
@@ -298,9 +351,8 @@ class DiskBackend(StorageBackend):
             if old is not None:
                 self._used -= old
                 self.policy.on_remove(key)
-            victims = self._make_room_locked(size)
+            self._delete_files(self._make_room_locked(size))
             self._used += size
-        self._delete_files(victims)
         try:
             _, written = write_block_file(
                 self.dir, key, block, fsync=self.fsync, drop_cache=self.drop_cache
@@ -357,10 +409,14 @@ class DiskBackend(StorageBackend):
             return True
 
     def remove(self, key: bytes) -> bool:
-        present = self._forget(key)
-        if present:
+        with self._lock:
+            size = self._index.pop(key, None)
+            if size is None:
+                return False
+            self._used -= size
+            self.policy.on_remove(key)
             self._unlink(self._path(key))
-        return present
+        return True
 
     def iter_keys(self) -> Iterator[bytes]:
         with self._lock:
@@ -406,58 +462,105 @@ class CheckReport:
         }
 
 
+def quarantine_file(shard_dir: str, path: str) -> str:
+    """Move ``path`` into ``<shard_dir>/quarantine/`` (never overwriting); return the new path."""
+    qdir = os.path.join(shard_dir, QUARANTINE_DIR)
+    os.makedirs(qdir, mode=0o700, exist_ok=True)
+    dest = os.path.join(qdir, f"{os.path.basename(path)}.{time.time_ns()}")
+    os.replace(path, dest)
+    return dest
+
+
 def check_disk(
     root: str,
     *,
     owner: Owner | None = None,
     fix: bool = False,
     verify_payload: bool = True,
+    progress: Callable[[CheckReport], None] | None = None,
 ) -> CheckReport:
     """Reconcile every shard folder under ``root`` with its files' headers.
 
-    Finds torn temporary files, files whose header or payload fails verification, files whose
-    name does not match the key in their header, and (given ``owner``) files in the wrong shard.
-    With ``fix``, removes the broken ones and moves misplaced ones to their owner's folder.
+    Finds torn temporary files, files whose header, metadata or payload fails verification,
+    files whose name does not match the key in their header, files a worker moved to
+    quarantine, and (given ``owner``) files in the wrong shard. With ``fix``, removes the broken
+    and quarantined ones and moves misplaced ones to their owner's folder. Never raises for what
+    it finds: a file it cannot read or repair is reported as a problem. ``progress`` is called
+    with the report so far before each file (a large tier takes minutes).
     """
     report = CheckReport()
     for wid, path in shard_dirs(root):
+        _check_quarantine(os.path.join(path, QUARANTINE_DIR), report, fix)
         for entry in sorted(os.scandir(path), key=lambda e: e.name):
-            if is_temp_name(entry.name):
-                report.problems.append((entry.path, "torn temporary file"))
-                if fix:
-                    DiskBackend._unlink(entry.path)
-                    report.fixed += 1
-                continue
-            if not entry.name.endswith(BLOCK_SUFFIX):
-                continue
-            report.files += 1
+            if progress is not None:
+                progress(report)
             try:
-                header, size = read_block_header(entry.path)
-                report.bytes += size
-                if entry.name != file_name(header.key):
-                    raise BlockFormatError("bad_header", "file name does not match its key")
-                if verify_payload:
-                    read_block_file(entry.path, header.key)
-            except BlockFormatError as exc:
-                if exc.kind == "unsupported_version":
-                    report.problems.append((entry.path, f"skipped: {exc}"))
-                    continue
-                report.problems.append((entry.path, f"{exc.kind}: {exc}"))
-                if fix:
-                    DiskBackend._unlink(entry.path)
-                    report.fixed += 1
-                continue
-            except OSError as exc:
-                report.problems.append((entry.path, f"unreadable: {exc}"))
-                continue
-            if owner is not None and owner(header.key) != wid:
-                new_owner = owner(header.key)
-                report.problems.append((entry.path, f"belongs to shard {new_owner}"))
-                if fix:
-                    dest = os.path.join(root, str(new_owner))
-                    os.makedirs(dest, mode=0o700, exist_ok=True)
-                    os.replace(entry.path, os.path.join(dest, entry.name))
-                    report.fixed += 1
-                continue
-            report.ok += 1
+                _check_entry(root, wid, entry, report, owner, fix, verify_payload)
+            except OSError as exc:  # a repair that failed (permissions, a full disk)
+                report.problems.append((entry.path, f"could not repair: {exc}"))
     return report
+
+
+def _check_quarantine(qdir: str, report: CheckReport, fix: bool) -> None:
+    try:
+        entries = sorted(os.scandir(qdir), key=lambda e: e.name)
+    except (FileNotFoundError, NotADirectoryError):
+        return
+    for entry in entries:
+        report.problems.append((entry.path, "quarantined: failed verification at index rebuild"))
+        if fix:
+            try:
+                os.unlink(entry.path)
+                report.fixed += 1
+            except OSError as exc:
+                report.problems.append((entry.path, f"could not remove: {exc}"))
+
+
+def _check_entry(
+    root: str,
+    wid: int,
+    entry: os.DirEntry[str],
+    report: CheckReport,
+    owner: Owner | None,
+    fix: bool,
+    verify_payload: bool,
+) -> None:
+    if is_temp_name(entry.name):
+        report.problems.append((entry.path, "torn temporary file"))
+        if fix:
+            DiskBackend._unlink(entry.path)
+            report.fixed += 1
+        return
+    if not entry.name.endswith(BLOCK_SUFFIX):
+        return
+    report.files += 1
+    try:
+        header, size = read_block_header(entry.path)
+        report.bytes += size
+        if entry.name != file_name(header.key):
+            raise BlockFormatError("bad_header", "file name does not match its key")
+        if verify_payload:
+            read_block_file(entry.path, header.key)
+    except BlockFormatError as exc:
+        if exc.kind == "unsupported_version":
+            report.problems.append((entry.path, f"skipped: {exc}"))
+            return
+        report.problems.append((entry.path, f"{exc.kind}: {exc}"))
+        if fix:
+            DiskBackend._unlink(entry.path)
+            report.fixed += 1
+        return
+    except OSError as exc:
+        report.problems.append((entry.path, f"unreadable: {exc}"))
+        return
+    new_owner = owner(header.key) if owner is not None else wid
+    if new_owner != wid:
+        report.problems.append((entry.path, f"belongs to shard {new_owner}"))
+        if fix:
+            dest = os.path.join(root, str(new_owner))
+            os.makedirs(dest, mode=0o700, exist_ok=True)
+            os.replace(entry.path, os.path.join(dest, entry.name))
+            fsync_dir(dest)
+            report.fixed += 1
+        return
+    report.ok += 1

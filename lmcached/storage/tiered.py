@@ -5,8 +5,12 @@
 - A put is acknowledged once it is in CPU. Lower tiers are written by one bounded
   :class:`~lmcached.storage.writequeue.WriteQueue` each (write-through), or only when CPU evicts
   a block (write-back). A full queue drops the write and counts it; it never blocks.
-- ``flush`` waits for the queues; ``close`` drains them, bounded by ``shutdown_flush_timeout``.
-- ``remove``/``remove_prefix`` reach every tier, and cancel queued writes of the keys first.
+- ``flush`` waits for the queues and reports the copies of the caller's puts that were dropped
+  or failed (:class:`LossLedger`); ``close`` drains them, bounded by ``shutdown_flush_timeout``.
+- ``remove``/``remove_prefix`` reach every tier, and cancel queued writes of the keys.
+- Deletes are final: every put and delete stamps the key with a new generation, and a get that
+  read a lower tier promotes its block only if the key was not stamped since the get began, so a
+  read in flight never brings back a key deleted (or replaced) meanwhile.
 
 Thread safety: every method may be called from any thread. The worker's request loop calls the
 CPU-only methods (``get_cached_many``, ``put``) inline and sends everything that may touch a lower
@@ -16,9 +20,13 @@ is not thread-safe itself, so it is guarded here by one lock.
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import structlog
@@ -30,6 +38,88 @@ from lmcached.storage.writequeue import WriteQueue
 log = structlog.get_logger("lmcached.storage.tiered")
 
 WRITE_POLICIES = ("write-through", "write-back")
+
+
+@dataclass(frozen=True, slots=True)
+class FlushLosses:
+    """Copies of one origin's puts that never reached a lower tier, since its last flush."""
+
+    dropped: int = 0  # a full write queue (or shutdown) dropped the copy
+    failed: int = 0  # the tier's write failed or rejected the block
+
+
+class LossLedger:
+    """Count lost lower-tier copies per origin (client connection) until it flushes.
+
+    Bounded: past ``max_origins`` the origin that lost something longest ago is forgotten (a
+    client that never flushes must not grow the worker); ``forgotten`` counts them.
+    """
+
+    def __init__(self, max_origins: int = 4096) -> None:
+        self.max_origins = max_origins
+        self._counts: OrderedDict[bytes, list[int]] = OrderedDict()
+        self._lock = threading.Lock()
+        self.forgotten = 0
+
+    def record(self, origin: bytes, kind: str) -> None:
+        with self._lock:
+            counts = self._counts.get(origin)
+            if counts is None:
+                counts = self._counts[origin] = [0, 0]
+                while len(self._counts) > self.max_origins:
+                    self._counts.popitem(last=False)
+                    self.forgotten += 1
+            counts[0 if kind == "dropped" else 1] += 1
+
+    def take(self, origin: bytes) -> FlushLosses:
+        """Return and reset what ``origin`` lost."""
+        with self._lock:
+            counts = self._counts.pop(origin, None)
+        return FlushLosses() if counts is None else FlushLosses(counts[0], counts[1])
+
+
+class Generations:
+    """Per-key stamps of the last put or delete, kept only while some lower-tier get may care.
+
+    A get takes a ticket (the current generation) before it reads a lower tier; a stamp newer
+    than the ticket means the key changed meanwhile. Stamps older than every open ticket can no
+    longer matter and are pruned, so the map stays as small as the gets in flight need.
+    """
+
+    def __init__(self) -> None:
+        self._counter = itertools.count(1)
+        self._now = 0
+        self._stamps: OrderedDict[bytes, int] = OrderedDict()  # oldest stamp first
+        self._open: dict[int, int] = {}  # ticket id -> generation at its start
+        self._ids = itertools.count()
+
+    # Callers hold the TieredStore's CPU lock around every method.
+    def stamp(self, key: bytes) -> None:
+        if not self._open:
+            return  # no get in flight: nobody can be overtaken
+        self._now = next(self._counter)
+        self._stamps[key] = self._now
+        self._stamps.move_to_end(key)
+
+    def open(self) -> int:
+        ticket = next(self._ids)
+        self._open[ticket] = self._now
+        return ticket
+
+    def changed_since(self, ticket: int, key: bytes) -> bool:
+        return self._stamps.get(key, 0) > self._open[ticket]
+
+    def close(self, ticket: int) -> None:
+        del self._open[ticket]
+        oldest = min(self._open.values(), default=self._now)
+        while self._stamps:
+            key, gen = next(iter(self._stamps.items()))
+            if gen > oldest:
+                break
+            del self._stamps[key]
+
+    def __len__(self) -> int:
+        return len(self._stamps)
 
 
 class TieredStore:
@@ -63,6 +153,11 @@ class TieredStore:
         self._cpu_lock = threading.RLock()
         self._get_latency = {t.name: LatencyStat() for t in self.tiers}
         self._put_latency = {t.name: LatencyStat() for t in self.lower}
+        self.losses = LossLedger()
+        self._generations = Generations()
+        # Keys whose delete is under way (count of deletes): until the lower tiers forgot them,
+        # a get may still read them there, so nothing promotes them meanwhile.
+        self._deleting: dict[bytes, int] = {}
         self.queues = {
             t.name: WriteQueue(
                 t.name,
@@ -70,6 +165,7 @@ class TieredStore:
                 max_bytes=queue_max_bytes,
                 max_items=queue_max_items,
                 idle_hook=getattr(t, "upkeep", None),
+                on_loss=self.losses.record,
             )
             for t in self.lower
         }
@@ -110,14 +206,18 @@ class TieredStore:
 
     # --- puts -------------------------------------------------------------------------------
 
-    def put(self, key: bytes, block: Block) -> bool:
-        """Store in CPU and queue the lower-tier copies; True when stored or queued somewhere."""
+    def put(self, key: bytes, block: Block, origin: bytes | None = None) -> bool:
+        """Store in CPU and queue the lower-tier copies; True when stored or queued somewhere.
+
+        ``origin`` names the caller (its connection), whose next flush reports lost copies.
+        """
         with self._cpu_lock:
+            self._generations.stamp(key)
             stored = self.top.put(key, block)
         if self.write_policy == "write-through" or not stored:
             # Write-back still sends a block that CPU refused (too big, no CPU budget) down.
             for q in self.queues.values():
-                stored = q.offer(key, block) or stored
+                stored = q.offer(key, block, origin) or stored
         return stored
 
     def _write_back(self, key: bytes, block: Block) -> None:
@@ -161,23 +261,34 @@ class TieredStore:
         count its CPU misses twice. May block on disk and network: call it off the request loop.
         """
         out = list(cached) if cached is not None else self.get_cached_many(keys)
-        # A block CPU no longer holds may still be queued for its lower-tier copies.
-        for i, block in enumerate(out):
-            if block is None:
-                out[i] = self._queued(keys[i])
-        for level, tier in enumerate(self.lower, start=1):
-            missing = [i for i, b in enumerate(out) if b is None]
-            if not missing:
-                break
-            start = time.perf_counter()
-            found = tier.get_many([keys[i] for i in missing])
-            self._get_latency[tier.name].record(time.perf_counter() - start)
-            for i, block in zip(missing, found, strict=True):
-                if block is not None:
-                    block = self._as_wire_frames(block)
-                    out[i] = block
-                    self._promote(keys[i], block, level)
+        with self._ticket() as ticket:
+            # A block CPU no longer holds may still be queued for its lower-tier copies.
+            for i, block in enumerate(out):
+                if block is None:
+                    out[i] = self._queued(keys[i])
+            for level, tier in enumerate(self.lower, start=1):
+                missing = [i for i, b in enumerate(out) if b is None]
+                if not missing:
+                    break
+                start = time.perf_counter()
+                found = tier.get_many([keys[i] for i in missing])
+                self._get_latency[tier.name].record(time.perf_counter() - start)
+                for i, block in zip(missing, found, strict=True):
+                    if block is not None:
+                        block = self._as_wire_frames(block)
+                        out[i] = block
+                        self._promote(keys[i], block, level, ticket)
         return out
+
+    @contextmanager
+    def _ticket(self) -> Iterator[int]:
+        with self._cpu_lock:
+            ticket = self._generations.open()
+        try:
+            yield ticket
+        finally:
+            with self._cpu_lock:
+                self._generations.close(ticket)
 
     def get(self, key: bytes) -> Block | None:
         return self.get_many([key])[0]
@@ -203,18 +314,40 @@ class TieredStore:
         frames = tuple(mv[i : i + step] for i in range(0, mv.nbytes, step))
         return Block(frames=frames, nbytes=block.nbytes, meta=block.meta, checksum=block.checksum)
 
-    def _promote(self, key: bytes, block: Block, level: int) -> None:
+    def _promote(self, key: bytes, block: Block, level: int, ticket: int) -> None:
         with self._cpu_lock:
+            if (
+                key in self._deleting
+                or self._generations.changed_since(ticket, key)
+                or self.top.contains(key)
+            ):
+                return  # deleted or put again while we read: the older copy must not return
             self.top.put(key, block)
-        # Tiers between CPU and the one that hit (disk, for a remote hit) get a copy as well.
-        for tier in self.lower[: level - 1]:
-            self.queues[tier.name].offer(key, block)
+            # Tiers between CPU and the one that hit (disk, for a remote hit) get a copy as
+            # well; queued under the lock, so a delete's cancel that follows always sees it.
+            for tier in self.lower[: level - 1]:
+                self.queues[tier.name].offer(key, block)
 
     # --- existence --------------------------------------------------------------------------
 
     def contains_cached(self, key: bytes) -> bool:
         with self._cpu_lock:
             return self.top.contains(key)
+
+    def contains_cached_many(self, keys: Sequence[bytes]) -> list[bool]:
+        """``contains_cached`` of each key under one lock (a lookup asks about 100s of keys)."""
+        contains = self.top.contains
+        with self._cpu_lock:
+            return [contains(k) for k in keys]
+
+    def cached_prefix(self, keys: Sequence[bytes]) -> int:
+        """Return how many leading keys the CPU tier holds, under one lock."""
+        contains = self.top.contains
+        with self._cpu_lock:
+            for i, key in enumerate(keys):
+                if not contains(key):
+                    return i
+        return len(keys)
 
     def exists_many(self, keys: Sequence[bytes]) -> list[bool]:
         """Return, per key, whether any tier holds it (may block: call it off the loop)."""
@@ -242,14 +375,29 @@ class TieredStore:
     def remove_many(self, keys: Sequence[bytes]) -> int:
         """Delete ``keys`` from every tier; return how many distinct keys were present."""
         keys = list(dict.fromkeys(keys))
-        # Cancel queued copies first, so no pending write re-creates a key after its delete.
-        for q in self.queues.values():
-            q.cancel(keys)
         with self._cpu_lock:
+            for k in keys:
+                self._deleting[k] = self._deleting.get(k, 0) + 1  # no promotion of k from now
             present = [self.top.remove(k) for k in keys]
-        for tier in self.lower:
-            for i, hit in enumerate(tier.remove_many(keys)):
-                present[i] = present[i] or hit
+        try:
+            # Then cancel queued copies (a promotion's included), so no pending write re-creates
+            # a key after its delete.
+            for q in self.queues.values():
+                q.cancel(keys)
+            for tier in self.lower:
+                for i, hit in enumerate(tier.remove_many(keys)):
+                    present[i] = present[i] or hit
+        finally:
+            with self._cpu_lock:
+                for k in keys:
+                    # Gets that began before this point may hold a copy read from a lower tier:
+                    # the stamp makes their promotion a no-op.
+                    self._generations.stamp(k)
+                    left = self._deleting[k] - 1
+                    if left:
+                        self._deleting[k] = left
+                    else:
+                        del self._deleting[k]
         return sum(present)
 
     def remove(self, key: bytes) -> bool:
@@ -269,6 +417,10 @@ class TieredStore:
         return self.remove_many(sorted(victims)) if victims else 0
 
     # --- lifecycle --------------------------------------------------------------------------
+
+    def take_losses(self, origin: bytes) -> FlushLosses:
+        """Return (and reset) the lost lower-tier copies of ``origin``'s puts since its last call."""
+        return self.losses.take(origin)
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until every write queue is empty; True when all drained before ``timeout``."""

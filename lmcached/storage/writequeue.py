@@ -6,6 +6,10 @@ dropped and counted: this is a cache, and dropping a copy beats blocking the req
 
 ``cancel(key)`` drops a queued put and waits for an in-flight write of that key to finish, so
 that a delete issued after it cannot be overtaken by the write it cancelled.
+
+A put may name its ``origin`` (the client connection that sent it). When that put's copy is
+dropped (full queue, shutdown) or its write fails, ``on_loss(origin, kind)`` is called, so that
+the origin's next ``flush`` can report the loss instead of claiming success.
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ from lmcached.storage.base import Block
 log = structlog.get_logger("lmcached.storage.writequeue")
 
 WriteBatch = Callable[[Sequence[tuple[bytes, Block]]], list[bool]]
+# Called with (origin, "dropped" | "failed") for each lost copy of a put that named its origin.
+LossHook = Callable[[bytes, str], None]
 
 
 class WriteQueue:
@@ -38,8 +44,12 @@ class WriteQueue:
         batch_bytes: int = 64 << 20,
         idle_hook: Callable[[], object] | None = None,
         idle_interval: float = 1.0,
+        on_loss: LossHook | None = None,
     ) -> None:
         self.name = name
+        self._on_loss = on_loss
+        # key -> origin of the queued or in-flight put of that key (only puts that named one).
+        self._origins: dict[bytes, bytes] = {}
         self._write = write
         self._idle_hook = idle_hook
         self._idle_interval = idle_interval
@@ -60,26 +70,43 @@ class WriteQueue:
         self._thread = threading.Thread(target=self._run, name=f"write-{name}", daemon=True)
         self._thread.start()
 
-    def offer(self, key: bytes, block: Block) -> bool:
+    def offer(self, key: bytes, block: Block, origin: bytes | None = None) -> bool:
         """Queue a put without blocking; return False (and count a drop) when full."""
         with self._cond:
             if self._stopping:
-                self.dropped += 1
+                self._drop(origin)
                 return False
             old = self._pending.pop(key, None)
             if old is not None:
+                # Superseded by this newer put of the key: not a loss.
                 self._pending_bytes -= old.nbytes
+                if key not in self._inflight:
+                    self._origins.pop(key, None)
             if (
                 self._pending_bytes + block.nbytes > self.max_bytes
                 or len(self._pending) >= self.max_items
             ):
-                self.dropped += 1
+                self._drop(origin)
                 return False
             self._pending[key] = block
             self._pending_bytes += block.nbytes
+            if origin is not None:
+                self._origins[key] = origin
             self.enqueued += 1
             self._cond.notify_all()
             return True
+
+    def _drop(self, origin: bytes | None) -> None:
+        self.dropped += 1
+        if origin is not None and self._on_loss is not None:
+            self._on_loss(origin, "dropped")
+
+    def _lost(self, keys: Iterable[bytes], kind: str) -> None:
+        # Under the condition's lock. The hook only counts, so it never calls back in here.
+        for key in keys:
+            origin = self._origins.pop(key, None)
+            if origin is not None and self._on_loss is not None:
+                self._on_loss(origin, kind)
 
     def cancel(self, keys: Iterable[bytes], timeout: float = 5.0) -> None:
         """Drop queued puts of ``keys`` and wait (bounded) for in-flight writes of them."""
@@ -90,6 +117,8 @@ class WriteQueue:
                 old = self._pending.pop(key, None)
                 if old is not None:
                     self._pending_bytes -= old.nbytes
+                    if key not in self._inflight:
+                        self._origins.pop(key, None)  # deleted, not lost
             while self._inflight & keys:
                 left = deadline - time.monotonic()
                 if left <= 0:
@@ -152,6 +181,12 @@ class WriteQueue:
             with self._cond:
                 self.written += sum(1 for ok in results if ok)
                 self.failed += sum(1 for ok in results if not ok)
+                for (key, _), ok in zip(batch, results, strict=False):
+                    if key in self._pending:
+                        continue  # a newer put of the key is queued; its origin is what counts
+                    origin = self._origins.pop(key, None)
+                    if not ok and origin is not None and self._on_loss is not None:
+                        self._on_loss(origin, "failed")
                 self._inflight = set()
                 self._inflight_blocks = {}
                 self._cond.notify_all()
@@ -181,6 +216,7 @@ class WriteQueue:
             self._stopping = True
             if not drained:
                 self.dropped += len(self._pending)
+                self._lost(list(self._pending), "dropped")
                 self._pending.clear()
                 self._pending_bytes = 0
             self._cond.notify_all()

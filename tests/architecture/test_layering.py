@@ -73,6 +73,7 @@ RULES = [
         roots=(
             "lmcached",  # `import lmcached` / `from lmcached import Client`
             "lmcached.client.*",
+            "lmcached.aio",  # the asyncio client
             "lmcached.integrations.vllm",
             "lmcached.integrations.kv_blocks",
             "lmcached.integrations.daemon_link",
@@ -82,12 +83,13 @@ RULES = [
         dynamic=(
             "import lmcached\n"
             "from lmcached import Client\n"
+            "import lmcached.aio\n"
             "import lmcached.integrations.kv_blocks, lmcached.integrations.daemon_link\n"
         ),
     ),
     Rule(
         "config is a leaf",
-        roots=("lmcached.config.*",),
+        roots=("lmcached.config.*", "lmcached.config_lmcache"),
         forbidden=(
             "lmcached.storage",
             "lmcached.extensions",
@@ -100,13 +102,17 @@ RULES = [
     ),
 ]
 
-# What the scheduler process must never load: the worker side of the daemon.
+# What the scheduler process must never load: the worker side of the daemon. The registry
+# itself (and the general plugins and stat loggers it runs in every process) is allowed; the
+# extension modules that wrap or build a store are not.
 WORKER_SIDE = (
     "lmcached.daemon.worker",
     "lmcached.daemon.assembly",
     "lmcached.storage",
     "lmcached.codecs",
-    "lmcached.extensions",
+    "lmcached.extensions.guard",
+    "lmcached.extensions.interfaces",
+    "lmcached.extensions.startup",
 )
 
 

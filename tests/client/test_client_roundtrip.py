@@ -95,7 +95,7 @@ def test_limits_are_checked_before_sending(shared_daemon):
         with pytest.raises(LMCachedRequestError):
             c.put([b"a", b"b"], [b"1"])
         with pytest.raises(LMCachedRequestError):
-            c.get(["not-bytes"])  # type: ignore[list-item]
+            c.get([42])  # type: ignore[list-item]  # str keys are accepted (UTF-8); ints are not
         # The client still works after refusing bad input.
         c.put([b"after-limits"], [b"ok"])
         assert bytes(c.get([b"after-limits"])[0]) == b"ok"
@@ -142,3 +142,29 @@ def test_client_is_fork_safe(shared_daemon):
         assert os.read(r, 1) == b"1"
         os.waitpid(pid, 0)
         assert bytes(c.get([b"fork/child"])[0]) == b"c"
+
+
+def _routed_chain(route: str, n: int) -> list[bytes]:
+    """Chunk keys of one prompt in key format v2: every chunk carries the first chunk's route."""
+    return [f"chain/m@r/l/{route}-{i:032x}".encode() for i in range(n)]
+
+
+def _worker_ops(c: Client) -> list[dict[str, int]]:
+    return [w["stats"]["ops"]["requests"] for w in c.stats()["workers"]]
+
+
+def test_lookup_of_one_routed_prompt_is_one_request_to_one_worker(shared_daemon):
+    keys = _routed_chain("00c0ffee", 128)
+    assert len({owner(k, 2) for k in keys}) == 1
+    with shared_daemon.client() as c:
+        c.put(keys[:100], [b"x"] * 100)
+        before = _worker_ops(c)
+        assert c.lookup(keys) == 100
+        after = _worker_ops(c)
+        sent = [
+            {op: n - b.get(op, 0) for op, n in a.items() if op != "stats" and n != b.get(op, 0)}
+            for a, b in zip(after, before, strict=True)
+        ]
+        assert sorted(sent, key=len) == [{}, {"lookup": 1}]
+        c.delete([keys[0]])
+        assert c.lookup(keys) == 0

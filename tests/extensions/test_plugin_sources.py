@@ -9,10 +9,13 @@ import os
 from lmcached.extensions import sources
 from lmcached.extensions.registry import get_registry
 
+# The example package's entry points: two in lmcached.plugins, one general plugin, one stat logger.
+EXAMPLE_ENTRY_POINTS = ["example-manifest", "example-marker", "example-register", "jsonl"]
+
 
 def test_installed_package_is_discovered_through_its_entry_points(example_installed):
     report = sources.load()
-    assert sorted(report.loaded) == ["example-manifest", "example-register"]
+    assert sorted(report.loaded) == EXAMPLE_ENTRY_POINTS
     reg = get_registry()
     # From the YAML manifest (AIPerf style) ...
     sqlite = reg.get_entry("storage_backend", "sqlite")
@@ -24,7 +27,7 @@ def test_installed_package_is_discovered_through_its_entry_points(example_instal
     assert reg.validate() == []
     pkgs = {p["package"]: p for p in reg.packages()}
     assert pkgs["lmcached-example-plugins"]["version"] == "0.1.0"
-    assert pkgs["lmcached-example-plugins"]["entries"] == 4
+    assert pkgs["lmcached-example-plugins"]["entries"] == 6
 
 
 def test_entries_are_not_imported_by_discovery(example_installed):
@@ -38,7 +41,7 @@ def test_allow_list_limits_which_entry_points_load(example_installed, monkeypatc
     monkeypatch.setenv("LMCACHED_PLUGINS", "example-register")
     report = sources.load()
     assert report.loaded == ["example-register"]
-    assert report.skipped == ["example-manifest"]
+    assert sorted(report.skipped) == ["example-manifest", "example-marker", "jsonl"]
     reg = get_registry()
     assert reg.has("remote_connector", "folder")
     assert not reg.has("codec", "zlib")
@@ -50,9 +53,9 @@ def test_allow_list_accepts_distribution_names_and_empty_means_none(example_inst
     report = sources.load_entry_points(
         get_registry(), environ={"LMCACHED_PLUGINS": "lmcached-example-plugins"}
     )
-    assert sorted(report.loaded) == ["example-manifest", "example-register"]
+    assert sorted(report.loaded) == EXAMPLE_ENTRY_POINTS
     report = sources.load_entry_points(get_registry(), environ={"LMCACHED_PLUGINS": " "})
-    assert report.loaded == [] and len(report.skipped) == 2
+    assert report.loaded == [] and len(report.skipped) == 4
 
 
 def test_loading_is_idempotent_within_a_process(example_installed):
@@ -78,7 +81,7 @@ def test_a_forked_child_loads_its_own(example_installed):
     finally:
         child.join(timeout=30)
     assert report_pid == child_pid != parent.pid
-    assert loaded == ["example-manifest", "example-register"]
+    assert loaded == EXAMPLE_ENTRY_POINTS
 
 
 def test_a_broken_package_is_reported_and_the_others_load(

@@ -21,7 +21,11 @@ from lmcached.extensions.lifecycle import PluginStartupError
 from lmcached.storage.base import Block, StorageBackend
 from lmcached.storage.remote import RemoteBackend, RemoteConnector
 from lmcached.storage.remote.fs_connector import FSConnector
-from lmcached.storage.remote.redis_connector import RedisClusterConnector, RedisConnector
+from lmcached.storage.remote.redis_connector import (
+    RedisClusterConnector,
+    RedisConnector,
+    RedisSentinelConnector,
+)
 
 FOLDER = {
     "external_connector.folder.module_path": "lmcached_example_plugins.folder_connector",
@@ -59,6 +63,10 @@ def test_built_in_schemes_are_registry_entries(registry):
         "unix": RedisConnector,
         "redis+cluster": RedisClusterConnector,
         "rediss+cluster": RedisClusterConnector,
+        # LMCache's schemes.
+        "redis-cluster": RedisClusterConnector,
+        "redis-sentinel": RedisSentinelConnector,
+        "valkey": RedisConnector,
         "fs": FSConnector,
     }
     assert set(registry.names("remote_connector")) == set(expected)

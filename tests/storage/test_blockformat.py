@@ -12,6 +12,7 @@ from lmcached.storage.blockformat import (
     FIXED_SIZE,
     FORMAT_VERSION,
     MAGIC,
+    MAX_READ_VERSION,
     BlockFormatError,
     decode_block,
     decode_header,
@@ -93,7 +94,7 @@ def test_wrong_key_is_rejected() -> None:
 
 def test_newer_version_is_reported_as_unsupported_not_corrupt() -> None:
     buf = _encoded(b"k", b"x")
-    buf[4] = FORMAT_VERSION + 1
+    buf[4] = MAX_READ_VERSION + 1
     with pytest.raises(BlockFormatError) as err:
         decode_header(buf)
     assert err.value.kind == "unsupported_version"
@@ -104,3 +105,63 @@ def test_multi_frame_block_is_checksummed_as_one_payload() -> None:
     buf = b"".join(bytes(p) for p in encode_block(b"k", block))
     _, out = decode_block(buf)
     assert bytes(out.frames[0]) == b"abcdef"
+
+
+SECRET = b"s" * 32
+
+
+def _keyed(key: bytes, payload: bytes, secret: bytes = SECRET) -> bytes:
+    block = Block.from_bytes(payload, {"a": 1})
+    return b"".join(bytes(p) for p in encode_block(key, block, secret))
+
+
+def test_keyed_block_verifies_with_its_secret_and_readers_without_one() -> None:
+    buf = _keyed(b"k", b"payload")
+    header, block = decode_block(buf, b"k", SECRET)
+    assert header.version == 2 and header.mac is not None and block.tobytes() == b"payload"
+    _, plain = decode_block(buf, b"k")  # no secret configured: the checksums still hold
+    assert plain.tobytes() == b"payload" and plain.meta == {"a": 1}
+
+
+def test_forged_block_without_the_secret_is_a_mac_failure() -> None:
+    unkeyed = b"".join(bytes(p) for p in encode_block(b"k", Block.from_bytes(b"evil")))
+    with pytest.raises(BlockFormatError) as err:
+        decode_block(unkeyed, b"k", SECRET)
+    assert err.value.kind == "mac"
+    wrong_secret = _keyed(b"k", b"evil", b"w" * 32)
+    with pytest.raises(BlockFormatError) as err:
+        decode_block(wrong_secret, b"k", SECRET)
+    assert err.value.kind == "mac"
+
+
+def test_keyed_block_copied_under_another_key_is_a_mac_failure() -> None:
+    # Rewrite the key in the header (same length) and fix up the unkeyed trailer, as a writer
+    # without the secret can: the MAC still names the original key.
+
+    buf = bytearray(_keyed(b"victim-key", b"payload"))
+    pos = buf.index(b"victim-key")
+    buf[pos : pos + 10] = b"attack-key"
+    header_len = int.from_bytes(buf[8:12], "little")
+    buf[header_len - 8 : header_len] = xxhash.xxh3_64_intdigest(
+        bytes(buf[: header_len - 8])
+    ).to_bytes(8, "little")
+    with pytest.raises(BlockFormatError) as err:
+        decode_block(bytes(buf), b"attack-key", SECRET)
+    assert err.value.kind == "mac"
+
+
+@pytest.mark.parametrize("meta_bytes", [b"\x07", b"\xc1", b"\x92\x01"])
+def test_undecodable_or_non_map_meta_is_bad_meta(meta_bytes: bytes) -> None:
+    # A valid header checksum over metadata that is not a msgpack map (7, a reserved byte, a
+    # list): a BlockFormatError the tiers turn into a miss, never another exception.
+
+    good = _encoded(b"k", b"x")
+    fixed = bytearray(good[:36])
+    struct.pack_into("<I", fixed, 16, len(meta_bytes))
+    header_len = 36 + 1 + len(meta_bytes) + 8
+    struct.pack_into("<I", fixed, 8, header_len)
+    head = bytes(fixed) + b"k" + meta_bytes
+    buf = head + xxhash.xxh3_64_intdigest(head).to_bytes(8, "little") + b"x"
+    with pytest.raises(BlockFormatError) as err:
+        decode_block(buf, b"k")
+    assert err.value.kind == "bad_meta"

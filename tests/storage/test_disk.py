@@ -149,21 +149,21 @@ def test_check_reports_and_fixes(tmp_path) -> None:
     assert clean.problems == [] and clean.ok == 1
 
 
-def test_large_blocks_are_served_from_a_mapping_that_outlives_the_file(tmp_path) -> None:
-    import gc
-
-    from lmcached.storage.blockfile import live_maps
-
+def test_disk_block_changed_after_verification_is_never_served(tmp_path) -> None:
+    # A served disk block is a private copy of verified bytes: the file edited, truncated or
+    # removed underneath afterwards changes nothing the caller holds (and cannot SIGBUS us).
     disk = DiskBackend(str(tmp_path), 0, 100 * MiB)
-    before = live_maps()
+    want = _block(3, size=2 * MiB).tobytes()
     disk.put(b"big", _block(3, size=2 * MiB))
     got = disk.get(b"big")
-    assert live_maps() == before + 1
-    assert disk.remove(b"big")  # the file is gone; the mapping keeps its pages readable
-    assert got.tobytes() == _block(3, size=2 * MiB).tobytes()
-    del got
-    gc.collect()
-    assert live_maps() == before
+    path = tmp_path / "0" / file_name(b"big")
+    with open(path, "r+b") as f:
+        f.seek(MiB)
+        f.write(b"\xff" * 16)
+    assert got.tobytes() == want
+    os.truncate(path, 100)
+    assert got.tobytes() == want
+    assert disk.get(b"big") is None  # the changed file itself fails verification
 
 
 def test_large_corrupt_block_is_caught_through_the_mapping_too(tmp_path) -> None:

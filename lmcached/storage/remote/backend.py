@@ -2,8 +2,9 @@
 
 Health is a small circuit breaker. After a failure the remote is ``down`` and every call fails
 at once, without touching the network, until the backoff delay has passed; then one call tries
-again. Success makes it ``ok`` and resets the delay; another failure doubles it (up to
-``backoff_max``). So a dead Redis costs one timeout per backoff period, never one per request.
+again: exactly one, while concurrent callers keep failing at once until that probe ends. Success
+makes it ``ok`` and resets the delay; another failure doubles it (up to ``backoff_max``). So a
+dead Redis costs one timeout per backoff period, never one per request or per waiting thread.
 """
 
 from __future__ import annotations
@@ -18,10 +19,13 @@ import structlog
 
 from lmcached.storage.base import Block, StorageBackend, TierStats, Usage
 from lmcached.storage.blockformat import BlockFormatError, decode_block, encode_block
-from lmcached.storage.remote.connector import RemoteConnector, RemoteUnavailable
+from lmcached.storage.remote.connector import RemoteConnector, RemoteUnavailable, ValueTooLarge
 
 log = structlog.get_logger("lmcached.storage.remote")
 T = TypeVar("T")
+
+# Which counter a verification failure goes to (a miss and a delete either way).
+_FAILURE_COUNTERS = {"mac": "mac_failures", "bad_meta": "bad_meta", "oversized": "oversized"}
 
 
 class RemoteHealth:
@@ -35,17 +39,31 @@ class RemoteHealth:
         self.last_error: str | None = None
         self.retry_at = 0.0
         self._delay = backoff_initial
+        # True while the one call let through to test a down remote has not finished.
+        self._probing = False
         self._lock = threading.Lock()
 
     def may_try(self) -> bool:
+        """True while the remote is ok; when it is down, True for one probe per backoff period."""
         with self._lock:
-            return self.state == "ok" or time.monotonic() >= self.retry_at
+            if self.state == "ok":
+                return True
+            if self._probing or time.monotonic() < self.retry_at:
+                return False
+            self._probing = True
+            return True
+
+    def probe_abandoned(self) -> None:
+        """The probe ended without a verdict (an unexpected error): let the next caller probe."""
+        with self._lock:
+            self._probing = False
 
     def succeeded(self) -> bool:
         """Record a success; return True when this ended an outage."""
         with self._lock:
             recovered = self.state != "ok"
             self.state = "ok"
+            self._probing = False
             self.consecutive_failures = 0
             self._delay = self.backoff_initial
             return recovered
@@ -55,6 +73,7 @@ class RemoteHealth:
         with self._lock:
             started = self.state == "ok"
             self.state = "down"
+            self._probing = False
             self.consecutive_failures += 1
             self.last_error = error
             self.retry_at = time.monotonic() + self._delay
@@ -76,8 +95,9 @@ class RemoteHealth:
 class RemoteBackend(StorageBackend):
     """Store blocks in a shared remote store through a connector, verified on every read.
 
-    Keys are stored as ``key_prefix + key``. Reads that fail verification delete the remote
-    value and count a checksum failure. When the remote is down every call returns at once as a
+    Keys are stored as ``key_prefix + key``. Reads that fail verification (checksum, metadata,
+    MAC, size cap) delete the remote value and count the failure; each value of a batch fails
+    alone. When the remote is down every call returns at once as a
     miss (get), False (put) or 0 (remove), and is counted.
     """
 
@@ -93,8 +113,17 @@ class RemoteBackend(StorageBackend):
         backoff_max: float = 10.0,
         owner: Callable[[bytes], int] | None = None,
         worker_id: int = 0,
+        integrity_secret: bytes | None = None,
+        max_value_bytes: int | None = None,
     ) -> None:
         self.connector = connector
+        # With a secret every value written carries a MAC, and a value read without a valid
+        # one is a miss: a writer to the shared store without the secret cannot forge blocks.
+        self.secret = integrity_secret
+        # The largest value a reader accepts (largest block + largest header): a bigger value
+        # was not written by lmcached, and must not make a worker buffer it whole.
+        self.max_value_bytes = max_value_bytes
+        connector.max_value_bytes = max_value_bytes
         self.prefix = key_prefix
         self.ttl = ttl or None
         self.health = RemoteHealth(backoff_initial, backoff_max)
@@ -106,6 +135,10 @@ class RemoteBackend(StorageBackend):
             "unavailable",
             "skipped_while_down",
             "unsupported_version",
+            "mac_failures",
+            "bad_meta",
+            "oversized",
+            "rejected_blocks",
         ):
             self.counters.extra[name] = 0
         self._count_lock = threading.Lock()
@@ -133,6 +166,9 @@ class RemoteBackend(StorageBackend):
                 log.warning(
                     "remote store unavailable", remote=self.connector.describe(), error=str(exc)
                 )
+            raise
+        except BaseException:
+            self.health.probe_abandoned()
             raise
         if self.health.succeeded():
             log.info("remote store reachable again", remote=self.connector.describe())
@@ -176,15 +212,18 @@ class RemoteBackend(StorageBackend):
                 out.append(None)
                 continue
             try:
-                _, block = decode_block(value, self._full(key))
+                if isinstance(value, ValueTooLarge):
+                    raise BlockFormatError("oversized", str(value))
+                _, block = decode_block(value, self._full(key), self.secret)
             except BlockFormatError as exc:
+                # Each value fails alone: the other keys of the batch are still served.
                 self._count("misses")
                 out.append(None)
                 if exc.kind == "unsupported_version":
                     self._count("unsupported_version")
                     continue
                 log.warning("remote block failed verification", key=key, error=str(exc))
-                self._count("checksum_failures")
+                self._count(_FAILURE_COUNTERS.get(exc.kind, "checksum_failures"))
                 corrupt.append(self._full(key))
                 continue
             self._count("hits")
@@ -205,19 +244,35 @@ class RemoteBackend(StorageBackend):
             return []
         # The header names the stored key (prefix included), so a value describes itself in a
         # shared store and an fs:// scan can read keys back from the files.
-        encoded = [(self._full(k), encode_block(self._full(k), b)) for k, b in items]
+        results = [False] * len(items)
+        encoded = []
+        sent: list[int] = []
+        for i, (k, b) in enumerate(items):
+            try:
+                encoded.append((self._full(k), encode_block(self._full(k), b, self.secret)))
+                sent.append(i)
+            except (ValueError, TypeError) as exc:
+                # A block the format cannot hold (key or meta too large) fails alone.
+                self._count("rejected")
+                self._count("rejected_blocks")
+                if self.counters.extra["rejected_blocks"] == 1:
+                    log.warning("remote tier rejected a block", key=k[:80], error=str(exc))
+        if not encoded:
+            return results
         try:
             self._call(lambda: self.connector.put_many(encoded, self.ttl))
         except RemoteUnavailable:
-            self._count("errors", len(items))
-            return [False] * len(items)
+            self._count("errors", len(encoded))
+            return results
         except Exception as exc:  # e.g. Redis maxmemory with noeviction: OOM command not allowed
             log.warning("remote put rejected", remote=self.connector.describe(), error=str(exc))
-            self._count("rejected", len(items))
-            return [False] * len(items)
-        self._count("puts", len(items))
-        self._count("bytes_stored", sum(b.nbytes for _, b in items))
-        return [True] * len(items)
+            self._count("rejected", len(encoded))
+            return results
+        self._count("puts", len(encoded))
+        self._count("bytes_stored", sum(items[i][1].nbytes for i in sent))
+        for i in sent:
+            results[i] = True
+        return results
 
     def remove(self, key: bytes) -> bool:
         return self.remove_many([key])[0]

@@ -15,16 +15,34 @@ class RemoteUnavailable(Exception):
     """The remote store did not answer in time, or the connection failed (transient)."""
 
 
+class ValueTooLarge:
+    """Returned by ``get_many`` in place of a value larger than ``max_value_bytes`` (unread)."""
+
+    __slots__ = ("message",)
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
 class RemoteConnector(ABC):
     """Move raw values (already-encoded blocks) to and from one shared store.
 
     Every method is bounded by the connector's timeout and raises :class:`RemoteUnavailable`
     for connection failures and timeouts; anything else is a bug or a bad request.
+
+    ``max_value_bytes`` (set by the RemoteBackend; None: no cap) bounds what ``get_many`` may
+    read for one value: a larger one is returned as a :class:`ValueTooLarge`, having read at
+    most about that many bytes, so a value planted by another writer cannot exhaust memory.
     """
 
+    max_value_bytes: int | None = None
+
     @abstractmethod
-    def get_many(self, keys: Sequence[bytes]) -> list[Buffer | None]:
-        """Return each key's value, or None where it is absent."""
+    def get_many(self, keys: Sequence[bytes]) -> list[Buffer | ValueTooLarge | None]:
+        """Return each key's value, or None where it is absent (see ``max_value_bytes``)."""
 
     @abstractmethod
     def put_many(self, items: Sequence[tuple[bytes, Sequence[Buffer]]], ttl: float | None) -> None:

@@ -19,6 +19,7 @@ from urllib.parse import unquote, urlsplit
 from lmcached.storage.base import Buffer
 from lmcached.storage.blockfile import (
     BLOCK_SUFFIX,
+    FileTooLarge,
     file_name,
     is_temp_name,
     read_block_header,
@@ -26,7 +27,7 @@ from lmcached.storage.blockfile import (
     write_file_atomic,
 )
 from lmcached.storage.blockformat import BlockFormatError
-from lmcached.storage.remote.connector import RemoteConnector, RemoteUnavailable
+from lmcached.storage.remote.connector import RemoteConnector, RemoteUnavailable, ValueTooLarge
 
 STALE_TEMP_SECONDS = 3600
 
@@ -36,7 +37,8 @@ class FSConnector(RemoteConnector):
 
     def __init__(self, url: str, *, timeout: float) -> None:
         parts = urlsplit(url)
-        path = unquote(parts.netloc + parts.path) if parts.netloc else unquote(parts.path)
+        # fs:///path, or LMCache's fs://host:port/path, whose host and port name no folder.
+        path = unquote(parts.path)
         if not path.startswith("/"):
             raise ValueError(f"fs:// needs an absolute path such as fs:///mnt/kv, got {url!r}")
         self.root = path
@@ -53,15 +55,17 @@ class FSConnector(RemoteConnector):
         if not os.path.isdir(self.root):
             raise RemoteUnavailable(f"shared folder {self.root} is missing")
 
-    def get_many(self, keys: Sequence[bytes]) -> list[Buffer | None]:
+    def get_many(self, keys: Sequence[bytes]) -> list[Buffer | ValueTooLarge | None]:
         self._check_root()
-        out: list[Buffer | None] = []
+        out: list[Buffer | ValueTooLarge | None] = []
         for key in keys:
             folder, name = self._where(key)
             try:
-                out.append(read_file(os.path.join(folder, name)))
+                out.append(read_file(os.path.join(folder, name), max_bytes=self.max_value_bytes))
             except FileNotFoundError:
                 out.append(None)
+            except FileTooLarge as exc:
+                out.append(ValueTooLarge(str(exc)))
             except OSError as exc:
                 raise RemoteUnavailable(f"reading {folder}/{name}: {exc}") from exc
         return out

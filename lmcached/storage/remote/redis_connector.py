@@ -1,4 +1,5 @@
-"""Redis connectors: one server (redis://, rediss://, unix://) and Redis Cluster.
+"""Redis connectors: one server (redis://, rediss://, unix://, valkey://), Redis Cluster and
+Redis Sentinel.
 
 Both use redis-py with the hiredis parser. Batches go out as one pipeline (no MULTI), so a batch
 costs one round trip. redis-py's own retries are switched off: the RemoteBackend decides when to
@@ -8,23 +9,34 @@ Cluster URLs list the seed nodes, comma-separated::
 
     redis+cluster://[user:password@]host1:port1,host2:port2[,...][?opt=value]
     rediss+cluster://...   (the same over TLS)
+    redis-cluster://...    (LMCache's spelling of redis+cluster://)
+
+Sentinel URLs (LMCache's form) list the sentinels; the master's service name is the path, else
+``REDIS_SERVICE_NAME`` (as LMCache reads it), else LMCache's default ``redismaster``::
+
+    redis-sentinel://[user:password@]sentinel1:26379,sentinel2:26379[/service_name]
+
+``valkey://`` is redis:// under Valkey's name (the same protocol).
 """
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
+from urllib.parse import unquote, urlsplit
 
 import redis
 import redis.exceptions as rexc
 from redis.backoff import NoBackoff
 from redis.cluster import ClusterNode, RedisCluster
 from redis.retry import Retry
+from redis.sentinel import Sentinel
 
 from lmcached.config import parse_cluster_url, redact_url
 from lmcached.storage.base import Buffer
-from lmcached.storage.remote.connector import RemoteConnector, RemoteUnavailable
+from lmcached.storage.remote.connector import RemoteConnector, RemoteUnavailable, ValueTooLarge
 
 T = TypeVar("T")
 
@@ -82,17 +94,38 @@ class _RedisBase(RemoteConnector):
         except TRANSIENT as exc:
             raise RemoteUnavailable(f"{type(exc).__name__}: {exc}") from exc
 
-    def get_many(self, keys: Sequence[bytes]) -> list[Buffer | None]:
-        if len(keys) == 1:
-            return [self._call(lambda c: c.get(keys[0]))]
+    def get_many(self, keys: Sequence[bytes]) -> list[Buffer | ValueTooLarge | None]:
+        cap = self.max_value_bytes
+        if cap is None:
+            if len(keys) == 1:
+                return [self._call(lambda c: c.get(keys[0]))]
 
-        def run(c: Any) -> list[Buffer | None]:
+            def run(c: Any) -> list[Buffer | None]:
+                pipe = c.pipeline(transaction=False)
+                for k in keys:
+                    pipe.get(k)
+                return list(pipe.execute())
+
+            return self._call(run)
+
+        # GETRANGE 0..cap returns at most cap + 1 bytes, so a planted huge value costs at most
+        # that much to read; it costs the same as GET otherwise. A missing key reads as b""
+        # (never a valid block: a header alone is longer).
+        def run_capped(c: Any) -> list[Buffer | ValueTooLarge | None]:
             pipe = c.pipeline(transaction=False)
             for k in keys:
-                pipe.get(k)
-            return list(pipe.execute())
+                pipe.getrange(k, 0, cap)
+            out: list[Buffer | ValueTooLarge | None] = []
+            for v in pipe.execute():
+                if not v:
+                    out.append(None)
+                elif len(v) > cap:
+                    out.append(ValueTooLarge(f"value of more than {cap} bytes"))
+                else:
+                    out.append(v)
+            return out
 
-        return self._call(run)
+        return self._call(run_capped)
 
     def put_many(self, items: Sequence[tuple[bytes, Sequence[Buffer]]], ttl: float | None) -> None:
         px = max(1, int(ttl * 1000)) if ttl else None
@@ -156,8 +189,12 @@ class RedisConnector(_RedisBase):
     """One Redis server: ``redis://host:port/db``, ``rediss://`` (TLS), ``unix:///path.sock``."""
 
     def _make_client(self) -> Any:
+        url = self.url
+        if url.lower().startswith("valkey"):
+            # valkey:// and valkeys:// speak RESP like redis:// and rediss://.
+            url = "redis" + url[len("valkey") :]
         return redis.Redis.from_url(
-            self.url,
+            url,
             socket_timeout=self.timeout,
             socket_connect_timeout=self.timeout,
             retry=Retry(NoBackoff(), 0),
@@ -193,3 +230,51 @@ class RedisClusterConnector(_RedisBase):
             if client is not None:
                 client.close()
             raise
+
+
+DEFAULT_SENTINEL_SERVICE = "redismaster"  # LMCache's default when REDIS_SERVICE_NAME is unset
+
+
+class RedisSentinelConnector(_RedisBase):
+    """The master of a Redis Sentinel group: ``redis-sentinel://s1:26379,s2:26379/service``.
+
+    redis-py's Sentinel support asks the sentinels for the current master on each new
+    connection, so after a failover the next call (after the RemoteBackend's reconnect) reaches
+    the promoted replica.
+    """
+
+    def __init__(self, url: str, *, timeout: float) -> None:
+        super().__init__(url, timeout=timeout)
+        self.sentinels, options = parse_cluster_url(url)  # bad URLs fail at start, not later
+        self.credentials = {k: options[k] for k in ("username", "password") if k in options}
+        path = urlsplit(url).path.strip("/")
+        self.service = (
+            unquote(path) or os.environ.get("REDIS_SERVICE_NAME") or DEFAULT_SENTINEL_SERVICE
+        )
+
+    def _make_client(self) -> Any:
+        sentinel = Sentinel(  # type: ignore[no-untyped-call]
+            self.sentinels,
+            socket_timeout=self.timeout,
+            socket_connect_timeout=self.timeout,
+        )
+        return sentinel.master_for(  # type: ignore[no-untyped-call]
+            self.service,
+            socket_timeout=self.timeout,
+            socket_connect_timeout=self.timeout,
+            retry=Retry(NoBackoff(), 0),
+            **self.credentials,
+        )
+
+    def _call(self, fn: Callable[[Any], T]) -> T:
+        try:
+            return super()._call(fn)
+        except RemoteUnavailable:
+            # After a failover, ask the sentinels again rather than retry a dead master.
+            client, self._client = self._client, None
+            if client is not None:
+                client.close()
+            raise
+
+    def describe(self) -> str:
+        return f"{redact_url(self.url)} (service {self.service})"
