@@ -370,6 +370,18 @@ class Config:
         string,
         "Eviction policy of the CPU tier, by name (LMCache's cache_policy maps here).",
     )
+    shared_memory: bool = option(
+        True,
+        boolean,
+        "Keep each worker's CPU tier in a shared-memory arena that same-host clients map "
+        "read-only (docs/same-host.md); off: blocks stay in the worker's heap, ZMQ only.",
+    )
+    lease_timeout: float = option(
+        30.0,
+        seconds,
+        "How long a zero-copy view from a same-host get keeps its slot from reuse if never "
+        "released; a reader past it gets an error, never other bytes.",
+    )
     # --- core: limits ------------------------------------------------------------------------
     max_block_size: int = option("64MiB", byte_size, "Largest accepted block payload.")
     max_keys_per_batch: int = option(4096, positive_int, "Most keys in one request.")

@@ -37,6 +37,17 @@ class StartupError(LMCachedError):
     in use, or its workers cannot start. The message is the one-line reason."""
 
 
+class LMCachedLeaseExpired(LMCachedRequestError):
+    """A zero-copy view from shared memory was read after its slot was evicted or reused.
+
+    Raised by ``check()`` of such a view (and by ``get_into`` in the rare case the slot went
+    while copying): the bytes read are not trusted; fetch the key again.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, code="lease_expired")
+
+
 class ConfigError(LMCachedError):
     """A configuration value is missing, unknown or invalid."""
 

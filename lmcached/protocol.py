@@ -21,6 +21,10 @@ Request header fields (a msgpack map with string keys):
 ``sums``   put: optional list of xxh3-64 checksums of each payload (or nil)
 ``prefix`` purge: bin key prefix
 ``timeout``flush: seconds the worker may wait for its tiers' write queues
+``shm``    get: the client maps the worker's arena; found CPU-tier blocks come back as slots
+``release``get: lease ids of earlier same-host gets that the client is done with
+``stage``  put: path of the client's staging file; the blocks are read from it, not from frames
+``offsets``put with ``stage``: where each block starts in the staging file
 =========  ===================================================================================
 
 A ``flush`` reply carries ``done`` and, per worker, ``dropped`` and ``failed``: the lower-tier
@@ -30,7 +34,11 @@ whose write failed. Both are absent (read as 0) from workers older than this fie
 Reply header: ``{"id": <id>, "ok": true, ...op fields}`` or
 ``{"id": <id>, "ok": false, "code": <str>, "error": <str>}``; a worker stamps ``"d": <daemon
 id>`` on every reply. A ``get`` reply carries ``found``, ``sizes``, ``nframes``, ``metas`` and
-``sums``, followed by the payload frames of the found blocks in key order.
+``sums``, followed by the payload frames of the found blocks in key order. To a get with
+``shm``, a block held in the arena is answered by an entry of ``slots`` (``[index, generation,
+offset, length]``, see :mod:`lmcached.shm.layout`) and no frame (its ``nframes`` is 0); the
+reply's ``lease`` id keeps those slots from reuse until released or ``lease_timeout``, and its
+``arena`` names the arena file the slots are in.
 
 Internal messages: a worker announces itself to the scheduler with :class:`Hello`; the scheduler
 probes a worker with a :class:`StatsRequest`, answered by a :class:`StatsReply`.
@@ -138,6 +146,8 @@ DEFAULT_MAX_META_BYTES = 64 * 1024
 MAX_FLUSH_WAIT_S = 600.0
 # The most a client accepts in one reply header (a get reply's metas, a status document).
 MAX_REPLY_HEADER = 64 << 20
+# Most lease ids one get may release.
+MAX_RELEASES = 4096
 # The scheduler's bounds on what workers send it.
 MAX_HELLO_HEADER = 1 << 16
 MAX_STATS_HEADER = 16 << 20
@@ -368,9 +378,19 @@ class _Keyed(_Request):
 
 @dataclass(slots=True)
 class GetRequest(_Keyed):
-    """Fetch the blocks of ``keys``."""
+    """Fetch the blocks of ``keys``; with ``shm``, arena blocks come back as slot references."""
 
+    shm: bool = False
+    release: list[int] = field(default_factory=list)
     op: ClassVar[str] = "get"
+
+    def _fields(self) -> Header:
+        fields: Header = {"keys": self.keys}
+        if self.shm:
+            fields["shm"] = True
+        if self.release:
+            fields["release"] = self.release
+        return fields
 
 
 @dataclass(slots=True)
@@ -403,6 +423,9 @@ class PutRequest(_Request):
     blocks: list[Sequence[Frame]]
     metas: list[dict[str, Any] | None] | None = None
     sums: list[int | None] | None = None
+    # Same-host put: the blocks are in this staging file at these offsets (no payload frames).
+    stage: str | None = None
+    offsets: list[int] | None = None
     op: ClassVar[str] = "put"
 
     def _fields(self) -> Header:
@@ -415,6 +438,9 @@ class PutRequest(_Request):
             fields["metas"] = self.metas
         if self.sums is not None:
             fields["sums"] = self.sums
+        if self.stage is not None:
+            fields["stage"] = self.stage
+            fields["offsets"] = self.offsets
         return fields
 
 
@@ -572,15 +598,26 @@ class GetReply(_Reply):
     metas: list[dict[str, Any] | None]
     sums: list[int | None]
     blocks: list[Sequence[Frame]]
+    # Same-host replies: per found block, [index, generation, offset, length] or None (frames).
+    slots: list[list[int] | None] | None = None
+    lease: int | None = None
+    # The arena the slots are in: a client whose mapping is another (a restarted worker that
+    # reappeared on the same socket path) must map this one, never read the old one.
+    arena: str | None = None
 
     def _fields(self) -> Header:
-        return {
+        fields: Header = {
             "found": self.found,
             "sizes": self.sizes,
             "nframes": [len(group) for group in self.blocks],
             "metas": self.metas,
             "sums": self.sums,
         }
+        if self.slots is not None:
+            fields["slots"] = self.slots
+            fields["lease"] = self.lease
+            fields["arena"] = self.arena
+        return fields
 
     @classmethod
     def _decode(cls, h: Header, payload: Sequence[Frame]) -> GetReply:
@@ -607,11 +644,38 @@ class GetReply(_Reply):
                 E_MALFORMED,
                 f"header announces {sum(nframes)} payload frames, message has {len(payload)}",
             )
+        slots, lease, arena = h.get("slots"), h.get("lease"), h.get("arena")
+        if slots is not None:
+            if not (
+                type(slots) is list
+                and len(slots) == hits
+                and _is_int(lease)
+                and isinstance(arena, str)
+            ):
+                raise ProtocolError(
+                    E_MALFORMED, "'slots' needs one entry per hit, a 'lease' and an 'arena'"
+                )
+            blocks = _group_slot_frames(payload, nframes, slots)
+            return cls(found, sizes, metas, sums, blocks, slots, lease, arena)
         if nframes.count(1) == hits:  # every block in one frame: the common case
-            blocks: list[Sequence[Frame]] = [(f,) for f in payload]
+            blocks = [(f,) for f in payload]
         else:
             blocks = _group_frames(payload, nframes, sizes, None)
         return cls(found, sizes, metas, sums, blocks)
+
+
+def _group_slot_frames(
+    payload: Sequence[Frame], nframes: list[Any], slots: list[Any]
+) -> list[Sequence[Frame]]:
+    """Group a same-host reply's frames: a block answered by a slot has none."""
+    blocks: list[Sequence[Frame]] = []
+    pos = 0
+    for n, slot in zip(nframes, slots, strict=True):
+        if not _is_int(n) or n < 0 or (slot is not None and n != 0):
+            raise ProtocolError(E_MALFORMED, "a block comes as a slot or as frames, not both")
+        blocks.append(tuple(payload[pos : pos + n]))
+        pos += n
+    return blocks
 
 
 @dataclass(slots=True)
@@ -725,6 +789,8 @@ class WorkerEntry:
     restarts: int
     tcp: str | None
     ipc: str | None
+    # Path of the worker's shared-memory arena (same-host clients map it); None when off.
+    arena: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -734,6 +800,7 @@ class WorkerEntry:
             "restarts": self.restarts,
             "tcp": self.tcp,
             "ipc": self.ipc,
+            "arena": self.arena,
         }
 
     @classmethod
@@ -745,6 +812,7 @@ class WorkerEntry:
             restarts=_int(d, "restarts"),
             tcp=_opt_str(d, "tcp"),
             ipc=_opt_str(d, "ipc"),
+            arena=_opt_str(d, "arena"),
         )
 
     @property
@@ -1099,7 +1167,7 @@ def _decode_request(
     if op in KEYED_OPS:
         keys = _keys(header, limits)
         if op == "get":
-            return GetRequest(keys, id=rid)
+            return _decode_get(header, keys, rid)
         if op == "exists":
             return ExistsRequest(keys, id=rid)
         if op == "put":
@@ -1155,6 +1223,18 @@ def _keys(header: Header, limits: Limits) -> list[bytes]:
     return keys
 
 
+def _decode_get(header: Header, keys: list[bytes], rid: int) -> GetRequest:
+    shm = header.get("shm", False)
+    release = header.get("release", [])
+    if not isinstance(shm, bool):
+        raise ProtocolError(E_MALFORMED, "'shm' must be a boolean")
+    if not (isinstance(release, list) and all(_is_int(r) for r in release)):
+        raise ProtocolError(E_MALFORMED, "'release' must be a list of lease ids")
+    if len(release) > MAX_RELEASES:
+        raise ProtocolError(E_LIMIT, f"more than {MAX_RELEASES} lease ids in one get")
+    return GetRequest(keys, shm, release, id=rid)
+
+
 def _decode_put(
     header: Header, keys: list[bytes], rid: int, payload: Sequence[Frame], limits: Limits
 ) -> PutRequest:
@@ -1163,14 +1243,28 @@ def _decode_put(
     nframes = _int_list(header, "nframes", n)
     metas = _metas(header, n, limits.max_meta_bytes)
     sums = _sums(header, n)
-    blocks = _group_frames(payload, nframes, sizes, limits)
+    stage = header.get("stage")
+    offsets: list[int] | None = None
+    if stage is not None:
+        if not isinstance(stage, str) or not stage:
+            raise ProtocolError(E_MALFORMED, "'stage' must be a staging file path")
+        if payload or any(nframes):
+            raise ProtocolError(E_MALFORMED, "a put with 'stage' takes no payload frames")
+        if sums is None or any(s is None for s in sums):
+            raise ProtocolError(E_MALFORMED, "a put with 'stage' needs every block's checksum")
+        offsets = _int_list(header, "offsets", n)
+        blocks: list[Sequence[Frame]] = [() for _ in range(n)]
+        if any(sz < 0 or sz > limits.max_block_size for sz in sizes):
+            raise ProtocolError(E_LIMIT, f"a block exceeds max_block_size={limits.max_block_size}")
+    else:
+        blocks = _group_frames(payload, nframes, sizes, limits)
     total = sum(sizes)
     if total > limits.max_request_bytes:
         raise ProtocolError(
             E_LIMIT,
             f"request of {total} bytes exceeds max_request_bytes={limits.max_request_bytes}",
         )
-    return PutRequest(keys, sizes, blocks, metas, sums, id=rid)
+    return PutRequest(keys, sizes, blocks, metas, sums, stage, offsets, id=rid)
 
 
 @dataclass(slots=True)

@@ -28,6 +28,7 @@ class Row:
     ratio: float | None = None
     redis_gbps: float | None = None  # plain redis-py SET (store) / GET (retrieve), same size
     redis_ratio: float | None = None
+    memcpy_ratio: float | None = None  # against the memcpy of the same block size, same run
 
 
 @dataclass

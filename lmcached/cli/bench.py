@@ -27,7 +27,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sizes", default="256KiB,2MiB,32MiB", help="block sizes (comma-separated)")
     p.add_argument("--clients", default="1,4", help="concurrent client processes (comma-separated)")
-    p.add_argument("--transports", default="ipc,tcp", help="ipc, tcp or both")
+    p.add_argument(
+        "--transports",
+        default="shm,ipc,tcp",
+        help="shm (same-host shared memory), ipc and tcp (ZMQ), comma-separated",
+    )
     p.add_argument("--bytes-per-point", default="512MiB", help="payload moved per measurement")
     p.add_argument(
         "--repeats", type=int, default=3, help="measurements per point; the best is kept"

@@ -32,6 +32,7 @@ from lmcached.client import settings as settings_mod
 from lmcached.client.cluster import ClusterView
 from lmcached.client.connection import Call, Connections, Pipeline
 from lmcached.client.retry import Retry
+from lmcached.client.shared import Lease, SharedMemory
 from lmcached.errors import LMCachedRequestError, LMCachedTimeout, LMCachedUnavailable
 from lmcached.malloc import tune_for_large_messages
 from lmcached.protocol import (
@@ -60,10 +61,14 @@ from lmcached.protocol import (
 )
 from lmcached.runtime import control_endpoint
 from lmcached.security import ClientCurve
+from lmcached.shm.layout import SlotRef
 
 __all__ = ["DEFAULT_TIMEOUT_S", "Client", "KeyLike"]
 
 DEFAULT_TIMEOUT_S = 10.0
+# Payload bytes of one same-host put request: small enough that the client stages the next
+# request while the worker copies this one, large enough that headers stay negligible.
+SHARED_PUT_BYTES = 8 << 20
 # Read by Client() given neither an endpoint nor a config file (a daemon's plugins get the first).
 ENDPOINT_ENV = "LMCACHED_CONTROL_ENDPOINT"
 # In the order the daemon's CLI reads them.
@@ -72,7 +77,18 @@ CONFIG_ENVS = ("LMCACHED_CONFIG", "LMCACHE_CONFIG_FILE")
 # A key: bytes, or a str, which is sent as its UTF-8 encoding.
 KeyLike = bytes | str
 
-Hit = tuple[int, Sequence[Frame], dict[str, Any] | None]
+
+class _Shared:
+    """A block served from a worker's arena: what the reader made of it (a view, or None)."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+
+Hit = tuple[int, "Sequence[Frame] | _Shared", dict[str, Any] | None]
+_Reader = Callable[[int, int, SlotRef, Lease], Any]
 
 
 ENDPOINT_SCHEMES = ("ipc://", "tcp://")
@@ -89,7 +105,12 @@ def check_endpoint(endpoint: str) -> None:
 
 
 class Client:
-    """Store and fetch KV blocks in an lmcached daemon."""
+    """Store and fetch KV blocks in an lmcached daemon.
+
+    On the daemon's host the client moves bytes through the workers' shared-memory arenas
+    (docs/same-host.md); ``shared_memory=False`` (or ``LMCACHED_SHARED_MEMORY=0``) keeps it on
+    ZMQ.
+    """
 
     def __init__(
         self,
@@ -100,6 +121,7 @@ class Client:
         config_path: str | os.PathLike[str] | None = None,
         curve: ClientCurve | None = None,
         retry: Retry | None = None,
+        shared_memory: bool | None = None,
     ) -> None:
         if endpoint is None and config_path is None:
             # $LMCACHED_CONTROL_ENDPOINT, then the config file `lmcached start` would read
@@ -140,6 +162,16 @@ class Client:
             ids=self._ids,
         )
         self._pipeline = Pipeline(self._conns, self._cluster, self.retry, self._ids)
+        # Same-host clients map the workers' arenas (docs/same-host.md); None: on unless
+        # LMCACHED_SHARED_MEMORY=0.
+        if shared_memory is None:
+            shared_memory = os.environ.get("LMCACHED_SHARED_MEMORY", "1") not in ("0", "false")
+        self._shm: SharedMemory | None = None
+        if shared_memory:
+            self._shm = SharedMemory()
+            self._cluster.on_sync = self._shm.sync
+            # A Client dropped without close() (or alive at exit) still unlinks its staging file.
+            weakref.finalize(self, self._shm.close)
         tune_for_large_messages()
 
     @classmethod
@@ -208,10 +240,14 @@ class Client:
                     )
                 views.append(mv)
             meta_sizes = _check_metas(keys, metas, limits)
+            owners = self._cluster.owners(keys)
+            if self._shm is not None and all(w in self._shm.arenas for w in owners):
+                self._put_shared(owners, keys, views, metas, meta_sizes, limits, deadline)
+                return
             # What one block adds to the request's header: its key, its meta, the fixed fields.
             header_budget = limits.max_header_bytes - protocol.HEADER_SLACK // 2
             calls = []
-            for worker, positions in self._cluster.owners(keys).items():
+            for worker, positions in owners.items():
                 batch: list[int] = []
                 batch_bytes = 0
                 batch_header = 0
@@ -242,7 +278,10 @@ class Client:
     ) -> list[tuple[Any, dict[str, Any] | None] | None]:
         """Return (buffer, meta) for each found key, None where missing."""
         out: list[tuple[Any, dict[str, Any] | None] | None] = [None] * len(keys)
-        for pos, frames, meta in self._fetch(keys, timeout):
+        for pos, frames, meta in self._fetch(keys, timeout, self._view):
+            if isinstance(frames, _Shared):
+                out[pos] = (frames.value, meta)
+                continue
             if len(frames) == 1:
                 value: Any = frames[0].buffer  # zero-copy view; keeps the frame alive
             else:
@@ -260,7 +299,25 @@ class Client:
         if len(buffers) != len(keys):
             raise LMCachedRequestError(f"{len(keys)} keys but {len(buffers)} buffers")
         found = [False] * len(keys)
-        for pos, frames, _meta in self._fetch(keys, timeout):
+
+        def into(worker: int, pos: int, ref: SlotRef, lease: Lease) -> Any:
+            # The one copy, from the arena into the caller's memory; the lease ends right after.
+            try:
+                dst = memoryview(buffers[pos]).cast("B")
+                if dst.readonly or dst.nbytes < ref.length:
+                    raise LMCachedRequestError(
+                        f"buffer {pos} is read-only or smaller than the block ({ref.length} bytes)"
+                    )
+                assert self._shm is not None
+                self._shm.copy_into(worker, ref, dst)
+            finally:
+                lease.drop()
+            return None
+
+        for pos, frames, _meta in self._fetch(keys, timeout, into):
+            if isinstance(frames, _Shared):
+                found[pos] = True
+                continue
             dst = memoryview(buffers[pos]).cast("B")
             size = sum(len(f) for f in frames)
             if dst.readonly or dst.nbytes < size:
@@ -274,6 +331,18 @@ class Client:
                 off += n
             found[pos] = True
         return found
+
+    def shared_arenas(self, timeout: float | None = None) -> list[tuple[int, memoryview, int]]:
+        """Return (worker id, read-only view, size) of each worker arena this client has mapped.
+
+        Empty when the daemon is on another host, shared memory is off, or the arenas cannot
+        be mapped. A connector may register them with CUDA (``cudaHostRegister``) so a GPU
+        copies straight from them; a restarted worker's new arena appears after the next map
+        refresh (``shared_arenas()`` refreshes the map when it has none yet).
+        """
+        with self._lock:
+            self._cluster.ensure(self._start(timeout))
+            return [] if self._shm is None else self._shm.shared_arenas()
 
     def lookup(self, keys: Sequence[KeyLike], timeout: float | None = None) -> int:
         """Return how many leading keys are present (the prefix hit)."""
@@ -394,6 +463,8 @@ class Client:
                 self._cluster.forget()
             self._cluster.reset_control()
             self._conns.close()
+            if self._shm is not None:
+                self._shm.close()
 
     def __enter__(self) -> Client:
         return self
@@ -474,22 +545,140 @@ class Client:
             self._pipeline.execute(calls, deadline)
             return calls
 
-    def _fetch(self, keys: Sequence[KeyLike], timeout: float | None) -> list[Hit]:
-        """Run a get; return (position, frames, meta) for every found key."""
+    def _fetch(
+        self, keys: Sequence[KeyLike], timeout: float | None, shared: _Reader | None = None
+    ) -> list[Hit]:
+        """Run a get; return (position, frames, meta) for every found key.
+
+        A block answered from a worker's arena is handed to ``shared(worker, position, slot,
+        lease)`` and comes back as a :class:`_Shared` holding what that returned.
+        """
+        keys = _encode_keys(keys)
         if not keys:
             return []
-        out: list[Hit] = []
-        for call in self._run_keyed(GetRequest, keys, timeout):
-            reply = call.reply
-            assert isinstance(reply, GetReply)
-            if len(reply.found) != len(call.positions):
-                raise LMCachedUnavailable("malformed get reply from worker")
-            hit = 0
-            for pos, flag in zip(call.positions, reply.found, strict=True):
-                if flag:
-                    out.append((pos, reply.blocks[hit], reply.metas[hit]))
+        with self._lock:
+            deadline = self._start(timeout)
+            limits = self._cluster.ensure(deadline).limits
+            _check_keys(keys, limits)
+            shm = self._shm
+            calls = []
+            for worker, positions in self._cluster.owners(keys).items():
+                mapped = shm is not None and shared is not None and worker in shm.arenas
+                for i in range(0, len(positions), limits.max_keys_per_batch):
+                    part = positions[i : i + limits.max_keys_per_batch]
+                    release = shm.take_releases(worker) if shm is not None else []
+                    request = GetRequest([keys[p] for p in part], mapped, release)
+                    calls.append(Call(worker, request, positions=part))
+            self._pipeline.execute(calls, deadline)
+            out: list[Hit] = []
+            for call in calls:
+                reply = call.reply
+                assert isinstance(reply, GetReply)
+                if len(reply.found) != len(call.positions):
+                    raise LMCachedUnavailable("malformed get reply from worker")
+                lease = None
+                if reply.slots is not None and reply.lease is not None:
+                    assert shm is not None and shared is not None
+                    # A worker restarted on the same socket path answers from a new arena.
+                    shm.follow(call.worker, reply.arena)
+                    n = sum(1 for sl in reply.slots if sl is not None)
+                    lease = Lease(call.worker, reply.lease, n, shm.release_later)
+                hit = 0
+                for pos, flag in zip(call.positions, reply.found, strict=True):
+                    if not flag:
+                        continue
+                    slot = reply.slots[hit] if reply.slots is not None else None
+                    if slot is not None and lease is not None and shared is not None:
+                        try:
+                            ref = SlotRef.from_list(slot)
+                        except ValueError as exc:
+                            raise LMCachedUnavailable(f"malformed get reply: {exc}") from None
+                        value = shared(call.worker, pos, ref, lease)
+                        out.append((pos, _Shared(value), reply.metas[hit]))
+                    else:
+                        out.append((pos, reply.blocks[hit], reply.metas[hit]))
                     hit += 1
-        return out
+            return out
+
+    def _view(self, worker: int, pos: int, ref: SlotRef, lease: Lease) -> Any:
+        assert self._shm is not None
+        return self._shm.view(worker, ref, lease)
+
+    def _put_shared(
+        self,
+        owners: dict[int, list[int]],
+        keys: Sequence[bytes],
+        views: list[memoryview],
+        metas: Sequence[dict[str, Any] | None] | None,
+        meta_sizes: Sequence[int],
+        limits: Limits,
+        deadline: float,
+    ) -> None:
+        """Same-host put: copy into the staging file (hashing as we go), then commit by header.
+
+        Requests carry at most SHARED_PUT_BYTES each and are staged just before they are sent
+        (Call.prepare), so the client copies the next request while the worker copies the
+        previous one into its arena. When the staging file is full, the requests staged so far
+        run to completion and the next round reuses it. The caller holds the lock.
+        """
+        assert self._shm is not None
+        stage = self._shm.staging()
+        calls: list[Call] = []
+        used = 0  # staging bytes reserved this round
+        per_request = min(limits.max_request_bytes, SHARED_PUT_BYTES)
+        header_budget = limits.max_header_bytes - protocol.HEADER_SLACK // 2
+
+        def call(worker: int, batch: list[int], offsets: list[int]) -> Call:
+            put = PutRequest(
+                [keys[p] for p in batch],
+                [views[p].nbytes for p in batch],
+                [() for _ in batch],
+                metas=None if metas is None else [metas[p] for p in batch],
+                sums=[],
+                stage=stage.path,
+                offsets=offsets,
+            )
+
+            def fill() -> None:
+                # The one copy, hashed piece by piece while each piece is in cache.
+                put.sums = [
+                    stage.write(off, _bytes_view(views[p]))
+                    for p, off in zip(batch, offsets, strict=True)
+                ]
+
+            return Call(worker, put, [], 0, batch, prepare=fill)
+
+        for worker, positions in owners.items():
+            batch: list[int] = []
+            offsets: list[int] = []
+            batch_bytes = 0
+            batch_header = 0
+            for pos in positions:
+                size = views[pos].nbytes
+                # What the block adds to the header: its key, meta, offset, size and checksum.
+                header_cost = len(keys[pos]) + 64 + meta_sizes[pos]
+                full = batch and (
+                    len(batch) >= limits.max_keys_per_batch
+                    or batch_bytes + size > per_request
+                    or batch_header + header_cost > header_budget
+                )
+                if full or used + size > stage.size:
+                    if batch:
+                        calls.append(call(worker, batch, offsets))
+                    batch, offsets, batch_bytes, batch_header = [], [], 0, 0
+                if used + size > stage.size:
+                    # The staging file is full: commit what it holds, then reuse it.
+                    self._pipeline.execute(calls, deadline)
+                    calls, used = [], 0
+                offsets.append(used)
+                batch.append(pos)
+                batch_bytes += size
+                batch_header += header_cost
+                used += -(-size // 64) * 64  # keep blocks 64-byte aligned in the staging file
+            if batch:
+                calls.append(call(worker, batch, offsets))
+        if calls:
+            self._pipeline.execute(calls, deadline)
 
     def _broadcast(self, make: Callable[[], DataRequest], timeout: float | None) -> list[Call]:
         """Send one request built by ``make()`` to every worker and wait for the replies."""
@@ -537,6 +726,13 @@ def _weak(method: Callable[[], T]) -> Callable[[], T]:
         return bound()
 
     return call
+
+
+def _bytes_view(mv: memoryview) -> memoryview:
+    """A flat byte view of a caller's buffer (a copy only for a non-contiguous one)."""
+    if mv.format == "B" and mv.ndim == 1:
+        return mv
+    return mv.cast("B") if mv.c_contiguous else memoryview(mv.tobytes())
 
 
 def _encode_keys(keys: Sequence[KeyLike]) -> Sequence[bytes]:

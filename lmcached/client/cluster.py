@@ -60,6 +60,9 @@ class ClusterView:
         self._map: ClusterMap | None = None
         self._control: Socket | None = None
         self._control_ep: str | None = None
+        # Called after every map refresh with (map, same host): the shared-memory path maps
+        # new arenas there (a restarted worker's), in step with the sockets.
+        self.on_sync: Callable[[ClusterMap, bool], None] | None = None
         # key -> owner for the current worker count: an engine asks about the same prompts'
         # keys again and again, and a dict lookup per key in C beats hashing each one.
         self._owners: dict[bytes, int] = {}
@@ -165,6 +168,9 @@ class ClusterView:
         for wid in list(self._conns.workers):
             if wid >= len(self._map.workers):
                 self._conns.drop(wid)
+        if self.on_sync is not None:
+            same_host = self._transport != "tcp" and self._map.host_id == host_id()
+            self.on_sync(self._map, same_host)
 
     # ---------------------------------------------------------------------- control socket
     def _control_socket(self) -> Socket:

@@ -62,6 +62,9 @@ class Call:
     positions: list[int] = field(default_factory=list)
     reply: DataReply | None = None
     resends: int = 0
+    # Run once just before the request is first sent (a same-host put stages its bytes then,
+    # so staging overlaps the worker's work on the previous request).
+    prepare: Callable[[], None] | None = None
 
 
 class _Sockets:
@@ -254,6 +257,9 @@ class Pipeline:
             q = queues[w]
             while q and (not inflight[w] or inflight_bytes[w] + q[0].nbytes <= window):
                 c = q[0]
+                if c.prepare is not None:
+                    c.prepare()
+                    c.prepare = None
                 c.request.id = next(self._ids)
                 header = protocol.encode_request(c.request)
                 try:

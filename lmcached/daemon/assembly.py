@@ -52,6 +52,7 @@ from lmcached.extensions.registry import (
 )
 from lmcached.extensions.startup import start_plugin
 from lmcached.routing import owner
+from lmcached.storage.arena import ENTRY_OVERHEAD, Arena, arena_dir, instance_tag
 from lmcached.storage.base import StorageBackend
 from lmcached.storage.cpu import CPUBackend
 from lmcached.storage.disk import DiskBackend
@@ -277,17 +278,45 @@ def build_store(cfg: Config, worker_id: int) -> TieredStore:
     )
 
 
+def make_arena(cfg: Config, worker_id: int) -> Arena | None:
+    """Create the worker's shared-memory arena, sized by its CPU budget (None when off)."""
+    budget = cfg.cpu_budget_per_worker
+    if not cfg.shared_memory or budget <= 0:
+        return None
+    # Every entry costs at least ENTRY_OVERHEAD, so the budget bounds the descriptors too. The
+    # payload area has an eighth more than the budget for the buddy allocator's fragmentation;
+    # the budget, not the file size, bounds what is written (tmpfs pages come on first write).
+    try:
+        return Arena(
+            arena_dir(),
+            instance_tag(cfg.instance_dir),
+            worker_id,
+            data_size=budget + budget // 8,
+            descriptors=budget // ENTRY_OVERHEAD + 1,
+            group=cfg.socket_group,
+            lease_timeout=cfg.lease_timeout,
+        )
+    except OSError as exc:
+        # No usable shared memory (a full or read-only /dev/shm): serve over ZMQ, say so once.
+        log.warning("shared_memory_unavailable", worker=worker_id, error=str(exc))
+        return None
+
+
 def build_tiers(cfg: Config, worker_id: int) -> list[StorageBackend]:
     """Return the tiers of worker ``worker_id`` in lookup order: CPU, disk, remote, external."""
     plan = plan_store(cfg)
     # With local_cpu off the CPU tier still exists with no budget, so every put is rejected
     # there and lower tiers (when configured) hold the data.
+    arena = make_arena(cfg, worker_id)
     if cfg.namespace_quotas:
         cpu: StorageBackend = NamespacedBackend(
-            cfg.cpu_budget_per_worker, cfg.namespace_quotas_per_worker, cfg.eviction_policy
+            cfg.cpu_budget_per_worker,
+            cfg.namespace_quotas_per_worker,
+            cfg.eviction_policy,
+            make_partition=partial(CPUBackend, arena=arena),
         )
     else:
-        cpu = CPUBackend(cfg.cpu_budget_per_worker, cfg.eviction_policy)
+        cpu = CPUBackend(cfg.cpu_budget_per_worker, cfg.eviction_policy, arena=arena)
     tiers: list[StorageBackend] = [cpu]
     key_owner = partial(owner, num_workers=cfg.num_workers)
     if cfg.local_disk:

@@ -278,6 +278,7 @@ class Scheduler:
                     restarts=s.restarts,
                     tcp=s.endpoints.get("tcp"),
                     ipc=s.endpoints.get("ipc"),
+                    arena=s.endpoints.get("arena"),
                 )
                 for s in self.slots
             ],

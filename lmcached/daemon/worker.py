@@ -21,6 +21,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
+import xxhash
 import zmq
 
 from lmcached import config as config_mod
@@ -61,6 +62,7 @@ from lmcached.protocol import (
 )
 from lmcached.runtime import bind_endpoints
 from lmcached.security import AuthGuard, ServerCurve, secure_ipc_socket
+from lmcached.storage.arena import Arena, FileRange, StageMaps
 from lmcached.storage.base import Block
 from lmcached.version import __version__
 
@@ -107,6 +109,12 @@ class Worker:
         self.limits = config_mod.wire_limits(cfg)
         self.log = logs.get_logger("lmcached.daemon.worker")
         self.store = build_store(cfg, worker_id)
+        cpu = self.store.top
+        self.arena: Arena | None = getattr(cpu, "arena", None)
+        # Same-host puts: the clients' staging files this worker has mapped (read-only).
+        self.stages = StageMaps(os.path.dirname(self.arena.path)) if self.arena else None
+        # ZMQ replies sent zero-copy from arena slots: (tracker, pin) until libzmq is done.
+        self._sending: list[tuple[zmq.MessageTracker, int]] = []
         self.ops = OpStats()
         self.latency = OpLatency()
         # (op, receipt time) of the request being dispatched on the loop; submit_io takes it
@@ -159,6 +167,8 @@ class Worker:
             None if not cfg.enable_tcp else 0 if cfg.port == 0 else cfg.port + 1 + self.worker_id,
         )
         secure_ipc_socket(self.endpoints["ipc"], cfg.socket_group)
+        if self.arena is not None:
+            self.endpoints["arena"] = self.arena.path
         return self.endpoints
 
     def register(self, internal_endpoint: str) -> None:
@@ -233,16 +243,53 @@ class Worker:
                 self.log.exception("io_completion_failed")
 
     # ----------------------------------------------------------------------------- replies
-    def reply(self, envelope: Any, msg: DataReply | ErrorReply) -> None:
-        """Send a reply to the client identified by ``envelope`` (loop thread only)."""
+    def reply(self, envelope: Any, msg: DataReply | ErrorReply, pin: int | None = None) -> None:
+        """Send a reply to the client identified by ``envelope`` (loop thread only).
+
+        ``pin`` holds arena slots whose bytes the reply sends zero-copy: it is released once
+        libzmq has sent them (or at the lease timeout), so eviction cannot reuse them meanwhile.
+        """
         assert self._router is not None
+        payload = protocol.payload_of(msg)
         try:
+            if pin is None:
+                self._router.send_multipart(
+                    [envelope, protocol.encode_reply(msg), *payload], copy=False
+                )
+                return
+            # pyzmq copies frames below its copy threshold at send time; only the larger ones
+            # are read later by libzmq's I/O thread, so only those keep the pin.
+            tracked = [
+                zmq.Frame(f, copy=False, track=True) if len(f) >= zmq.COPY_THRESHOLD else f
+                for f in payload
+            ]
             self._router.send_multipart(
-                [envelope, protocol.encode_reply(msg), *protocol.payload_of(msg)], copy=False
+                [envelope, protocol.encode_reply(msg), *tracked], copy=False
             )
+            frames = [f for f in tracked if isinstance(f, zmq.Frame)]
+            if frames:
+                self._sending.append((zmq.MessageTracker(*frames), pin))
+                pin = None
         except zmq.ZMQError as exc:
             # The peer is gone or its queue is full: a dropped reply is the client's timeout.
             self.log.warning("reply_dropped", error=str(exc))
+        finally:
+            if pin is not None and self.arena is not None:
+                self.arena.unpin(pin)
+
+    def _release_pins(self) -> None:
+        """Unpin slots whose zero-copy sends are done; expire leases past their timeout."""
+        if self.arena is None:
+            return
+        if self._sending:
+            still = []
+            for tracker, pin in self._sending:
+                if tracker.done:
+                    self.arena.unpin(pin)
+                else:
+                    still.append((tracker, pin))
+            self._sending = still
+        self.arena.expire_pins()
 
     def reply_error(self, envelope: Any, rid: int, code: str, message: str) -> None:
         self.ops.errors[code] = self.ops.errors.get(code, 0) + 1
@@ -335,6 +382,9 @@ class Worker:
             self.latency.observe(req.op, time.perf_counter() - received)
 
     def op_put(self, envelope: Any, req: PutRequest) -> None:
+        if req.stage is not None:
+            self.put_staged(envelope, req)
+            return
         metas = req.metas or [None] * len(req.keys)
         sums = req.sums or [None] * len(req.keys)
         stored = 0
@@ -350,10 +400,56 @@ class Worker:
             self.ops.bytes_in += size
         self.reply(envelope, PutReply(stored, id=req.id))
 
+    def put_staged(self, envelope: Any, req: PutRequest) -> None:
+        """A same-host put: copy each block from the client's staging file into the arena.
+
+        The CPU tier hashes while it copies and rejects a block whose bytes do not match the
+        client's checksum, so a neighbour scribbling on the staging file cannot plant bytes.
+        """
+        if self.stages is None or req.offsets is None or req.sums is None:
+            self.reply_error(envelope, req.id, protocol.E_MALFORMED, "shared memory is off")
+            return
+        try:
+            stage = self.stages.get(req.stage or "")
+        except ValueError as exc:
+            self.reply_error(envelope, req.id, protocol.E_MALFORMED, str(exc))
+            return
+        metas = req.metas or [None] * len(req.keys)
+        stored = 0
+        # The connection's routing id: its next flush reports this put's lost lower-tier copies.
+        origin = envelope.bytes if self.store.has_lower else None
+        for key, size, off, meta, checksum in zip(
+            req.keys, req.sizes, req.offsets, metas, req.sums, strict=True
+        ):
+            src: Any = FileRange(stage, off, size)
+            if self.store.has_lower:
+                # Lower tiers write later, from their own copy: never from the client's staging.
+                buf = bytearray(size)
+                try:
+                    src.read_into(memoryview(buf), 0)
+                except OSError:
+                    continue
+                if xxhash.xxh3_64_intdigest(buf) != checksum:
+                    continue
+                src = buf
+            block = Block(frames=(src,), nbytes=size, meta=meta, checksum=checksum)
+            if self.store.put(key, block, origin):
+                stored += 1
+            self.ops.bytes_in += size
+        self.reply(envelope, PutReply(stored, id=req.id))
+
     def op_get(self, envelope: Any, req: GetRequest) -> None:
-        cached = self.store.get_cached_many(req.keys)
+        if self.arena is not None:
+            for lease in req.release:
+                self.arena.unpin(lease)
+        # Pin the slots with the lookup: nothing can evict and reuse them until the reply's
+        # bytes are sent (ZMQ) or the client's lease ends (shared memory).
+        if self.arena is not None:
+            cached, pin = self.store.get_cached_pinned(req.keys, self.arena.pin)
+        else:
+            cached, pin = self.store.get_cached_many(req.keys), None
         if not self.store.has_lower or all(b is not None for b in cached):
-            self.send_blocks(envelope, req.id, cached)
+            self.send_blocks(envelope, req.id, cached, pin, req.shm)
             return
         # Some keys may be on disk or in the remote: look there off the loop, so CPU hits for
         # other clients keep being served meanwhile. The reply goes out when the read is done.
@@ -361,7 +457,7 @@ class Worker:
             envelope,
             req,
             lambda: self.store.get_many(req.keys, cached=cached),
-            lambda blocks: self.send_blocks(envelope, req.id, blocks),
+            lambda blocks: self.send_blocks(envelope, req.id, blocks, pin, req.shm),
         )
 
     def _off_loop(
@@ -384,8 +480,15 @@ class Worker:
 
         self.submit_io(work, done)
 
-    def send_blocks(self, envelope: Any, rid: int, blocks: list[Block | None]) -> None:
-        """Reply to a get with the found blocks' frames (sent zero-copy)."""
+    def send_blocks(
+        self,
+        envelope: Any,
+        rid: int,
+        blocks: list[Block | None],
+        pin: int | None = None,
+        shm: bool = False,
+    ) -> None:
+        """Reply to a get with the found blocks' frames (sent zero-copy), or their slots."""
         # Every get reply passes here, from the loop or from the I/O pool: count retrieve hits.
         self.latency.count_retrieve(len(blocks), sum(1 for b in blocks if b is not None))
         found: list[bool] = []
@@ -393,6 +496,7 @@ class Worker:
         metas: list[Any] = []
         sums: list[Any] = []
         frames: list[Any] = []
+        slots: list[list[int] | None] = []
         for block in blocks:
             if block is None:
                 found.append(False)
@@ -401,9 +505,20 @@ class Worker:
             sizes.append(block.nbytes)
             metas.append(block.meta)
             sums.append(block.checksum)
-            frames.append(block.frames)
             self.ops.bytes_out += block.nbytes
-        self.reply(envelope, GetReply(found, sizes, metas, sums, frames, id=rid))
+            if shm and pin is not None and block.slot is not None and self.arena is not None:
+                slots.append(self.arena.ref(block.slot).as_list())
+                frames.append(())
+            else:
+                slots.append(None)
+                frames.append(block.frames)
+        if shm and pin is not None:
+            # The pin is the client's lease: released by a later get's 'release', or expired.
+            arena = self.arena.path if self.arena is not None else None
+            reply = GetReply(found, sizes, metas, sums, frames, slots, pin, arena, id=rid)
+            self.reply(envelope, reply)
+            return
+        self.reply(envelope, GetReply(found, sizes, metas, sums, frames, id=rid), pin)
 
     def op_lookup(self, envelope: Any, req: LookupRequest) -> None:
         def answer(hit: int) -> None:
@@ -497,6 +612,7 @@ class Worker:
                 if exc.errno == zmq.ETERM:
                     break
                 raise
+            self._release_pins()
             if self._wake_r in events:
                 self._drain_completions()
             if self._router in events:
@@ -522,6 +638,8 @@ class Worker:
         if self._io_pool is not None:
             self._io_pool.shutdown(wait=True, cancel_futures=False)
         self._drain_completions()
+        if self.stages is not None:
+            self.stages.close()
         self.store.close()
         if self.auth is not None:
             self.auth.stop()

@@ -30,6 +30,8 @@ class Block:
     meta: dict[str, Any] | None = None
     # xxh3-64 of the payload, computed once where the block enters (the client's put header).
     checksum: int | None = None
+    # The arena descriptor holding the payload, when the CPU tier keeps it in shared memory.
+    slot: int | None = None
 
     @classmethod
     def from_bytes(

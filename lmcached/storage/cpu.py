@@ -1,26 +1,81 @@
-"""The CPU-memory tier: blocks kept as the buffers they arrived in, under a byte budget."""
+"""The CPU-memory tier: blocks under a byte budget, their bytes in the worker's shared arena.
+
+Budget accounting: an entry costs its slot bytes (the allocator's rounded size, or the payload
+size without an arena) + its key + its encoded meta + :data:`ENTRY_OVERHEAD`. Keys and metas
+live on the heap, slots in the arena, so the budget bounds both; eviction frees slots.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from typing import Any
 
+import msgpack
+import xxhash
+
+from lmcached.storage.arena import ENTRY_OVERHEAD, Arena, FileRange, slot_size
 from lmcached.storage.base import Block, StorageBackend, TierStats, Usage
 from lmcached.storage.eviction import EvictionPolicy, make_policy
 
+# Bytes copied between two hash updates: small enough to be hashed while still in cache.
+HASH_PIECE = 1 << 20
+
+
+def meta_bytes(meta: dict[str, Any] | None) -> int:
+    """Encoded size of a meta, as the budget counts it."""
+    return 0 if meta is None else len(msgpack.packb(meta, use_bin_type=True))
+
+
+def entry_cost(key: bytes, nbytes: int, meta: dict[str, Any] | None, arena: bool) -> int:
+    """What one entry costs against the CPU budget."""
+    payload = slot_size(nbytes) if arena else nbytes
+    return payload + len(key) + meta_bytes(meta) + ENTRY_OVERHEAD
+
+
+def copy_hashing(dst: memoryview, frames: tuple[Any, ...]) -> int:
+    """Copy ``frames`` into ``dst`` piece by piece, hashing each piece as written; return xxh3."""
+    h = xxhash.xxh3_64()
+    off = 0
+    for frame in frames:
+        if isinstance(frame, FileRange):
+            for i in range(0, frame.nbytes, HASH_PIECE):
+                end = off + min(HASH_PIECE, frame.nbytes - i)
+                frame.read_into(dst[off:end], i)
+                h.update(dst[off:end])
+                off = end
+            continue
+        src = memoryview(frame).cast("B")
+        n = src.nbytes
+        for i in range(0, n, HASH_PIECE):
+            piece = src[i : i + HASH_PIECE]
+            end = off + piece.nbytes
+            dst[off:end] = piece
+            h.update(dst[off:end])  # the bytes we will serve, not the sender's
+            off = end
+    return h.intdigest()
+
 
 class CPUBackend(StorageBackend):
-    """Hold blocks in process memory; evict by policy when the byte budget is exceeded.
+    """Hold blocks under a byte budget; evict by policy when it is exceeded.
 
-    The stored value is the Block as received: its frames are the ZMQ frames libzmq allocated,
-    so storing costs no copy and replying sends the same frames back (libzmq refcounts them).
+    With an arena the payload is copied into a slot at put (hashed while copying: a block whose
+    checksum does not match what was copied is rejected), and the stored Block is a view of that
+    slot. Without one the Block is kept as received (its ZMQ frames, no copy).
     """
 
     name = "cpu"
 
-    def __init__(self, capacity_bytes: int, policy: str | EvictionPolicy = "lru") -> None:
+    def __init__(
+        self,
+        capacity_bytes: int,
+        policy: str | EvictionPolicy = "lru",
+        arena: Arena | None = None,
+    ) -> None:
         self.capacity = capacity_bytes
         self.policy = make_policy(policy) if isinstance(policy, str) else policy
+        self.arena = arena
         self._blocks: dict[bytes, Block] = {}
+        self._costs: dict[bytes, int] = {}
         self._used = 0
         self.counters = TierStats()
         self._closed = False
@@ -41,38 +96,80 @@ class CPUBackend(StorageBackend):
         return block
 
     def put(self, key: bytes, block: Block) -> bool:
-        if block.nbytes > self.capacity:
+        cost = entry_cost(key, block.nbytes, block.meta, self.arena is not None)
+        if cost > self.capacity:
             self.counters.rejected += 1
             return False
-        old = self._blocks.pop(key, None)
-        if old is not None:
-            self._used -= old.nbytes
-            self.policy.on_remove(key)
-        self._make_room(block.nbytes)
+        self.remove(key)
+        self._make_room(cost)
+        if self.arena is not None:
+            stored = self._into_arena(key, block)
+            if stored is None:
+                return False
+            block = stored
         self._blocks[key] = block
-        self._used += block.nbytes
+        self._costs[key] = cost
+        self._used += cost
         self.policy.on_insert(key, block.nbytes)
         self.counters.puts += 1
         self.counters.bytes_stored += block.nbytes
         return True
 
-    def _make_room(self, nbytes: int) -> None:
-        while self._used + nbytes > self.capacity:
-            victim = self.policy.victim()
-            if victim is None:
-                break
-            block = self._blocks.get(victim)
-            self.remove(victim)
-            self.counters.evictions += 1
-            if self.on_evict is not None and block is not None:
-                self.on_evict(victim, block)
+    def _into_arena(self, key: bytes, block: Block) -> Block | None:
+        """Copy the block into a new slot and commit it; None when rejected."""
+        assert self.arena is not None
+        index = self.arena.alloc(block.nbytes)
+        while index is None and self._evict_one():
+            index = self.arena.alloc(block.nbytes)  # fragmentation or pinned zombies
+        if index is None:
+            self.counters.rejected += 1
+            return None
+        dst = self.arena.payload(index)
+        try:
+            checksum = copy_hashing(dst, block.frames)
+        except OSError:  # a staging file cut short under us
+            self.arena.release(index)
+            self.counters.errors += 1
+            return None
+        if block.checksum is not None and checksum != block.checksum:
+            # Bytes changed under us (a neighbour writing the sender's staging) or a bad sender.
+            self.arena.release(index)
+            self.counters.errors += 1
+            self.counters.extra["checksum_rejected"] = (
+                self.counters.extra.get("checksum_rejected", 0) + 1
+            )
+            return None
+        self.arena.commit(index, checksum)
+        return Block(
+            frames=(dst,), nbytes=block.nbytes, meta=block.meta, checksum=checksum, slot=index
+        )
+
+    def _make_room(self, cost: int) -> None:
+        while self._used + cost > self.capacity and self._evict_one():
+            pass
+
+    def _evict_one(self) -> bool:
+        victim = self.policy.victim()
+        if victim is None:
+            return False
+        block = self._blocks.get(victim)
+        if self.on_evict is not None and block is not None and block.slot is not None:
+            # The slot is about to be reused: a lower tier gets its own copy of the bytes.
+            block = Block.from_bytes(block.tobytes(), block.meta, block.checksum)
+        self.remove(victim)
+        self.counters.evictions += 1
+        if self.on_evict is not None and block is not None:
+            self.on_evict(victim, block)
+        return True
 
     def remove(self, key: bytes) -> bool:
         block = self._blocks.pop(key, None)
         if block is None:
             return False
-        self._used -= block.nbytes
+        self._used -= self._costs.pop(key)
         self.policy.on_remove(key)
+        if block.slot is not None and self.arena is not None:
+            self.arena.release(block.slot)
         return True
 
     def iter_keys(self) -> Iterator[bytes]:
@@ -82,11 +179,19 @@ class CPUBackend(StorageBackend):
         return Usage(used_bytes=self._used, capacity_bytes=self.capacity, entries=len(self._blocks))
 
     def stats(self) -> dict[str, int]:
-        return self.usage_stats(self.counters)
+        out = self.usage_stats(self.counters)
+        if self.arena is not None:
+            out["arena_slot_bytes"] = self.arena.slot_bytes
+            out["arena_pinned"] = self.arena.pinned
+            out["arena_zombies"] = self.arena.zombies
+        return out
 
     def close(self) -> None:
         if self._closed:
             return
         self._closed = True
         self._blocks.clear()
+        self._costs.clear()
         self._used = 0
+        if self.arena is not None:
+            self.arena.close()

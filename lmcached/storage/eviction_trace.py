@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from lmcached.storage.base import Block
-from lmcached.storage.cpu import CPUBackend
+from lmcached.storage.cpu import CPUBackend, entry_cost
 
 
 @dataclass(frozen=True)
@@ -55,7 +55,9 @@ def replay(
     policy: str, trace: Sequence[bytes], capacity_blocks: int, block_size: int = 64
 ) -> TraceResult:
     """Run ``trace`` through a CPU tier of ``capacity_blocks`` blocks; read-through on a miss."""
-    tier = CPUBackend(capacity_blocks * block_size, policy)
+    # Room for capacity_blocks entries: the budget charges each its key and a fixed overhead too.
+    per_entry = entry_cost(max(trace, key=len, default=b""), block_size, None, arena=False)
+    tier = CPUBackend(capacity_blocks * per_entry, policy)
     payload = bytes(block_size)
     hits = 0
     try:

@@ -119,6 +119,11 @@ class NamespacedBackend(StorageBackend):
                 if isinstance(v, (int, float)) and not isinstance(v, bool):
                     total[k] = total.get(k, 0) + v
         total["capacity_bytes"] = self.capacity
+        # The partitions share one arena: its figures are counted once, not summed.
+        shared = self._shared.stats()
+        for k in ("arena_slot_bytes", "arena_pinned", "arena_zombies"):
+            if k in shared:
+                total[k] = shared[k]
         total["namespaces"] = self.namespace_stats()
         return total
 

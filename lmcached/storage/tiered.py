@@ -235,6 +235,23 @@ class TieredStore:
         self._get_latency[self.top.name].record(time.perf_counter() - start)
         return out
 
+    def get_cached_pinned(
+        self, keys: Sequence[bytes], pin: Callable[[list[int]], int]
+    ) -> tuple[list[Block | None], int | None]:
+        """Look in CPU only, and pin the found blocks' arena slots in the same critical section.
+
+        ``pin`` (the arena's) is called with the slots under the CPU lock, so a promotion on an
+        I/O thread cannot evict and reuse a slot between the lookup and the pin. Returns the
+        blocks and the pin id (None when no block lives in an arena slot).
+        """
+        start = time.perf_counter()
+        with self._cpu_lock:
+            out = [self.top.get(k) for k in keys]
+            slots = [b.slot for b in out if b is not None and b.slot is not None]
+            held = pin(slots) if slots else None
+        self._get_latency[self.top.name].record(time.perf_counter() - start)
+        return out, held
+
     def get_many(
         self, keys: Sequence[bytes], cached: Sequence[Block | None] | None = None
     ) -> list[Block | None]:

@@ -16,6 +16,7 @@ import yaml
 
 from lmcached import config as config_mod
 from lmcached import runtime
+from lmcached.errors import LMCachedError
 from lmcached.testing.waiting import wait_until
 
 
@@ -174,8 +175,22 @@ class DaemonProcess:
             self._log_file.close()
             self._log_file = None
 
+    def arena_paths(self) -> list[str]:
+        """The shared-memory arena files of this daemon's workers (see docs/same-host.md)."""
+        import glob
+
+        from lmcached.shm.layout import ARENA_PREFIX, instance_tag
+
+        tag = instance_tag(self.cfg.instance_dir)
+        return sorted(glob.glob(f"/dev/shm/{ARENA_PREFIX}{tag}-*"))
+
     def close(self) -> None:
         self.stop()
+        # A daemon killed with -9 leaves its arenas (its next start would remove them); a test
+        # daemon never starts again.
+        with contextlib.suppress(OSError, LMCachedError):
+            for path in self.arena_paths():
+                os.unlink(path)
         shutil.rmtree(self._runtime, ignore_errors=True)
 
     def __enter__(self) -> DaemonProcess:

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 ROW_FIELDS = {
+    "memcpy_ratio",
     "op",
     "size",
     "transport",
@@ -32,7 +33,7 @@ def test_bench_json_documents_every_workload(tmp_path):
         "--workload",
         "all",
         "--transports",
-        "ipc",
+        "shm,ipc",
         "--json",
         "-",
     ]
@@ -51,6 +52,7 @@ def test_bench_json_documents_every_workload(tmp_path):
     assert {"store/ipc/65536", "retrieve/ipc/1048576"} <= set(doc["zmq"])
     assert {"set/65536", "get/1048576"} <= set(doc["redis"])
     assert {r["op"] for r in doc["rows"]} == {"store", "retrieve", "retrieve_into"}
+    assert {r["transport"] for r in doc["rows"]} == {"shm", "ipc"}
     for row in doc["rows"]:
         assert set(row) == ROW_FIELDS
         assert row["gbps"] > 0 and row["ratio"] > 0 and row["redis_ratio"] > 0

@@ -17,6 +17,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from lmcached import runtime
+from lmcached.storage.cpu import entry_cost
 from lmcached.testing import wait_until
 
 from .notify_socket import FakeNotifySocket
@@ -123,7 +124,10 @@ def test_metrics_scrape_parses_and_counters_move_after_traffic(daemon_factory):
     after = scrape(d)
     assert after["lmcached_tier_hits_total"][cpu] >= 8
     assert after["lmcached_tier_misses_total"][cpu] >= 1
-    assert after["lmcached_tier_stored_bytes"][cpu] == 8 * 4096
+    # Each entry is charged its slot, key, meta and a fixed overhead (docs/same-host.md).
+    assert after["lmcached_tier_stored_bytes"][cpu] == sum(
+        entry_cost(k, 4096, None, arena=True) for k in keys
+    )
     assert after["lmcached_requests_total"][(("op", "put"),)] >= 1
     put_count = after["lmcached_request_duration_seconds_count"][(("op", "put"),)]
     assert put_count == after["lmcached_requests_total"][(("op", "put"),)]

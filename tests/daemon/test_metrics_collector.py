@@ -19,7 +19,7 @@ from lmcached.daemon.metrics import ClusterSnapshot, MetricsServer, WorkerSample
 from lmcached.daemon.op_latency import LATENCY_BUCKETS, OpLatency
 from lmcached.daemon.worker import OpStats
 from lmcached.storage.base import Block
-from lmcached.storage.cpu import CPUBackend
+from lmcached.storage.cpu import CPUBackend, entry_cost
 
 
 def worker_stats(worker_id: int, pid: int, puts: int, gets: int) -> dict:
@@ -69,7 +69,8 @@ def test_tier_and_op_counters_are_summed_across_workers():
     cpu = (("tier", "cpu"),)
     assert m["lmcached_tier_hits_total"][cpu] == 3 + 1
     assert m["lmcached_tier_misses_total"][cpu] == 2 + 0
-    assert m["lmcached_tier_stored_bytes"][cpu] == 500
+    # 5 entries of 100 bytes, each charged payload + key + a fixed overhead.
+    assert m["lmcached_tier_stored_bytes"][cpu] == 5 * entry_cost(b"k0", 100, None, arena=False)
     assert m["lmcached_tier_queue_drops_total"][cpu] == 0
     assert m["lmcached_tier_checksum_failures_total"][cpu] == 0
     assert m["lmcached_requests_total"][(("op", "put"),)] == 5
@@ -174,7 +175,8 @@ def test_http_endpoint_serves_metrics_and_healthz():
 def test_namespace_figures_come_from_the_quota_tier():
     from lmcached.storage.namespaces import NamespacedBackend
 
-    tier = NamespacedBackend(4096, {"a": 1024})
+    cost = entry_cost(b"a/0", 512, None, arena=False)
+    tier = NamespacedBackend(4 * cost, {"a": 2 * cost})
     for i in range(3):
         tier.put(b"a/%d" % i, Block.from_bytes(b"x" * 512))
     snap = ClusterSnapshot(
@@ -182,8 +184,8 @@ def test_namespace_figures_come_from_the_quota_tier():
     )
     m = scrape(snap)
     a = (("namespace", "a"),)
-    assert m["lmcached_namespace_stored_bytes"][a] == 1024
-    assert m["lmcached_namespace_quota_bytes"][a] == 1024
+    assert m["lmcached_namespace_stored_bytes"][a] == 2 * cost
+    assert m["lmcached_namespace_quota_bytes"][a] == 2 * cost
     assert m["lmcached_namespace_evictions_total"][a] == 1
     assert m["lmcached_tier_evictions_total"][(("tier", "cpu"),)] == 1
 

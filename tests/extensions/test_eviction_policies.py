@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from lmcached.storage.base import Block
-from lmcached.storage.cpu import CPUBackend
+from lmcached.storage.cpu import CPUBackend, entry_cost
 from lmcached.storage.eviction import POLICIES, LRUPolicy, S3FIFOPolicy, make_policy
 from lmcached.storage.eviction_trace import compare, replay, scan_workload
 
@@ -65,12 +65,13 @@ def test_s3fifo_ghost_hit_goes_straight_to_main():
 
 
 def test_s3fifo_in_a_tier_respects_the_budget_and_close_is_idempotent():
-    tier = CPUBackend(10 * 100, "s3fifo")
+    budget = 10 * entry_cost(b"k00", 100, None, arena=False)  # about ten entries
+    tier = CPUBackend(budget, "s3fifo")
     for i in range(50):
         tier.put(b"k%d" % i, Block.from_bytes(bytes(100)))
         if i % 3 == 0:
             tier.get(b"k0")
-    assert tier.usage().used_bytes <= 1000
+    assert tier.usage().used_bytes <= budget
     assert tier.contains(b"k0")  # the frequently hit key survived
     assert len(tier.policy) == tier.usage().entries
     tier.close()

@@ -4,20 +4,22 @@ from __future__ import annotations
 
 from lmcached.routing import owner
 from lmcached.storage.base import Block
-from lmcached.storage.cpu import CPUBackend
+from lmcached.storage.cpu import CPUBackend, entry_cost
 
 
 def test_lru_evicts_oldest_and_respects_budget():
-    tier = CPUBackend(capacity_bytes=4 * 100)
+    # An entry costs its payload + key + meta + a fixed overhead (the budget counts them all).
+    cost = entry_cost(b"k0", 100, None, arena=False)
+    tier = CPUBackend(capacity_bytes=4 * cost)
     for i in range(4):
         assert tier.put(f"k{i}".encode(), Block.from_bytes(b"x" * 100))
     assert tier.get(b"k0") is not None  # k0 is now the most recent
     tier.put(b"k4", Block.from_bytes(b"y" * 100))
     assert not tier.contains(b"k1")
     assert tier.contains(b"k0") and tier.contains(b"k4")
-    assert tier.usage().used_bytes <= 400
+    assert tier.usage().used_bytes <= 4 * cost
     assert tier.counters.evictions == 1
-    assert not tier.put(b"huge", Block.from_bytes(b"z" * 401))
+    assert not tier.put(b"huge", Block.from_bytes(b"z" * 4 * cost))
     assert tier.counters.rejected == 1
     tier.close()
     tier.close()

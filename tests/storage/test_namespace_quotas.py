@@ -7,6 +7,7 @@ import pytest
 from lmcached import config
 from lmcached.errors import ConfigError
 from lmcached.storage.base import Block
+from lmcached.storage.cpu import entry_cost
 from lmcached.storage.namespaces import NamespacedBackend, namespace_of
 
 KIB = 1024
@@ -22,7 +23,8 @@ def test_namespace_is_the_prefix_before_the_first_slash():
 
 
 def test_a_flood_from_one_tenant_evicts_only_its_own_blocks():
-    tier = NamespacedBackend(16 * KIB, {"a": 4 * KIB, "b": 4 * KIB})
+    cost = entry_cost(b"b/m@0/any/0000", KIB, None, arena=False)  # keys of the same length
+    tier = NamespacedBackend(16 * cost, {"a": 4 * cost, "b": 4 * cost})
     b_keys = [b"b/m@0/any/%04d" % i for i in range(4)]
     for k in b_keys:
         assert tier.put(k, block())
@@ -33,32 +35,33 @@ def test_a_flood_from_one_tenant_evicts_only_its_own_blocks():
     assert all(tier.contains(k) for k in b_keys)
     assert tier.get(b_keys[0]) is not None
     ns = tier.namespace_stats()
-    assert ns["a"]["used_bytes"] == 4 * KIB
+    assert ns["a"]["used_bytes"] == 4 * cost
     assert ns["a"]["evictions"] == 96
     assert ns["b"] == {
-        "used_bytes": 4 * KIB,
-        "quota_bytes": 4 * KIB,
+        "used_bytes": 4 * cost,
+        "quota_bytes": 4 * cost,
         "entries": 4,
         "evictions": 0,
         "rejected": 0,
     }
-    assert tier.usage().used_bytes <= 16 * KIB
+    assert tier.usage().used_bytes <= 16 * cost
     tier.close()
     tier.close()
 
 
 def test_a_tenant_over_its_own_quota_evicts_its_oldest_blocks():
-    tier = NamespacedBackend(8 * KIB, {"b": 2 * KIB})
+    cost = entry_cost(b"b/1", KIB, None, arena=False)
+    tier = NamespacedBackend(8 * cost, {"b": 2 * cost})
     tier.put(b"b/1", block())
     tier.put(b"b/2", block())
     tier.put(b"b/3", block())
     assert not tier.contains(b"b/1")
     assert tier.contains(b"b/3")
-    assert not tier.put(b"b/huge", block(4 * KIB))  # alone larger than the quota
+    assert not tier.put(b"b/huge", block(2 * cost))  # alone larger than the quota
     assert tier.namespace_stats()["b"]["rejected"] == 1
     stats = tier.stats()
     assert stats["evictions"] == 1
-    assert stats["capacity_bytes"] == 8 * KIB
+    assert stats["capacity_bytes"] == 8 * cost
 
 
 def test_quotas_are_split_across_workers_and_must_fit_the_budget():

@@ -7,7 +7,7 @@ import threading
 import pytest
 
 from lmcached.storage.base import Block, StorageBackend, Usage
-from lmcached.storage.cpu import CPUBackend
+from lmcached.storage.cpu import CPUBackend, entry_cost
 from lmcached.storage.disk import DiskBackend
 from lmcached.storage.remote import RemoteBackend, make_connector
 from lmcached.storage.tiered import TieredStore
@@ -26,7 +26,7 @@ def _data(block: Block | None) -> bytes | None:
 
 @pytest.fixture
 def stack(tmp_path, redis_server):
-    cpu = CPUBackend(3 * 64 * KiB)  # room for three blocks
+    cpu = CPUBackend(3 * entry_cost(b"k0", 64 * KiB, None, arena=False))  # room for three
     disk = DiskBackend(str(tmp_path / "disk"), 0, 6 * 70 * KiB)  # room for six
     remote = RemoteBackend(make_connector(redis_server.url, timeout=1.0))
     store = TieredStore([cpu, disk, remote])
@@ -165,7 +165,8 @@ def test_close_drains_the_queues(tmp_path) -> None:
 
 def test_write_back_writes_lower_tiers_on_eviction_and_at_close(tmp_path) -> None:
     disk = DiskBackend(str(tmp_path), 0, 100 * MiB)
-    store = TieredStore([CPUBackend(2 * 64 * KiB), disk], write_policy="write-back")
+    cost = entry_cost(b"k0", 64 * KiB, None, arena=False)
+    store = TieredStore([CPUBackend(2 * cost), disk], write_policy="write-back")
     for i in range(4):
         store.put(f"k{i}".encode(), _block(i))
     assert store.flush(10)
@@ -218,7 +219,8 @@ def test_a_recovered_remote_shows_healthy_without_traffic(redis_server) -> None:
 def test_write_back_reaches_the_partitions_of_a_namespaced_cpu_tier(tmp_path) -> None:
     from lmcached.storage.namespaces import NamespacedBackend
 
-    cpu = NamespacedBackend(4 * 64 * KiB, {"team": 2 * 64 * KiB})
+    cost = entry_cost(b"team/m@0/any/0", 64 * KiB, None, arena=False)
+    cpu = NamespacedBackend(4 * cost, {"team": 2 * cost})
     disk = DiskBackend(str(tmp_path), 0, 100 * MiB)
     store = TieredStore([cpu, disk], write_policy="write-back")
     for i in range(3):

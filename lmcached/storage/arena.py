@@ -1,0 +1,390 @@
+"""A worker's shared-memory arena: the file, a buddy allocator over it, and pins.
+
+The CPU tier keeps every block's bytes in a slot of this arena (see :mod:`lmcached.shm.layout`
+for the layout and the generation rules that clients rely on). The allocator is a binary buddy
+allocator: a block takes the smallest power-of-two slot (at least MIN_SLOT bytes) that holds it,
+and a freed slot merges with its free buddy, so freeing and allocating cost O(log size) and the
+arena never needs compaction.
+
+A slot that is being read (a ZMQ reply still queued in libzmq, or a client holding a lease on a
+zero-copy view) is *pinned*: removing its block from the tier makes it a zombie, and its bytes
+are reused only once every pin is released or has expired. A pin expires after the lease
+timeout, so a client that never releases cannot hold memory for ever.
+
+The arena file is created with mode 0640 and the ipc sockets' group: whoever may use the ipc
+socket may map it, read-only. Clients never write it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import heapq
+import itertools
+import mmap
+import os
+import secrets
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from lmcached.security import resolve_group
+from lmcached.shm.layout import (
+    ARENA_PREFIX,
+    STAGE_PREFIX,
+    ArenaHeader,
+    SlotRef,
+    arena_file_name,
+    instance_tag,
+    pack_descriptor,
+    pack_generation,
+)
+
+__all__ = [
+    "ENTRY_OVERHEAD",
+    "MIN_SLOT",
+    "Arena",
+    "StageMaps",
+    "arena_dir",
+    "instance_tag",
+    "slot_size",
+]
+
+MIN_SLOT = 64
+_MIN_ORDER = MIN_SLOT.bit_length() - 1
+# What one stored entry costs besides its slot, key and meta: its descriptor, the index entry,
+# the Block and its view, the eviction policy's node. It also bounds the descriptor count.
+ENTRY_OVERHEAD = 512
+ARENA_MODE = 0o640
+
+
+def slot_size(nbytes: int) -> int:
+    """Bytes the allocator reserves for a payload of ``nbytes`` (0 for an empty block)."""
+    if nbytes <= 0:
+        return 0
+    return max(MIN_SLOT, 1 << (nbytes - 1).bit_length())
+
+
+def arena_dir() -> str:
+    """Where arenas live: /dev/shm when usable (tmpfs), else the system temp folder."""
+    shm = "/dev/shm"
+    if os.path.isdir(shm) and os.access(shm, os.W_OK | os.X_OK):
+        return shm
+    import tempfile
+
+    return tempfile.gettempdir()
+
+
+@dataclass(slots=True)
+class _Slot:
+    offset: int
+    order: int  # -1 for an empty block (no payload bytes)
+    length: int
+    generation: int
+    pins: int = 0
+    zombie: bool = False
+
+
+class Arena:
+    """One worker's arena: allocate, commit, free and pin slots. Thread-safe."""
+
+    def __init__(
+        self,
+        directory: str,
+        tag: str,
+        worker_id: int,
+        data_size: int,
+        descriptors: int,
+        group: str | None = None,
+        lease_timeout: float = 30.0,
+    ) -> None:
+        self.lease_timeout = lease_timeout
+        remove_stale(directory, tag, worker_id)
+        nonce = secrets.token_bytes(16)
+        data_size = max(data_size, MIN_SLOT) // MIN_SLOT * MIN_SLOT
+        self.header = ArenaHeader.plan(data_size, max(descriptors, 1), nonce)
+        self.path = os.path.join(directory, arena_file_name(tag, worker_id, nonce.hex()))
+        fd = os.open(
+            self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, ARENA_MODE
+        )
+        try:
+            if group is not None:
+                os.fchown(fd, -1, resolve_group(group))
+            os.fchmod(fd, ARENA_MODE)
+            # A sparse file: tmpfs gives pages only when written. Never truncated afterwards, so
+            # a client's mapping never faults (SIGBUS) whatever happens to this process.
+            os.ftruncate(fd, self.header.file_size)
+            self._map = mmap.mmap(fd, self.header.file_size, mmap.MAP_SHARED)
+        except BaseException:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(self.path)
+            raise
+        os.close(fd)
+        self._map[: len(self.header.pack())] = self.header.pack()
+        self.view = memoryview(self._map)
+        self._lock = threading.Lock()
+        # Free slots by order (log2 of their size); the largest order ever carved bounds merging.
+        self._free: list[set[int]] = [set() for _ in range(64)]
+        self._top_order = _MIN_ORDER
+        self._carve(data_size)
+        self._slots: dict[int, _Slot] = {}
+        self._free_desc: list[int] = []
+        self._next_desc = 0
+        self._generation = itertools.count(2, 2)
+        self._pins: dict[int, tuple[list[int], float]] = {}
+        self._expiry: list[tuple[float, int]] = []
+        self._pin_ids = itertools.count(1)
+        self.slot_bytes = 0
+        self.zombies = 0
+        self._closed = False
+
+    # ------------------------------------------------------------------------- buddy allocator
+    def _carve(self, size: int) -> None:
+        """Cut the payload area into the largest aligned power-of-two blocks that fit."""
+        pos = 0
+        while size - pos >= MIN_SLOT:
+            order = _MIN_ORDER
+            while pos % (1 << (order + 1)) == 0 and pos + (1 << (order + 1)) <= size and order < 40:
+                order += 1
+            self._free[order].add(pos)
+            self._top_order = max(self._top_order, order)
+            pos += 1 << order
+
+    def _alloc_order(self, order: int) -> int | None:
+        k = order
+        while k < len(self._free) and not self._free[k]:
+            k += 1
+        if k >= len(self._free):
+            return None
+        # The lowest free offset: reuse pages tmpfs already gave us (a first touch costs a fault
+        # and a zeroed page), and keep the high end of the arena untouched.
+        off = min(self._free[k])
+        self._free[k].discard(off)
+        while k > order:
+            k -= 1
+            self._free[k].add(off + (1 << k))
+        return off
+
+    def _free_order(self, off: int, order: int) -> None:
+        while order < self._top_order:
+            buddy = off ^ (1 << order)
+            if buddy not in self._free[order]:
+                break
+            self._free[order].discard(buddy)
+            off = min(off, buddy)
+            order += 1
+        self._free[order].add(off)
+
+    # ------------------------------------------------------------------------------ slots
+    def alloc(self, nbytes: int) -> int | None:
+        """Reserve a slot for ``nbytes``; return its descriptor index, or None when full."""
+        with self._lock:
+            if self._free_desc:
+                index = self._free_desc.pop()
+            elif self._next_desc < self.header.descriptors:
+                index = self._next_desc
+                self._next_desc += 1
+            else:
+                return None
+            if nbytes > 0:
+                order = max(_MIN_ORDER, (nbytes - 1).bit_length())
+                off = self._alloc_order(order)
+                if off is None:
+                    self._free_desc.append(index)
+                    return None
+                self.slot_bytes += 1 << order
+            else:
+                off, order = 0, -1
+            self._slots[index] = _Slot(off, order, nbytes, 0)
+            return index
+
+    def payload(self, index: int) -> memoryview:
+        """The writable bytes of a slot (worker only)."""
+        s = self._slots[index]
+        start = self.header.data_offset + s.offset
+        return self.view[start : start + s.length]
+
+    def commit(self, index: int, checksum: int) -> None:
+        """Publish a slot whose bytes are written: its descriptor gets a new generation, last."""
+        with self._lock:
+            s = self._slots[index]
+            s.generation = next(self._generation)
+            at = self.header.descriptor_at(index)
+            # Offset, length and checksum first; the generation that makes them valid last.
+            self._map[at + 8 : at + 32] = pack_descriptor(0, s.offset, s.length, checksum)[8:]
+            self._map[at : at + 8] = pack_generation(s.generation)
+
+    def ref(self, index: int) -> SlotRef:
+        s = self._slots[index]
+        return SlotRef(index, s.generation, s.offset, s.length)
+
+    def release(self, index: int) -> None:
+        """Forget a slot's block; its bytes are reused once no pin holds them."""
+        with self._lock:
+            s = self._slots.get(index)
+            if s is None or s.zombie:
+                return
+            if s.pins:
+                # Readers hold it: its bytes and generation stay valid until the last pin goes.
+                s.zombie = True
+                self.zombies += 1
+            else:
+                self._reclaim(index, s)
+
+    def _reclaim(self, index: int, s: _Slot) -> None:
+        # Odd generation first: from now on no reader accepts what it reads here; only then
+        # may the bytes and the descriptor be reused.
+        at = self.header.descriptor_at(index)
+        self._map[at : at + 8] = pack_generation(s.generation | 1)
+        del self._slots[index]
+        if s.order >= 0:
+            self._free_order(s.offset, s.order)
+            self.slot_bytes -= 1 << s.order
+        self._free_desc.append(index)
+
+    # ------------------------------------------------------------------------------- pins
+    def pin(self, indexes: Iterable[int], timeout: float | None = None) -> int:
+        """Keep these slots' bytes from reuse until unpin() or the timeout; return a pin id."""
+        held = list(indexes)
+        expires = time.monotonic() + (self.lease_timeout if timeout is None else timeout)
+        with self._lock:
+            pid = next(self._pin_ids)
+            held = [i for i in held if i in self._slots]
+            for i in held:
+                self._slots[i].pins += 1
+            self._pins[pid] = (held, expires)
+            heapq.heappush(self._expiry, (expires, pid))
+        return pid
+
+    def unpin(self, pin_id: int) -> None:
+        with self._lock:
+            entry = self._pins.pop(pin_id, None)
+            if entry is None:
+                return
+            for i in entry[0]:
+                s = self._slots.get(i)
+                if s is None:
+                    continue
+                s.pins -= 1
+                if s.zombie and s.pins == 0:
+                    self.zombies -= 1
+                    self._reclaim(i, s)
+
+    def expire_pins(self, now: float | None = None) -> int:
+        """Drop pins past their timeout; return how many expired."""
+        now = time.monotonic() if now is None else now
+        expired = []
+        with self._lock:
+            while self._expiry and self._expiry[0][0] <= now:
+                _, pid = heapq.heappop(self._expiry)
+                if pid in self._pins:
+                    expired.append(pid)
+        for pid in expired:
+            self.unpin(pid)
+        return len(expired)
+
+    @property
+    def pinned(self) -> int:
+        return len(self._pins)
+
+    def close(self) -> None:
+        """Unlink the file and unmap (clients keep their own mappings). Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        with contextlib.suppress(OSError):
+            os.unlink(self.path)
+        with contextlib.suppress(BufferError):
+            self.view.release()
+            self._map.close()
+
+
+@dataclass(frozen=True, slots=True)
+class FileRange:
+    """``nbytes`` of a client's staging file at ``offset``: a put's source on the same host.
+
+    Read with pread, never mapped: a client that truncates its file makes the read come up
+    short (the block is rejected), where a mapping would kill the worker with SIGBUS.
+    """
+
+    fd: int
+    offset: int
+    nbytes: int
+
+    def read_into(self, dst: memoryview, at: int) -> None:
+        """Fill ``dst`` from the file at ``offset + at``; raise OSError on a short read."""
+        want = dst.nbytes
+        got = os.preadv(self.fd, [dst], self.offset + at)
+        while 0 < got < want:  # tmpfs returns everything at once; a regular file may not
+            more = os.preadv(self.fd, [dst[got:]], self.offset + at + got)
+            if more <= 0:
+                break
+            got += more
+        if got != want:
+            raise OSError(f"staging file ended after {got} of {want} bytes")
+
+
+class StageMaps:
+    """Clients' staging files, opened read-only by the worker, most recently used kept.
+
+    Only files named like a staging file, directly in the arena folder, are accepted: a put
+    cannot make the worker read anything else.
+    """
+
+    MAX_OPEN = 64
+
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+        self._fds: OrderedDict[str, int] = OrderedDict()
+
+    def get(self, path: str) -> int:
+        """Return an open read-only descriptor of the staging file ``path``."""
+        fd = self._fds.get(path)
+        if fd is not None:
+            self._fds.move_to_end(path)
+            return fd
+        name = os.path.basename(path)
+        if os.path.dirname(path) != self.directory or not name.startswith(STAGE_PREFIX):
+            raise ValueError(f"'stage' must be a staging file in {self.directory}")
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError as exc:
+            raise ValueError(f"cannot open staging file: {exc.strerror}") from None
+        self._fds[path] = fd
+        while len(self._fds) > self.MAX_OPEN:
+            _, old = self._fds.popitem(last=False)
+            os.close(old)
+        return fd
+
+    def close(self) -> None:
+        while self._fds:
+            _, fd = self._fds.popitem()
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+def remove_stale(directory: str, tag: str, worker_id: int) -> None:
+    """Unlink arenas of earlier starts of this worker and stage files of dead clients."""
+    mine = f"{ARENA_PREFIX}{tag}-w{worker_id}-"
+    with contextlib.suppress(OSError):
+        for name in os.listdir(directory):
+            if name.startswith(mine):
+                with contextlib.suppress(OSError):
+                    os.unlink(os.path.join(directory, name))
+            elif name.startswith(STAGE_PREFIX):
+                pid = name[len(STAGE_PREFIX) :].split("-", 1)[0]
+                if pid.isdigit() and not _alive(int(pid)):
+                    with contextlib.suppress(OSError):
+                        os.unlink(os.path.join(directory, name))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -1,0 +1,148 @@
+"""Same-host clients use the workers' shared-memory arenas automatically; others keep ZMQ."""
+
+from __future__ import annotations
+
+import os
+import stat
+
+import msgpack
+import pytest
+import xxhash
+import zmq
+
+from lmcached.client import Client
+from lmcached.client.shared import LeasedView, check_view
+from lmcached.routing import owner
+from lmcached.shm.layout import stage_file_name
+from lmcached.version import PROTOCOL_VERSION
+
+from .helpers import cpu_stats
+
+MIB = 1 << 20
+
+
+def test_a_same_host_client_puts_and_gets_through_the_arena(daemon_factory):
+    d = daemon_factory(num_workers=2, max_local_cpu_size="256MiB")
+    keys = [f"sh/{i}".encode() for i in range(16)]
+    vals = [os.urandom(2 * MIB) for _ in keys]
+    with d.client(timeout=30) as c:
+        c.put(keys, vals, metas=[{"i": i} for i in range(16)])
+        arenas = c.shared_arenas()
+        assert [w for w, _view, _size in arenas] == [0, 1]
+        got = c.get_with_meta(keys)
+        for i, (value, meta) in enumerate(got):  # type: ignore[misc]
+            assert isinstance(value.obj, LeasedView)  # zero-copy, straight from the arena
+            assert value.readonly
+            assert value == vals[i] and meta == {"i": i}
+            check_view(value)
+        bufs = [bytearray(2 * MIB) for _ in keys]
+        assert c.get_into(keys, bufs) == [True] * 16
+        assert bufs == vals
+        del got, value
+        stats = cpu_stats(c)
+        assert sum(s["arena_slot_bytes"] for s in stats) == 32 * MIB
+        # No payload crossed a socket on the put: only headers did.
+        ops = [w["stats"]["ops"] for w in c.stats()["workers"]]
+        assert sum(o["bytes_in"] for o in ops) == 32 * MIB
+    assert all(stat.S_IMODE(os.stat(p).st_mode) == 0o640 for p in d.arena_paths())
+
+
+def test_a_tcp_client_and_a_same_host_client_share_one_cluster(daemon_factory):
+    d = daemon_factory(num_workers=2)
+    keys = [f"mixed/{i}".encode() for i in range(8)]
+    vals = [os.urandom(300_000) for _ in keys]
+    with d.client(timeout=30) as local, Client(d.endpoint, timeout=30, transport="tcp") as remote:
+        local.put(keys[:4], vals[:4])
+        remote.put(keys[4:], vals[4:])
+        assert local.shared_arenas() and remote.shared_arenas() == []
+        assert [bytes(v) for v in remote.get(keys)] == vals  # type: ignore[arg-type]
+        assert [bytes(v) for v in local.get(keys)] == vals  # type: ignore[arg-type]
+        got = remote.get(keys[:1])[0]
+        assert not isinstance(got.obj, LeasedView)  # ZMQ frames, as before
+
+
+def test_with_shared_memory_off_the_map_has_no_arena_and_zmq_serves(daemon_factory):
+    d = daemon_factory(num_workers=1, shared_memory=False)
+    with d.client() as c:
+        c.put([b"off/a"], [b"abc"])
+        assert c.shared_arenas() == []
+        assert bytes(c.get([b"off/a"])[0]) == b"abc"
+        assert all(w["arena"] is None for w in c.cluster_map["workers"])
+    assert d.arena_paths() == []
+
+
+def _staged_put(d, key: bytes, data: bytes, checksum: int, stage_path: str) -> dict:
+    """Send a hand-written same-host put through a raw socket; return the reply header."""
+    with d.client() as c:
+        worker = c.cluster_map["workers"][owner(key, d.cfg.num_workers)]
+    header = {
+        "v": PROTOCOL_VERSION,
+        "op": "put",
+        "id": 7,
+        "keys": [key],
+        "sizes": [len(data)],
+        "nframes": [0],
+        "sums": [checksum],
+        "stage": stage_path,
+        "offsets": [0],
+    }
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(worker["ipc"])
+    try:
+        sock.send(msgpack.packb(header, use_bin_type=True))
+        assert sock.poll(20_000), "worker did not answer the put"
+        return msgpack.unpackb(sock.recv_multipart()[0])
+    finally:
+        sock.close()
+        ctx.term()
+
+
+def test_a_staged_block_whose_bytes_do_not_match_its_checksum_is_not_stored(daemon_factory):
+    d = daemon_factory(num_workers=1)
+    directory = os.path.dirname(d.arena_paths()[0])
+    path = os.path.join(directory, stage_file_name(os.getpid(), "scribble"))
+    data = os.urandom(100_000)
+    try:
+        with open(path, "wb") as f:
+            f.write(b"X" * len(data))  # a neighbour changed the bytes after they were hashed
+        reply = _staged_put(d, b"scribbled", data, xxhash.xxh3_64_intdigest(data), path)
+        assert reply["ok"] and reply["stored"] == 0
+        with open(path, "wb") as f:
+            f.write(data[:1000])  # cut short: the read comes up short, no SIGBUS
+        reply = _staged_put(d, b"scribbled", data, xxhash.xxh3_64_intdigest(data), path)
+        assert reply["ok"] and reply["stored"] == 0
+        with open(path, "wb") as f:
+            f.write(data)
+        reply = _staged_put(d, b"honest", data, xxhash.xxh3_64_intdigest(data), path)
+        assert reply["ok"] and reply["stored"] == 1
+    finally:
+        os.unlink(path)
+    with d.client() as c:
+        assert c.get([b"scribbled"]) == [None]
+        assert bytes(c.get([b"honest"])[0]) == data
+        assert cpu_stats(c)[0]["checksum_rejected"] == 1
+
+
+@pytest.mark.parametrize("stage", ["/etc/passwd", "/dev/shm/../etc/passwd", "relative"])
+def test_a_put_naming_a_file_that_is_not_a_staging_file_is_refused(daemon_factory, stage):
+    d = daemon_factory(num_workers=1)
+    reply = _staged_put(d, b"k", b"x", xxhash.xxh3_64_intdigest(b"x"), stage)
+    assert not reply["ok"] and reply["code"] == "malformed"
+    with d.client() as c:
+        assert c.get([b"k"]) == [None]
+
+
+def test_a_client_dropped_without_close_removes_its_staging_file(daemon_factory):
+    import gc
+    import glob
+
+    d = daemon_factory(num_workers=1)
+    mine = f"/dev/shm/lmcached-stage-{os.getpid()}-*"
+    c = d.client()
+    c.put([b"dropped"], [b"x" * 10_000])
+    assert len(glob.glob(mine)) == 1
+    del c
+    gc.collect()
+    assert glob.glob(mine) == []
