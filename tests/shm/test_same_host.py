@@ -48,7 +48,7 @@ def test_a_same_host_client_puts_and_gets_through_the_arena(daemon_factory):
 
 
 def test_a_tcp_client_and_a_same_host_client_share_one_cluster(daemon_factory):
-    d = daemon_factory(num_workers=2)
+    d = daemon_factory(num_workers=2, enable_tcp=True)
     keys = [f"mixed/{i}".encode() for i in range(8)]
     vals = [os.urandom(300_000) for _ in keys]
     with d.client(timeout=30) as local, Client(d.endpoint, timeout=30, transport="tcp") as remote:
