@@ -44,7 +44,7 @@ import queue
 import re
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -57,7 +57,8 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 from vllm.logger import init_logger
 
 from lmcached.integrations.daemon_link import DaemonLink
-from lmcached.integrations.kv_blocks import HostBufferPool, PagedKV, payload_tensor
+from lmcached.integrations.kv_blocks import HostBufferPool, PagedKV, layer_order, payload_tensor
+from lmcached.integrations.layer_loads import CudaOrder, DeviceOrder, HostOrder, LayerLoads
 
 if TYPE_CHECKING:
     import torch
@@ -96,6 +97,7 @@ class ConnectorSettings:
     retry_interval: float = 5.0
     save: bool = True
     load: bool = True
+    load_mode: str = "layerwise"
 
 
 # key -> (field, converter, documentation). README's table is generated from the same text.
@@ -148,7 +150,16 @@ SETTINGS_DOC: dict[str, tuple[str, Any, str]] = {
     ),
     "lmcached.save": ("save", bool, "Store newly computed chunks. Default: true."),
     "lmcached.load": ("load", bool, "Load hits from lmcached. Default: true."),
+    "lmcached.load_mode": (
+        "load_mode",
+        str,
+        "layerwise: copy loaded KV in layer by layer on a loader thread while the forward pass "
+        "runs (each layer waits only for its own KV; on a GPU, a side stream ordered by CUDA "
+        "events); sync: copy all of it before the forward pass. Default: layerwise.",
+    ),
 }
+
+LOAD_MODES = ("layerwise", "sync")
 
 
 def _to_bool(value: Any) -> bool:
@@ -188,6 +199,10 @@ def parse_settings(extra: dict[str, Any] | None) -> ConnectorSettings:
             raise ValueError(f"kv_connector_extra_config: {key}={raw!r}: {exc}") from None
         if convert in (int, float) and value <= 0:
             raise ValueError(f"kv_connector_extra_config: {key}={raw!r}: must be positive")
+        if name == "load_mode" and value not in LOAD_MODES:
+            raise ValueError(
+                f"kv_connector_extra_config: {key}={raw!r}: must be one of {', '.join(LOAD_MODES)}"
+            )
         values[name] = value
     return ConnectorSettings(**values)
 
@@ -380,6 +395,17 @@ class LoadSpec:
 
 
 @dataclass
+class _LoadPiece:
+    """One fetched chunk of a load, ready to copy into its blocks (worker side)."""
+
+    payload: Any  # uint8 tensor viewing the received bytes
+    blocks: list[int]  # the chunk's blocks, in order
+    positions: list[int]  # which of them to write
+    edge: int | None  # position of the block the load ends inside of (shared with the forward)
+    load_blocks: list[int]  # the blocks written (reported if the load fails)
+
+
+@dataclass
 class SaveSpec:
     """Save chunks [first_chunk, first_chunk + len(chunk_blocks)) of a request."""
 
@@ -470,6 +496,11 @@ class LMCachedConnector(KVConnectorBase_V1):
             self._paged: PagedKV | None = None
             self._pool: dict[int, HostBufferPool] = {}
             self._load_errors: set[int] = set()
+            self._errors_lock = threading.Lock()  # the loader thread adds errors too
+            self._layer_loads: LayerLoads | None = None
+            self._cuda_order: CudaOrder | None = None
+            self._forward_layers: list[str] = []
+            self._paged_index: dict[str, int] = {}
             self._saver = _Saver(
                 DaemonLink(
                     make_client_factory(self.settings, self.settings.timeout),
@@ -483,6 +514,8 @@ class LMCachedConnector(KVConnectorBase_V1):
                 "failed_chunks": 0,
                 "saved_chunks": 0,
                 "dropped_chunks": 0,
+                "layers_waited": 0,
+                "layers_overlapped": 0,
             }
 
     # ---------------------------------------------------------------- shared helpers
@@ -700,6 +733,8 @@ class LMCachedConnector(KVConnectorBase_V1):
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         """Take the paged KV tensors that loads scatter into and saves gather from."""
         self._paged = PagedKV(kv_caches, self.num_blocks)
+        self._paged_index = {name: i for i, name in enumerate(self._paged.names)}
+        self._forward_layers = layer_order(self._paged.names)
         logger.info(
             "LMCachedConnector (worker tp%d pp%d): %d layers, %d bytes per block, layout %s",
             self.tp_rank,
@@ -720,27 +755,86 @@ class LMCachedConnector(KVConnectorBase_V1):
         return pool, pool.acquire(count)
 
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
-        """Fetch this step's hit chunks and scatter them into their blocks (before the forward)."""
+        """Start this step's loads: layer by layer on the loader thread, overlapping the
+        forward pass (``lmcached.load_mode`` layerwise, the default), or all before it (sync).
+        """
+        self._finish_layer_loads()  # a previous step's, if vLLM skipped wait_for_save
         meta = self._connector_metadata
         if not isinstance(meta, LMCachedConnectorMetadata) or not meta.loads or self._paged is None:
             return
-        for load in meta.loads:
-            self._load(meta, load)
+        pieces = self._fetch(meta)
+        if self.settings.load_mode == "sync":
+            for piece in pieces:
+                self._paged.scatter(piece.payload, piece.blocks, piece.positions)
+            return
+        # A load that ends inside a block shares that block with this step's forward pass,
+        # which writes a layer's new KV into it *before* it asks for that layer's loaded KV.
+        # So that block is copied now, whole (a block's slot layout is the backend's own), and
+        # the rest layer by layer while the forward pass runs.
+        for piece in pieces:
+            if piece.edge is not None:
+                self._paged.scatter(piece.payload, piece.blocks, [piece.edge])
+        loads = LayerLoads(self._forward_layers, self._device_order())
+        loads.sources = pieces
+        loads.start(lambda done: self._load_layers(pieces, done))
+        self._layer_loads = loads
 
-    def _load(self, meta: LMCachedConnectorMetadata, load: LoadSpec) -> None:
+    def _device_order(self) -> DeviceOrder:
         assert self._paged is not None
-        count = len(load.chunk_blocks)
-        keys = self._keys(load.tokens, load.extra, meta.chunk_size, self.tp_rank, self.pp_rank)
-        keys = keys[load.first_chunk : load.first_chunk + count]
-        blocks_per_chunk = meta.chunk_size // meta.block_size
-        # Zero-copy views of the received frames: the scatter below is the one copy of a load.
-        values = self._link.get(keys) if len(keys) == count else [None] * count
-        first_block = load.start_token // meta.block_size
-        end_block = (load.end_token + meta.block_size - 1) // meta.block_size
+        if not self._paged.on_gpu:
+            return HostOrder()
+        if self._cuda_order is None:
+            import torch
+
+            self._cuda_order = CudaOrder(torch.cuda, self._paged.device)
+        return self._cuda_order
+
+    def _load_layers(self, pieces: list[_LoadPiece], done: Callable[[int], None]) -> None:
+        """The loader thread's work: copy the fetched chunks in, layer by layer."""
+        assert self._paged is not None
+        views = [self._paged.views(piece.payload, len(piece.blocks)) for piece in pieces]
+        rest = [[p for p in piece.positions if p != piece.edge] for piece in pieces]
+        for position, name in enumerate(self._forward_layers):
+            layer = self._paged_index[name]
+            for piece, piece_views, positions in zip(pieces, views, rest, strict=True):
+                self._paged.scatter_layer(layer, piece_views[layer], piece.blocks, positions)
+            done(position)
+
+    def _fetch(self, meta: LMCachedConnectorMetadata) -> list[_LoadPiece]:
+        """Fetch every chunk of this step's loads in one batched get; return what to copy.
+
+        Chunks that cannot be loaded are recorded as load errors (vLLM recomputes them).
+        """
+        keys: list[bytes] = []
+        for load in meta.loads:
+            count = len(load.chunk_blocks)
+            load_keys = self._keys(
+                load.tokens, load.extra, meta.chunk_size, self.tp_rank, self.pp_rank
+            )[load.first_chunk : load.first_chunk + count]
+            keys.extend(load_keys if len(load_keys) == count else [b""] * count)
+        # Zero-copy views of the received data: the scatter is the one copy of a load.
+        fetched = self._link.get([k for k in keys if k])
+        values = iter(fetched if len(fetched) == sum(1 for k in keys if k) else [])
+        pieces: list[_LoadPiece] = []
+        for load in meta.loads:
+            load_values = [next(values, None) for _ in load.chunk_blocks]
+            pieces.extend(self._pieces(meta, load, load_values))
+        return pieces
+
+    def _pieces(
+        self, meta: LMCachedConnectorMetadata, load: LoadSpec, values: list[Any]
+    ) -> list[_LoadPiece]:
+        assert self._paged is not None
+        block_size = meta.block_size
+        blocks_per_chunk = meta.chunk_size // block_size
+        first_block = load.start_token // block_size
+        end_block = -(-load.end_token // block_size)
+        ends_inside_a_block = load.end_token % block_size != 0
 
         def in_load(chunk: int, position: int) -> bool:
             return first_block <= chunk * blocks_per_chunk + position < end_block
 
+        pieces = []
         for i, (value, blocks) in enumerate(zip(values, load.chunk_blocks, strict=True)):
             chunk = load.first_chunk + i
             # A partial chunk holds fewer blocks; its last block is partly filled.
@@ -762,16 +856,49 @@ class LMCachedConnector(KVConnectorBase_V1):
                     for p, block in enumerate(later)
                     if in_load(chunk + j, p)
                 ]
-                self._load_errors.update(failed)
-                self.stats["failed_chunks"] += count - i
-                return
+                with self._errors_lock:
+                    self._load_errors.update(failed)
+                self.stats["failed_chunks"] += len(load.chunk_blocks) - i
+                break
             wanted = [p for p in range(len(blocks)) if in_load(chunk, p)]
-            self._paged.scatter(payload_tensor(value), blocks, wanted)
+            ends_here = bool(wanted) and chunk * blocks_per_chunk + wanted[-1] == end_block - 1
+            pieces.append(
+                _LoadPiece(
+                    payload=payload_tensor(value),
+                    blocks=blocks,
+                    positions=wanted,
+                    edge=wanted[-1] if ends_here and ends_inside_a_block else None,
+                    load_blocks=[b for p, b in enumerate(blocks) if in_load(chunk, p)],
+                )
+            )
             self.stats["loaded_chunks"] += 1
+        return pieces
+
+    def _finish_layer_loads(self) -> None:
+        """Wait for the step's loader (done by now: the forward pass waited for every layer)."""
+        loads, self._layer_loads = self._layer_loads, None
+        if loads is None:
+            return
+        pieces = list(loads.sources)
+        loads.join()
+        self.stats["layers_waited"] += loads.waits
+        self.stats["layers_overlapped"] += loads.overlapped
+        if loads.error is not None:
+            logger.error("LMCachedConnector: a layer-wise load failed: %r", loads.error)
+            # Nothing of this step's loads can be trusted: vLLM recomputes all of it.
+            meta = self._connector_metadata
+            failed: set[int] = set()
+            for load in meta.loads if isinstance(meta, LMCachedConnectorMetadata) else []:
+                for blocks in load.chunk_blocks:
+                    failed.update(blocks)
+            failed.update(b for piece in pieces for b in piece.load_blocks)
+            with self._errors_lock:
+                self._load_errors.update(failed)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
-        """Return at once: :meth:`start_load_kv` finished every layer before the forward."""
-        return
+        """Wait until ``layer_name``'s loaded KV is in place (layer-wise loads)."""
+        if self._layer_loads is not None:
+            self._layer_loads.wait(layer_name)
 
     def save_kv_layer(
         self,
@@ -790,6 +917,7 @@ class LMCachedConnector(KVConnectorBase_V1):
         runs. The gather (the one copy out of the paged KV) is the only work done here; it must
         finish before the next step may write into (or vLLM may reuse) these blocks.
         """
+        self._finish_layer_loads()
         meta = self._connector_metadata
         if not isinstance(meta, LMCachedConnectorMetadata) or not meta.saves or self._paged is None:
             return
@@ -821,12 +949,15 @@ class LMCachedConnector(KVConnectorBase_V1):
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         """Return (and forget) the blocks whose load failed in this step."""
-        errors, self._load_errors = self._load_errors, set()
+        self._finish_layer_loads()
+        with self._errors_lock:
+            errors, self._load_errors = self._load_errors, set()
         return errors
 
     def shutdown(self) -> None:
         """Finish queued saves (bounded by the timeout), stop the saver, close the clients."""
         if self._role == KVConnectorRole.WORKER:
+            self._finish_layer_loads()
             self._saver.close()
         self._link.close()
 
