@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import multiprocessing
 import os
 import random
@@ -231,6 +232,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lmcache-connector", type=Path, default=CACHE / "lmcache-0.5.6-connector")
     parser.add_argument("--no-lmcache", action="store_true", help="skip the LMCache column")
     parser.add_argument("--load-mode", choices=["layerwise", "sync"], default="layerwise")
+    parser.add_argument(
+        "--compare-sync",
+        action="store_true",
+        help="add a second lmcached engine with load_mode=sync (its own namespace)",
+    )
     args = parser.parse_args(argv)
 
     from lmcached.testing import DaemonProcess
@@ -265,13 +271,22 @@ def main(argv: list[str] | None = None) -> int:
             engines["vLLM"].wait_ready()
             engines["lmcached"] = EngineProcess("lmcached", model, lmcached_kv)
             engines["lmcached"].wait_ready()
+            if args.compare_sync:
+                sync_kv = json.loads(json.dumps(lmcached_kv))
+                sync_kv["kv_connector_extra_config"].update(
+                    {"lmcached.load_mode": "sync", "lmcached.namespace": "vllm-sync"}
+                )
+                engines["lmcached-sync"] = EngineProcess("lmcached-sync", model, sync_kv)
+                engines["lmcached-sync"].wait_ready()
             if server is not None:
                 server.wait_ready()
                 engines["LMCache"] = EngineProcess(
                     "LMCache", model, server.kv_transfer(), str(args.lmcache_connector)
                 )
                 engines["LMCache"].wait_ready()
-            connectors = [name for name in ("LMCache", "lmcached") if name in engines]
+            connectors = [
+                name for name in ("LMCache", "lmcached", "lmcached-sync") if name in engines
+            ]
             results = run(engines, connectors, args)
     finally:
         for engine in engines.values():
@@ -331,7 +346,7 @@ def wait_until_hit(
         while True:
             engines[name].reset()
             sample = engines[name].ttft(tokens)
-            done = name != "lmcached" or sample[1] >= len(tokens) - 1
+            done = not name.startswith("lmcached") or sample[1] >= len(tokens) - 1
             if done or time.monotonic() > deadline:
                 break
             time.sleep(0.5)
@@ -370,6 +385,9 @@ def report(
                 f", lmcached hit / LMCache MP hit {ours / median_ms(samples['LMCache hit']):.2f}"
             )
         line += f", lmcached hit / miss {ours / median_ms(samples['lmcached miss']):.3f}"
+        if "lmcached-sync hit" in samples:
+            sync = median_ms(samples["lmcached-sync hit"])
+            line += f", layerwise hit / sync hit {ours / sync:.2f}"
         print(line)
 
 

@@ -813,11 +813,13 @@ class LMCachedConnector(KVConnectorBase_V1):
             )[load.first_chunk : load.first_chunk + count]
             keys.extend(load_keys if len(load_keys) == count else [b""] * count)
         # Zero-copy views of the received data: the scatter is the one copy of a load.
-        fetched = self._link.get([k for k in keys if k])
-        values = iter(fetched if len(fetched) == sum(1 for k in keys if k) else [])
+        wanted = [k for k in keys if k]
+        fetched = self._link.get(wanted)
+        received = iter(fetched if len(fetched) == len(wanted) else [None] * len(wanted))
+        values = iter([next(received) if k else None for k in keys])
         pieces: list[_LoadPiece] = []
         for load in meta.loads:
-            load_values = [next(values, None) for _ in load.chunk_blocks]
+            load_values = [next(values) for _ in load.chunk_blocks]
             pieces.extend(self._pieces(meta, load, load_values))
         return pieces
 
