@@ -179,5 +179,7 @@ def _build(spec: ModelSpec, out: Path) -> None:
 if __name__ == "__main__":
     import sys
 
-    chosen = {"tiny": TINY, "25m": BENCH_25M, "100m": BENCH_100M}[sys.argv[1] if len(sys.argv) > 1 else "tiny"]
+    chosen = {"tiny": TINY, "25m": BENCH_25M, "100m": BENCH_100M}[
+        sys.argv[1] if len(sys.argv) > 1 else "tiny"
+    ]
     print(ensure_model(chosen))
