@@ -206,3 +206,45 @@ class PagedKV:
         if self.on_gpu:
             source = source.to(self.device, non_blocking=True)
         tensor.index_copy_(layout.block_dim, targets.to(self.device), source)
+
+
+class HostRegistrations:
+    """Page-lock long-lived host memory in place for CUDA (``cudaHostRegister``), once each.
+
+    For the daemon's shared-memory arenas, which a same-host client maps: registered, the
+    host-to-device copies of a load read them by DMA, asynchronously, on the loader's side
+    stream (pageable memory would make every copy a synchronous, staged one). Registering is
+    slow (it pins every page), so each (address, size) is registered once, and only memory
+    that lives as long as the engine is given here, never a per-request buffer.
+
+    ``cudart`` is ``torch.cuda.cudart()`` (a parameter, so that the bookkeeping can be checked
+    on a host without a GPU).
+    """
+
+    def __init__(self, cudart: Any) -> None:
+        self._cudart = cudart
+        self._registered: dict[int, int] = {}  # address -> size
+        self.failures = 0
+
+    def register(self, address: int, size: int) -> bool:
+        """Register ``size`` bytes at ``address``; True if they are (now or already) registered."""
+        if size <= 0:
+            return False
+        if self._registered.get(address) == size:
+            return True
+        code = self._cudart.cudaHostRegister(address, size, 0)
+        if int(code) != 0:
+            # Not fatal: copies from this memory are synchronous, as from any pageable memory.
+            self.failures += 1
+            return False
+        self._registered[address] = size
+        return True
+
+    def __contains__(self, address: int) -> bool:
+        return address in self._registered
+
+    def close(self) -> None:
+        """Unregister everything. Idempotent."""
+        registered, self._registered = self._registered, {}
+        for address in registered:
+            self._cudart.cudaHostUnregister(address)

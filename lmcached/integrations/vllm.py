@@ -57,7 +57,13 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 from vllm.logger import init_logger
 
 from lmcached.integrations.daemon_link import DaemonLink
-from lmcached.integrations.kv_blocks import HostBufferPool, PagedKV, layer_order, payload_tensor
+from lmcached.integrations.kv_blocks import (
+    HostBufferPool,
+    HostRegistrations,
+    PagedKV,
+    layer_order,
+    payload_tensor,
+)
 from lmcached.integrations.layer_loads import CudaOrder, DeviceOrder, HostOrder, LayerLoads
 
 if TYPE_CHECKING:
@@ -499,6 +505,7 @@ class LMCachedConnector(KVConnectorBase_V1):
             self._errors_lock = threading.Lock()  # the loader thread adds errors too
             self._layer_loads: LayerLoads | None = None
             self._cuda_order: CudaOrder | None = None
+            self._host_registrations: HostRegistrations | None = None
             self._forward_layers: list[str] = []
             self._paged_index: dict[str, int] = {}
             self._saver = _Saver(
@@ -762,6 +769,8 @@ class LMCachedConnector(KVConnectorBase_V1):
         meta = self._connector_metadata
         if not isinstance(meta, LMCachedConnectorMetadata) or not meta.loads or self._paged is None:
             return
+        if self._paged.on_gpu:
+            self._register_arenas()
         pieces = self._fetch(meta)
         if self.settings.load_mode == "sync":
             for piece in pieces:
@@ -778,6 +787,17 @@ class LMCachedConnector(KVConnectorBase_V1):
         loads.sources = pieces
         loads.start(lambda done: self._load_layers(pieces, done))
         self._layer_loads = loads
+
+    def _register_arenas(self) -> None:
+        """Page-lock the daemon's shared-memory arenas for CUDA (once each), so that loads copy
+        from them by DMA on the side stream, straight from the arena."""
+        if self._host_registrations is None:
+            import torch
+
+            self._host_registrations = HostRegistrations(torch.cuda.cudart())
+        for arena in self._link.arenas():
+            view = payload_tensor(arena)
+            self._host_registrations.register(view.data_ptr(), view.numel())
 
     def _device_order(self) -> DeviceOrder:
         assert self._paged is not None
@@ -961,6 +981,8 @@ class LMCachedConnector(KVConnectorBase_V1):
         if self._role == KVConnectorRole.WORKER:
             self._finish_layer_loads()
             self._saver.close()
+            if self._host_registrations is not None:
+                self._host_registrations.close()
         self._link.close()
 
 

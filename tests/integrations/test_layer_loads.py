@@ -137,3 +137,41 @@ def test_cuda_copies_run_on_a_side_stream_and_each_layer_is_ordered_by_its_event
     assert [e for e in cuda.log if e[0] == "wait_event"] == [("wait_event", i) for i in range(3)]
     assert cuda.log[-1] == ("synchronize", "side")
     assert order.events == {}
+
+
+class RecordingCudart:
+    """Stands in for torch.cuda.cudart() (no GPU here); fails for one chosen address."""
+
+    def __init__(self, failing: int = -1) -> None:
+        self.calls: list[tuple[str, int]] = []
+        self.failing = failing
+
+    def cudaHostRegister(self, address: int, size: int, flags: int) -> int:
+        self.calls.append(("register", address))
+        return 1 if address == self.failing else 0
+
+    def cudaHostUnregister(self, address: int) -> int:
+        self.calls.append(("unregister", address))
+        return 0
+
+
+def test_arenas_are_registered_with_cuda_once_and_unregistered_at_close() -> None:
+    from lmcached.integrations.kv_blocks import HostRegistrations
+
+    cudart = RecordingCudart(failing=3000)
+    registry = HostRegistrations(cudart)
+    assert registry.register(1000, 4096) and registry.register(1000, 4096)  # second: no call
+    assert registry.register(2000, 8192)
+    assert not registry.register(3000, 4096)  # a failure leaves copies synchronous, not broken
+    assert not registry.register(4000, 0)
+    assert 1000 in registry and 3000 not in registry and registry.failures == 1
+
+    registry.close()
+    registry.close()  # idempotent
+    assert cudart.calls == [
+        ("register", 1000),
+        ("register", 2000),
+        ("register", 3000),
+        ("unregister", 1000),
+        ("unregister", 2000),
+    ]
