@@ -43,7 +43,6 @@ import os
 import queue
 import re
 import threading
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -1023,17 +1022,6 @@ class _Saver:
     ) -> None:
         """Queue an admitted save: ``buffers`` are (buffer, the pool it goes back to) pairs."""
         self._jobs.put((keys, buffers, nbytes))
-
-    def wait_idle(self, timeout: float | None = None) -> bool:
-        """Wait until every submitted job is done; return False on timeout."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        with self._idle:
-            while self.backlog:
-                left = None if deadline is None else deadline - time.monotonic()
-                if left is not None and left <= 0:
-                    return False
-                self._idle.wait(left)
-        return True
 
     def _run(self) -> None:
         while True:
