@@ -22,6 +22,10 @@ from lmcached.errors import LMCachedError, LMCachedRequestError
 
 ClientFactory = Callable[[], Any]
 
+# The Client method that lists the shared-memory arenas a same-host client maps (each a
+# buffer-like object), for registering them with CUDA.
+ARENAS_METHOD = "shared_arenas"
+
 
 class RateLimitedLog:
     """Log a warning at most once per ``interval`` seconds for each kind of message."""
@@ -138,6 +142,21 @@ class DaemonLink:
                 [False] * len(keys),
             )
         )
+
+    def arenas(self) -> list[Any]:
+        """Return the daemon's shared-memory arenas this client maps (buffer-like), if any.
+
+        A same-host client of the shared-memory data plane maps them; other clients have none.
+        """
+
+        def mapped(client: Any) -> list[Any]:
+            method = getattr(client, ARENAS_METHOD, None)
+            if not callable(method):
+                return []
+            # Client.shared_arenas() gives (worker id, read-only view, size) per mapped arena.
+            return [entry[1] if isinstance(entry, tuple) else entry for entry in method()]
+
+        return list(self._call("arenas", mapped, []))
 
     def put(self, keys: Sequence[bytes], values: Sequence[Any]) -> bool:
         """Store blocks; return whether the daemon acknowledged them."""

@@ -9,13 +9,20 @@ so that engines with different layouts never read each other's bytes.
 CPU tensors (vLLM's CPU backend) are gathered straight into a reused host buffer with one
 copy (``index_select(out=...)``) and scattered with one copy (``index_copy_``) from the
 received payload. CUDA tensors are gathered on the device, then copied into pinned host
-buffers that are reused from a pool, never allocated per block; loads copy the received
-payload to the device (a synchronous host-to-device copy from pageable memory). The CUDA path did not run in our CI (no GPU); it uses only the
-documented ``copy_``/``index_copy_`` semantics, and the same code paths are tested on CPU.
+buffers that are reused from a pool, never allocated per block. Loads run layer by layer
+(lmcached.integrations.layer_loads): on CUDA each layer's host-to-device copy is issued on a
+side stream from registered (page-locked) host memory and ordered against the forward pass
+with CUDA events. The CUDA path did not run in our CI (no GPU); it uses only the documented
+``copy_``/``index_copy_``/stream/event semantics, its bookkeeping is tested on CPU, and
+``scripts/gpu_kv_load.py`` measures the same copies on a GPU host.
+
+A block is copied whole, never in part: a backend may lay a block's token slots out in its
+own way (vLLM's CPU backend does), so only whole blocks are known to be right.
 """
 
 from __future__ import annotations
 
+import re
 import threading
 import warnings
 from collections.abc import Sequence
@@ -91,6 +98,17 @@ class HostBufferPool:
             self._free.extend(buffers)
 
 
+def layer_order(names: Sequence[str]) -> list[str]:
+    """Sort layer names as a model runs them: by the numbers in them (layers.10 after layers.9)."""
+
+    def natural(name: str) -> list[tuple[int, int | str]]:
+        return [
+            (0, int(part)) if part.isdigit() else (1, part) for part in re.split(r"(\d+)", name)
+        ]
+
+    return sorted(names, key=natural)
+
+
 class PagedKV:
     """The engine's per-layer paged KV tensors, as blocks to gather and scatter."""
 
@@ -122,7 +140,7 @@ class PagedKV:
             parts.append(f"{tensor.dtype}{shape}")
         return ";".join(parts)
 
-    def _views(self, buffer: torch.Tensor, count: int) -> list[torch.Tensor]:
+    def views(self, buffer: torch.Tensor, count: int) -> list[torch.Tensor]:
         """Return one view per layer into ``buffer``, shaped as ``count`` gathered blocks."""
         views = []
         offset = 0
@@ -140,7 +158,7 @@ class PagedKV:
 
         index = torch.tensor(list(block_ids), dtype=torch.long, device=self.device)
         for tensor, layout, view in zip(
-            self.tensors, self.layouts, self._views(buffer, len(block_ids)), strict=True
+            self.tensors, self.layouts, self.views(buffer, len(block_ids)), strict=True
         ):
             if self.on_gpu:
                 # Gather on the device (one kernel), then one DMA into the pinned host buffer.
@@ -159,20 +177,81 @@ class PagedKV:
         ``block_ids`` are the chunk's blocks in order; ``positions`` (indexes into them) picks
         which ones to write, for a chunk that is only partly needed. Default: all.
         """
+        views = self.views(buffer, len(block_ids))
+        for layer, view in enumerate(views):
+            self.scatter_layer(layer, view, block_ids, positions)
+
+    def scatter_layer(
+        self,
+        layer: int,
+        view: torch.Tensor,
+        block_ids: Sequence[int],
+        positions: Sequence[int] | None = None,
+    ) -> None:
+        """Copy one layer's part of a chunk payload (``view``, from :meth:`views`) into blocks.
+
+        The one copy of a load: payload -> paged blocks (on CUDA, host -> device, issued on the
+        current stream, which a loader sets to its side stream).
+        """
         import torch
 
-        count = len(block_ids)
-        if positions is None:
-            positions = range(count)
-        targets = torch.tensor([block_ids[p] for p in positions], dtype=torch.long)
-        whole = len(positions) == count
-        picks = None if whole else torch.tensor(list(positions), dtype=torch.long)
-        targets = targets.to(self.device)
-        for tensor, layout, view in zip(
-            self.tensors, self.layouts, self._views(buffer, count), strict=True
-        ):
-            source = view if picks is None else view.index_select(layout.block_dim, picks)
-            if self.on_gpu:
-                source = source.to(self.device, non_blocking=True)
-            # The one copy of a CPU load: payload -> paged blocks.
-            tensor.index_copy_(layout.block_dim, targets, source)
+        tensor, layout = self.tensors[layer], self.layouts[layer]
+        picked = list(range(len(block_ids)) if positions is None else positions)
+        if not picked:
+            return
+        targets = torch.tensor([block_ids[p] for p in picked], dtype=torch.long)
+        source = view
+        if len(picked) != len(block_ids):
+            source = view.index_select(layout.block_dim, torch.tensor(picked, dtype=torch.long))
+        if self.on_gpu:
+            source = source.to(self.device, non_blocking=True)
+        tensor.index_copy_(layout.block_dim, targets.to(self.device), source)
+
+
+CUDA_HOST_REGISTER_READ_ONLY = 0x08  # cudaHostRegisterReadOnly
+
+
+class HostRegistrations:
+    """Page-lock long-lived host memory in place for CUDA (``cudaHostRegister``), once each.
+
+    For the daemon's shared-memory arenas, which a same-host client maps: registered, the
+    host-to-device copies of a load read them by DMA, asynchronously, on the loader's side
+    stream (pageable memory would make every copy a synchronous, staged one). Registering is
+    slow (it pins every page), so each (address, size) is registered once, and only memory
+    that lives as long as the engine is given here, never a per-request buffer.
+
+    ``cudart`` is ``torch.cuda.cudart()`` (a parameter, so that the bookkeeping can be checked
+    on a host without a GPU).
+    """
+
+    def __init__(self, cudart: Any) -> None:
+        self._cudart = cudart
+        self._registered: dict[int, int] = {}  # address -> size
+        self.failures = 0
+
+    def register(self, address: int, size: int) -> bool:
+        """Register ``size`` bytes at ``address``; True if they are (now or already) registered."""
+        if size <= 0:
+            return False
+        if self._registered.get(address) == size:
+            return True
+        # The arenas are mapped read-only, which CUDA accepts only with cudaHostRegisterReadOnly;
+        # drivers older than that flag take the default registration.
+        code = self._cudart.cudaHostRegister(address, size, CUDA_HOST_REGISTER_READ_ONLY)
+        if int(code) != 0:
+            code = self._cudart.cudaHostRegister(address, size, 0)
+        if int(code) != 0:
+            # Not fatal: copies from this memory are synchronous, as from any pageable memory.
+            self.failures += 1
+            return False
+        self._registered[address] = size
+        return True
+
+    def __contains__(self, address: int) -> bool:
+        return address in self._registered
+
+    def close(self) -> None:
+        """Unregister everything. Idempotent."""
+        registered, self._registered = self._registered, {}
+        for address in registered:
+            self._cudart.cudaHostUnregister(address)

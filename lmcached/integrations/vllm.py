@@ -43,8 +43,7 @@ import os
 import queue
 import re
 import threading
-import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -57,7 +56,14 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 from vllm.logger import init_logger
 
 from lmcached.integrations.daemon_link import DaemonLink
-from lmcached.integrations.kv_blocks import HostBufferPool, PagedKV, payload_tensor
+from lmcached.integrations.kv_blocks import (
+    HostBufferPool,
+    HostRegistrations,
+    PagedKV,
+    layer_order,
+    payload_tensor,
+)
+from lmcached.integrations.layer_loads import CudaOrder, DeviceOrder, HostOrder, LayerLoads
 from lmcached.runtime import default_control_endpoint
 
 if TYPE_CHECKING:
@@ -98,6 +104,7 @@ class ConnectorSettings:
     retry_interval: float = 5.0
     save: bool = True
     load: bool = True
+    load_mode: str = "layerwise"
 
 
 # key -> (field, converter, documentation). README's table is generated from the same text.
@@ -151,7 +158,16 @@ SETTINGS_DOC: dict[str, tuple[str, Any, str]] = {
     ),
     "lmcached.save": ("save", bool, "Store newly computed chunks. Default: true."),
     "lmcached.load": ("load", bool, "Load hits from lmcached. Default: true."),
+    "lmcached.load_mode": (
+        "load_mode",
+        str,
+        "layerwise: copy loaded KV in layer by layer on a loader thread while the forward pass "
+        "runs (each layer waits only for its own KV; on a GPU, a side stream ordered by CUDA "
+        "events); sync: copy all of it before the forward pass. Default: layerwise.",
+    ),
 }
+
+LOAD_MODES = ("layerwise", "sync")
 
 
 def _to_bool(value: Any) -> bool:
@@ -191,6 +207,10 @@ def parse_settings(extra: dict[str, Any] | None) -> ConnectorSettings:
             raise ValueError(f"kv_connector_extra_config: {key}={raw!r}: {exc}") from None
         if convert in (int, float) and value <= 0:
             raise ValueError(f"kv_connector_extra_config: {key}={raw!r}: must be positive")
+        if name == "load_mode" and value not in LOAD_MODES:
+            raise ValueError(
+                f"kv_connector_extra_config: {key}={raw!r}: must be one of {', '.join(LOAD_MODES)}"
+            )
         values[name] = value
     return ConnectorSettings(**values)
 
@@ -383,6 +403,17 @@ class LoadSpec:
 
 
 @dataclass
+class _LoadPiece:
+    """One fetched chunk of a load, ready to copy into its blocks (worker side)."""
+
+    payload: Any  # uint8 tensor viewing the received bytes
+    blocks: list[int]  # the chunk's blocks, in order
+    positions: list[int]  # which of them to write
+    edge: int | None  # position of the block the load ends inside of (shared with the forward)
+    load_blocks: list[int]  # the blocks written (reported if the load fails)
+
+
+@dataclass
 class SaveSpec:
     """Save chunks [first_chunk, first_chunk + len(chunk_blocks)) of a request."""
 
@@ -409,8 +440,9 @@ class _RequestState:
 
     tokens: list[int]
     extra: bytes
-    hit_tokens: int  # leading tokens the daemon holds, in whole chunks
-    saved_chunks: int  # leading chunks the daemon holds or that were handed to a save
+    hit_tokens: int  # leading tokens the daemon holds (whole chunks, then maybe a partial one)
+    saved_chunks: int  # leading whole chunks the daemon holds or that were handed to a save
+    partial_saved: bool = False  # the prompt's own trailing partial chunk is held or handed off
     asked_from: int = 0  # num_computed_tokens of the last get_num_new_matched_tokens
     pending_load: tuple[int, int] | None = None
     block_ids: list[int] = field(default_factory=list)
@@ -472,6 +504,12 @@ class LMCachedConnector(KVConnectorBase_V1):
             self._paged: PagedKV | None = None
             self._pool: dict[int, HostBufferPool] = {}
             self._load_errors: set[int] = set()
+            self._errors_lock = threading.Lock()  # the loader thread adds errors too
+            self._layer_loads: LayerLoads | None = None
+            self._cuda_order: CudaOrder | None = None
+            self._host_registrations: HostRegistrations | None = None
+            self._forward_layers: list[str] = []
+            self._paged_index: dict[str, int] = {}
             self._saver = _Saver(
                 DaemonLink(
                     make_client_factory(self.settings, self.settings.timeout),
@@ -480,9 +518,14 @@ class LMCachedConnector(KVConnectorBase_V1):
                     retry_interval=self.settings.retry_interval,
                 )
             )
-            # A save is an exists call and a put, each bounded by the timeout.
-            self._save_wait_limit = 2 * self.settings.timeout + 1.0
-            self.stats = {"loaded_chunks": 0, "failed_chunks": 0, "saved_chunks": 0}
+            self.stats = {
+                "loaded_chunks": 0,
+                "failed_chunks": 0,
+                "saved_chunks": 0,
+                "dropped_chunks": 0,
+                "layers_waited": 0,
+                "layers_overlapped": 0,
+            }
 
     # ---------------------------------------------------------------- shared helpers
 
@@ -504,14 +547,19 @@ class LMCachedConnector(KVConnectorBase_V1):
         check_chunk_size(chunk_size, self.block_size, source)
         return chunk_size
 
-    def _keys(
-        self, tokens: Sequence[int], extra: bytes, chunk_size: int, tp_rank: int, pp_rank: int
-    ) -> list[bytes]:
+    def _builder(self, chunk_size: int, tp_rank: int, pp_rank: int) -> KeyBuilder:
         builder = self._key_builders.get((chunk_size, tp_rank, pp_rank))
         if builder is None:
             builder = key_builder(self._vllm_config, chunk_size, tp_rank, pp_rank)
             self._key_builders[(chunk_size, tp_rank, pp_rank)] = builder
-        return builder.chunk_keys(list(tokens), extra=extra)
+        return builder
+
+    def _keys(
+        self, tokens: Sequence[int], extra: bytes, chunk_size: int, tp_rank: int, pp_rank: int
+    ) -> list[bytes]:
+        """Return the keys of ``tokens``: whole chunks, then a trailing partial chunk's if any."""
+        builder = self._builder(chunk_size, tp_rank, pp_rank)
+        return builder.prompt_keys(list(tokens), extra=extra).all()
 
     # ---------------------------------------------------------------- scheduler side
 
@@ -526,29 +574,63 @@ class LMCachedConnector(KVConnectorBase_V1):
         state.asked_from = num_computed_tokens
         if not self.settings.load:
             return 0, False
-        # The last prompt token is always computed (its logits are needed), and loads end on
-        # a block boundary so that vLLM's partial-block handling never meets our blocks.
-        usable = min(state.hit_tokens, (len(state.tokens) - 1) // self.block_size * self.block_size)
+        # Token-precise: every prompt token the daemon holds but the last, whose logits are
+        # needed. vLLM lets a connector's hit end inside a block (the loaded block's remaining
+        # slots are written by this step's forward pass).
+        usable = min(state.hit_tokens, len(state.tokens) - 1)
         return max(0, usable - num_computed_tokens), False
 
     def _lookup(self, request: Request) -> _RequestState:
         tokens = list(request.prompt_token_ids or [])
         extra = request_extra(request)
-        hit_chunks = 0
-        if len(tokens) >= self.chunk_size and (self.settings.load or self.settings.save):
-            # Normally one rank: one lookup. With TP/PP, a chunk is a hit only if every rank has it.
-            hit_chunks = len(tokens) // self.chunk_size
-            for tp_rank, pp_rank in self._ranks:
-                keys = self._keys(tokens, extra, self.chunk_size, tp_rank, pp_rank)
-                hit_chunks = min(hit_chunks, self._link.lookup(keys[:hit_chunks]))
-                if hit_chunks == 0:
-                    break
+        hit = 0
+        if tokens and (self.settings.load or self.settings.save):
+            # Normally one rank: one lookup. With TP/PP, a prefix is a hit only if every rank
+            # holds it: shrink the hit until every rank has confirmed the current length.
+            hit = len(tokens)
+            confirmed: set[tuple[int, int]] = set()
+            while hit > 0 and len(confirmed) < len(self._ranks):
+                for rank in self._ranks:
+                    if rank in confirmed:
+                        continue
+                    held = self._held_prefix(tokens[:hit], extra, *rank)
+                    if held < hit:
+                        hit, confirmed = held, set()
+                    confirmed.add(rank)
+                    if hit == 0:
+                        break
+        chunk_size = self.chunk_size
         return _RequestState(
             tokens=tokens,
             extra=extra,
-            hit_tokens=hit_chunks * self.chunk_size,
-            saved_chunks=hit_chunks,
+            hit_tokens=hit,
+            saved_chunks=hit // chunk_size,
+            partial_saved=hit == len(tokens),
         )
+
+    def _held_prefix(self, tokens: list[int], extra: bytes, tp_rank: int, pp_rank: int) -> int:
+        """Return how many leading ``tokens`` one rank's keys in the daemon cover.
+
+        One lookup of the prompt's keys (whole chunks, then its own partial chunk; all on one
+        worker, so one round trip). If that falls short, one ``exists`` for the partial chunks
+        that a shorter prompt with the same start may have stored where the hit ends (a chat's
+        next turn extends the previous one): the longest one held extends the hit.
+        """
+        chunk_size = self.chunk_size
+        builder = self._builder(chunk_size, tp_rank, pp_rank)
+        keys = builder.prompt_keys(tokens, extra=extra)
+        held = self._link.lookup(keys.all())
+        if held == len(keys.all()):
+            return len(tokens)
+        whole = min(held, len(keys.whole))
+        longest = chunk_size - 1 if whole < len(keys.whole) else keys.partial_tokens - 1
+        if longest <= 0 or self._link.is_down:
+            return whole * chunk_size
+        candidates = builder.partial_keys(tokens, whole, range(1, longest + 1), extra=extra)
+        lengths = sorted(candidates)
+        present = self._link.exists([candidates[n] for n in lengths])
+        found = [n for n, here in zip(lengths, present, strict=False) if here]
+        return whole * chunk_size + (max(found) if found else 0)
 
     def update_state_after_alloc(
         self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int
@@ -585,49 +667,68 @@ class LMCachedConnector(KVConnectorBase_V1):
             self._plan(meta, req_id, state, computed)
         return meta
 
+    def _chunk_blocks(self, state: _RequestState, chunk: int, tokens: int) -> list[int]:
+        """Return the blocks that hold chunk ``chunk`` of a prefix of ``tokens`` tokens."""
+        start = chunk * self.chunk_size
+        count = -(-min(self.chunk_size, tokens - start) // self.block_size)
+        first = start // self.block_size
+        return state.block_ids[first : first + count]
+
     def _plan(
         self, meta: LMCachedConnectorMetadata, req_id: str, state: _RequestState, computed: int
     ) -> None:
-        per_chunk = self.chunk_size // self.block_size
+        chunk_size = self.chunk_size
         if state.pending_load is not None:
             start, end = state.pending_load
             state.pending_load = None
-            first = start // self.chunk_size
-            last = (end + self.chunk_size - 1) // self.chunk_size
+            # The chunks that hold tokens [start, end), keyed as the daemon holds them: whole
+            # chunks, and a partial one if the hit ends in one.
+            source = min(state.hit_tokens, -(-end // chunk_size) * chunk_size)
+            first, last = start // chunk_size, -(-end // chunk_size)
             meta.loads.append(
                 LoadSpec(
                     req_id=req_id,
-                    tokens=state.tokens[: last * self.chunk_size],
+                    tokens=state.tokens[:source],
                     extra=state.extra,
                     first_chunk=first,
-                    chunk_blocks=[
-                        state.block_ids[c * per_chunk : (c + 1) * per_chunk]
-                        for c in range(first, last)
-                    ],
+                    chunk_blocks=[self._chunk_blocks(state, c, source) for c in range(first, last)],
                     start_token=start,
                     end_token=end,
                 )
             )
         if not self.settings.save:
             return
-        # Save prompt chunks whose every token has been computed by the end of this step.
-        complete = min(computed, len(state.tokens)) // self.chunk_size
-        complete = min(complete, len(state.block_ids) // per_chunk)
-        if complete > state.saved_chunks:
-            first = state.saved_chunks
+        # Save prompt chunks whose every token has been computed by the end of this step, and
+        # the prompt's trailing partial chunk once the whole prompt is computed (at most one
+        # partial chunk per prompt).
+        length = len(state.tokens)
+        done = min(computed, length)
+        complete = done // chunk_size
+        complete = min(complete, len(state.block_ids) * self.block_size // chunk_size)
+        chunks = list(range(state.saved_chunks, complete))
+        end = complete * chunk_size
+        partial = length % chunk_size
+        if (
+            partial
+            and done == length
+            and not state.partial_saved
+            and complete == length // chunk_size
+            and len(self._chunk_blocks(state, complete, length)) == -(-partial // self.block_size)
+        ):
+            chunks.append(complete)
+            end = length
+            state.partial_saved = True
+        if chunks:
             meta.saves.append(
                 SaveSpec(
                     req_id=req_id,
-                    tokens=state.tokens[: complete * self.chunk_size],
+                    tokens=state.tokens[:end],
                     extra=state.extra,
-                    first_chunk=first,
-                    chunk_blocks=[
-                        state.block_ids[c * per_chunk : (c + 1) * per_chunk]
-                        for c in range(first, complete)
-                    ],
+                    first_chunk=chunks[0],
+                    chunk_blocks=[self._chunk_blocks(state, c, end) for c in chunks],
                 )
             )
-            state.saved_chunks = complete
+            state.saved_chunks = max(state.saved_chunks, complete)
 
     def request_finished(
         self, request: Request, block_ids: list[int]
@@ -641,6 +742,8 @@ class LMCachedConnector(KVConnectorBase_V1):
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         """Take the paged KV tensors that loads scatter into and saves gather from."""
         self._paged = PagedKV(kv_caches, self.num_blocks)
+        self._paged_index = {name: i for i, name in enumerate(self._paged.names)}
+        self._forward_layers = layer_order(self._paged.names)
         logger.info(
             "LMCachedConnector (worker tp%d pp%d): %d layers, %d bytes per block, layout %s",
             self.tp_rank,
@@ -661,30 +764,105 @@ class LMCachedConnector(KVConnectorBase_V1):
         return pool, pool.acquire(count)
 
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
-        """Fetch this step's hit chunks and scatter them into their blocks (before the forward)."""
+        """Start this step's loads: layer by layer on the loader thread, overlapping the
+        forward pass (``lmcached.load_mode`` layerwise, the default), or all before it (sync).
+        """
+        self._finish_layer_loads()  # a previous step's, if vLLM skipped wait_for_save
         meta = self._connector_metadata
         if not isinstance(meta, LMCachedConnectorMetadata) or not meta.loads or self._paged is None:
             return
-        for load in meta.loads:
-            self._load(meta, load)
+        if self._paged.on_gpu:
+            self._register_arenas()
+        pieces = self._fetch(meta)
+        if self.settings.load_mode == "sync":
+            for piece in pieces:
+                self._paged.scatter(piece.payload, piece.blocks, piece.positions)
+            return
+        # A load that ends inside a block shares that block with this step's forward pass,
+        # which writes a layer's new KV into it *before* it asks for that layer's loaded KV.
+        # So that block is copied now, whole (a block's slot layout is the backend's own), and
+        # the rest layer by layer while the forward pass runs.
+        for piece in pieces:
+            if piece.edge is not None:
+                self._paged.scatter(piece.payload, piece.blocks, [piece.edge])
+        loads = LayerLoads(self._forward_layers, self._device_order())
+        loads.sources = pieces
+        loads.start(lambda done: self._load_layers(pieces, done))
+        self._layer_loads = loads
 
-    def _load(self, meta: LMCachedConnectorMetadata, load: LoadSpec) -> None:
+    def _register_arenas(self) -> None:
+        """Page-lock the daemon's shared-memory arenas for CUDA (once each), so that loads copy
+        from them by DMA on the side stream, straight from the arena."""
+        if self._host_registrations is None:
+            import torch
+
+            self._host_registrations = HostRegistrations(torch.cuda.cudart())
+        for arena in self._link.arenas():
+            view = payload_tensor(arena)
+            self._host_registrations.register(view.data_ptr(), view.numel())
+
+    def _device_order(self) -> DeviceOrder:
         assert self._paged is not None
-        count = len(load.chunk_blocks)
-        keys = self._keys(load.tokens, load.extra, meta.chunk_size, self.tp_rank, self.pp_rank)
-        keys = keys[load.first_chunk : load.first_chunk + count]
-        blocks_per_chunk = meta.chunk_size // meta.block_size
-        expected = self._paged.block_nbytes * blocks_per_chunk
-        # Zero-copy views of the received frames: the scatter below is the one copy of a load.
-        values = self._link.get(keys) if len(keys) == count else [None] * count
-        first_block = load.start_token // meta.block_size
-        end_block = (load.end_token + meta.block_size - 1) // meta.block_size
+        if not self._paged.on_gpu:
+            return HostOrder()
+        if self._cuda_order is None:
+            import torch
+
+            self._cuda_order = CudaOrder(torch.cuda, self._paged.device)
+        return self._cuda_order
+
+    def _load_layers(self, pieces: list[_LoadPiece], done: Callable[[int], None]) -> None:
+        """The loader thread's work: copy the fetched chunks in, layer by layer."""
+        assert self._paged is not None
+        views = [self._paged.views(piece.payload, len(piece.blocks)) for piece in pieces]
+        rest = [[p for p in piece.positions if p != piece.edge] for piece in pieces]
+        for position, name in enumerate(self._forward_layers):
+            layer = self._paged_index[name]
+            for piece, piece_views, positions in zip(pieces, views, rest, strict=True):
+                self._paged.scatter_layer(layer, piece_views[layer], piece.blocks, positions)
+            done(position)
+
+    def _fetch(self, meta: LMCachedConnectorMetadata) -> list[_LoadPiece]:
+        """Fetch every chunk of this step's loads in one batched get; return what to copy.
+
+        Chunks that cannot be loaded are recorded as load errors (vLLM recomputes them).
+        """
+        keys: list[bytes] = []
+        for load in meta.loads:
+            count = len(load.chunk_blocks)
+            load_keys = self._keys(
+                load.tokens, load.extra, meta.chunk_size, self.tp_rank, self.pp_rank
+            )[load.first_chunk : load.first_chunk + count]
+            keys.extend(load_keys if len(load_keys) == count else [b""] * count)
+        # Zero-copy views of the received data: the scatter is the one copy of a load.
+        wanted = [k for k in keys if k]
+        fetched = self._link.get(wanted)
+        received = iter(fetched if len(fetched) == len(wanted) else [None] * len(wanted))
+        values = iter([next(received) if k else None for k in keys])
+        pieces: list[_LoadPiece] = []
+        for load in meta.loads:
+            load_values = [next(values) for _ in load.chunk_blocks]
+            pieces.extend(self._pieces(meta, load, load_values))
+        return pieces
+
+    def _pieces(
+        self, meta: LMCachedConnectorMetadata, load: LoadSpec, values: list[Any]
+    ) -> list[_LoadPiece]:
+        assert self._paged is not None
+        block_size = meta.block_size
+        blocks_per_chunk = meta.chunk_size // block_size
+        first_block = load.start_token // block_size
+        end_block = -(-load.end_token // block_size)
+        ends_inside_a_block = load.end_token % block_size != 0
 
         def in_load(chunk: int, position: int) -> bool:
             return first_block <= chunk * blocks_per_chunk + position < end_block
 
+        pieces = []
         for i, (value, blocks) in enumerate(zip(values, load.chunk_blocks, strict=True)):
             chunk = load.first_chunk + i
+            # A partial chunk holds fewer blocks; its last block is partly filled.
+            expected = self._paged.block_nbytes * len(blocks)
             size = None if value is None else memoryview(value).nbytes
             if size != expected:
                 if size is not None:
@@ -702,16 +880,49 @@ class LMCachedConnector(KVConnectorBase_V1):
                     for p, block in enumerate(later)
                     if in_load(chunk + j, p)
                 ]
-                self._load_errors.update(failed)
-                self.stats["failed_chunks"] += count - i
-                return
+                with self._errors_lock:
+                    self._load_errors.update(failed)
+                self.stats["failed_chunks"] += len(load.chunk_blocks) - i
+                break
             wanted = [p for p in range(len(blocks)) if in_load(chunk, p)]
-            self._paged.scatter(payload_tensor(value), blocks, wanted)
+            ends_here = bool(wanted) and chunk * blocks_per_chunk + wanted[-1] == end_block - 1
+            pieces.append(
+                _LoadPiece(
+                    payload=payload_tensor(value),
+                    blocks=blocks,
+                    positions=wanted,
+                    edge=wanted[-1] if ends_here and ends_inside_a_block else None,
+                    load_blocks=[b for p, b in enumerate(blocks) if in_load(chunk, p)],
+                )
+            )
             self.stats["loaded_chunks"] += 1
+        return pieces
+
+    def _finish_layer_loads(self) -> None:
+        """Wait for the step's loader (done by now: the forward pass waited for every layer)."""
+        loads, self._layer_loads = self._layer_loads, None
+        if loads is None:
+            return
+        pieces = list(loads.sources)
+        loads.join()
+        self.stats["layers_waited"] += loads.waits
+        self.stats["layers_overlapped"] += loads.overlapped
+        if loads.error is not None:
+            logger.error("LMCachedConnector: a layer-wise load failed: %r", loads.error)
+            # Nothing of this step's loads can be trusted: vLLM recomputes all of it.
+            meta = self._connector_metadata
+            failed: set[int] = set()
+            for load in meta.loads if isinstance(meta, LMCachedConnectorMetadata) else []:
+                for blocks in load.chunk_blocks:
+                    failed.update(blocks)
+            failed.update(b for piece in pieces for b in piece.load_blocks)
+            with self._errors_lock:
+                self._load_errors.update(failed)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
-        """Return at once: :meth:`start_load_kv` finished every layer before the forward."""
-        return
+        """Wait until ``layer_name``'s loaded KV is in place (layer-wise loads)."""
+        if self._layer_loads is not None:
+            self._layer_loads.wait(layer_name)
 
     def save_kv_layer(
         self,
@@ -724,90 +935,119 @@ class LMCachedConnector(KVConnectorBase_V1):
         return
 
     def wait_for_save(self) -> None:
-        """Gather this step's complete chunks into host buffers and queue them for the daemon."""
-        # Bound the work in flight to one step: wait for the previous step's puts first (they
-        # overlapped this step's forward pass).
-        if not self._saver.wait_idle(self._save_wait_limit):
-            logger.warning(
-                "LMCachedConnector: previous saves still running after %.0fs", self._save_wait_limit
-            )
+        """Gather this step's complete chunks into host buffers and queue them for the daemon.
+
+        Never waits for earlier saves: they run on the saver thread while the next forward pass
+        runs. The gather (the one copy out of the paged KV) is the only work done here; it must
+        finish before the next step may write into (or vLLM may reuse) these blocks.
+        """
+        self._finish_layer_loads()
         meta = self._connector_metadata
         if not isinstance(meta, LMCachedConnectorMetadata) or not meta.saves or self._paged is None:
             return
-        blocks_per_chunk = meta.chunk_size // meta.block_size
         for save in meta.saves:
             count = len(save.chunk_blocks)
             keys = self._keys(save.tokens, save.extra, meta.chunk_size, self.tp_rank, self.pp_rank)
             keys = keys[save.first_chunk : save.first_chunk + count]
             if len(keys) != count or self._saver.link.is_down:
                 continue
-            pool, buffers = self._buffers(blocks_per_chunk, count)
-            for blocks, buffer in zip(save.chunk_blocks, buffers, strict=True):
+            nbytes = self._paged.block_nbytes * sum(len(b) for b in save.chunk_blocks)
+            if not self._saver.admit(nbytes):
+                # The daemon is slower than the engine: skip this save rather than make the
+                # next forward pass wait for the previous ones.
+                self.stats["dropped_chunks"] += count
+                self._saver.link.log.warning(
+                    "backlog",
+                    "LMCachedConnector: %d bytes of saves still queued; skipping %d chunks",
+                    self._saver.backlog,
+                    count,
+                )
+                continue
+            buffers: list[tuple[Any, HostBufferPool]] = []
+            for blocks in save.chunk_blocks:
+                pool, (buffer,) = self._buffers(len(blocks), 1)
                 self._paged.gather(blocks, buffer)
-            self._saver.submit(keys, buffers, pool)
+                buffers.append((buffer, pool))
+            self._saver.submit(keys, buffers, nbytes)
             self.stats["saved_chunks"] += count
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         """Return (and forget) the blocks whose load failed in this step."""
-        errors, self._load_errors = self._load_errors, set()
+        self._finish_layer_loads()
+        with self._errors_lock:
+            errors, self._load_errors = self._load_errors, set()
         return errors
 
     def shutdown(self) -> None:
         """Finish queued saves (bounded by the timeout), stop the saver, close the clients."""
         if self._role == KVConnectorRole.WORKER:
+            self._finish_layer_loads()
             self._saver.close()
+            if self._host_registrations is not None:
+                self._host_registrations.close()
         self._link.close()
+
+
+# Host bytes of gathered chunks that may wait for the saver thread; beyond it, saves are skipped
+# (counted in stats["dropped_chunks"]) instead of making a forward pass wait.
+SAVE_BACKLOG_BYTES = 1 << 30
 
 
 class _Saver:
     """The worker's saver thread: skip chunks the daemon has, put the rest, free the buffers."""
 
-    def __init__(self, link: DaemonLink) -> None:
+    def __init__(self, link: DaemonLink, backlog_limit: int = SAVE_BACKLOG_BYTES) -> None:
         self.link = link
-        self._jobs: queue.Queue[tuple[list[bytes], list[Any], HostBufferPool] | None] = (
-            queue.Queue()
-        )
+        self.backlog_limit = backlog_limit
+        self.backlog = 0  # bytes admitted and not yet done
+        self._jobs: queue.Queue[
+            tuple[list[bytes], list[tuple[Any, HostBufferPool]], int] | None
+        ] = queue.Queue()
         self._idle = threading.Condition()
-        self._pending = 0
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="lmcached-saver", daemon=True)
         self._thread.start()
 
-    def submit(self, keys: list[bytes], buffers: list[Any], pool: HostBufferPool) -> None:
-        with self._idle:
-            self._pending += 1
-        self._jobs.put((keys, buffers, pool))
+    def admit(self, nbytes: int) -> bool:
+        """Reserve ``nbytes`` of backlog for a save; False if that would pass the limit.
 
-    def wait_idle(self, timeout: float | None = None) -> bool:
-        """Wait until every submitted job is done; return False on timeout."""
-        deadline = None if timeout is None else time.monotonic() + timeout
+        A save larger than the whole limit is still admitted when nothing is queued, so that
+        a long prompt is never refused for its size alone.
+        """
         with self._idle:
-            while self._pending:
-                left = None if deadline is None else deadline - time.monotonic()
-                if left is not None and left <= 0:
-                    return False
-                self._idle.wait(left)
-        return True
+            if self.backlog and self.backlog + nbytes > self.backlog_limit:
+                return False
+            self.backlog += nbytes
+            return True
+
+    def submit(
+        self, keys: list[bytes], buffers: list[tuple[Any, HostBufferPool]], nbytes: int
+    ) -> None:
+        """Queue an admitted save: ``buffers`` are (buffer, the pool it goes back to) pairs."""
+        self._jobs.put((keys, buffers, nbytes))
 
     def _run(self) -> None:
         while True:
             job = self._jobs.get()
             if job is None:
                 return
-            keys, buffers, pool = job
+            keys, buffers, nbytes = job
             try:
                 have = self.link.exists(keys)
                 missing = [i for i, present in enumerate(have) if not present]
                 if missing and len(have) == len(keys):
                     # numpy views share the tensors' memory: the client sends them zero-copy.
-                    self.link.put([keys[i] for i in missing], [buffers[i].numpy() for i in missing])
+                    self.link.put(
+                        [keys[i] for i in missing], [buffers[i][0].numpy() for i in missing]
+                    )
             except Exception:
                 # A bug here must cost a save, never the engine: keep the thread alive.
                 logger.exception("LMCachedConnector: saving %d chunks failed", len(keys))
             finally:
-                pool.release(buffers)
+                for buffer, pool in buffers:
+                    pool.release([buffer])
                 with self._idle:
-                    self._pending -= 1
+                    self.backlog -= nbytes
                     self._idle.notify_all()
 
     def close(self) -> None:

@@ -74,6 +74,21 @@ BENCH_100M = ModelSpec(
 )
 
 
+# About 25M parameters, float32 (this project's CPUs have no AVX-512/AMX: bf16 is emulated and
+# slow). A 2048-token prefill takes about 3 s on one core: the side-by-side TTFT benchmark's model.
+# Its KV is 16 KiB per token (8 layers x 4 KV heads x 64 x K,V x 4 bytes): 32 MiB per 2048 tokens.
+BENCH_25M = ModelSpec(
+    name="llama-25m",
+    hidden_size=512,
+    num_layers=8,
+    num_heads=8,
+    num_kv_heads=4,
+    intermediate_size=1280,
+    vocab_size=4096,
+    dtype="float32",
+)
+
+
 def default_cache_dir() -> Path:
     """Return the folder that holds built checkpoints (outside any clone)."""
     base = os.environ.get("LMCACHED_CACHE_DIR") or os.path.join(
@@ -164,5 +179,7 @@ def _build(spec: ModelSpec, out: Path) -> None:
 if __name__ == "__main__":
     import sys
 
-    chosen = {"tiny": TINY, "100m": BENCH_100M}[sys.argv[1] if len(sys.argv) > 1 else "tiny"]
+    chosen = {"tiny": TINY, "25m": BENCH_25M, "100m": BENCH_100M}[
+        sys.argv[1] if len(sys.argv) > 1 else "tiny"
+    ]
     print(ensure_model(chosen))

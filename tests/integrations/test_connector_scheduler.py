@@ -181,3 +181,86 @@ def test_a_chunk_size_that_is_not_whole_blocks_stops_the_engine_at_start(
     config["kv_connector_extra_config"]["lmcached.chunk_size"] = 100
     with pytest.raises(ValueError, match="block_size 32 does not divide"):
         build(tiny_model, config)
+
+
+def store_prompt(connector: Any, daemon: Any, tokens: list[int], salt: str | None = None) -> None:
+    """Store every key of ``tokens`` (whole chunks and the trailing partial chunk)."""
+    from lmcached.integrations.vllm import key_builder, request_extra
+
+    extra = request_extra(request("", tokens, salt))
+    keys = key_builder(connector._vllm_config, CHUNK_SIZE).prompt_keys(tokens, extra=extra).all()
+    with daemon.client(timeout=5) as client:
+        client.put(keys, [b"kv" * 8] * len(keys))
+
+
+@pytest.mark.parametrize("length", [2048, 2000, 1337, 200])
+def test_a_stored_prompt_hits_every_token_but_the_last(
+    connector: Any, daemon: Any, length: int
+) -> None:
+    tokens = make_prompt(110 + length, length)
+    store_prompt(connector, daemon, tokens)
+    req = request(f"r-len-{length}", tokens)
+
+    assert connector.get_num_new_matched_tokens(req, 0) == (length - 1, False)
+    # On top of vLLM's own whole-block hit, the connector supplies the rest but the last token.
+    local = (length - 1) // BLOCK_SIZE * BLOCK_SIZE
+    assert connector.get_num_new_matched_tokens(req, local) == (length - 1 - local, False)
+    connector.request_finished(req, [])
+
+
+def test_a_longer_prompt_loads_the_partial_chunk_a_shorter_one_stored(
+    connector: Any, daemon: Any
+) -> None:
+    longer = make_prompt(120, 2100)
+    store_prompt(connector, daemon, longer[:2000])  # 7 whole chunks and 208 tokens
+    req = request("r-extends", longer)
+
+    assert connector.get_num_new_matched_tokens(req, 0) == (2000, False)
+    blocks = list(range(100, 100 + -(-len(longer) // BLOCK_SIZE)))
+    connector.update_state_after_alloc(req, SimpleNamespace(get_block_ids=lambda: (blocks,)), 2000)
+    step = SimpleNamespace(
+        scheduled_new_reqs=[
+            SimpleNamespace(req_id="r-extends", block_ids=(blocks,), num_computed_tokens=2000)
+        ],
+        scheduled_cached_reqs=SimpleNamespace(
+            req_ids=[], resumed_req_ids=set(), new_block_ids=[], num_computed_tokens=[]
+        ),
+        num_scheduled_tokens={"r-extends": 100},
+    )
+    meta = connector.build_connector_meta(step)
+
+    (load,) = meta.loads
+    assert len(load.tokens) == 2000  # keyed as the shorter prompt stored them: ...-p208
+    assert [len(b) for b in load.chunk_blocks] == [PER_CHUNK] * 7 + [7]  # 208 tokens: 7 blocks
+    (save,) = meta.saves  # this prompt completes chunk 7 and stores its own partial chunk
+    assert save.first_chunk == 7 and len(save.tokens) == 2100
+    assert [len(b) for b in save.chunk_blocks] == [PER_CHUNK, 2]  # 52 tokens: 2 blocks
+    assert (
+        connector.build_connector_meta(
+            SimpleNamespace(
+                scheduled_new_reqs=[],
+                scheduled_cached_reqs=SimpleNamespace(
+                    req_ids=["r-extends"],
+                    resumed_req_ids=set(),
+                    new_block_ids=[None],
+                    num_computed_tokens=[2100],
+                ),
+                num_scheduled_tokens={"r-extends": 1},
+            )
+        ).saves
+        == []
+    )  # at most one partial chunk per prompt, saved once
+    connector.request_finished(req, [])
+
+
+def test_a_partial_chunk_is_never_taken_for_a_whole_one(connector: Any, daemon: Any) -> None:
+    tokens = make_prompt(121, 2048)
+    store_prompt(connector, daemon, tokens[:2000])
+    req = request("r-not-whole", tokens)
+    # The 2,048-token prompt's chunk 7 is not stored; the 208-token partial chunk is found as
+    # what it is (208 tokens), never as chunk 7.
+    assert connector.get_num_new_matched_tokens(req, 0) == (2000, False)
+    connector.request_finished(req, [])
+    salted = request("r-salted-partial", tokens[:2000], salt="other")
+    assert connector.get_num_new_matched_tokens(salted, 0) == (0, False)
+    connector.request_finished(salted, [])

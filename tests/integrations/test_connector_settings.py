@@ -89,3 +89,10 @@ def test_a_chunk_size_that_is_not_whole_blocks_fails_with_the_fix():
         ValueError, match=r"the daemon's chunk_size is 100, which vLLM's block_size 32"
     ):
         check_chunk_size(100, 32, "the daemon's chunk_size")
+
+
+def test_load_mode_is_layerwise_by_default_and_checked():
+    assert parse_settings(None).load_mode == "layerwise"
+    assert parse_settings({"lmcached.load_mode": "sync"}).load_mode == "sync"
+    with pytest.raises(ValueError, match="must be one of layerwise, sync"):
+        parse_settings({"lmcached.load_mode": "async"})

@@ -32,6 +32,8 @@ def test_calls_pass_through_while_the_daemon_is_up(tmp_path: Path) -> None:
         assert link.exists(KEYS) == [True, True, False]
         values = link.get(KEYS)
         assert bytes(values[1]) == b"b" * 20 and values[2] is None
+        # Mapped shared-memory arenas (for CUDA registration): none without that data plane.
+        assert all(memoryview(arena).nbytes > 0 for arena in link.arenas())
         link.close()
         link.close()  # idempotent
 

@@ -38,11 +38,12 @@ def stored_keys(engine: Engine, tokens: list[int], **prompt: Any) -> list[bytes]
         SimpleNamespace(cache_salt=prompt.get("cache_salt"), lora_request=None, mm_features=[])
     )
     builder = key_builder(engine.llm.llm_engine.vllm_config, CHUNK_SIZE)
-    return builder.chunk_keys(tokens, extra=extra)
+    return builder.prompt_keys(tokens, extra=extra).all()
 
 
 def wait_stored(engine: Engine, tokens: list[int], timeout: float = 30.0, **prompt: Any) -> None:
-    """Wait until the daemon holds every whole chunk of ``tokens`` (saves are asynchronous)."""
+    """Wait until the daemon holds every chunk of ``tokens``, the partial one too (saves are
+    asynchronous)."""
     keys = stored_keys(engine, tokens, **prompt)
     with engine.daemon.client(timeout=5) as client:
         deadline = time.monotonic() + timeout
@@ -74,8 +75,56 @@ def test_hit_gives_the_same_greedy_output_as_a_full_prefill(engine: Engine) -> N
 
     hit = engine.fresh(prompt)
 
-    assert hit.num_cached_tokens == FULL_HIT  # everything but the last block
+    assert hit.num_cached_tokens == FULL_HIT  # every token but the last: 2,047 of 2,048
     assert list(hit.outputs[0].token_ids) == list(miss.outputs[0].token_ids)
+
+
+@pytest.mark.parametrize("length", [2000, 1337])
+def test_an_unaligned_prompt_loads_every_token_but_the_last(engine: Engine, length: int) -> None:
+    prompt = make_prompt(20 + length, length)
+    miss = engine.fresh(prompt)
+    wait_stored(engine, prompt)
+
+    hit = engine.fresh(prompt)
+
+    assert hit.num_cached_tokens == length - 1  # 1,999 of 2,000; 1,336 of 1,337
+    assert list(hit.outputs[0].token_ids) == list(miss.outputs[0].token_ids)
+
+
+def test_a_partial_chunk_later_completed_by_a_longer_prompt(engine: Engine) -> None:
+    longer = make_prompt(30, 2100)
+    shorter = longer[:2000]  # 7 whole chunks and a partial chunk of 208 tokens
+    shorter_miss = engine.fresh(shorter)
+    wait_stored(engine, shorter)
+    # A salted run is a true miss (other keys) and gives the reference output of ``longer``.
+    longer_reference = engine.fresh(longer, cache_salt="reference")
+
+    # The longer prompt loads the shorter one's partial chunk, then completes chunk 7 itself.
+    extended = engine.fresh(longer)
+    wait_stored(engine, longer)
+    longer_hit = engine.fresh(longer)
+    shorter_hit = engine.fresh(shorter)  # its partial chunk still serves it
+
+    assert extended.num_cached_tokens == 2000
+    assert longer_hit.num_cached_tokens == 2099
+    assert shorter_hit.num_cached_tokens == 1999
+    reference = list(longer_reference.outputs[0].token_ids)
+    assert list(extended.outputs[0].token_ids) == reference
+    assert list(longer_hit.outputs[0].token_ids) == reference
+    assert list(shorter_hit.outputs[0].token_ids) == list(shorter_miss.outputs[0].token_ids)
+
+
+def test_cache_salt_keeps_partial_chunks_apart(engine: Engine) -> None:
+    prompt = make_prompt(31, 1337)
+    first = engine.fresh(prompt, cache_salt="tenant-a")
+    wait_stored(engine, prompt, cache_salt="tenant-a")
+
+    other_tenant = engine.fresh(prompt, cache_salt="tenant-b")
+    same_tenant = engine.fresh(prompt, cache_salt="tenant-a")
+
+    assert other_tenant.num_cached_tokens == 0
+    assert same_tenant.num_cached_tokens == 1336
+    assert list(same_tenant.outputs[0].token_ids) == list(first.outputs[0].token_ids)
 
 
 def test_wrong_kv_changes_the_output(engine: Engine) -> None:
