@@ -43,7 +43,7 @@ import os
 import queue
 import re
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -55,6 +55,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 from vllm.logger import init_logger
 
+from lmcached import config_lmcache
 from lmcached.integrations.daemon_link import DaemonLink
 from lmcached.integrations.kv_blocks import (
     HostBufferPool,
@@ -105,6 +106,7 @@ class ConnectorSettings:
     save: bool = True
     load: bool = True
     load_mode: str = "layerwise"
+    save_partial_chunks: bool = True
 
 
 # key -> (field, converter, documentation). README's table is generated from the same text.
@@ -157,6 +159,12 @@ SETTINGS_DOC: dict[str, tuple[str, Any, str]] = {
         "saves, no waiting) before it is tried again. Default: 5.",
     ),
     "lmcached.save": ("save", bool, "Store newly computed chunks. Default: true."),
+    "lmcached.save_partial_chunks": (
+        "save_partial_chunks",
+        bool,
+        "Also store a prompt's trailing partial chunk (fewer than chunk_size tokens), so a "
+        "repeated prompt hits to the token. LMCache's save_unfull_chunk. Default: true.",
+    ),
     "lmcached.load": ("load", bool, "Load hits from lmcached. Default: true."),
     "lmcached.load_mode": (
         "load_mode",
@@ -213,6 +221,36 @@ def parse_settings(extra: dict[str, Any] | None) -> ConnectorSettings:
             )
         values[name] = value
     return ConnectorSettings(**values)
+
+
+def read_settings(
+    extra: dict[str, Any] | None, environ: Mapping[str, str] | None = None
+) -> tuple[ConnectorSettings, list[str]]:
+    """Return the settings and the warnings about LMCache keys, from every place they come from.
+
+    Lowest precedence first, as LMCache's connector reads them: LMCache's file
+    (``LMCACHE_CONFIG_FILE``) and ``LMCACHE_<KEY>`` for LMCache's connector-feature keys only,
+    then ``lmcache.*`` keys, then ``lmcached.*`` keys of ``kv_connector_extra_config``.
+    """
+    extra = extra or {}
+    inherited, warnings = config_lmcache.lmcache_connector_entries(
+        os.environ if environ is None else environ
+    )
+    mapped, mapping_warnings = config_lmcache.map_lmcache_connector_keys(extra, inherited)
+    return parse_settings({**mapped, **extra}), warnings + mapping_warnings
+
+
+# Warnings already logged in this process: a process may build several connectors (tests, and
+# vLLM's scheduler and worker roles when they share one process).
+_logged_warnings: set[str] = set()
+
+
+def log_settings_warnings(warnings: list[str]) -> None:
+    """Log each warning once per process."""
+    for warning in warnings:
+        if warning not in _logged_warnings:
+            _logged_warnings.add(warning)
+            logger.warning("LMCachedConnector: %s", warning)
 
 
 def make_client_factory(settings: ConnectorSettings, timeout: float) -> Any:
@@ -354,7 +392,9 @@ def key_builder(
     from lmcached.keys import KeyBuilder
 
     kv_transfer = vllm_config.kv_transfer_config
-    settings = parse_settings(kv_transfer.kv_connector_extra_config if kv_transfer else None)
+    settings, _warnings = read_settings(
+        kv_transfer.kv_connector_extra_config if kv_transfer else None
+    )
     model, revision = model_identity(vllm_config, settings)
     return KeyBuilder(
         namespace=settings.namespace,
@@ -461,7 +501,10 @@ class LMCachedConnector(KVConnectorBase_V1):
     ) -> None:
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
         extra = self._kv_transfer_config.kv_connector_extra_config
-        self.settings = parse_settings(extra)
+        self.settings, warnings = read_settings(extra)
+        if role == KVConnectorRole.SCHEDULER:
+            # Once per engine: the worker roles read the same keys.
+            log_settings_warnings(warnings)
         self.block_size = vllm_config.cache_config.block_size
         self.model, self.revision = model_identity(vllm_config, self.settings)
         self.num_blocks = kv_cache_config.num_blocks
@@ -710,6 +753,7 @@ class LMCachedConnector(KVConnectorBase_V1):
         partial = length % chunk_size
         if (
             partial
+            and self.settings.save_partial_chunks
             and done == length
             and not state.partial_saved
             and complete == length // chunk_size
