@@ -918,7 +918,7 @@ def from_mapping(
     cfg = Config(**values, source=source, warnings=reader.warnings)
     # The cross-key checks run even when some values were invalid, so that one run reports
     # both kinds; a check that reads an invalid key is skipped (it would judge the default).
-    problems = reader.problems + cross_key_problems(cfg, skip=reader.failed)
+    problems = reader.problems + cross_key_problems(cfg, skip=reader.failed, where=reader.where)
     if problems:
         raise problems[0] if len(problems) == 1 else ConfigErrors(problems)
     return cfg
@@ -1035,18 +1035,37 @@ def validate(cfg: Config) -> None:
 
 
 def cross_key_problems(
-    cfg: Config, skip: set[str] | frozenset[str] = frozenset()
+    cfg: Config,
+    skip: set[str] | frozenset[str] = frozenset(),
+    where: Mapping[str, str | None] | None = None,
 ) -> list[ConfigError]:
     """Return the problems of every cross-key check that reads none of the keys in ``skip``.
 
     ``skip`` holds keys whose own value was invalid (the Config carries their default instead):
-    a check that reads one would judge a value nobody wrote.
+    a check that reads one would judge a value nobody wrote. ``where`` maps a key to where its
+    value was set (a file path, or "env NAME"), to name that in each problem.
     """
     problems: list[ConfigError] = []
     for keys, check in _CROSS_KEY_CHECKS:
         if skip.isdisjoint(keys):
-            problems.extend(check(cfg))
+            problems.extend(_named_by_origin(p, keys, where or {}) for p in check(cfg))
     return problems
+
+
+def _named_by_origin(
+    problem: ConfigError, keys: frozenset[str], where: Mapping[str, str | None]
+) -> ConfigError:
+    """Name where the values behind ``problem`` were set (an env variable, say), not the file.
+
+    That is where its own key was set, else the one place that set the check's other keys.
+    """
+    origin = where.get(problem.key)
+    if problem.key not in where:
+        places = {where[k] for k in keys if k in where}
+        origin = places.pop() if len(places) == 1 else None
+    if origin is None or origin == problem.source:
+        return problem
+    return ConfigError(problem.key, problem.message, origin)
 
 
 def _check_request_sizes(cfg: Config) -> Iterator[ConfigError]:

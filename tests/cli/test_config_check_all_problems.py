@@ -88,3 +88,15 @@ def test_a_cross_key_check_on_an_invalid_value_is_not_reported(tmp_path: Path) -
     assert done.returncode == 2
     (error,) = _errors(done)
     assert f"{config}: max_local_disk_size:" in error
+
+
+def test_a_cross_key_problem_names_the_env_variable_that_set_the_key(tmp_path: Path) -> None:
+    config = tmp_path / "plain.yaml"
+    config.write_text(yaml.safe_dump({"chunk_size": 256}))
+    done = _config_check(config, env={"LMCACHED_MAX_LOCAL_DISK_SIZE": "20"})
+    assert done.returncode == 2
+    (error,) = _errors(done)
+    assert error.endswith(
+        "env LMCACHED_MAX_LOCAL_DISK_SIZE: local_disk: max_local_disk_size is set but local_disk "
+        "is not; name a folder"
+    ), error

@@ -293,3 +293,17 @@ def test_save_unfull_chunk_false_in_the_lmcache_file_stores_no_partial_chunk(
     assert save.first_chunk == 0 and len(save.tokens) == 2048
     assert [len(b) for b in save.chunk_blocks] == [PER_CHUNK] * 8  # no trailing 52 tokens
     connector.request_finished(req, [])
+
+
+def test_lmcache_key_warnings_are_logged_once_by_the_scheduler(
+    tiny_model: Path, daemon: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    config = connector_config(daemon.config_path, **{"lmcache.enable_blending": True})
+    with caplog.at_level("WARNING", logger="lmcached.integrations.vllm"):
+        build(tiny_model, config)
+        build(tiny_model, config)  # a second connector in this process adds nothing
+    logged = [r.getMessage() for r in caplog.records if "lmcache.enable_blending" in r.getMessage()]
+    assert logged == [
+        "LMCachedConnector: kv_connector_extra_config: lmcache.enable_blending: ignored: "
+        "CacheBlend (reusing non-prefix chunks) is not supported; lmcached serves prefix hits only"
+    ]
