@@ -237,7 +237,16 @@ def read_settings(
         os.environ if environ is None else environ
     )
     mapped, mapping_warnings = config_lmcache.map_lmcache_connector_keys(extra, inherited)
-    return parse_settings({**mapped, **extra}), warnings + mapping_warnings
+    warnings += mapping_warnings
+    for key, value in list(mapped.items()):
+        try:
+            parse_settings({key: value})
+        except ValueError as exc:
+            # LMCache's connector took this value: an engine migrating with it still starts,
+            # with our default and a warning.
+            warnings.append(f"{exc} (mapped from an lmcache.* key): ignored")
+            del mapped[key]
+    return parse_settings({**mapped, **extra}), warnings
 
 
 # Warnings already logged in this process: a process may build several connectors (tests, and

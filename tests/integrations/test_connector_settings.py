@@ -175,3 +175,12 @@ def test_a_bad_lmcache_value_is_named_and_ignored():
         "kv_connector_extra_config: lmcache.save_unfull_chunk='maybe': ignored: "
         "expected true or false"
     ]
+
+
+def test_an_lmcache_value_our_setting_refuses_is_a_warning_not_a_failed_start():
+    settings, warnings = read_settings({"lmcache.blocking_timeout_secs": 0}, environ={})
+    assert settings == ConnectorSettings()
+    assert warnings == [
+        "kv_connector_extra_config: lmcached.timeout=0.0: must be positive "
+        "(mapped from an lmcache.* key): ignored"
+    ]
