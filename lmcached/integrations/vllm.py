@@ -16,23 +16,30 @@ How it works:
   per-layer KV shapes, the device type and the TP/PP rank; the chained hash mixes in the
   request's ``cache_salt``, LoRA adapter and multimodal hashes. So different models, layouts,
   salts or adapters never share KV.
+* **Settings** are the ``lmcached.*`` keys of ``kv_connector_extra_config``. LMCache's
+  ``lmcache.*`` keys map to them where there is an equivalent, and LMCache's connector-feature
+  keys (``save_unfull_chunk``, ``use_layerwise``, ``enable_async_loading``) are also read from
+  ``LMCACHE_CONFIG_FILE`` and ``LMCACHE_<KEY>``, as LMCache's connector reads them
+  (:func:`read_settings`); the others are named in one warning each.
 * **Scheduler side** (:meth:`get_num_new_matched_tokens`): one batched ``lookup`` per request
-  (remembered, so repeated calls are free) gives the leading hit in whole chunks; vLLM loads
-  exactly that, less the last token of a fully cached prompt, which must be computed. If the
-  daemon is down the hit is 0 and a rate-limited warning is logged; the engine never sees an
-  exception and never waits on a dead daemon more than once per ``lmcached.retry_interval``.
+  (remembered, so repeated calls are free) gives the leading hit, to the token (whole chunks,
+  then a partial chunk a prompt stored); vLLM loads it, less the last token of a fully cached
+  prompt, which must be computed. If the daemon is down the hit is 0 and a rate-limited warning
+  is logged; the engine never sees an exception and never waits on a dead daemon more than once
+  per ``lmcached.retry_interval``.
 * **Worker side**: :meth:`start_load_kv` fetches the hit chunks in one batched ``get`` and
-  scatters them from the received frames (no intermediate copy) into the request's blocks
-  before the forward pass (a synchronous load, so ``wait_for_layer_load`` has nothing to wait
-  for). A chunk whose size is not exactly what this engine's layout needs is not loaded. A chunk that cannot be loaded (missing,
-  failed checksum in the daemon, timeout, daemon down) is reported through
-  :meth:`get_block_ids_with_load_errors` from its first block on, and vLLM recomputes those
-  tokens (this needs ``"kv_load_failure_policy": "recompute"``; with vLLM's default ``fail``
-  such a request fails instead).
+  copies them into the request's blocks layer by layer while the forward pass runs
+  (``lmcached.load_mode: layerwise``; ``wait_for_layer_load`` waits for one layer's KV), or all
+  before it (``sync``). A chunk whose size is not exactly what this engine's layout needs is not
+  loaded. A chunk that cannot be loaded (missing, failed checksum in the daemon, timeout, daemon
+  down) is reported through :meth:`get_block_ids_with_load_errors` from its first block on, and
+  vLLM recomputes those tokens (this needs ``"kv_load_failure_policy": "recompute"``; with
+  vLLM's default ``fail`` such a request fails instead).
   :meth:`wait_for_save` gathers the chunks that became complete in this step (prompt tokens
-  only) into host buffers and hands them to a saver thread, which skips chunks the daemon
-  already has and puts the rest; the network time overlaps the next forward pass. At most one
-  step of saves is in flight: the next ``wait_for_save`` waits for the previous step's.
+  only, and a prompt's trailing partial chunk unless ``lmcached.save_partial_chunks`` is false)
+  into host buffers and hands them to a saver thread, which skips chunks the daemon already has
+  and puts the rest; the network time overlaps the next forward pass. It never waits for
+  earlier saves: past a backlog limit, a save is skipped instead.
 """
 
 from __future__ import annotations
