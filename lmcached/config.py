@@ -18,7 +18,7 @@ import dataclasses
 import difflib
 import os
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -887,8 +887,9 @@ def from_mapping(
 
     Precedence, lowest first: the mapping (the file), ``LMCACHE_<KEY>`` (LMCache's names), then
     ``LMCACHED_<KEY>``. LMCache keys are translated by :mod:`lmcached.config_lmcache`; within one
-    layer our own key wins over an LMCache key mapped onto it. Every problem is collected, so one
-    run reports them all (a single problem raises ConfigError, several raise ConfigErrors), each
+    layer our own key wins over an LMCache key mapped onto it. Every problem is collected, those
+    of single values and those of the cross-key checks, so one run reports them all (a single
+    problem raises ConfigError, several raise ConfigErrors), each
     naming where its value came from.
     """
     if not isinstance(data, Mapping):
@@ -907,8 +908,6 @@ def from_mapping(
     for entries in layers:
         reader.read_layer(entries)
     reader.read_lmcache_extra_config()
-    if reader.problems:
-        raise reader.problems[0] if len(reader.problems) == 1 else ConfigErrors(reader.problems)
     values = reader.values
     # Defaults pass through their converters too, so sizes like "64MiB" become ints.
     for name, f in _fields_by_name().items():
@@ -917,7 +916,11 @@ def from_mapping(
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
         values[name] = f.metadata["convert"](default) if default is not None else None
     cfg = Config(**values, source=source, warnings=reader.warnings)
-    validate(cfg)
+    # The cross-key checks run even when some values were invalid, so that one run reports
+    # both kinds; a check that reads an invalid key is skipped (it would judge the default).
+    problems = reader.problems + cross_key_problems(cfg, skip=reader.failed, where=reader.where)
+    if problems:
+        raise problems[0] if len(problems) == 1 else ConfigErrors(problems)
     return cfg
 
 
@@ -939,6 +942,7 @@ class _Reader:
         self.where: dict[str, str | None] = {}
         self.problems: list[ConfigError] = []
         self.warnings: list[str] = []
+        self.failed: set[str] = set()  # our keys whose value could not be converted
 
     def read_layer(self, entries: list[_Entry]) -> None:
         own: dict[str, str] = {}  # our key -> the spelling that set it in this layer
@@ -1007,6 +1011,8 @@ class _Reader:
             self.values[key] = self.fields[key].metadata["convert"](raw_value)
             self.where[key] = where
         except ValueError as exc:
+            self.failed.add(key)
+            self.values.pop(key, None)  # a lower layer's value is not what was asked for
             self.problems.append(ConfigError(raw_key, str(exc), where))
 
     def _warn(self, where: str | None, key: str, message: str) -> None:
@@ -1014,7 +1020,8 @@ class _Reader:
 
 
 def validate(cfg: Config) -> None:
-    """Check rules that span several keys; raise ConfigError with an actionable sentence.
+    """Check rules that span several keys; raise every problem found (ConfigError, or
+    ConfigErrors for several), each with an actionable sentence.
 
     Only the values themselves are checked here. Whether the names they mention exist (an
     eviction policy, a codec, a plugin class) is asked of the extension registry by
@@ -1022,61 +1029,107 @@ def validate(cfg: Config) -> None:
     every worker run; whether the plugin folders are safe, by
     :func:`lmcached.supervision.discovery.check_plugin_locations` where script plugins start.
     """
+    problems = cross_key_problems(cfg)
+    if problems:
+        raise problems[0] if len(problems) == 1 else ConfigErrors(problems)
+
+
+def cross_key_problems(
+    cfg: Config,
+    skip: set[str] | frozenset[str] = frozenset(),
+    where: Mapping[str, str | None] | None = None,
+) -> list[ConfigError]:
+    """Return the problems of every cross-key check that reads none of the keys in ``skip``.
+
+    ``skip`` holds keys whose own value was invalid (the Config carries their default instead):
+    a check that reads one would judge a value nobody wrote. ``where`` maps a key to where its
+    value was set (a file path, or "env NAME"), to name that in each problem.
+    """
+    problems: list[ConfigError] = []
+    for keys, check in _CROSS_KEY_CHECKS:
+        if skip.isdisjoint(keys):
+            problems.extend(_named_by_origin(p, keys, where or {}) for p in check(cfg))
+    return problems
+
+
+def _named_by_origin(
+    problem: ConfigError, keys: frozenset[str], where: Mapping[str, str | None]
+) -> ConfigError:
+    """Name where the values behind ``problem`` were set (an env variable, say), not the file.
+
+    That is where its own key was set, else the one place that set the check's other keys.
+    """
+    origin = where.get(problem.key)
+    if problem.key not in where:
+        places = {where[k] for k in keys if k in where}
+        origin = places.pop() if len(places) == 1 else None
+    if origin is None or origin == problem.source:
+        return problem
+    return ConfigError(problem.key, problem.message, origin)
+
+
+def _check_request_sizes(cfg: Config) -> Iterator[ConfigError]:
     src = cfg.source
     if cfg.max_block_size > cfg.max_inflight_bytes:
-        raise ConfigError(
+        yield ConfigError(
             "max_block_size",
             f"{cfg.max_block_size} bytes exceeds max_inflight_bytes ({cfg.max_inflight_bytes}); "
             "a single block must fit in one request",
             src,
         )
     if cfg.wire_frame_size < 4096:
-        raise ConfigError("wire_frame_size", "must be at least 4KiB", src)
+        yield ConfigError("wire_frame_size", "must be at least 4KiB", src)
     if cfg.max_meta_bytes > MAX_META_BYTES_LIMIT:
-        raise ConfigError(
+        yield ConfigError(
             "max_meta_bytes",
             f"{cfg.max_meta_bytes} bytes exceeds {MAX_META_BYTES_LIMIT}, the most a stored "
             "block's header holds (docs/format.md)",
             src,
         )
+
+
+def _check_ports(cfg: Config) -> Iterator[ConfigError]:
     if cfg.port != 0 and cfg.port + cfg.num_workers > 65535:
-        raise ConfigError("port", f"port {cfg.port} + {cfg.num_workers} workers exceeds 65535", src)
-    _validate_tiers(cfg)
-    _check_authentication(cfg)
-    _check_namespace_quotas(cfg)
+        yield ConfigError(
+            "port", f"port {cfg.port} + {cfg.num_workers} workers exceeds 65535", cfg.source
+        )
 
 
-def _validate_tiers(cfg: Config) -> None:
-    """Check the disk and remote keys together."""
+def _check_disk_tier(cfg: Config) -> Iterator[ConfigError]:
     src = cfg.source
     if cfg.local_disk and cfg.max_local_disk_size <= 0:
-        raise ConfigError(
+        yield ConfigError(
             "max_local_disk_size",
             f"local_disk is set ({cfg.local_disk}) but the disk budget is 0; "
             "set max_local_disk_size, e.g. 20 (GiB)",
             src,
         )
     if cfg.max_local_disk_size > 0 and not cfg.local_disk:
-        raise ConfigError(
+        yield ConfigError(
             "local_disk", "max_local_disk_size is set but local_disk is not; name a folder", src
         )
-    if cfg.remote_url:
-        # Only the URL's own shape; whether a connector serves the scheme is the registry's
-        # question (check_store_config).
-        parts = urlsplit(cfg.remote_url)
-        scheme = parts.scheme.lower()
-        if scheme in MULTI_NODE_SCHEMES:
-            try:
-                parse_cluster_url(cfg.remote_url)
-            except ValueError as exc:
-                raise ConfigError("remote_url", str(exc), src) from None
-        if scheme == "fs" and parts.netloc:
-            # LMCache's documented form is fs://host:port/path; its host and port mean nothing
-            # to a folder.
-            cfg.warnings.append(
-                f"{src or 'config'}: remote_url: the host and port of fs://{parts.netloc} are "
-                f"ignored; fs:// names a folder on this machine ({unquote(parts.path) or '/'})"
-            )
+
+
+def _check_remote_url(cfg: Config) -> Iterator[ConfigError]:
+    # Only the URL's own shape; whether a connector serves the scheme is the registry's
+    # question (check_store_config).
+    src = cfg.source
+    if not cfg.remote_url:
+        return
+    parts = urlsplit(cfg.remote_url)
+    scheme = parts.scheme.lower()
+    if scheme in MULTI_NODE_SCHEMES:
+        try:
+            parse_cluster_url(cfg.remote_url)
+        except ValueError as exc:
+            yield ConfigError("remote_url", str(exc), src)
+    if scheme == "fs" and parts.netloc:
+        # LMCache's documented form is fs://host:port/path; its host and port mean nothing
+        # to a folder.
+        cfg.warnings.append(
+            f"{src or 'config'}: remote_url: the host and port of fs://{parts.netloc} are "
+            f"ignored; fs:// names a folder on this machine ({unquote(parts.path) or '/'})"
+        )
 
 
 def load(
@@ -1136,23 +1189,23 @@ def is_loopback_host(host: str) -> bool:
         return False
 
 
-def _check_authentication(cfg: Config) -> None:
+def _check_authentication(cfg: Config) -> Iterator[ConfigError]:
     if cfg.metrics_port is not None and not is_loopback_host(cfg.metrics_host):
-        raise ConfigError(
+        yield ConfigError(
             "metrics_host",
             f"binding {cfg.metrics_host} exposes the unauthenticated metrics endpoint beyond this "
             "machine; keep it on a loopback address and let a local agent or proxy export it",
             cfg.source,
         )
     if not is_loopback_host(cfg.host) and not cfg.curve_secret_key_file:
-        raise ConfigError(
+        yield ConfigError(
             "host",
             f"binding {cfg.host} exposes the cache beyond this machine; set "
             "curve_secret_key_file and curve_authorized_keys (create keys with `lmcached keygen`)",
             cfg.source,
         )
     if cfg.curve_secret_key_file and not cfg.curve_authorized_keys:
-        raise ConfigError(
+        yield ConfigError(
             "curve_authorized_keys",
             "is required with curve_secret_key_file: without an allow-list of client public "
             "keys any CURVE client could connect",
@@ -1160,7 +1213,7 @@ def _check_authentication(cfg: Config) -> None:
         )
     if not cfg.enable_tcp and not is_loopback_host(cfg.host):
         # Before enable_tcp existed, such a host meant TCP; never drop off-host clients silently.
-        raise ConfigError(
+        yield ConfigError(
             "enable_tcp",
             f"host is {cfg.host}, for off-host clients, but TCP is off; set enable_tcp: true "
             "(it runs CURVE with your keys) or remove host",
@@ -1169,20 +1222,46 @@ def _check_authentication(cfg: Config) -> None:
     for key in ("curve_secret_key_file", "curve_authorized_keys"):
         path = getattr(cfg, key)
         if path and not os.path.exists(path):
-            raise ConfigError(key, f"{path} does not exist", cfg.source)
+            yield ConfigError(key, f"{path} does not exist", cfg.source)
 
 
-def _check_namespace_quotas(cfg: Config) -> None:
+def _check_namespace_quotas(cfg: Config) -> Iterator[ConfigError]:
     total = sum(cfg.namespace_quotas.values())
     if cfg.namespace_quotas and not cfg.local_cpu:
-        raise ConfigError("namespace_quotas", "needs the CPU tier (local_cpu: true)", cfg.source)
+        yield ConfigError("namespace_quotas", "needs the CPU tier (local_cpu: true)", cfg.source)
     if total > cfg.max_local_cpu_size:
-        raise ConfigError(
+        yield ConfigError(
             "namespace_quotas",
             f"the quotas add up to {total} bytes, more than max_local_cpu_size "
             f"({cfg.max_local_cpu_size}); a quota is a reservation, so they must fit",
             cfg.source,
         )
+
+
+# Every cross-key check, with the keys it reads (a check is skipped when one of them is invalid).
+_CROSS_KEY_CHECKS: tuple[tuple[frozenset[str], Callable[[Config], Iterator[ConfigError]]], ...] = (
+    (
+        frozenset({"max_block_size", "max_inflight_bytes", "wire_frame_size", "max_meta_bytes"}),
+        _check_request_sizes,
+    ),
+    (frozenset({"port", "num_workers"}), _check_ports),
+    (frozenset({"local_disk", "max_local_disk_size"}), _check_disk_tier),
+    (frozenset({"remote_url"}), _check_remote_url),
+    (
+        frozenset(
+            {
+                "metrics_port",
+                "metrics_host",
+                "host",
+                "enable_tcp",
+                "curve_secret_key_file",
+                "curve_authorized_keys",
+            }
+        ),
+        _check_authentication,
+    ),
+    (frozenset({"namespace_quotas", "local_cpu", "max_local_cpu_size"}), _check_namespace_quotas),
+)
 
 
 def wire_limits(cfg: Config) -> Limits:

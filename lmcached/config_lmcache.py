@@ -7,6 +7,8 @@ Every key and alias of LMCache's ``_CONFIG_DEFINITIONS`` / ``_CONFIG_ALIASES`` (
 * **ours**: lmcached has the same key, or an equivalent one (``cache_policy`` → ``eviction_policy``);
 * **ignored**: a no-op with one warning naming the key and why, given only when the value asks for
   something (it differs from LMCache's default: ``enable_blending: false`` says nothing);
+* **connector**: a setting of LMCache's vLLM connector that lmcached's connector reads from the
+  same places (:data:`CONNECTOR_KEYS`); the daemon accepts it silently;
 * **refused**: the key would change what the engine computes or where its data must go, and
   lmcached cannot honour it: a one-line error saying what to do instead.
 
@@ -80,6 +82,16 @@ def refused(default: Any, why: str) -> Treatment:
     return Treatment("refused", f"(unless {_show(default)}): {why}", apply)
 
 
+def connector(summary: str) -> Treatment:
+    """A key of LMCache's vLLM connector: the lmcached connector reads it, the daemon does not.
+
+    The connector finds it where LMCache's connector does (``LMCACHE_CONFIG_FILE``,
+    ``LMCACHE_<KEY>``, ``lmcache.<key>`` in ``kv_connector_extra_config``), so the daemon, which
+    may read the same file, says nothing about it.
+    """
+    return Treatment("connector", summary, lambda _value: Outcome())
+
+
 def _show(default: Any) -> str:
     if default is None:
         return "unset"
@@ -112,10 +124,7 @@ def _plugin_locations(value: Any) -> Outcome:
 
 # --- reasons, shared by the keys of one LMCache feature ------------------------------------------
 
-_CONNECTOR = (
-    "a vLLM-connector feature; it will map to the connector's settings once the token-precise "
-    "connector lands, until then lmcached stores and loads whole chunks"
-)
+
 _BLEND = "CacheBlend (reusing non-prefix chunks) is not supported; lmcached serves prefix hits only"
 _P2P = (
     "peer-to-peer transfer between engines is not used; engines on one host share its daemon, "
@@ -169,7 +178,7 @@ LMCACHE_KEYS: dict[str, Treatment] = {
     "max_local_disk_size": same(),
     "remote_url": same(),
     "remote_serde": same(),
-    "use_layerwise": ignored(False, _CONNECTOR),
+    "use_layerwise": connector("`lmcached.load_mode` (`true` → layerwise, `false` → sync)"),
     "save_decode_cache": ignored(False, "only prompt (prefill) chunks are stored"),
     "pre_caching_hash_algorithm": ignored(
         "builtin", "keys are built by lmcached.keys (docs/keys.md), the same in every process"
@@ -231,7 +240,9 @@ LMCACHE_KEYS: dict[str, Treatment] = {
     "audit_actual_remote_url": ignored(None, "the audit connector is not provided"),
     "internal_api_server_host": ignored("127.0.0.1", _API),
     "extra_config": same(),
-    "save_unfull_chunk": ignored(False, _CONNECTOR),
+    "save_unfull_chunk": connector(
+        "`lmcached.save_partial_chunks` (a prompt's trailing partial chunk is stored)"
+    ),
     "blocking_timeout_secs": ignored(
         10, "every request has a deadline: request_timeout (client), remote_timeout (remote)"
     ),
@@ -245,7 +256,10 @@ LMCACHE_KEYS: dict[str, Treatment] = {
         _cache_policy,
     ),
     "numa_mode": ignored(None, "memory is not bound to NUMA nodes"),
-    "enable_async_loading": ignored(False, _CONNECTOR),
+    "enable_async_loading": connector(
+        "(warns unless `false`): there is no asynchronous load; loads are layer-wise "
+        "(`lmcached.load_mode: layerwise`, the default), overlapping the forward pass"
+    ),
     "internal_api_server_enabled": ignored(False, _API),
     "internal_api_server_port_start": ignored(6999, _API),
     "priority_limit": ignored(None, "every request is cached, whatever its priority"),
@@ -261,7 +275,9 @@ LMCACHE_KEYS: dict[str, Treatment] = {
         "(docs/extensions.md) and name its scheme in remote_url",
     ),
     "lookup_timeout_ms": ignored(3000, _LOOKUP),
-    "min_retrieve_tokens": ignored(0, _CONNECTOR),
+    "min_retrieve_tokens": ignored(
+        0, "the vLLM connector loads every hit, however short, to the token"
+    ),
     "hit_miss_ratio": ignored(None, "a testing knob of LMCache; lmcached never fakes misses"),
     "lookup_server_worker_ids": ignored(
         None, "every engine worker asks the daemon directly; there is no lookup server"
@@ -424,39 +440,132 @@ def unsupported_scheme_message(scheme: str) -> str | None:
 
 # --- the vLLM connector's kv_connector_extra_config --------------------------------------------
 
-# LMCache's connector keys (``lmcache.<key>``) with an lmcached connector equivalent:
-# name -> (our key, value converter).
-_CONNECTOR_EQUIVALENTS: dict[str, tuple[str, Callable[[Any], Any]]] = {
-    "lmcache.chunk_size": ("lmcached.chunk_size", lambda v: v),
-    "lmcache.lookup_timeout_ms": ("lmcached.lookup_timeout", lambda v: float(v) / 1000.0),
-    "lmcache.blocking_timeout_secs": ("lmcached.timeout", float),
+
+def _strict_bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in {"true", "yes", "on", "1"}:
+        return True
+    if text in {"false", "no", "off", "0"}:
+        return False
+    raise ValueError("expected true or false")
+
+
+def _save_unfull_chunk(value: Any) -> Outcome:
+    return Outcome(updates={"lmcached.save_partial_chunks": _strict_bool(value)})
+
+
+def _use_layerwise(value: Any) -> Outcome:
+    return Outcome(updates={"lmcached.load_mode": "layerwise" if _strict_bool(value) else "sync"})
+
+
+def _enable_async_loading(value: Any) -> Outcome:
+    if not _strict_bool(value):
+        return Outcome()
+    return Outcome(
+        warning="ignored: there is no asynchronous load; loads are layer-wise instead "
+        "(lmcached.load_mode: layerwise, the default), each layer waiting only for its own KV"
+    )
+
+
+def _seconds_from_ms(value: Any) -> Outcome:
+    return Outcome(updates={"lmcached.lookup_timeout": float(value) / 1000.0})
+
+
+# LMCache's connector keys with an lmcached connector equivalent (``lmcache.<name>`` in
+# kv_connector_extra_config): name -> what a value does, as ``lmcached.*`` settings.
+_CONNECTOR_EQUIVALENTS: dict[str, Callable[[Any], Outcome]] = {
+    "chunk_size": lambda v: Outcome(updates={"lmcached.chunk_size": int(v)}),
+    "lookup_timeout_ms": _seconds_from_ms,
+    "blocking_timeout_secs": lambda v: Outcome(updates={"lmcached.timeout": float(v)}),
+    "save_unfull_chunk": _save_unfull_chunk,
+    "use_layerwise": _use_layerwise,
+    "enable_async_loading": _enable_async_loading,
 }
+
+# The keys of LMCache's connector features, which LMCache users keep in the file LMCache's
+# connector reads (LMCACHE_CONFIG_FILE) or in LMCACHE_<KEY>: the lmcached connector reads these
+# there too (and only these: the rest of such a file is the daemon's).
+CONNECTOR_KEYS = ("save_unfull_chunk", "use_layerwise", "enable_async_loading")
+
+EXTRA_CONFIG = "kv_connector_extra_config"
+
+
+def lmcache_connector_entries(
+    environ: Mapping[str, str],
+) -> tuple[dict[str, tuple[Any, str]], list[str]]:
+    """Read :data:`CONNECTOR_KEYS` where LMCache's connector reads them.
+
+    Returns (``lmcache.<key>`` -> (value, where it came from), warnings). As in LMCache, the file
+    named by ``LMCACHE_CONFIG_FILE`` comes first and ``LMCACHE_<KEY>`` overrides it. A file that
+    cannot be read is a warning, not an error: it is the daemon's file, and an engine must not
+    fail over it.
+    """
+    import yaml  # only when a connector starts
+
+    found: dict[str, tuple[Any, str]] = {}
+    warnings: list[str] = []
+    path = environ.get(CONFIG_FILE_ENV)
+    if path:
+        try:
+            with open(path) as f:
+                data = yaml.safe_load(f) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            reason = getattr(exc, "strerror", None) or str(exc).replace("\n", " ")
+            warnings.append(
+                f"{CONFIG_FILE_ENV}={path}: cannot read it ({reason}); its connector keys "
+                f"({', '.join(CONNECTOR_KEYS)}) are not applied"
+            )
+            data = {}
+        if isinstance(data, Mapping):
+            for name in CONNECTOR_KEYS:
+                if data.get(name) is not None:
+                    found[f"lmcache.{name}"] = (data[name], path)
+    for name in CONNECTOR_KEYS:
+        env_name = ENV_PREFIX + name.upper()
+        raw = environ.get(env_name)
+        if raw is not None and raw.strip():
+            text = raw.strip()
+            if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
+                text = text[1:-1]  # LMCache unquotes
+            found[f"lmcache.{name}"] = (text, f"env {env_name}")
+    return found, warnings
 
 
 def map_lmcache_connector_keys(
     extra: Mapping[str, Any],
+    inherited: Mapping[str, tuple[Any, str]] | None = None,
 ) -> tuple[dict[str, Any], list[str]]:
     """Map the ``lmcache.*`` keys of vLLM's ``kv_connector_extra_config`` to ``lmcached.*`` ones.
 
     Returns (the ``lmcached.*`` settings, one warning per ``lmcache.*`` key without an
-    equivalent). Keys that are not ``lmcache.*`` are not looked at; an explicit ``lmcached.*``
-    key wins over the mapped one.
+    equivalent, or with a value that cannot be used). Keys that are not ``lmcache.*`` are not
+    looked at; an explicit ``lmcached.*`` key wins over the mapped one. ``inherited`` holds
+    ``lmcache.*`` values from LMCache's file and environment (:func:`lmcache_connector_entries`)
+    with where each came from; a key in ``extra`` wins over them, as in LMCache.
     """
+    entries: dict[str, tuple[Any, str]] = dict(inherited or {})
+    entries.update(
+        (key, (value, EXTRA_CONFIG)) for key, value in extra.items() if key.startswith("lmcache.")
+    )
     settings: dict[str, Any] = {}
     warnings: list[str] = []
-    for key, value in extra.items():
-        if not key.startswith("lmcache."):
-            continue
-        equivalent = _CONNECTOR_EQUIVALENTS.get(key)
-        if equivalent is not None:
-            ours_key, convert = equivalent
-            if ours_key not in extra:
-                try:
-                    settings[ours_key] = convert(value)
-                except (TypeError, ValueError):
-                    warnings.append(f"{key}={value!r}: ignored: not a number")
-            continue
+    for key, (value, where) in entries.items():
         name = key[len("lmcache.") :]
+        equivalent = _CONNECTOR_EQUIVALENTS.get(name)
+        if equivalent is not None:
+            try:
+                outcome = equivalent(value)
+            except (TypeError, ValueError) as exc:
+                warnings.append(f"{where}: {key}={value!r}: ignored: {exc}")
+                continue
+            if outcome.warning:
+                warnings.append(f"{where}: {key}: {outcome.warning}")
+            for ours_key, ours_value in outcome.updates.items():
+                if ours_key not in extra:
+                    settings[ours_key] = ours_value
+            continue
         if name.startswith("mp."):
             why = _MP + "; set lmcached.endpoint or lmcached.config instead"
         elif is_lmcache_key(name):
@@ -468,5 +577,5 @@ def map_lmcache_connector_keys(
             )
         else:
             why = "not an LMCache config key lmcached knows"
-        warnings.append(f"kv_connector_extra_config {key}: ignored: {why}")
+        warnings.append(f"{where}: {key}: ignored: {why}")
     return settings, warnings

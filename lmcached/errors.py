@@ -54,6 +54,7 @@ class ConfigError(LMCachedError):
     def __init__(self, key: str, message: str, source: str | None = None) -> None:
         self.key = key
         self.source = source
+        self.message = message
         where = f"{source}: " if source else ""
         super().__init__(f"{where}{key}: {message}")
 
@@ -69,6 +70,7 @@ class ConfigErrors(ConfigError):
         )
         self.key = first.key
         self.source = first.source
+        self.message = first.message
 
 
 # Worker exit codes the scheduler reads as "restarting will not help": it stops the daemon.

@@ -75,10 +75,27 @@ naming the nearest alternative:
 ## vLLM connector keys
 
 LMCache's `lmcache.*` keys in vLLM's `kv_connector_extra_config` map to the connector's
-`lmcached.*` keys where there is an equivalent (`lmcache.chunk_size` → `lmcached.chunk_size`,
-`lmcache.lookup_timeout_ms` → `lmcached.lookup_timeout` in seconds,
-`lmcache.blocking_timeout_secs` → `lmcached.timeout`); the others are named in one warning each
-(`lmcached.config_lmcache.map_lmcache_connector_keys`). See [vllm.md](vllm.md).
+`lmcached.*` keys where there is an equivalent; the others are named in one warning each, logged
+once when vLLM starts (`lmcached.config_lmcache.map_lmcache_connector_keys`). See
+[vllm.md](vllm.md#lmcache-connector-keys).
+
+| LMCache connector key | lmcached connector setting |
+| --- | --- |
+| `lmcache.chunk_size` | `lmcached.chunk_size` |
+| `lmcache.lookup_timeout_ms` | `lmcached.lookup_timeout` (seconds) |
+| `lmcache.blocking_timeout_secs` | `lmcached.timeout` |
+| `lmcache.save_unfull_chunk` | `lmcached.save_partial_chunks` |
+| `lmcache.use_layerwise` | `lmcached.load_mode`: `true` → `layerwise`, `false` → `sync` |
+| `lmcache.enable_async_loading` | none: `true` warns that loads are layer-wise instead |
+
+The keys of LMCache's connector features (marked **connector** in the table below:
+`save_unfull_chunk`, `use_layerwise`, `enable_async_loading`) are read by the lmcached connector
+where LMCache's connector reads them, so an engine started with its LMCache environment keeps
+them: the file named by `LMCACHE_CONFIG_FILE` in vLLM's environment, then `LMCACHE_<KEY>`, then
+`lmcache.<key>`, then `lmcached.*` in `kv_connector_extra_config` (last wins). The connector
+reads only these three keys from that file; the daemon reads the rest, and accepts these three
+silently when it reads the same file. A key the connector is not told gets lmcached's default:
+partial chunks are stored and loads are layer-wise, where LMCache's defaults are `false`.
 
 ## Every LMCache {version} key
 

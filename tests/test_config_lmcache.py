@@ -61,9 +61,7 @@ def test_keys_without_an_equivalent_warn_once_naming_the_key_and_why() -> None:
     cfg = config_mod.from_mapping(
         {
             "enable_blending": True,
-            "save_unfull_chunk": True,
-            "use_layerwise": True,
-            "enable_async_loading": True,
+            "min_retrieve_tokens": 64,
             "lookup_timeout_ms": 500,
             "py_enable_gc": False,
             "mp_port": 6000,
@@ -71,14 +69,27 @@ def test_keys_without_an_equivalent_warn_once_naming_the_key_and_why() -> None:
         source="/etc/lmcache.yaml",
         environ={},
     )
-    assert len(cfg.warnings) == 7
+    assert len(cfg.warnings) == 5
     by_key = {w.split(": ")[1]: w for w in cfg.warnings}
     assert "CacheBlend" in by_key["enable_blending"]
     assert by_key["enable_blending"].startswith("/etc/lmcache.yaml: enable_blending: ignored: ")
-    assert "connector" in by_key["save_unfull_chunk"]
+    assert "connector loads every hit" in by_key["min_retrieve_tokens"]
     # The old hint pointed lookup_timeout_ms at plugin_stop_timeout.
     assert "plugin_stop_timeout" not in by_key["lookup_timeout_ms"]
     assert "request_timeout" in by_key["lookup_timeout_ms"]
+
+
+def test_connector_feature_keys_are_left_to_the_connector_silently() -> None:
+    # The vLLM connector reads these from the same file (LMCACHE_CONFIG_FILE) or LMCACHE_<KEY>;
+    # the daemon reading that file must neither warn about them nor act on them.
+    cfg = config_mod.from_mapping(
+        {"save_unfull_chunk": True, "use_layerwise": False, "enable_async_loading": True},
+        environ={"LMCACHE_USE_LAYERWISE": "True"},
+    )
+    assert cfg.warnings == []
+    assert cfg == config_mod.from_mapping({}, environ={})
+    for name in config_lmcache.CONNECTOR_KEYS:
+        assert config_lmcache.LMCACHE_KEYS[name].kind == "connector"
 
 
 def test_cache_policy_is_the_eviction_policy_not_the_write_policy() -> None:
@@ -153,7 +164,7 @@ def test_precedence_file_then_lmcache_env_then_lmcached_env(tmp_path: Path) -> N
 
 
 def test_lmcache_config_file_names_the_file_when_no_path_is_given(tmp_path: Path) -> None:
-    path = _write(tmp_path, {"chunk_size": 64, "save_unfull_chunk": True})
+    path = _write(tmp_path, {"chunk_size": 64, "enable_blending": True})
     cfg = config_mod.load(None, environ={"LMCACHE_CONFIG_FILE": str(path)})
     assert cfg.chunk_size == 64 and cfg.source == str(path.absolute())
     assert len(cfg.warnings) == 1
@@ -177,9 +188,10 @@ def test_lmcache_names_that_are_not_config_keys_are_ignored() -> None:
 
 
 def test_lmcache_env_warnings_name_the_env_var() -> None:
-    cfg = config_mod.from_mapping({}, environ={"LMCACHE_USE_LAYERWISE": "True"})
+    cfg = config_mod.from_mapping({}, environ={"LMCACHE_SAVE_DECODE_CACHE": "True"})
     assert cfg.warnings == [
-        f"env LMCACHE_USE_LAYERWISE: use_layerwise: ignored: {config_lmcache._CONNECTOR}"
+        "env LMCACHE_SAVE_DECODE_CACHE: save_decode_cache: ignored: only prompt (prefill) "
+        "chunks are stored"
     ]
 
 
@@ -231,6 +243,29 @@ def test_vllm_connector_lmcache_keys_map_or_warn() -> None:
         {"lmcache.chunk_size": 128, "lmcached.chunk_size": 64}
     )
     assert settings == {}
+
+
+def test_vllm_connector_feature_keys_map_to_the_connector_settings(tmp_path: Path) -> None:
+    settings, warnings = config_lmcache.map_lmcache_connector_keys(
+        {"lmcache.save_unfull_chunk": "false", "lmcache.use_layerwise": False}
+    )
+    assert settings == {"lmcached.save_partial_chunks": False, "lmcached.load_mode": "sync"}
+    assert warnings == []
+    # The same keys in LMCache's file and environment, where LMCache's connector reads them.
+    path = _write(tmp_path, {"use_layerwise": True, "enable_async_loading": True, "chunk_size": 8})
+    inherited, problems = config_lmcache.lmcache_connector_entries(
+        {"LMCACHE_CONFIG_FILE": str(path), "LMCACHE_SAVE_UNFULL_CHUNK": "False"}
+    )
+    assert problems == []
+    assert inherited == {
+        "lmcache.use_layerwise": (True, str(path)),
+        "lmcache.enable_async_loading": (True, str(path)),
+        "lmcache.save_unfull_chunk": ("False", "env LMCACHE_SAVE_UNFULL_CHUNK"),
+    }
+    settings, warnings = config_lmcache.map_lmcache_connector_keys({}, inherited)
+    assert settings == {"lmcached.save_partial_chunks": False, "lmcached.load_mode": "layerwise"}
+    (warning,) = warnings
+    assert warning.startswith(f"{path}: lmcache.enable_async_loading: ignored: ")
 
 
 def test_migration_guide_is_generated_from_the_mapping_table() -> None:

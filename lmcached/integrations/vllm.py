@@ -16,23 +16,30 @@ How it works:
   per-layer KV shapes, the device type and the TP/PP rank; the chained hash mixes in the
   request's ``cache_salt``, LoRA adapter and multimodal hashes. So different models, layouts,
   salts or adapters never share KV.
+* **Settings** are the ``lmcached.*`` keys of ``kv_connector_extra_config``. LMCache's
+  ``lmcache.*`` keys map to them where there is an equivalent, and LMCache's connector-feature
+  keys (``save_unfull_chunk``, ``use_layerwise``, ``enable_async_loading``) are also read from
+  ``LMCACHE_CONFIG_FILE`` and ``LMCACHE_<KEY>``, as LMCache's connector reads them
+  (:func:`read_settings`); the others are named in one warning each.
 * **Scheduler side** (:meth:`get_num_new_matched_tokens`): one batched ``lookup`` per request
-  (remembered, so repeated calls are free) gives the leading hit in whole chunks; vLLM loads
-  exactly that, less the last token of a fully cached prompt, which must be computed. If the
-  daemon is down the hit is 0 and a rate-limited warning is logged; the engine never sees an
-  exception and never waits on a dead daemon more than once per ``lmcached.retry_interval``.
+  (remembered, so repeated calls are free) gives the leading hit, to the token (whole chunks,
+  then a partial chunk a prompt stored); vLLM loads it, less the last token of a fully cached
+  prompt, which must be computed. If the daemon is down the hit is 0 and a rate-limited warning
+  is logged; the engine never sees an exception and never waits on a dead daemon more than once
+  per ``lmcached.retry_interval``.
 * **Worker side**: :meth:`start_load_kv` fetches the hit chunks in one batched ``get`` and
-  scatters them from the received frames (no intermediate copy) into the request's blocks
-  before the forward pass (a synchronous load, so ``wait_for_layer_load`` has nothing to wait
-  for). A chunk whose size is not exactly what this engine's layout needs is not loaded. A chunk that cannot be loaded (missing,
-  failed checksum in the daemon, timeout, daemon down) is reported through
-  :meth:`get_block_ids_with_load_errors` from its first block on, and vLLM recomputes those
-  tokens (this needs ``"kv_load_failure_policy": "recompute"``; with vLLM's default ``fail``
-  such a request fails instead).
+  copies them into the request's blocks layer by layer while the forward pass runs
+  (``lmcached.load_mode: layerwise``; ``wait_for_layer_load`` waits for one layer's KV), or all
+  before it (``sync``). A chunk whose size is not exactly what this engine's layout needs is not
+  loaded. A chunk that cannot be loaded (missing, failed checksum in the daemon, timeout, daemon
+  down) is reported through :meth:`get_block_ids_with_load_errors` from its first block on, and
+  vLLM recomputes those tokens (this needs ``"kv_load_failure_policy": "recompute"``; with
+  vLLM's default ``fail`` such a request fails instead).
   :meth:`wait_for_save` gathers the chunks that became complete in this step (prompt tokens
-  only) into host buffers and hands them to a saver thread, which skips chunks the daemon
-  already has and puts the rest; the network time overlaps the next forward pass. At most one
-  step of saves is in flight: the next ``wait_for_save`` waits for the previous step's.
+  only, and a prompt's trailing partial chunk unless ``lmcached.save_partial_chunks`` is false)
+  into host buffers and hands them to a saver thread, which skips chunks the daemon already has
+  and puts the rest; the network time overlaps the next forward pass. It never waits for
+  earlier saves: past a backlog limit, a save is skipped instead.
 """
 
 from __future__ import annotations
@@ -43,7 +50,7 @@ import os
 import queue
 import re
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -55,6 +62,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 from vllm.logger import init_logger
 
+from lmcached import config_lmcache
 from lmcached.integrations.daemon_link import DaemonLink
 from lmcached.integrations.kv_blocks import (
     HostBufferPool,
@@ -105,6 +113,7 @@ class ConnectorSettings:
     save: bool = True
     load: bool = True
     load_mode: str = "layerwise"
+    save_partial_chunks: bool = True
 
 
 # key -> (field, converter, documentation). README's table is generated from the same text.
@@ -157,6 +166,12 @@ SETTINGS_DOC: dict[str, tuple[str, Any, str]] = {
         "saves, no waiting) before it is tried again. Default: 5.",
     ),
     "lmcached.save": ("save", bool, "Store newly computed chunks. Default: true."),
+    "lmcached.save_partial_chunks": (
+        "save_partial_chunks",
+        bool,
+        "Also store a prompt's trailing partial chunk (fewer than chunk_size tokens), so a "
+        "repeated prompt hits to the token. LMCache's save_unfull_chunk. Default: true.",
+    ),
     "lmcached.load": ("load", bool, "Load hits from lmcached. Default: true."),
     "lmcached.load_mode": (
         "load_mode",
@@ -213,6 +228,45 @@ def parse_settings(extra: dict[str, Any] | None) -> ConnectorSettings:
             )
         values[name] = value
     return ConnectorSettings(**values)
+
+
+def read_settings(
+    extra: dict[str, Any] | None, environ: Mapping[str, str] | None = None
+) -> tuple[ConnectorSettings, list[str]]:
+    """Return the settings and the warnings about LMCache keys, from every place they come from.
+
+    Lowest precedence first, as LMCache's connector reads them: LMCache's file
+    (``LMCACHE_CONFIG_FILE``) and ``LMCACHE_<KEY>`` for LMCache's connector-feature keys only,
+    then ``lmcache.*`` keys, then ``lmcached.*`` keys of ``kv_connector_extra_config``.
+    """
+    extra = extra or {}
+    inherited, warnings = config_lmcache.lmcache_connector_entries(
+        os.environ if environ is None else environ
+    )
+    mapped, mapping_warnings = config_lmcache.map_lmcache_connector_keys(extra, inherited)
+    warnings += mapping_warnings
+    for key, value in list(mapped.items()):
+        try:
+            parse_settings({key: value})
+        except ValueError as exc:
+            # LMCache's connector took this value: an engine migrating with it still starts,
+            # with our default and a warning.
+            warnings.append(f"{exc} (mapped from an lmcache.* key): ignored")
+            del mapped[key]
+    return parse_settings({**mapped, **extra}), warnings
+
+
+# Warnings already logged in this process: a process may build several connectors (tests, and
+# vLLM's scheduler and worker roles when they share one process).
+_logged_warnings: set[str] = set()
+
+
+def log_settings_warnings(warnings: list[str]) -> None:
+    """Log each warning once per process."""
+    for warning in warnings:
+        if warning not in _logged_warnings:
+            _logged_warnings.add(warning)
+            logger.warning("LMCachedConnector: %s", warning)
 
 
 def make_client_factory(settings: ConnectorSettings, timeout: float) -> Any:
@@ -354,7 +408,9 @@ def key_builder(
     from lmcached.keys import KeyBuilder
 
     kv_transfer = vllm_config.kv_transfer_config
-    settings = parse_settings(kv_transfer.kv_connector_extra_config if kv_transfer else None)
+    settings, _warnings = read_settings(
+        kv_transfer.kv_connector_extra_config if kv_transfer else None
+    )
     model, revision = model_identity(vllm_config, settings)
     return KeyBuilder(
         namespace=settings.namespace,
@@ -461,7 +517,10 @@ class LMCachedConnector(KVConnectorBase_V1):
     ) -> None:
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
         extra = self._kv_transfer_config.kv_connector_extra_config
-        self.settings = parse_settings(extra)
+        self.settings, warnings = read_settings(extra)
+        if role == KVConnectorRole.SCHEDULER:
+            # Once per engine: the worker roles read the same keys.
+            log_settings_warnings(warnings)
         self.block_size = vllm_config.cache_config.block_size
         self.model, self.revision = model_identity(vllm_config, self.settings)
         self.num_blocks = kv_cache_config.num_blocks
@@ -710,6 +769,7 @@ class LMCachedConnector(KVConnectorBase_V1):
         partial = length % chunk_size
         if (
             partial
+            and self.settings.save_partial_chunks
             and done == length
             and not state.partial_saved
             and complete == length // chunk_size

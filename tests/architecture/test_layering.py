@@ -77,6 +77,8 @@ RULES = [
             "lmcached.integrations.vllm",
             "lmcached.integrations.kv_blocks",
             "lmcached.integrations.daemon_link",
+            # The connector maps LMCache's keys with it; it imports nothing of lmcached.
+            "lmcached.config_lmcache",
         ),
         forbidden=SERVER_SIDE,
         # The vLLM connector itself needs vllm installed; its two helpers do not.
@@ -85,6 +87,7 @@ RULES = [
             "from lmcached import Client\n"
             "import lmcached.aio\n"
             "import lmcached.integrations.kv_blocks, lmcached.integrations.daemon_link\n"
+            "import lmcached.config_lmcache\n"
         ),
     ),
     Rule(

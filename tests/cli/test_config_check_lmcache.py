@@ -68,7 +68,8 @@ def test_config_check_prints_one_warning_per_ignored_lmcache_key(tmp_path: Path)
                 "chunk_size": 256,
                 "max_local_cpu_size": 0.25,
                 "enable_blending": True,
-                "use_layerwise": True,
+                "save_decode_cache": True,
+                "use_layerwise": True,  # the vLLM connector's key: no daemon warning
                 "cache_policy": "LRU",
                 "extra_config": {"save_chunk_meta": False},
             }
@@ -79,7 +80,7 @@ def test_config_check_prints_one_warning_per_ignored_lmcache_key(tmp_path: Path)
     warnings = [line for line in done.stderr.splitlines() if line.startswith("warning: ")]
     assert len(warnings) == 3, done.stderr
     assert any("enable_blending: ignored: CacheBlend" in w for w in warnings)
-    assert any("use_layerwise: ignored" in w for w in warnings)
+    assert any("save_decode_cache: ignored" in w for w in warnings)
     assert any("extra_config.save_chunk_meta: ignored" in w for w in warnings)
 
 

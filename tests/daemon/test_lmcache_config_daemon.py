@@ -22,7 +22,8 @@ def test_daemon_runs_an_lmcache_config_and_logs_each_ignored_key_once(tmp_path: 
         max_local_disk_size=0.0625,
         # LMCache keys lmcached accepts without acting on them.
         enable_blending=True,
-        save_unfull_chunk=True,
+        save_decode_cache=True,
+        save_unfull_chunk=True,  # the vLLM connector's key: the daemon says nothing
         cache_policy="LRU",
         extra_config={"save_chunk_meta": False},
     )
@@ -35,6 +36,7 @@ def test_daemon_runs_an_lmcache_config_and_logs_each_ignored_key_once(tmp_path: 
     ignored = [line for line in log.splitlines() if "config_key_ignored" in line]
     assert len(ignored) == 3, log
     assert any("enable_blending: ignored" in line for line in ignored)
-    assert any("save_unfull_chunk: ignored" in line for line in ignored)
+    assert any("save_decode_cache: ignored" in line for line in ignored)
+    assert "save_unfull_chunk" not in log
     assert any("extra_config.save_chunk_meta: ignored" in line for line in ignored)
     assert list((tmp_path / "disk").rglob("*")), "the disk tier got nothing"

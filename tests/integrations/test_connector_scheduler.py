@@ -264,3 +264,46 @@ def test_a_partial_chunk_is_never_taken_for_a_whole_one(connector: Any, daemon: 
     salted = request("r-salted-partial", tokens[:2000], salt="other")
     assert connector.get_num_new_matched_tokens(salted, 0) == (0, False)
     connector.request_finished(salted, [])
+
+
+def test_save_unfull_chunk_false_in_the_lmcache_file_stores_no_partial_chunk(
+    tiny_model: Path, daemon: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # An LMCache user's file, named as LMCache's connector finds it.
+    lmcache_file = tmp_path / "lmcache.yaml"
+    lmcache_file.write_text("chunk_size: 256\nsave_unfull_chunk: false\n")
+    monkeypatch.setenv("LMCACHE_CONFIG_FILE", str(lmcache_file))
+    connector = build(tiny_model, connector_config(daemon.config_path))
+    assert connector.settings.save_partial_chunks is False
+
+    tokens = make_prompt(130, 2100)  # 8 whole chunks and 52 tokens
+    req = request("r-no-partial", tokens)
+    assert connector.get_num_new_matched_tokens(req, 0) == (0, False)
+    blocks = list(range(200, 200 + -(-len(tokens) // BLOCK_SIZE)))
+    step = SimpleNamespace(
+        scheduled_new_reqs=[
+            SimpleNamespace(req_id="r-no-partial", block_ids=(blocks,), num_computed_tokens=0)
+        ],
+        scheduled_cached_reqs=SimpleNamespace(
+            req_ids=[], resumed_req_ids=set(), new_block_ids=[], num_computed_tokens=[]
+        ),
+        num_scheduled_tokens={"r-no-partial": len(tokens)},
+    )
+    (save,) = connector.build_connector_meta(step).saves
+    assert save.first_chunk == 0 and len(save.tokens) == 2048
+    assert [len(b) for b in save.chunk_blocks] == [PER_CHUNK] * 8  # no trailing 52 tokens
+    connector.request_finished(req, [])
+
+
+def test_lmcache_key_warnings_are_logged_once_by_the_scheduler(
+    tiny_model: Path, daemon: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    config = connector_config(daemon.config_path, **{"lmcache.enable_blending": True})
+    with caplog.at_level("WARNING", logger="lmcached.integrations.vllm"):
+        build(tiny_model, config)
+        build(tiny_model, config)  # a second connector in this process adds nothing
+    logged = [r.getMessage() for r in caplog.records if "lmcache.enable_blending" in r.getMessage()]
+    assert logged == [
+        "LMCachedConnector: kv_connector_extra_config: lmcache.enable_blending: ignored: "
+        "CacheBlend (reusing non-prefix chunks) is not supported; lmcached serves prefix hits only"
+    ]

@@ -13,6 +13,7 @@ from lmcached.integrations.vllm import (
     checkpoint_fingerprint,
     key_part,
     parse_settings,
+    read_settings,
     request_extra,
 )
 
@@ -96,3 +97,90 @@ def test_load_mode_is_layerwise_by_default_and_checked():
     assert parse_settings({"lmcached.load_mode": "sync"}).load_mode == "sync"
     with pytest.raises(ValueError, match="must be one of layerwise, sync"):
         parse_settings({"lmcached.load_mode": "async"})
+
+
+def test_lmcache_connector_keys_map_to_connector_settings():
+    settings, warnings = read_settings(
+        {
+            "lmcache.save_unfull_chunk": False,
+            "lmcache.use_layerwise": "false",
+            "lmcache.chunk_size": "512",
+            "lmcache.enable_blending": True,
+        },
+        environ={},
+    )
+    assert settings == ConnectorSettings(
+        chunk_size=512, save_partial_chunks=False, load_mode="sync"
+    )
+    assert warnings == [
+        "kv_connector_extra_config: lmcache.enable_blending: ignored: CacheBlend (reusing "
+        "non-prefix chunks) is not supported; lmcached serves prefix hits only"
+    ]
+    assert read_settings({"lmcache.use_layerwise": True}, environ={})[0].load_mode == "layerwise"
+
+
+def test_lmcached_keys_win_over_lmcache_keys():
+    settings, warnings = read_settings(
+        {"lmcache.use_layerwise": False, "lmcached.load_mode": "layerwise"}, environ={}
+    )
+    assert settings.load_mode == "layerwise" and warnings == []
+
+
+def test_async_loading_warns_that_loads_are_layerwise_instead():
+    settings, warnings = read_settings({"lmcache.enable_async_loading": True}, environ={})
+    assert settings == ConnectorSettings()
+    (warning,) = warnings
+    assert warning.startswith("kv_connector_extra_config: lmcache.enable_async_loading: ignored:")
+    assert "loads are layer-wise instead" in warning
+    assert read_settings({"lmcache.enable_async_loading": "false"}, environ={})[1] == []
+
+
+def test_lmcache_config_file_and_env_reach_the_connector(tmp_path):
+    path = tmp_path / "lmcache.yaml"
+    path.write_text(
+        "chunk_size: 64\n"  # a daemon key: the connector leaves it to the daemon
+        "save_unfull_chunk: false\n"
+        "use_layerwise: false\n"
+        "enable_async_loading: true\n"
+    )
+    settings, warnings = read_settings(None, environ={"LMCACHE_CONFIG_FILE": str(path)})
+    assert settings == ConnectorSettings(save_partial_chunks=False, load_mode="sync")
+    (warning,) = warnings
+    assert warning.startswith(f"{path}: lmcache.enable_async_loading: ignored:")
+
+    # As in LMCache: LMCACHE_<KEY> beats the file, lmcache.* in the engine's config beats both.
+    env = {
+        "LMCACHE_CONFIG_FILE": str(path),
+        "LMCACHE_USE_LAYERWISE": "True",
+        "LMCACHE_SAVE_UNFULL_CHUNK": "'true'",
+    }
+    settings, _ = read_settings(None, environ=env)
+    assert settings.load_mode == "layerwise" and settings.save_partial_chunks is True
+    settings, _ = read_settings({"lmcache.use_layerwise": False}, environ=env)
+    assert settings.load_mode == "sync"
+
+
+def test_an_unreadable_lmcache_config_file_warns_and_keeps_the_defaults(tmp_path):
+    missing = tmp_path / "missing.yaml"
+    settings, warnings = read_settings(None, environ={"LMCACHE_CONFIG_FILE": str(missing)})
+    assert settings == ConnectorSettings()
+    (warning,) = warnings
+    assert warning.startswith(f"LMCACHE_CONFIG_FILE={missing}: cannot read it")
+
+
+def test_a_bad_lmcache_value_is_named_and_ignored():
+    settings, warnings = read_settings({"lmcache.save_unfull_chunk": "maybe"}, environ={})
+    assert settings == ConnectorSettings()
+    assert warnings == [
+        "kv_connector_extra_config: lmcache.save_unfull_chunk='maybe': ignored: "
+        "expected true or false"
+    ]
+
+
+def test_an_lmcache_value_our_setting_refuses_is_a_warning_not_a_failed_start():
+    settings, warnings = read_settings({"lmcache.blocking_timeout_secs": 0}, environ={})
+    assert settings == ConnectorSettings()
+    assert warnings == [
+        "kv_connector_extra_config: lmcached.timeout=0.0: must be positive "
+        "(mapped from an lmcache.* key): ignored"
+    ]
