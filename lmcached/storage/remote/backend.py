@@ -53,6 +53,15 @@ class RemoteHealth:
             self._probing = True
             return True
 
+    def retry_due(self) -> bool:
+        """True when the remote is down, no probe is running and its retry time has come.
+
+        A question only: unlike :meth:`may_try` it claims nothing, so a caller that goes on to
+        :meth:`RemoteBackend._call` does not find the probe already taken by itself.
+        """
+        with self._lock:
+            return self.state != "ok" and not self._probing and time.monotonic() >= self.retry_at
+
     def probe_abandoned(self) -> None:
         """The probe ended without a verdict (an unexpected error): let the next caller probe."""
         with self._lock:
@@ -321,7 +330,7 @@ class RemoteBackend(StorageBackend):
 
     def upkeep(self) -> None:
         """Called by the write thread when idle: probe a down remote once its retry is due."""
-        if self.health.state != "ok" and self.health.may_try():
+        if self.health.retry_due():
             self.probe()
 
     def stats(self) -> dict[str, Any]:
