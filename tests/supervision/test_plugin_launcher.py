@@ -255,7 +255,15 @@ def test_always_retries_up_to_max_and_on_failure_keeps_a_clean_exit(launcher: An
         0,
         plugin_config={
             "clean.sh": {"restart": "on-failure"},
-            "always.sh": {"restart": "always", "max_retries": 1, "backoff": 0.05},
+            # A long grace period: the launcher learns of an exit through the shim, and on a
+            # loaded host that report can come after a 1 s grace, turning a fast failure into
+            # a successful start and resetting the retry count.
+            "always.sh": {
+                "restart": "always",
+                "max_retries": 1,
+                "backoff": 0.05,
+                "start_seconds": 60,
+            },
         },
     )
     pl.start()
