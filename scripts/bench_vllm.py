@@ -288,6 +288,7 @@ def main(argv: list[str] | None = None) -> int:
                 name for name in ("LMCache", "lmcached", "lmcached-sync") if name in engines
             ]
             results = run(engines, connectors, args)
+            reads = daemon_reads(daemon)
     finally:
         for engine in engines.values():
             engine.stop()
@@ -295,7 +296,21 @@ def main(argv: list[str] | None = None) -> int:
             server.stop()
         shutil.rmtree(workdir, ignore_errors=True)
     report(results, connectors, args)
+    sent, shared = reads
+    # Whether the hits were read from the workers' arenas (same host) or came over the socket.
+    print(
+        f"\nlmcached daemon: {sent / 2**20:.1f} MiB read, "
+        f"{shared / 2**20:.1f} MiB of it as shared-memory slots (no ZMQ payload)"
+    )
     return 0
+
+
+def daemon_reads(daemon: Any) -> tuple[int, int]:
+    """Return (bytes read, bytes read as arena slots) summed over the daemon's workers."""
+    with daemon.client(timeout=10) as client:
+        workers = client.stats()["workers"]
+    ops = [w["stats"]["ops"] for w in workers]
+    return sum(o["bytes_out"] for o in ops), sum(o.get("bytes_out_shared", 0) for o in ops)
 
 
 Sample = tuple[float, int, list[int]]

@@ -86,6 +86,9 @@ class OpStats:
         self.errors: dict[str, int] = {}
         self.bytes_in = 0
         self.bytes_out = 0
+        # The part of bytes_out handed to same-host clients as arena slots (no payload frame):
+        # how an operator tells that reads go through shared memory rather than the socket.
+        self.bytes_out_shared = 0
         self.lookup_keys = 0
         self.lookup_hits = 0
 
@@ -95,6 +98,7 @@ class OpStats:
             "errors": dict(self.errors),
             "bytes_in": self.bytes_in,
             "bytes_out": self.bytes_out,
+            "bytes_out_shared": self.bytes_out_shared,
             "lookup_keys": self.lookup_keys,
             "lookup_hits": self.lookup_hits,
         }
@@ -509,6 +513,7 @@ class Worker:
             if shm and pin is not None and block.slot is not None and self.arena is not None:
                 slots.append(self.arena.ref(block.slot).as_list())
                 frames.append(())
+                self.ops.bytes_out_shared += block.nbytes
             else:
                 slots.append(None)
                 frames.append(block.frames)

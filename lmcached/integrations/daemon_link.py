@@ -76,6 +76,10 @@ class DaemonLink:
         """Whether calls are being skipped after a recent failure."""
         return time.monotonic() < self._down_until
 
+    def down_for(self) -> float:
+        """Seconds left before calls try the daemon again (0 when it is not marked down)."""
+        return max(0.0, self._down_until - time.monotonic())
+
     def _call(self, what: str, fn: Callable[[Any], Any], default: Any) -> Any:
         if self.is_down:
             return default

@@ -1009,7 +1009,9 @@ class LMCachedConnector(KVConnectorBase_V1):
             count = len(save.chunk_blocks)
             keys = self._keys(save.tokens, save.extra, meta.chunk_size, self.tp_rank, self.pp_rank)
             keys = keys[save.first_chunk : save.first_chunk + count]
-            if len(keys) != count or self._saver.link.is_down:
+            # Queued even while the saver's link is marked down: that mark may be stale (see
+            # _Saver._run), and the backlog limit below bounds what an outage can hold.
+            if len(keys) != count:
                 continue
             nbytes = self._paged.block_nbytes * sum(len(b) for b in save.chunk_blocks)
             if not self._saver.admit(nbytes):
@@ -1065,6 +1067,8 @@ class _Saver:
         ] = queue.Queue()
         self._idle = threading.Condition()
         self._closed = False
+        self._stop = threading.Event()
+        self.dropped = 0  # chunks not stored: the daemon was down or refused the put
         self._thread = threading.Thread(target=self._run, name="lmcached-saver", daemon=True)
         self._thread.start()
 
@@ -1093,13 +1097,25 @@ class _Saver:
                 return
             keys, buffers, nbytes = job
             try:
+                if self.link.is_down and self._jobs.empty():
+                    # The newest save while the link is marked down. The mark may be stale: a
+                    # call in flight across a daemon restart fails at its deadline, after the
+                    # daemon is back, and marks the link down for retry_interval more. Dropping
+                    # this save would lose the prompt for good, so wait the mark out and try.
+                    # Older saves (others queued behind) are dropped at once below, so that an
+                    # outage holds at most the saves of one retry interval.
+                    self._stop.wait(self.link.down_for())
                 have = self.link.exists(keys)
                 missing = [i for i, present in enumerate(have) if not present]
-                if missing and len(have) == len(keys):
-                    # numpy views share the tensors' memory: the client sends them zero-copy.
-                    self.link.put(
+                # numpy views share the tensors' memory: the client sends them zero-copy.
+                if (
+                    missing
+                    and len(have) == len(keys)
+                    and not self.link.put(
                         [keys[i] for i in missing], [buffers[i][0].numpy() for i in missing]
                     )
+                ):
+                    self.dropped += len(missing)
             except Exception:
                 # A bug here must cost a save, never the engine: keep the thread alive.
                 logger.exception("LMCachedConnector: saving %d chunks failed", len(keys))
@@ -1115,6 +1131,7 @@ class _Saver:
         if self._closed:
             return
         self._closed = True
+        self._stop.set()  # a save waiting out a down mark gives up now
         self._jobs.put(None)
         self._thread.join()
         self.link.close()

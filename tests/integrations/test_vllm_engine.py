@@ -79,6 +79,28 @@ def test_hit_gives_the_same_greedy_output_as_a_full_prefill(engine: Engine) -> N
     assert list(hit.outputs[0].token_ids) == list(miss.outputs[0].token_ids)
 
 
+def test_a_hit_is_read_from_the_workers_shared_memory(engine: Engine) -> None:
+    prompt = make_prompt(3)
+    engine.fresh(prompt)
+    wait_stored(engine, prompt)
+    before = read_bytes(engine)
+
+    hit = engine.fresh(prompt)
+
+    after = read_bytes(engine)
+    assert hit.num_cached_tokens == FULL_HIT
+    sent, shared = after[0] - before[0], after[1] - before[1]
+    # Every byte of the hit left the worker as an arena slot, none as a ZMQ payload frame.
+    assert sent > 0 and shared == sent
+
+
+def read_bytes(engine: Engine) -> tuple[int, int]:
+    """Return (bytes read, bytes read as arena slots) summed over the daemon's workers."""
+    with engine.daemon.client(timeout=10) as client:
+        stats = client.stats()
+    return count_field(stats, "bytes_out"), count_field(stats, "bytes_out_shared")
+
+
 @pytest.mark.parametrize("length", [2000, 1337])
 def test_an_unaligned_prompt_loads_every_token_but_the_last(engine: Engine, length: int) -> None:
     prompt = make_prompt(20 + length, length)

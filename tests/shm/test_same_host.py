@@ -44,6 +44,9 @@ def test_a_same_host_client_puts_and_gets_through_the_arena(daemon_factory):
         # No payload crossed a socket on the put: only headers did.
         ops = [w["stats"]["ops"] for w in c.stats()["workers"]]
         assert sum(o["bytes_in"] for o in ops) == 32 * MIB
+        # Nor on the two gets: every byte read went out as an arena slot.
+        assert sum(o["bytes_out_shared"] for o in ops) == sum(o["bytes_out"] for o in ops)
+        assert sum(o["bytes_out"] for o in ops) == 64 * MIB
     assert all(stat.S_IMODE(os.stat(p).st_mode) == 0o640 for p in d.arena_paths())
 
 
@@ -59,6 +62,10 @@ def test_a_tcp_client_and_a_same_host_client_share_one_cluster(daemon_factory):
         assert [bytes(v) for v in local.get(keys)] == vals  # type: ignore[arg-type]
         got = remote.get(keys[:1])[0]
         assert not isinstance(got.obj, LeasedView)  # ZMQ frames, as before
+        ops = [w["stats"]["ops"] for w in local.stats()["workers"]]
+        # The workers count what they handed out as slots apart: the local get only.
+        assert sum(o["bytes_out_shared"] for o in ops) == 8 * 300_000
+        assert sum(o["bytes_out"] for o in ops) == 17 * 300_000
 
 
 def test_with_shared_memory_off_the_map_has_no_arena_and_zmq_serves(daemon_factory):
