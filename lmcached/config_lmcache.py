@@ -258,7 +258,7 @@ LMCACHE_KEYS: dict[str, Treatment] = {
     "numa_mode": ignored(None, "memory is not bound to NUMA nodes"),
     "enable_async_loading": connector(
         "(warns unless `false`): there is no asynchronous load; loads are layer-wise "
-        "(`lmcached.load_mode: layerwise`, the default), overlapping the forward pass"
+        "(`lmcached.load_mode: layerwise`, the default on a GPU), overlapping the forward pass"
     ),
     "internal_api_server_enabled": ignored(False, _API),
     "internal_api_server_port_start": ignored(6999, _API),

@@ -29,8 +29,8 @@ How it works:
   per ``lmcached.retry_interval``.
 * **Worker side**: :meth:`start_load_kv` fetches the hit chunks in one batched ``get`` and
   copies them into the request's blocks layer by layer while the forward pass runs
-  (``lmcached.load_mode: layerwise``; ``wait_for_layer_load`` waits for one layer's KV), or all
-  before it (``sync``). A chunk whose size is not exactly what this engine's layout needs is not
+  (``lmcached.load_mode: layerwise``, the ``auto`` default on a GPU; ``wait_for_layer_load``
+  waits for one layer's KV), or all before it (``sync``, the ``auto`` default on a CPU). A chunk whose size is not exactly what this engine's layout needs is not
   loaded. A chunk that cannot be loaded (missing, failed checksum in the daemon, timeout, daemon
   down) is reported through :meth:`get_block_ids_with_load_errors` from its first block on, and
   vLLM recomputes those tokens (this needs ``"kv_load_failure_policy": "recompute"``; with
@@ -112,7 +112,7 @@ class ConnectorSettings:
     retry_interval: float = 5.0
     save: bool = True
     load: bool = True
-    load_mode: str = "layerwise"
+    load_mode: str = "auto"
     save_partial_chunks: bool = True
 
 
@@ -178,11 +178,13 @@ SETTINGS_DOC: dict[str, tuple[str, Any, str]] = {
         str,
         "layerwise: copy loaded KV in layer by layer on a loader thread while the forward pass "
         "runs (each layer waits only for its own KV; on a GPU, a side stream ordered by CUDA "
-        "events); sync: copy all of it before the forward pass. Default: layerwise.",
+        "events); sync: copy all of it before the forward pass; auto: layerwise when the KV "
+        "cache is on a GPU, sync on a CPU, where a hit computes one token and the loader "
+        "thread's hand-off only costs (measured: sync 1.2-1.7x faster). Default: auto.",
     ),
 }
 
-LOAD_MODES = ("layerwise", "sync")
+LOAD_MODES = ("auto", "layerwise", "sync")
 
 
 def _to_bool(value: Any) -> bool:
@@ -823,9 +825,17 @@ class LMCachedConnector(KVConnectorBase_V1):
             self._pool[blocks_per_chunk] = pool
         return pool, pool.acquire(count)
 
+    def _load_mode(self) -> str:
+        """The configured load mode, with ``auto`` resolved by where the KV cache lives."""
+        mode = self.settings.load_mode
+        if mode == "auto":
+            return "layerwise" if self._paged is not None and self._paged.on_gpu else "sync"
+        return mode
+
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
         """Start this step's loads: layer by layer on the loader thread, overlapping the
-        forward pass (``lmcached.load_mode`` layerwise, the default), or all before it (sync).
+        forward pass (``lmcached.load_mode`` layerwise; auto on a GPU), or all before it (sync;
+        auto on a CPU).
         """
         self._finish_layer_loads()  # a previous step's, if vLLM skipped wait_for_save
         meta = self._connector_metadata
@@ -834,7 +844,7 @@ class LMCachedConnector(KVConnectorBase_V1):
         if self._paged.on_gpu:
             self._register_arenas()
         pieces = self._fetch(meta)
-        if self.settings.load_mode == "sync":
+        if self._load_mode() == "sync":
             for piece in pieces:
                 self._paged.scatter(piece.payload, piece.blocks, piece.positions)
             return

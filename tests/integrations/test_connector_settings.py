@@ -92,10 +92,11 @@ def test_a_chunk_size_that_is_not_whole_blocks_fails_with_the_fix():
         check_chunk_size(100, 32, "the daemon's chunk_size")
 
 
-def test_load_mode_is_layerwise_by_default_and_checked():
-    assert parse_settings(None).load_mode == "layerwise"
+def test_load_mode_is_auto_by_default_and_checked():
+    assert parse_settings(None).load_mode == "auto"
+    assert parse_settings({"lmcached.load_mode": "layerwise"}).load_mode == "layerwise"
     assert parse_settings({"lmcached.load_mode": "sync"}).load_mode == "sync"
-    with pytest.raises(ValueError, match="must be one of layerwise, sync"):
+    with pytest.raises(ValueError, match="must be one of auto, layerwise, sync"):
         parse_settings({"lmcached.load_mode": "async"})
 
 

@@ -30,7 +30,7 @@ def inproc_engine(tiny_model: Path, daemon: Any) -> Iterator[Engine]:
     saved = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     try:
-        kv = connector_config(daemon.config_path, **{"lmcached.namespace": "layerwise"})
+        kv = connector_config(daemon.config_path, **{"lmcached.namespace": "layerwise", "lmcached.load_mode": "layerwise"})
         llm = LLM(
             **engine_kwargs(tiny_model),
             kv_transfer_config=KVTransferConfig(**kv),
