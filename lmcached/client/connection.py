@@ -300,7 +300,10 @@ class Pipeline:
                 if conn is None or conn.sock not in events:
                     continue
                 if events[conn.sock] & zmq.POLLIN:
-                    while True:
+                    # Read until this worker owes nothing more: one more recv would only raise
+                    # zmq.Again (a costly exception per call). A late reply to an abandoned
+                    # request left queued is read, and dropped, by the next call.
+                    while inflight[w]:
                         try:
                             msg = conn.sock.recv_multipart(zmq.NOBLOCK, copy=False)
                         except zmq.Again:
