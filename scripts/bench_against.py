@@ -41,6 +41,8 @@ def figures(doc: dict) -> dict[str, float]:
         out["lookup 128 keys p50 us"] = float(lookup["p50_us"])
         # Its ratio to the bare ZMQ round trip of the same run drifts less with machine load.
         out["lookup p50 / bare zmq p50 x"] = float(lookup["ratio"])
+    if "fresh_p50_us" in lookup:
+        out["lookup, prompt new to client, p50 us"] = float(lookup["fresh_p50_us"])
     return out
 
 
