@@ -22,6 +22,7 @@ import argparse
 import json
 import multiprocessing as mp
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -127,10 +128,14 @@ class RawZmq:
         return statistics.median(samples)
 
     def close(self) -> None:
+        if self.sock.closed:
+            return
         self.sock.send(b"quit")
         self.proc.join(10)
         self.sock.close(linger=0)
         self.ctx.term()
+        # The ipc socket's folder: every bench run left one behind in /tmp.
+        shutil.rmtree(self._dir, ignore_errors=True)
 
 
 # ------------------------------------------------------------------------------ lmcached
