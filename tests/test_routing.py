@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import xxhash
 
-from lmcached.routing import jump_hash, owner, route_of
+from lmcached.routing import jump_hash, owner, route_of, route_owner, shared_route
 
 
 def _v2_key(route: str, chunk: int, partial: int | None = None) -> bytes:
@@ -43,3 +43,23 @@ def test_keys_without_a_route_are_routed_by_the_whole_key() -> None:
 def test_different_routes_spread_over_workers() -> None:
     owners = {owner(_v2_key(f"{r:08x}", 0), 4) for r in range(64)}
     assert owners == {0, 1, 2, 3}
+
+
+def test_a_shared_route_is_found_only_when_every_key_carries_it() -> None:
+    chain = [_v2_key("0badf00d", i) for i in range(128)] + [_v2_key("0badf00d", 9, partial=7)]
+    assert shared_route(chain) == b"0badf00d"
+    for workers in (1, 2, 3, 8):
+        assert {owner(k, workers) for k in chain} == {route_owner(b"0badf00d", workers)}
+    # Each of these has at least one key whose route differs, or has none: ask per key.
+    other_route = [*chain[:5], _v2_key("0badf00e", 5), *chain[5:]]
+    longer_dir = [*chain, b"ns/model@main/bf16-x-tp0of1/0badf00d-abc/0badf00d-x"]
+    shorter_dir = [*chain, b"ns/model@main/0badf00d-x"]
+    no_dash = [*chain, b"ns/model@main/bf16-x-tp0of1/0badf00dx"]
+    plain = [b"plain-key", b"plain-key-2"]
+    upper = [k.replace(b"0badf00d", b"0BADF00D") for k in chain]
+    for keys in (other_route, longer_dir, shorter_dir, no_dash, plain, upper, []):
+        assert shared_route(keys) is None
+    # Whenever it answers, it agrees with route_of on every key.
+    prefix_only = [b"ns/m/0badf00d-", b"ns/m/0badf00d-tail"]
+    assert shared_route(prefix_only) == b"0badf00d"
+    assert {route_of(k) for k in prefix_only} == {b"0badf00d"}

@@ -537,13 +537,21 @@ class Client:
             owners = self._cluster.owners(keys)
             if whole_chain and (len(owners) > 1 or len(keys) > limits.max_keys_per_batch):
                 make = ExistsRequest
+            if len(owners) == 1 and len(keys) <= limits.max_keys_per_batch:
+                # One prompt's chain on one worker: the request takes the batch as it is.
+                ((worker, positions),) = owners.items()
+                call = Call(worker, make(list(keys)), positions=positions)
+                return self._execute([call], deadline)
             calls = []
             for worker, positions in owners.items():
                 for i in range(0, len(positions), limits.max_keys_per_batch):
                     part = positions[i : i + limits.max_keys_per_batch]
                     calls.append(Call(worker, make([keys[p] for p in part]), positions=part))
-            self._pipeline.execute(calls, deadline)
-            return calls
+            return self._execute(calls, deadline)
+
+    def _execute(self, calls: list[Call], deadline: float) -> list[Call]:
+        self._pipeline.execute(calls, deadline)
+        return calls
 
     def _fetch(
         self, keys: Sequence[KeyLike], timeout: float | None, shared: _Reader | None = None
@@ -737,7 +745,8 @@ def _bytes_view(mv: memoryview) -> memoryview:
 
 def _encode_keys(keys: Sequence[KeyLike]) -> Sequence[bytes]:
     """Return ``keys`` with each str key encoded as UTF-8 (the all-bytes case is not copied)."""
-    if all(type(k) is bytes for k in keys):
+    # One C-level pass over the types (a lookup's 128 keys cost ~1 us, a generator ~5 us).
+    if set(map(type, keys)) <= {bytes}:
         return cast("Sequence[bytes]", keys)
     try:
         return [k.encode() if isinstance(k, str) else k for k in keys]
@@ -746,13 +755,13 @@ def _encode_keys(keys: Sequence[KeyLike]) -> Sequence[bytes]:
 
 
 def _check_keys(keys: Sequence[Any], limits: Limits) -> None:
-    """Validate a batch of keys; the common all-good case costs three C-level passes."""
-    if (
-        set(map(type, keys)) == {bytes}
-        and min(map(len, keys)) > 0
-        and max(map(len, keys)) <= limits.max_key_length
-    ):
-        return
+    """Validate a batch of keys; the common all-good case costs two C-level passes."""
+    # The distinct lengths are few (a prompt's chunk keys share one), so their bounds are
+    # checked on a tiny set rather than by two more passes over the keys.
+    if set(map(type, keys)) == {bytes}:
+        lengths = set(map(len, keys))
+        if min(lengths) > 0 and max(lengths) <= limits.max_key_length:
+            return
     for k in keys:
         _check_key(k, limits)
 

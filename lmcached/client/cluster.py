@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator, Sequence
+from itertools import repeat
 from typing import cast
 
 import zmq
@@ -119,6 +120,13 @@ class ClusterView:
         cache = self._owners
         found: list[int | None] = list(map(cache.get, keys))
         if None in found:
+            route = routing.shared_route(keys)
+            if route is not None:
+                # A fresh prompt's chain: one owner computation for all of its keys, cached
+                # (C-level) for the gets and puts of the same chain that follow.
+                w = routing.route_owner(route, n)
+                cache.update(zip(keys, repeat(w)))
+                return {w: list(range(len(keys)))}
             for pos, key in enumerate(keys):
                 if found[pos] is None:
                     found[pos] = cache[key] = routing.owner(key, n)

@@ -38,6 +38,8 @@ from lmcached.security import ClientCurve
 __all__ = ["Call", "ClusterHooks", "Connection", "Connections", "Pipeline"]
 
 Socket = zmq.Socket[Any]
+# Plain ints: pyzmq's enum flags cost a Python-level __and__ per test on the hot path.
+_POLLIN, _POLLOUT = int(zmq.POLLIN), int(zmq.POLLOUT)
 
 
 @dataclass(slots=True)
@@ -287,9 +289,9 @@ class Pipeline:
                 conn = self.conns.workers.get(w)
                 if conn is None:
                     continue
-                flags = zmq.POLLIN if inflight[w] else 0
+                flags = _POLLIN if inflight[w] else 0
                 if queues[w]:
-                    flags |= zmq.POLLOUT
+                    flags |= _POLLOUT
                 if flags:
                     poller.register(conn.sock, flags)
             wait = max(0.0, min(deadline, next_probe) - now)
@@ -299,8 +301,11 @@ class Pipeline:
                 conn = self.conns.workers.get(w)
                 if conn is None or conn.sock not in events:
                     continue
-                if events[conn.sock] & zmq.POLLIN:
-                    while True:
+                if events[conn.sock] & _POLLIN:
+                    # Read until this worker owes nothing more: one more recv would only raise
+                    # zmq.Again (a costly exception per call). A late reply to an abandoned
+                    # request left queued is read, and dropped, by the next call.
+                    while inflight[w]:
                         try:
                             msg = conn.sock.recv_multipart(zmq.NOBLOCK, copy=False)
                         except zmq.Again:

@@ -19,7 +19,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any
+from typing import Any, cast
 
 import xxhash
 import zmq
@@ -67,6 +67,8 @@ from lmcached.storage.base import Block
 from lmcached.version import __version__
 
 POLL_MS = 500
+# Plain ints: pyzmq's enum flags cost a Python-level __and__ per test on the hot path.
+_EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
 # The longest a flush may hold an I/O thread, whatever the client asked: an abandoned flush
 # must not keep a pool thread (of 4) for ever.
 MAX_FLUSH_TIMEOUT_S = 60.0
@@ -621,7 +623,9 @@ class Worker:
             if self._wake_r in events:
                 self._drain_completions()
             if self._router in events:
-                # Drain what is queued, but keep answering completions between messages.
+                # Drain what is queued, but keep answering completions between messages. Ask
+                # ZMQ_EVENTS before each further read: a recv on an empty socket raises
+                # zmq.Again, an exception that costs a lookup's round trip several us.
                 for _ in range(64):
                     try:
                         frames = self.receive()
@@ -629,6 +633,8 @@ class Worker:
                         break
                     if frames is not None:
                         self.handle_message(frames)
+                    if not cast(int, self._router.get(_EVENTS)) & _POLLIN:
+                        break
             if not events and os.getppid() != parent:
                 self.log.warning("scheduler_gone", parent=parent)
                 break

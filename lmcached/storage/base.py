@@ -136,6 +136,13 @@ class StorageBackend(ABC):
     def contains_many(self, keys: Sequence[bytes]) -> list[bool]:
         return [self.contains(k) for k in keys]
 
+    def contained_prefix(self, keys: Sequence[bytes]) -> int:
+        """Return how many leading ``keys`` are stored (no recency update)."""
+        for i, key in enumerate(keys):
+            if not self.contains(key):
+                return i
+        return len(keys)
+
     def get_many(self, keys: Sequence[bytes]) -> list[Block | None]:
         return [self.get(k) for k in keys]
 

@@ -7,7 +7,9 @@ live on the heap, slots in the arena, so the budget bounds both; eviction frees 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import itertools
+import operator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import msgpack
@@ -84,6 +86,14 @@ class CPUBackend(StorageBackend):
 
     def contains(self, key: bytes) -> bool:
         return key in self._blocks
+
+    def contained_prefix(self, keys: Sequence[bytes]) -> int:
+        # A lookup asks about a prompt's 100s of keys on the worker's loop: count the leading
+        # hits at C level (map, compress), not with a Python call per key.
+        misses = itertools.compress(
+            itertools.count(), map(operator.not_, map(self._blocks.__contains__, keys))
+        )
+        return next(misses, len(keys))
 
     def get(self, key: bytes) -> Block | None:
         block = self._blocks.get(key)

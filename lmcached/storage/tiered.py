@@ -342,12 +342,8 @@ class TieredStore:
 
     def cached_prefix(self, keys: Sequence[bytes]) -> int:
         """Return how many leading keys the CPU tier holds, under one lock."""
-        contains = self.top.contains
         with self._cpu_lock:
-            for i, key in enumerate(keys):
-                if not contains(key):
-                    return i
-        return len(keys)
+            return self.top.contained_prefix(keys)
 
     def exists_many(self, keys: Sequence[bytes]) -> list[bool]:
         """Return, per key, whether any tier holds it (may block: call it off the loop)."""

@@ -62,6 +62,7 @@ def test_bench_json_documents_every_workload(tmp_path):
     assert {"p50_us", "bare_zmq_p50_us", "ratio", "redis_exists_p50_us", "redis_ratio"} <= set(
         lookup
     )
+    assert lookup["fresh_p50_us"] > 0 and lookup["fresh_ratio"] > 0
 
     mixed = doc["mixed"]
     for name in ("lmcached", "redis"):

@@ -9,6 +9,7 @@ import pytest
 
 from lmcached import LMCachedRequestError, LMCachedTimeout
 from lmcached.client import Client
+from lmcached.keys import KeyBuilder
 from lmcached.routing import owner
 
 
@@ -168,3 +169,21 @@ def test_lookup_of_one_routed_prompt_is_one_request_to_one_worker(shared_daemon)
         assert sorted(sent, key=len) == [{}, {"lookup": 1}]
         c.delete([keys[0]])
         assert c.lookup(keys) == 0
+
+
+def test_lookup_of_one_chain_validates_every_key(shared_daemon):
+    """The one-worker lookup path checks keys in bulk; a single bad key still fails the call."""
+    kb = KeyBuilder(namespace="chk", model="m", chunk_size=4)
+    keys = kb.chunk_keys(list(range(4 * 16)))
+    with shared_daemon.client() as c:
+        limit = c.cluster_map["limits"]["max_key_length"]
+        c.put(keys, [b"v"] * len(keys))
+        assert c.lookup(keys) == len(keys)
+        for bad in (b"", keys[3] + b"x" * limit, 7, None):
+            with pytest.raises(LMCachedRequestError):
+                c.lookup([*keys[:5], bad, *keys[5:]])  # type: ignore[list-item]
+        # str keys are UTF-8 bytes keys, also when mixed with bytes in one chain.
+        mixed = [k.decode() if i % 2 else k for i, k in enumerate(keys)]
+        assert c.lookup(mixed) == len(keys)
+        # A key of exactly the limit is valid; a missing one ends the prefix.
+        assert c.lookup([*keys[:7], b"k" * limit, *keys[7:]]) == 7

@@ -233,3 +233,26 @@ def test_write_back_reaches_the_partitions_of_a_namespaced_cpu_tier(tmp_path) ->
 def test_write_back_refuses_a_first_tier_without_eviction_reports(tmp_path) -> None:
     with pytest.raises(ValueError, match="write-back"):
         TieredStore([_StuckTier(), DiskBackend(str(tmp_path), 0, MiB)], write_policy="write-back")
+
+
+@pytest.mark.parametrize("partitioned", [False, True])
+def test_cached_prefix_stops_at_the_first_missing_key(partitioned: bool) -> None:
+    from lmcached.storage.namespaces import NamespacedBackend
+
+    cpu: StorageBackend = (
+        NamespacedBackend(MiB, {"a": 256 * KiB}) if partitioned else CPUBackend(MiB)
+    )
+    store = TieredStore([cpu])
+    try:
+        keys = [f"a/k{i}".encode() for i in range(8)]
+        assert store.cached_prefix(keys) == 0
+        assert store.cached_prefix([]) == 0
+        for k in keys[:3] + keys[4:]:
+            assert store.put(k, _block(1, KiB))
+        assert store.cached_prefix(keys) == 3  # k3 is missing: the later hits do not count
+        assert store.cached_prefix(keys[4:]) == 4
+        assert store.put(keys[3], _block(1, KiB))
+        assert store.cached_prefix(keys) == 8
+        assert store.cached_prefix([*keys, b"b/absent"]) == 8
+    finally:
+        store.close()
