@@ -124,6 +124,7 @@ class Round:
     batches: int = 0
     flushed: int = 0  # blocks newly counted as flushed this round
     incomplete: int = 0  # flushes that returned a report with losses
+    reported: dict[str, int] = field(default_factory=dict)  # their dropped/failed/unconfirmed
     errors: int = 0  # put/flush calls that raised (around the kill)
     survivors: list[str] = field(default_factory=list)
     recover_s: float = 0.0
@@ -198,6 +199,8 @@ def put_until_killed(
             row.flushed += len(pending)
         else:
             row.incomplete += 1
+            for name in ("dropped", "failed", "unconfirmed"):
+                row.reported[name] = row.reported.get(name, 0) + getattr(report, name, 0)
         pending = []
         if rng.random() < 0.1:
             time.sleep(rng.uniform(0, 0.05))
@@ -257,7 +260,9 @@ def main(argv: list[str] | None = None) -> int:
     plugins.mkdir(mode=0o755)
     shutil.copy(PLUGIN, plugins / PLUGIN.name)
     os.chmod(plugins / PLUGIN.name, 0o755)
-    redis = RedisServer(work / "redis", extra_args=["--maxmemory", "512mb"]).start()
+    # Room for every block of the run: a full Redis refuses writes, and the flushes that
+    # report those failures honestly would leave nothing flushed to check.
+    redis = RedisServer(work / "redis", extra_args=["--maxmemory", "2gb"]).start()
     daemon = DaemonProcess(
         work / "daemon",
         num_workers=args.workers,
@@ -331,6 +336,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"{row.note}",
                 flush=True,
             )
+            if row.reported:
+                print(f"    incomplete flushes reported {row.reported}", flush=True)
             for s in row.survivors:
                 print(f"    survivor: {s}", flush=True)
         c.close()
