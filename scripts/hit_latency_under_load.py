@@ -92,6 +92,7 @@ class Phase:
     puts: int = 0
     rss: dict[int, tuple[int, int, int]] = field(default_factory=dict)  # id -> max rss,anon,shm
     quiet: Phase | None = None  # the quiet phase a stream's latency is compared with
+    put_ms: float = float("nan")  # mean worker time per put request (receipt to reply)
 
     def pct(self, q: float) -> float:
         s = sorted(self.lat_ms)
@@ -190,6 +191,17 @@ def main(argv: list[str] | None = None) -> int:
     return report(phases, budget)
 
 
+def mean_put_ms(c: Any) -> float:
+    """The workers' mean put service time so far: how long one put holds a request loop."""
+    total, count = 0.0, 0
+    for w in c.stats(timeout=30)["workers"]:
+        hist = (w.get("stats") or {}).get("latency", {}).get("latency", {}).get("put")
+        if hist:
+            total += float(hist["sum"])
+            count += sum(hist["counts"])
+    return 1000 * total / count if count else float("nan")
+
+
 def run_stream(
     daemon: DaemonProcess,
     kind: str,
@@ -225,6 +237,7 @@ def run_stream(
             phase = Phase(kind, quiet=quiet)
             measure(c, phase, args.seconds, value, pids)
             phase.puts = int(puts.value)
+            phase.put_ms = mean_put_ms(c)
         finally:
             stop.set()
             proc.join(60)
@@ -244,7 +257,7 @@ def run_stream(
 def report(phases: list[Phase], budget: dict[int, int]) -> int:
     print(
         f"\n{'phase':<14} {'hits':>6} {'p50_ms':>7} {'p99_ms':>7} {'max_ms':>7} {'miss':>5} "
-        f"{'err':>4} {'puts':>8} {'p99_lim':>7}  worker peak RSS MiB (anon/shm) vs budget+64"
+        f"{'err':>4} {'puts':>8} {'put_ms':>7} {'p99_lim':>7}  worker peak RSS MiB (anon/shm) vs budget+64"
     )
     ok = True
     for p in phases:
@@ -264,7 +277,7 @@ def report(phases: list[Phase], budget: dict[int, int]) -> int:
         print(
             f"{p.name:<14} {len(p.lat_ms):>6} {p.pct(0.5):>7.2f} {p.pct(0.99):>7.2f} "
             f"{max(p.lat_ms, default=float('nan')):>7.2f} {p.misses:>5} {p.errors:>4} "
-            f"{p.puts:>8} {limit:>7.2f}  {cells}  {'ok' if good else 'MISSED'}"
+            f"{p.puts:>8} {p.put_ms:>7.2f} {limit:>7.2f}  {cells}  {'ok' if good else 'MISSED'}"
         )
     print(
         "targets: p99 <= 2 x the quiet p99 before it + 10 ms (p99_lim), max <= 100 ms, "
