@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import multiprocessing as mp
 import os
+import shutil
 import sys
 import tempfile
 import threading
@@ -188,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
             phases += run_stream(daemon, kind, args, value, budget, first=n == 0)
         finally:
             daemon.close()
+    shutil.rmtree(work, ignore_errors=True)
     return report(phases, budget)
 
 
