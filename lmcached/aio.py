@@ -147,7 +147,7 @@ class Client:
         report = first.flush(timeout=timeout)  # the one that waits for the writes
         with self._lock:
             others = [c for c in self._clients if c is not first]
-        dropped, failed = report.dropped, report.failed
+        dropped, failed, unconfirmed = report.dropped, report.failed, report.unconfirmed
         for client in others:
             left = deadline - time.monotonic()
             if left <= 0:
@@ -155,7 +155,8 @@ class Client:
             # A client busy with another call is waited for (its calls are serialised).
             more = client.flush(timeout=left)
             dropped, failed = dropped + more.dropped, failed + more.failed
-        return FlushReport(dropped=dropped, failed=failed)
+            unconfirmed += more.unconfirmed
+        return FlushReport(dropped=dropped, failed=failed, unconfirmed=unconfirmed)
 
     async def ping(self, timeout: float | None = None) -> dict[str, Any]:
         """Round-trip the scheduler; return its pid and map epoch."""

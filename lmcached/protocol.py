@@ -29,7 +29,11 @@ Request header fields (a msgpack map with string keys):
 
 A ``flush`` reply carries ``done`` and, per worker, ``dropped`` and ``failed``: the lower-tier
 copies of this connection's puts (since its previous flush) that a full write queue dropped or
-whose write failed. Both are absent (read as 0) from workers older than this field.
+whose write failed. Both are absent (read as 0) from workers older than this field. ``put`` and
+``flush`` replies also carry the worker process's ``incarnation`` (a random integer drawn at its
+start): a flush answered by another incarnation than a put since the previous flush means the
+worker that held that put's pending writes died, and the client reports those blocks as
+unconfirmed instead of flushed.
 
 Reply header: ``{"id": <id>, "ok": true, ...op fields}`` or
 ``{"id": <id>, "ok": false, "code": <str>, "error": <str>}``; a worker stamps ``"d": <daemon
@@ -580,13 +584,18 @@ class ErrorReply(_Reply):
 @dataclass(slots=True)
 class PutReply(_Reply):
     stored: int
+    # The worker process that took the blocks (see the module docstring); None: an older worker.
+    incarnation: int | None = None
 
     def _fields(self) -> Header:
-        return {"stored": self.stored}
+        fields: Header = {"stored": self.stored}
+        if self.incarnation is not None:
+            fields["incarnation"] = self.incarnation
+        return fields
 
     @classmethod
     def _decode(cls, h: Header, payload: Sequence[Frame]) -> PutReply:
-        return cls(_int(h, "stored"))
+        return cls(_int(h, "stored"), _opt_int(h, "incarnation"))
 
 
 @dataclass(slots=True)
@@ -737,9 +746,13 @@ class FlushReply(_Reply):
     done: bool
     dropped: int = 0
     failed: int = 0
+    incarnation: int | None = None  # the worker process that answered (see PutReply)
 
     def _fields(self) -> Header:
-        return {"done": self.done, "dropped": self.dropped, "failed": self.failed}
+        fields: Header = {"done": self.done, "dropped": self.dropped, "failed": self.failed}
+        if self.incarnation is not None:
+            fields["incarnation"] = self.incarnation
+        return fields
 
     @classmethod
     def _decode(cls, h: Header, payload: Sequence[Frame]) -> FlushReply:
@@ -749,7 +762,7 @@ class FlushReply(_Reply):
             if type(value) is not int or value < 0:
                 raise ProtocolError(E_MALFORMED, f"{name!r} must be a non-negative int")
             counts.append(value)
-        return cls(_bool(h, "done"), counts[0], counts[1])
+        return cls(_bool(h, "done"), counts[0], counts[1], _opt_int(h, "incarnation"))
 
 
 @dataclass(slots=True)

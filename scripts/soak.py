@@ -93,19 +93,39 @@ def drive(c: Any, rng: random.Random, prompts: int, block: int, load: Load) -> N
         load.count("put", len(missing))
 
 
+def rss_parts(pid: int) -> dict[str, int]:
+    """RSS split as the kernel counts it: anonymous (heap), file-backed, shared memory.
+
+    The CPU tier lives in a shared-memory arena (docs/same-host.md): its pages are in RssShmem,
+    bounded by the arena's size and touched by clients too, while a leak grows RssAnon.
+    """
+    out = {"anon": 0, "file": 0, "shmem": 0}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            name, _, rest = line.partition(":")
+            if name in ("RssAnon", "RssFile", "RssShmem"):
+                out[name[3:].lower()] = int(rest.split()[0]) * 1024
+    return out
+
+
 def sample(c: Any) -> dict[int, dict[str, int]]:
-    """Per worker id: pid, RSS, open fds and CPU-tier fill."""
+    """Per worker id: pid, RSS (and its parts, USS, PSS), open fds and CPU-tier fill."""
     out: dict[int, dict[str, int]] = {}
     for w in c.stats(timeout=30)["workers"]:
         try:
             proc = psutil.Process(int(w["pid"]))
             rss, fds = proc.memory_info().rss, proc.num_fds()
-        except (psutil.Error, KeyError, TypeError, ValueError):
+            full = proc.memory_full_info()
+            parts = rss_parts(proc.pid)
+        except (psutil.Error, OSError, KeyError, TypeError, ValueError):
             continue
         cpu = (w.get("stats") or {}).get("store", {}).get("cpu", {})
         out[int(w["id"])] = {
             "pid": int(w["pid"]),
             "rss": rss,
+            "uss": int(full.uss),
+            "pss": int(full.pss),
+            **parts,
             "fds": fds,
             "used": int(cpu.get("used_bytes", 0)),
             "capacity": int(cpu.get("capacity_bytes", 0)) or 1,
@@ -115,7 +135,9 @@ def sample(c: Any) -> dict[int, dict[str, int]]:
 
 def print_sample(t: float, s: dict[int, dict[str, int]], load: Load) -> None:
     cells = "  ".join(
-        f"w{i}: pid {v['pid']} rss {v['rss'] / MiB:6.1f} MiB fds {v['fds']:3d} "
+        f"w{i}: pid {v['pid']} rss {v['rss'] / MiB:6.1f} MiB (anon {v['anon'] / MiB:5.1f} "
+        f"shm {v['shmem'] / MiB:5.1f} uss {v['uss'] / MiB:5.1f} pss {v['pss'] / MiB:5.1f}) "
+        f"fds {v['fds']:3d} "
         f"cpu {100 * v['used'] / v['capacity']:5.1f}%"
         for i, v in sorted(s.items())
     )
@@ -229,8 +251,13 @@ def verdict(
         rss, fds = e["rss"] / r["rss"], e["fds"] / max(1, r["fds"])
         good = 0.9 <= rss <= 1.1 and 0.9 <= fds <= 1.1
         ok &= good
+        anon = e["anon"] / max(1, r["anon"])
         print(
-            f"  w{w}: rss {r['rss'] / MiB:.1f} -> {e['rss'] / MiB:.1f} MiB (x{rss:.2f}), "
+            f"  w{w}: rss {r['rss'] / MiB:.1f} -> {e['rss'] / MiB:.1f} MiB (x{rss:.2f}; "
+            f"anon {r['anon'] / MiB:.1f} -> {e['anon'] / MiB:.1f} x{anon:.2f}, "
+            f"shm {r['shmem'] / MiB:.1f} -> {e['shmem'] / MiB:.1f}, "
+            f"uss {r['uss'] / MiB:.1f} -> {e['uss'] / MiB:.1f}, "
+            f"pss {r['pss'] / MiB:.1f} -> {e['pss'] / MiB:.1f}), "
             f"fds {r['fds']} -> {e['fds']} (x{fds:.2f}) {'ok' if good else 'OUT OF 10%'}"
         )
     print(f"wrong bytes: {load.wrong} blocks")

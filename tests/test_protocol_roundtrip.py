@@ -150,9 +150,14 @@ errors = st.builds(
     id=ids,
     daemon=daemons,
 )
+# A worker process's random id on put and flush replies; None from an older worker.
+incarnations = st.none() | st.integers(min_value=0, max_value=(1 << 63) - 1)
 # (op the reply answers, reply)
 data_replies = st.one_of(
-    st.tuples(st.just("put"), st.builds(PutReply, small, id=ids, daemon=daemons)),
+    st.tuples(
+        st.just("put"),
+        st.builds(PutReply, small, incarnations, id=ids, daemon=daemons),
+    ),
     st.tuples(st.just("get"), get_replies()),
     st.tuples(st.just("lookup"), st.builds(LookupReply, small, id=ids, daemon=daemons)),
     st.tuples(
@@ -168,6 +173,7 @@ data_replies = st.one_of(
             st.booleans(),
             st.integers(min_value=0, max_value=1 << 40),
             st.integers(min_value=0, max_value=1 << 40),
+            incarnations,
             id=ids,
             daemon=daemons,
         ),

@@ -54,6 +54,7 @@ from lmcached.protocol import (
     PingRequest,
     PurgeReply,
     PurgeRequest,
+    PutReply,
     PutRequest,
     StatusReply,
     StatusRequest,
@@ -144,6 +145,9 @@ class Client:
         self.transport = os.environ.get("LMCACHED_TRANSPORT", transport)
         self.retry = Retry() if retry is None else retry
         self._lock = threading.RLock()
+        # Blocks put since the last flush, per worker id and per worker incarnation (the
+        # process that took them): a flush answered by another incarnation reports them.
+        self._unflushed: dict[int, dict[int | None, int]] = {}
         self._ids = itertools.count(1)
         self._closed = False
         # CURVE credentials: given, else from the config file's curve_* keys, else from
@@ -267,7 +271,7 @@ class Client:
                     batch_bytes += size
                     batch_header += header_cost
                 calls.append(_put_call(worker, batch, keys, views, metas, cmap.checksums, limits))
-            self._pipeline.execute(calls, deadline)
+            self._execute_puts(calls, deadline)
 
     def get(self, keys: Sequence[KeyLike], timeout: float | None = None) -> list[Any | None]:
         """Return each block's bytes (a buffer the caller owns), or None where missing."""
@@ -399,14 +403,26 @@ class Client:
 
         Returns a :class:`FlushReport`: how many lower-tier (disk, remote) copies of this
         client's puts since its previous flush were dropped by a full write queue or failed to
-        write. ``report.complete`` is True when there were none, i.e. every block put since
+        write, and how many were taken by a worker process that died since (``unconfirmed``:
+        its restarted successor cannot vouch for them). ``report.complete`` is True when there
+        were none, i.e. every block put since
         the last flush is now on every lower tier. Raises LMCachedTimeout when the writes did
         not finish before the deadline. Losses are reported, not raised: a block whose copy
         was lost is still served from memory while it stays there, and a cache user decides
         whether a lost copy matters (docs/client.md).
         """
         t = self.timeout if timeout is None else timeout
-        calls = self._broadcast(lambda: FlushRequest(t), timeout)
+        with self._lock:  # no put may slip between the replies and the bookkeeping below
+            calls = self._broadcast(lambda: FlushRequest(t), timeout)
+            unconfirmed = 0
+            for call in calls:
+                if isinstance(call.reply, FlushReply):
+                    # Blocks another process of this worker id took: their pending writes
+                    # died with it, and this worker's counts cannot tell.
+                    seen = self._unflushed.pop(call.worker, {})
+                    unconfirmed += sum(
+                        n for inc, n in seen.items() if inc != call.reply.incarnation
+                    )
         replies = [c.reply for c in calls if isinstance(c.reply, FlushReply)]
         dropped = sum(r.dropped for r in replies)
         failed = sum(r.failed for r in replies)
@@ -414,12 +430,13 @@ class Client:
             raise LMCachedTimeout(
                 "flush did not finish before its deadline"
                 + (
-                    f" ({dropped} dropped, {failed} failed writes so far)"
-                    if dropped or failed
+                    f" ({dropped} dropped, {failed} failed writes so far, "
+                    f"{unconfirmed} blocks put to a worker process that died)"
+                    if dropped or failed or unconfirmed
                     else ""
                 )
             )
-        return FlushReport(dropped=dropped, failed=failed)
+        return FlushReport(dropped=dropped, failed=failed, unconfirmed=unconfirmed)
 
     def ping(self, timeout: float | None = None) -> dict[str, Any]:
         """Round-trip the scheduler; return its pid and map epoch."""
@@ -676,7 +693,7 @@ class Client:
                     batch, offsets, batch_bytes, batch_header = [], [], 0, 0
                 if used + size > stage.size:
                     # The staging file is full: commit what it holds, then reuse it.
-                    self._pipeline.execute(calls, deadline)
+                    self._execute_puts(calls, deadline)
                     calls, used = [], 0
                 offsets.append(used)
                 batch.append(pos)
@@ -686,7 +703,19 @@ class Client:
             if batch:
                 calls.append(call(worker, batch, offsets))
         if calls:
+            self._execute_puts(calls, deadline)
+
+    def _execute_puts(self, calls: list[Call], deadline: float) -> None:
+        """Run put calls; note which worker incarnation took each one's blocks (for flush)."""
+        try:
             self._pipeline.execute(calls, deadline)
+        finally:
+            # Also after a failure: the calls that were answered did store their blocks.
+            for call in calls:
+                if isinstance(call.reply, PutReply):
+                    seen = self._unflushed.setdefault(call.worker, {})
+                    inc = call.reply.incarnation
+                    seen[inc] = seen.get(inc, 0) + call.reply.stored
 
     def _broadcast(self, make: Callable[[], DataRequest], timeout: float | None) -> list[Call]:
         """Send one request built by ``make()`` to every worker and wait for the replies."""
@@ -706,16 +735,19 @@ class FlushReport:
     """What :meth:`Client.flush` found: lower-tier copies of this client's puts that were lost.
 
     ``dropped``: a full write queue dropped the copy (the daemon never blocks a put on a slow
-    disk or remote). ``failed``: the tier's write failed or refused the block. Counted since
-    this client's previous flush, summed over the workers.
+    disk or remote). ``failed``: the tier's write failed or refused the block.
+    ``unconfirmed``: blocks taken by a worker process that died (``kill -9``, a crash) before
+    this flush; the restarted worker cannot know whether their copies were written. Counted
+    since this client's previous flush, summed over the workers.
     """
 
     dropped: int = 0
     failed: int = 0
+    unconfirmed: int = 0
 
     @property
     def lost(self) -> int:
-        return self.dropped + self.failed
+        return self.dropped + self.failed + self.unconfirmed
 
     @property
     def complete(self) -> bool:

@@ -127,6 +127,9 @@ class Worker:
         # over so that an op answered from the I/O pool is timed until its reply.
         self._dispatching: tuple[str, float] | None = None
         self.started_at = time.time()
+        # Stamped on put and flush replies: a client whose puts went to another incarnation
+        # than the one answering its flush learns that their pending writes died with it.
+        self.incarnation = int.from_bytes(os.urandom(8), "little") >> 1
         self._stop = threading.Event()
         self._ctx = zmq.Context(io_threads=1)
         self._router: zmq.Socket | None = None
@@ -404,7 +407,7 @@ class Worker:
             if self.store.put(key, block, origin):
                 stored += 1
             self.ops.bytes_in += size
-        self.reply(envelope, PutReply(stored, id=req.id))
+        self.reply(envelope, PutReply(stored, self.incarnation, id=req.id))
 
     def put_staged(self, envelope: Any, req: PutRequest) -> None:
         """A same-host put: copy each block from the client's staging file into the arena.
@@ -442,7 +445,7 @@ class Worker:
             if self.store.put(key, block, origin):
                 stored += 1
             self.ops.bytes_in += size
-        self.reply(envelope, PutReply(stored, id=req.id))
+        self.reply(envelope, PutReply(stored, self.incarnation, id=req.id))
 
     def op_get(self, envelope: Any, req: GetRequest) -> None:
         if self.arena is not None:
@@ -578,7 +581,13 @@ class Worker:
         def answer(done: Any, err: BaseException | None) -> None:
             # Taken after the wait, so a write that failed while we waited is reported too.
             lost = self.store.take_losses(origin)
-            reply = FlushReply(bool(done) and err is None, lost.dropped, lost.failed, id=req.id)
+            reply = FlushReply(
+                bool(done) and err is None,
+                lost.dropped,
+                lost.failed,
+                self.incarnation,
+                id=req.id,
+            )
             self.reply(envelope, reply)
 
         self.submit_io(lambda: self.store.flush(timeout), answer)

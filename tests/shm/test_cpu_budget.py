@@ -28,3 +28,20 @@ def test_small_blocks_with_large_metas_stay_within_the_cpu_budget(daemon_factory
         # The newest entries are still served, metas intact.
         last = c.get_with_meta([b"meta-flood/0249"])[0]
         assert last is not None and last[1] == meta
+
+
+def test_stream_of_empty_blocks_under_short_keys_stays_within_the_cpu_budget(daemon_factory):
+    # Before: an entry's fixed overhead was counted as 512 bytes, but an entry costs the
+    # worker's heap about 1.1 KiB besides its key; 0-byte blocks under 24-byte keys grew a
+    # worker on a 64 MiB budget by about 120 MiB (to budget + 122 MiB).
+    d = daemon_factory(num_workers=1, max_local_cpu_size="64MiB")
+    with d.client(timeout=60) as c:
+        worker = psutil.Process(worker_pid(c, 0))
+        n = 0
+        while n == 0 or cpu_stats(c)[0]["evictions"] < 3 * cpu_stats(c)[0]["entries"]:
+            keys = [f"empty/{n:06d}/{i:04d}/pad".encode() for i in range(4096)]
+            c.put(keys, [b""] * len(keys))
+            n += 1
+        rss = worker.memory_info().rss  # the target: the budget plus 64 MiB, start-up included
+        assert rss <= 64 * MIB + 64 * MIB, f"worker RSS {rss / MIB:.0f} MiB"
+        assert c.get([keys[-1]])[0] is not None  # the newest entries are still served
