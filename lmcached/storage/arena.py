@@ -29,6 +29,7 @@ from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from lmcached.runtime import pid_alive
 from lmcached.security import resolve_group
 from lmcached.shm.layout import (
     ARENA_PREFIX,
@@ -375,16 +376,6 @@ def remove_stale(directory: str, tag: str, worker_id: int) -> None:
                     os.unlink(os.path.join(directory, name))
             elif name.startswith(STAGE_PREFIX):
                 pid = name[len(STAGE_PREFIX) :].split("-", 1)[0]
-                if pid.isdigit() and not _alive(int(pid)):
+                if pid.isdigit() and not pid_alive(int(pid)):
                     with contextlib.suppress(OSError):
                         os.unlink(os.path.join(directory, name))
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
