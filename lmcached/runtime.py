@@ -160,6 +160,17 @@ def write_endpoints(cfg: DaemonInstance, data: dict[str, Any]) -> Path:
     return target
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists (one of another user counts: it cannot be signalled)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def read_endpoints(cfg: Instance) -> dict[str, Any] | None:
     """Return the published endpoints, or None when no daemon has published any."""
     try:

@@ -107,27 +107,39 @@ class FinePolicy(LRUPolicy):
 """
 
 
+def write_distribution(
+    site: Path, package: str, version: str, files: dict[str, str], entry_points: str
+) -> Path:
+    """Write ``package`` (``files`` by name) and its ``.dist-info`` into ``site``; return ``site``.
+
+    What an install leaves behind, no more: importlib.metadata finds the distribution and its
+    ``entry_points`` (an entry_points.txt, dedented here) once ``site`` is on the path.
+    """
+    pkg = site / package
+    pkg.mkdir(parents=True)
+    for name, text in files.items():
+        (pkg / name).write_text(text)
+    info = site / f"{package}-{version}.dist-info"
+    info.mkdir()
+    name = package.replace("_", "-")
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
+    (info / "entry_points.txt").write_text(textwrap.dedent(entry_points))
+    return site
+
+
 @pytest.fixture
 def broken_dist(tmp_path: Path) -> Path:
     """A distribution folder written by hand: a manifest with two broken entries, one fine."""
-    root = tmp_path / "broken-site"
-    pkg = root / "broken_plugins"
-    pkg.mkdir(parents=True)
-    (pkg / "__init__.py").write_text("")
-    (pkg / "plugins.yaml").write_text(BROKEN_MANIFEST)
-    (pkg / "codecs.py").write_text(BROKEN_MODULE)
-    info = root / "broken_plugins-0.2.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: broken-plugins\nVersion: 0.2\n")
-    (info / "entry_points.txt").write_text(
-        textwrap.dedent(
-            """\
-            [lmcached.plugins]
-            broken = broken_plugins:plugins.yaml
-            """
-        )
+    return write_distribution(
+        tmp_path / "broken-site",
+        "broken_plugins",
+        "0.2",
+        {"__init__.py": "", "plugins.yaml": BROKEN_MANIFEST, "codecs.py": BROKEN_MODULE},
+        """\
+        [lmcached.plugins]
+        broken = broken_plugins:plugins.yaml
+        """,
     )
-    return root
 
 
 @pytest.fixture

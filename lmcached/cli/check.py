@@ -20,7 +20,7 @@ from lmcached import config as config_mod
 from lmcached.cli.commands import CommandTable, load_config, print_json
 from lmcached.cli.progress import TerminalStatus
 from lmcached.routing import owner
-from lmcached.runtime import read_endpoints
+from lmcached.runtime import pid_alive, read_endpoints
 
 # A usage error, like a config error: the command was pointed at something that is not there.
 EXIT_NO_FOLDER = 2
@@ -29,15 +29,7 @@ EXIT_NO_FOLDER = 2
 def _daemon_running(cfg: config_mod.Config) -> bool:
     data = read_endpoints(cfg)
     pid = data.get("pid") if data else None
-    if not isinstance(pid, int):
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    return isinstance(pid, int) and pid_alive(pid)
 
 
 def cmd_check(args: argparse.Namespace) -> int:

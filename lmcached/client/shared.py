@@ -18,7 +18,6 @@ file next to the arenas:
 from __future__ import annotations
 
 import contextlib
-import mmap
 import os
 import secrets
 import weakref
@@ -29,6 +28,7 @@ import xxhash
 
 from lmcached.errors import LMCachedLeaseExpired, LMCachedUnavailable
 from lmcached.protocol import ClusterMap
+from lmcached.shm.files import create_mapped
 from lmcached.shm.layout import ARENA_PREFIX, ArenaReader, SlotRef, StaleSlot, stage_file_name
 
 __all__ = ["HASH_PIECE", "Lease", "LeasedView", "SharedMemory", "Staging", "check_view"]
@@ -118,23 +118,14 @@ class Staging:
 
     def __init__(self, directory: str, size: int, group_of: str) -> None:
         self.path = os.path.join(directory, stage_file_name(os.getpid(), secrets.token_hex(8)))
-        fd = os.open(
-            self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o640
-        )
-        try:
+
+        def set_group(fd: int) -> None:
             with contextlib.suppress(OSError):  # the worker must read it: give it the arena's group
                 gid = os.stat(group_of).st_gid
                 if os.fstat(fd).st_gid != gid:
                     os.fchown(fd, -1, gid)
-            os.fchmod(fd, 0o640)
-            os.ftruncate(fd, size)
-            self.map = mmap.mmap(fd, size, mmap.MAP_SHARED)
-        except BaseException:
-            os.close(fd)
-            with contextlib.suppress(OSError):
-                os.unlink(self.path)
-            raise
-        os.close(fd)
+
+        self.map = create_mapped(self.path, size, 0o640, set_group)
         self.view = memoryview(self.map)
         self.size = size
         self.pid = os.getpid()

@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import heapq
 import itertools
-import mmap
 import os
 import secrets
 import threading
@@ -29,7 +28,9 @@ from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from lmcached.runtime import pid_alive
 from lmcached.security import resolve_group
+from lmcached.shm.files import create_mapped
 from lmcached.shm.layout import (
     ARENA_PREFIX,
     STAGE_PREFIX,
@@ -108,23 +109,14 @@ class Arena:
         data_size = max(data_size, MIN_SLOT) // MIN_SLOT * MIN_SLOT
         self.header = ArenaHeader.plan(data_size, max(descriptors, 1), nonce)
         self.path = os.path.join(directory, arena_file_name(tag, worker_id, nonce.hex()))
-        fd = os.open(
-            self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, ARENA_MODE
-        )
-        try:
+
+        def set_group(fd: int) -> None:
             if group is not None:
                 os.fchown(fd, -1, resolve_group(group))
-            os.fchmod(fd, ARENA_MODE)
-            # A sparse file: tmpfs gives pages only when written. Never truncated afterwards, so
-            # a client's mapping never faults (SIGBUS) whatever happens to this process.
-            os.ftruncate(fd, self.header.file_size)
-            self._map = mmap.mmap(fd, self.header.file_size, mmap.MAP_SHARED)
-        except BaseException:
-            os.close(fd)
-            with contextlib.suppress(OSError):
-                os.unlink(self.path)
-            raise
-        os.close(fd)
+
+        # A sparse file: tmpfs gives pages only when written. Never truncated afterwards, so
+        # a client's mapping never faults (SIGBUS) whatever happens to this process.
+        self._map = create_mapped(self.path, self.header.file_size, ARENA_MODE, set_group)
         self._map[: len(self.header.pack())] = self.header.pack()
         self.view = memoryview(self._map)
         self._lock = threading.Lock()
@@ -378,16 +370,6 @@ def remove_stale(directory: str, tag: str, worker_id: int) -> None:
                     os.unlink(os.path.join(directory, name))
             elif name.startswith(STAGE_PREFIX):
                 pid = name[len(STAGE_PREFIX) :].split("-", 1)[0]
-                if pid.isdigit() and not _alive(int(pid)):
+                if pid.isdigit() and not pid_alive(int(pid)):
                     with contextlib.suppress(OSError):
                         os.unlink(os.path.join(directory, name))
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

@@ -399,24 +399,23 @@ class DiskBackend(StorageBackend):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
 
-    def _forget(self, key: bytes) -> bool:
+    def _forget(self, key: bytes, *, unlink: bool = False) -> bool:
+        """Drop ``key`` from the index, and with ``unlink`` its file; return whether it was there.
+
+        The file goes under the same lock, so a put of the key that follows cannot lose its new
+        file to this unlink."""
         with self._lock:
             size = self._index.pop(key, None)
             if size is None:
                 return False
             self._used -= size
             self.policy.on_remove(key)
+            if unlink:
+                self._unlink(self._path(key))
             return True
 
     def remove(self, key: bytes) -> bool:
-        with self._lock:
-            size = self._index.pop(key, None)
-            if size is None:
-                return False
-            self._used -= size
-            self.policy.on_remove(key)
-            self._unlink(self._path(key))
-        return True
+        return self._forget(key, unlink=True)
 
     def iter_keys(self) -> Iterator[bytes]:
         with self._lock:

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -35,6 +36,19 @@ def _value(i: int, size: int = 64 * KiB) -> bytes:
 
 def _keys(n: int, prefix: str = "ns/m@0/any/") -> list[bytes]:
     return [f"{prefix}{i:08x}".encode() for i in range(n)]
+
+
+def _disk_daemon(
+    tmp_path: Path, max_local_disk_size: str = "64MiB", **settings: Any
+) -> DaemonProcess:
+    """One worker with a disk tier in ``tmp_path/disk``."""
+    return DaemonProcess(
+        tmp_path / "d",
+        num_workers=1,
+        local_disk=str(tmp_path / "disk"),
+        max_local_disk_size=max_local_disk_size,
+        **settings,
+    )
 
 
 def _worker_totals(client) -> dict:
@@ -91,12 +105,7 @@ def test_disk_block_changed_under_the_daemon_is_never_served_and_never_kills_it(
 ) -> None:
     key = _keys(1)[0]
     want = _value(7, 2 * MiB)  # large enough for the old zero-copy mapped read
-    daemon = DaemonProcess(
-        tmp_path / "d",
-        num_workers=1,
-        local_disk=str(tmp_path / "disk"),
-        max_local_disk_size="64MiB",
-    )
+    daemon = _disk_daemon(tmp_path)
     with daemon:
         with daemon.client() as c:
             c.put([key], [want])
@@ -122,13 +131,7 @@ def test_disk_block_changed_under_the_daemon_is_never_served_and_never_kills_it(
 def test_key_too_long_for_the_disk_format_fails_alone_in_its_write_batch(tmp_path: Path) -> None:
     keys = _keys(20)
     long_key = b"ns/m@0/any/" + b"x" * 66_000  # the wire allows it here, the format does not
-    daemon = DaemonProcess(
-        tmp_path / "d",
-        num_workers=1,
-        local_disk=str(tmp_path / "disk"),
-        max_local_disk_size="64MiB",
-        max_key_length=70_000,
-    )
+    daemon = _disk_daemon(tmp_path, max_key_length=70_000)
     with daemon:
         with daemon.client() as c:
             c.put([*keys[:10], long_key, *keys[10:]], [_value(i) for i in range(21)])
@@ -164,10 +167,8 @@ def test_oversized_meta_is_refused_at_the_wire_and_the_daemon_keeps_serving(
 
 def test_flush_reports_the_writes_its_queue_dropped(tmp_path: Path) -> None:
     keys = _keys(64)
-    daemon = DaemonProcess(
-        tmp_path / "d",
-        num_workers=1,
-        local_disk=str(tmp_path / "disk"),
+    daemon = _disk_daemon(
+        tmp_path,
         max_local_disk_size="256MiB",
         write_queue_size="1MiB",  # room for a few 256 KiB blocks only
     )
@@ -232,13 +233,7 @@ def test_asyncio_client_flush_reports_drops_of_puts_made_through_any_connection(
     from lmcached.aio import Client as AsyncClient
 
     keys = _keys(64)
-    daemon = DaemonProcess(
-        tmp_path / "d",
-        num_workers=1,
-        local_disk=str(tmp_path / "disk"),
-        max_local_disk_size="256MiB",
-        write_queue_size="1MiB",
-    )
+    daemon = _disk_daemon(tmp_path, max_local_disk_size="256MiB", write_queue_size="1MiB")
 
     async def put_then_flush():
         async with AsyncClient.from_config(daemon.config_path, max_concurrency=4) as c:
@@ -291,12 +286,7 @@ def test_remote_value_with_a_bad_meta_is_a_counted_miss_and_its_batch_is_served(
 
 def test_disk_file_with_a_bad_meta_is_quarantined_not_a_crash_loop(tmp_path: Path) -> None:
     keys = _keys(3)
-    daemon = DaemonProcess(
-        tmp_path / "d",
-        num_workers=1,
-        local_disk=str(tmp_path / "disk"),
-        max_local_disk_size="64MiB",
-    )
+    daemon = _disk_daemon(tmp_path)
     with daemon:
         with daemon.client() as c:
             c.put(keys, [_value(i) for i in range(3)])
@@ -323,12 +313,7 @@ def test_disk_file_with_a_bad_meta_is_quarantined_not_a_crash_loop(tmp_path: Pat
 def test_check_fix_handles_a_bad_meta_file_without_raising(tmp_path: Path) -> None:
     from lmcached.storage.disk import DiskBackend
 
-    daemon = DaemonProcess(
-        tmp_path / "d",
-        num_workers=1,
-        local_disk=str(tmp_path / "disk"),
-        max_local_disk_size="64MiB",
-    )
+    daemon = _disk_daemon(tmp_path)
     try:
         disk = DiskBackend(str(tmp_path / "disk"), 0, 64 * MiB)
         disk.put(b"good", Block.from_bytes(_value(1)))
@@ -420,12 +405,10 @@ def test_delete_during_in_flight_disk_gets_never_resurrects_the_key(tmp_path: Pa
     key = _keys(1)[0]
     fillers = _keys(3, prefix="ns/m@0/fill/")
     size = 4 * MiB
-    daemon = DaemonProcess(
-        tmp_path / "d",
-        num_workers=1,
-        max_local_cpu_size="8MiB",  # two blocks: the fillers push the key out to disk only
-        local_disk=str(tmp_path / "disk"),
+    daemon = _disk_daemon(
+        tmp_path,
         max_local_disk_size="256MiB",
+        max_local_cpu_size="8MiB",  # two blocks: the fillers push the key out to disk only
     )
     rounds, resurrected = 30, 0
     with daemon, daemon.client() as writer, daemon.client() as deleter:

@@ -11,11 +11,11 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 import urllib.request
 from pathlib import Path
 
 import pytest
+from extension_fixtures import write_distribution
 
 from lmcached import runtime
 from lmcached.extensions import registry as registry_mod
@@ -115,25 +115,19 @@ class ExplodingLogger(StatLogger):
 @pytest.fixture
 def failing_dist(tmp_path: Path) -> Path:
     """A distribution with a general plugin and a stat logger that both raise."""
-    root = tmp_path / "failing-site"
-    pkg = root / "failing_plugins"
-    pkg.mkdir(parents=True)
-    (pkg / "__init__.py").write_text(FAILING_MODULE)
-    info = root / "failing_plugins-0.1.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: failing-plugins\nVersion: 0.1\n")
-    (info / "entry_points.txt").write_text(
-        textwrap.dedent(
-            """\
-            [lmcached.general_plugins]
-            explode = failing_plugins:explode
+    return write_distribution(
+        tmp_path / "failing-site",
+        "failing_plugins",
+        "0.1",
+        {"__init__.py": FAILING_MODULE},
+        """\
+        [lmcached.general_plugins]
+        explode = failing_plugins:explode
 
-            [lmcached.stat_logger_plugins]
-            exploding = failing_plugins:ExplodingLogger
-            """
-        )
+        [lmcached.stat_logger_plugins]
+        exploding = failing_plugins:ExplodingLogger
+        """,
     )
-    return root
 
 
 def daemon_env(*sites: Path, markers: Path) -> dict[str, str]:
@@ -279,14 +273,12 @@ def register_codec(process):
 
 def test_a_general_plugin_runs_before_the_worker_builds_its_store(tmp_path):
     # The disk tier's codec exists only once the general plugin has registered it.
-    site = tmp_path / "site"
-    (site / "registering_plugins").mkdir(parents=True)
-    (site / "registering_plugins" / "__init__.py").write_text(REGISTERING_MODULE)
-    info = site / "registering_plugins-0.1.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: registering-plugins\n")
-    (info / "entry_points.txt").write_text(
-        "[lmcached.general_plugins]\npacked = registering_plugins:register_codec\n"
+    site = write_distribution(
+        tmp_path / "site",
+        "registering_plugins",
+        "0.1",
+        {"__init__.py": REGISTERING_MODULE},
+        "[lmcached.general_plugins]\npacked = registering_plugins:register_codec\n",
     )
     with (
         DaemonProcess(

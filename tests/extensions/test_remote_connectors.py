@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import importlib
 import sys
-import textwrap
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
+from extension_fixtures import write_distribution
 
 from lmcached import config
 from lmcached.daemon import assembly
@@ -113,22 +113,15 @@ class LabelledFS(FSConnector):
 @pytest.fixture
 def override_dist(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     """An installed distribution whose manifest claims the built-in ``fs`` scheme."""
-    root = tmp_path / "override-site"
-    pkg = root / "fs_override"
-    pkg.mkdir(parents=True)
-    (pkg / "__init__.py").write_text("")
-    (pkg / "plugins.yaml").write_text(OVERRIDE_MANIFEST)
-    (pkg / "conn.py").write_text(OVERRIDE_MODULE)
-    info = root / "fs_override-1.0.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: fs-override\nVersion: 1.0\n")
-    (info / "entry_points.txt").write_text(
-        textwrap.dedent(
-            """\
-            [lmcached.plugins]
-            fs-override = fs_override:plugins.yaml
-            """
-        )
+    root = write_distribution(
+        tmp_path / "override-site",
+        "fs_override",
+        "1.0",
+        {"__init__.py": "", "plugins.yaml": OVERRIDE_MANIFEST, "conn.py": OVERRIDE_MODULE},
+        """\
+        [lmcached.plugins]
+        fs-override = fs_override:plugins.yaml
+        """,
     )
     monkeypatch.syspath_prepend(str(root))
     importlib.invalidate_caches()

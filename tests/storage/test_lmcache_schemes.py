@@ -13,7 +13,7 @@ import redis
 
 from lmcached.storage.base import Block
 from lmcached.storage.remote import RemoteBackend, make_connector
-from lmcached.testing import DaemonProcess, RedisServer, free_port, wait_until
+from lmcached.testing import DaemonProcess, RedisServer, wait_until
 
 SERVICE = "mymaster"
 KiB = 1 << 10
@@ -33,13 +33,15 @@ def _has(port: int, key: bytes) -> bool:
         client.close()
 
 
-class SentinelProcess:
-    """One real Redis Sentinel (``redis-server sentinel.conf --sentinel``) watching a master."""
+class SentinelProcess(RedisServer):
+    """One real Redis Sentinel (``redis-server sentinel.conf --sentinel``) watching a master.
+
+    Only the command line differs from a RedisServer (a sentinel needs its config file first);
+    the free port, the PING wait and stop() are RedisServer's.
+    """
 
     def __init__(self, folder: Path, master_port: int) -> None:
-        self.folder = folder
-        self.folder.mkdir(parents=True, exist_ok=True)
-        self.port = free_port()
+        super().__init__(folder)
         self.conf = folder / "sentinel.conf"
         # Quorum 1 and a 1 s down-after: one sentinel may fail the master over, soon.
         self.conf.write_text(
@@ -48,27 +50,19 @@ class SentinelProcess:
             f"sentinel down-after-milliseconds {SERVICE} 1000\n"
             f"sentinel failover-timeout {SERVICE} 10000\n"
         )
-        self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self) -> SentinelProcess:
-        binary = shutil.which("redis-server") or "redis-server"
+    def start(self, timeout: float = 15.0) -> SentinelProcess:
         self.proc = subprocess.Popen(
-            [binary, str(self.conf), "--sentinel"],
+            [self.binary, str(self.conf), "--sentinel"],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             stdin=subprocess.DEVNULL,
         )
-        wait_until(self._answers, 15, what="redis sentinel to answer")
+        wait_until(self._answers, timeout, what="redis sentinel to answer")
         return self
 
     def _client(self) -> redis.Redis:
         return redis.Redis(port=self.port, socket_timeout=1, decode_responses=True)
-
-    def _answers(self) -> bool:
-        try:
-            return bool(self._client().ping())
-        except redis.ConnectionError:
-            return False
 
     def master_port(self) -> int | None:
         try:
@@ -82,16 +76,6 @@ class SentinelProcess:
             return bool(self._client().execute_command("SENTINEL", "replicas", SERVICE))
         except redis.ResponseError:
             return False
-
-    def stop(self) -> None:
-        proc, self.proc = self.proc, None
-        if proc is not None and proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
 
 
 @pytest.fixture

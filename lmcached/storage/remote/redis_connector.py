@@ -77,6 +77,10 @@ class _RedisBase(RemoteConnector):
         self._client_lock = threading.Lock()
         self._closed = False
 
+    # Whether a failed call drops the client, so that the next call builds a new one: set where
+    # the client caches where to go (a cluster's slot map, a sentinel group's master).
+    _rebuild_after_failure = False
+
     def _make_client(self) -> Any:
         raise NotImplementedError
 
@@ -92,7 +96,14 @@ class _RedisBase(RemoteConnector):
                     client = self._client
             return fn(client)
         except TRANSIENT as exc:
+            if self._rebuild_after_failure:
+                self._drop_client()
             raise RemoteUnavailable(f"{type(exc).__name__}: {exc}") from exc
+
+    def _drop_client(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            client.close()
 
     def get_many(self, keys: Sequence[bytes]) -> list[Buffer | ValueTooLarge | None]:
         cap = self.max_value_bytes
@@ -177,9 +188,7 @@ class _RedisBase(RemoteConnector):
         if self._closed:
             return
         self._closed = True
-        client, self._client = self._client, None
-        if client is not None:
-            client.close()
+        self._drop_client()
 
     def describe(self) -> str:
         return redact_url(self.url)
@@ -205,6 +214,9 @@ class RedisConnector(_RedisBase):
 class RedisClusterConnector(_RedisBase):
     """Redis Cluster: ``redis+cluster://host1:port1,host2:port2`` (seed nodes; TLS: rediss+)."""
 
+    # The slot map may be stale after a failure (a node moved or restarted): rebuild it.
+    _rebuild_after_failure = True
+
     def __init__(self, url: str, *, timeout: float) -> None:
         super().__init__(url, timeout=timeout)
         self.nodes, self.options = parse_cluster_url(url)  # bad URLs fail at start, not later
@@ -221,16 +233,6 @@ class RedisClusterConnector(_RedisBase):
             **self.options,
         )
 
-    def _call(self, fn: Callable[[Any], T]) -> T:
-        try:
-            return super()._call(fn)
-        except RemoteUnavailable:
-            # The slot map may be stale (a node moved or restarted): rebuild on the next call.
-            client, self._client = self._client, None
-            if client is not None:
-                client.close()
-            raise
-
 
 DEFAULT_SENTINEL_SERVICE = "redismaster"  # LMCache's default when REDIS_SERVICE_NAME is unset
 
@@ -242,6 +244,9 @@ class RedisSentinelConnector(_RedisBase):
     connection, so after a failover the next call (after the RemoteBackend's reconnect) reaches
     the promoted replica.
     """
+
+    # After a failover, ask the sentinels again rather than retry a dead master.
+    _rebuild_after_failure = True
 
     def __init__(self, url: str, *, timeout: float) -> None:
         super().__init__(url, timeout=timeout)
@@ -265,16 +270,6 @@ class RedisSentinelConnector(_RedisBase):
             retry=Retry(NoBackoff(), 0),
             **self.credentials,
         )
-
-    def _call(self, fn: Callable[[Any], T]) -> T:
-        try:
-            return super()._call(fn)
-        except RemoteUnavailable:
-            # After a failover, ask the sentinels again rather than retry a dead master.
-            client, self._client = self._client, None
-            if client is not None:
-                client.close()
-            raise
 
     def describe(self) -> str:
         return f"{redact_url(self.url)} (service {self.service})"
