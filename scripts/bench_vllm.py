@@ -231,7 +231,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lmcache-env", type=Path, default=CACHE / "lmcache-0.5.6")
     parser.add_argument("--lmcache-connector", type=Path, default=CACHE / "lmcache-0.5.6-connector")
     parser.add_argument("--no-lmcache", action="store_true", help="skip the LMCache column")
-    parser.add_argument("--load-mode", choices=["layerwise", "sync"], default="layerwise")
+    parser.add_argument(
+        "--load-mode",
+        choices=["auto", "layerwise", "sync"],
+        default="auto",
+        help="the lmcached engine's lmcached.load_mode (auto: sync on a CPU, layerwise on a GPU)",
+    )
     parser.add_argument(
         "--compare-sync",
         action="store_true",
