@@ -16,6 +16,7 @@ is joined into one bytes object (one copy). ``get_into`` copies into caller-owne
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import threading
@@ -33,7 +34,12 @@ from lmcached.client.cluster import ClusterView
 from lmcached.client.connection import Call, Connections, Pipeline
 from lmcached.client.retry import Retry
 from lmcached.client.shared import Lease, SharedMemory
-from lmcached.errors import LMCachedRequestError, LMCachedTimeout, LMCachedUnavailable
+from lmcached.errors import (
+    LMCachedError,
+    LMCachedRequestError,
+    LMCachedTimeout,
+    LMCachedUnavailable,
+)
 from lmcached.malloc import tune_for_large_messages
 from lmcached.protocol import (
     CONTROL_REQUESTS,
@@ -70,6 +76,8 @@ DEFAULT_TIMEOUT_S = 10.0
 # Payload bytes of one same-host put request: small enough that the client stages the next
 # request while the worker copies this one, large enough that headers stay negligible.
 SHARED_PUT_BYTES = 8 << 20
+# How long close() spends giving back the leases of dropped views (best effort).
+LEASE_RETURN_TIMEOUT_S = 1.0
 # Read by Client() given neither an endpoint nor a config file (a daemon's plugins get the first).
 ENDPOINT_ENV = "LMCACHED_CONTROL_ENDPOINT"
 # In the order the daemon's CLI reads them.
@@ -478,10 +486,32 @@ class Client:
             self._closed = True
             if self._conns.forked():
                 self._cluster.forget()
+            else:
+                self._return_leases()
             self._cluster.reset_control()
             self._conns.close()
             if self._shm is not None:
                 self._shm.close()
+
+    def _return_leases(self) -> None:
+        """Give back the leases of views already dropped, which ride on the next get otherwise.
+
+        Without this, a client that closes (a finished process) leaves its last slots pinned for
+        ``lease_timeout``, and pinned slots scattered through an arena can keep a large block
+        from finding room. Best effort, within a short deadline: the lease expiry still covers
+        a client that dies without closing.
+        """
+        if self._shm is None or self._cluster.map is None:
+            return
+        calls = [
+            Call(worker, GetRequest([], True, ids))
+            for worker, ids in self._shm.releases.items()
+            if ids and worker in self._shm.arenas
+        ]
+        self._shm.releases = {}
+        if calls:
+            with contextlib.suppress(LMCachedError):
+                self._pipeline.execute(calls, time.monotonic() + LEASE_RETURN_TIMEOUT_S)
 
     def __enter__(self) -> Client:
         return self

@@ -75,3 +75,21 @@ def test_views_released_by_garbage_collection_end_their_lease(daemon_factory):
         del views
         c.get([b"missing"])  # carries the release
         assert cpu_stats(c)[0]["arena_pinned"] == 0
+
+
+def test_a_closing_client_gives_back_the_leases_of_its_dropped_views(daemon_factory):
+    """Releases rode only on a client's next get: a client that closed (a finished process)
+    left its last slots pinned for lease_timeout, zombies that can keep a large block from
+    finding room in the arena."""
+    d = daemon_factory(num_workers=1, max_local_cpu_size="8MiB", lease_timeout=600)
+    value = os.urandom(MIB)
+    with d.client(timeout=30) as reader:
+        reader.put([b"held"], [value])
+        view = reader.get([b"held"])[0]
+        assert bytes(view) == value
+        view.release()  # dropped: its lease waits for this client's next get
+    with d.client(timeout=30) as other:
+        _flood(other, "flood", 40, MIB)  # evicts "held"
+        stats = cpu_stats(other)[0]
+        assert stats["evictions"] > 0 and stats["arena_zombies"] == 0
+        assert stats["arena_pinned"] == 0
