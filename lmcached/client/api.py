@@ -360,6 +360,10 @@ class Client:
         """Return how many leading keys are present (the prefix hit)."""
         if not keys:
             return 0
+        if self._shm is not None:
+            local = self._lookup_shared(keys, timeout)
+            if local is not None:
+                return local
         calls = self._run_keyed(LookupRequest, keys, timeout, whole_chain=True)
         if len(calls) == 1 and isinstance(calls[0].reply, LookupReply):
             # The routing rule puts a prompt's chain on one worker: it counted the prefix
@@ -378,6 +382,23 @@ class Client:
                 break
             hit += 1
         return hit
+
+    def _lookup_shared(self, keys: Sequence[KeyLike], timeout: float | None) -> int | None:
+        """Count the prefix hit in the owner's presence index, without a round trip.
+
+        None when the index cannot answer: keys on several workers, an arena not mapped or
+        no longer kept (its worker stopped or died), or a miss that a lower tier might fill.
+        """
+        assert self._shm is not None
+        keys = _encode_keys(keys)
+        with self._lock:
+            deadline = self._start(timeout)
+            _check_keys(keys, self._cluster.ensure(deadline).limits)
+            owners = self._cluster.owners(keys)
+            if len(owners) != 1:
+                return None
+            arena = self._shm.arenas.get(next(iter(owners)))
+            return None if arena is None else arena.leading_present(keys)
 
     def exists(self, keys: Sequence[KeyLike], timeout: float | None = None) -> list[bool]:
         """Return whether each key is present."""
