@@ -68,7 +68,7 @@ from lmcached.protocol import (
 )
 from lmcached.runtime import control_endpoint
 from lmcached.security import ClientCurve
-from lmcached.shm.layout import SlotRef
+from lmcached.shm.layout import ArenaReader, SlotRef
 
 __all__ = ["DEFAULT_TIMEOUT_S", "Client", "KeyLike"]
 
@@ -184,6 +184,9 @@ class Client:
             self._cluster.on_sync = self._shm.sync
             # A Client dropped without close() (or alive at exit) still unlinks its staging file.
             weakref.finalize(self, self._shm.close)
+        # When a lookup may next refresh the map because its owner's arena was left by a dead
+        # worker (see _from_index).
+        self._index_resync_at = 0.0
         tune_for_large_messages()
 
     @classmethod
@@ -389,21 +392,48 @@ class Client:
         None when the index cannot answer: keys on several workers, an arena not mapped or
         no longer kept (its worker stopped or died), or a miss that a lower tier might fill.
         """
+        return self._from_index(keys, timeout, ArenaReader.leading_present)
+
+    def _from_index(
+        self,
+        keys: Sequence[KeyLike],
+        timeout: float | None,
+        read: Callable[[ArenaReader, Sequence[bytes]], T | None],
+    ) -> T | None:
+        """Answer from the presence index of the one worker owning every key, or None."""
         assert self._shm is not None
-        keys = _encode_keys(keys)
+        encoded = _encode_keys(keys)
         with self._lock:
             deadline = self._start(timeout)
-            _check_keys(keys, self._cluster.ensure(deadline).limits)
-            owners = self._cluster.owners(keys)
+            _check_keys(encoded, self._cluster.ensure(deadline).limits)
+            owners = self._cluster.owners(encoded)
             if len(owners) != 1:
                 return None
-            arena = self._shm.arenas.get(next(iter(owners)))
-            return None if arena is None else arena.leading_present(keys)
+            worker = next(iter(owners))
+            arena = self._shm.arenas.get(worker)
+            if arena is None:
+                return None
+            found = read(arena, encoded)
+            now = time.monotonic()
+            if found is None and now >= self._index_resync_at and not arena.live():
+                # Its worker is gone. A client that only looks up never gets a reply naming
+                # the restarted worker's arena, so the map has to: refresh it (at most once per
+                # poll interval while the worker is down) and read the new arena.
+                self._index_resync_at = now + self.retry.poll_interval
+                with contextlib.suppress(LMCachedError):
+                    self._cluster.refresh(deadline, quick=True)
+                arena = self._shm.arenas.get(worker)
+                found = None if arena is None else read(arena, encoded)
+            return found
 
     def exists(self, keys: Sequence[KeyLike], timeout: float | None = None) -> list[bool]:
         """Return whether each key is present."""
         if not keys:
             return []
+        if self._shm is not None:
+            local = self._from_index(keys, timeout, ArenaReader.present)
+            if local is not None:
+                return local
         out = [False] * len(keys)
         for call in self._run_keyed(ExistsRequest, keys, timeout):
             assert isinstance(call.reply, ExistsReply)

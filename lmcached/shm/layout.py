@@ -286,16 +286,38 @@ class ArenaReader:
     def leading_present(self, keys: Sequence[bytes]) -> int | None:
         """Count the leading ``keys`` the presence index holds; None when it cannot tell.
 
-        It cannot tell when the arena has no index, when the index is not LIVE (its worker
-        stopped or died), or when a key is missing and misses are not final there (a lower
-        tier may hold it): the worker has to be asked then.
+        It cannot tell when the arena has no index, when its worker is gone (stopped or
+        killed), or when a key is missing and misses are not final there (a lower tier may
+        hold it): the worker has to be asked then.
         """
+        found = self._lookup(keys)
+        if found is None:
+            return None
+        present, final = found
+        first_miss = int(present.argmin())
+        if present[first_miss]:
+            return len(keys)
+        return first_miss if final else None
+
+    def present(self, keys: Sequence[bytes]) -> list[bool] | None:
+        """Whether the presence index holds each key; None when it cannot tell (as above)."""
+        found = self._lookup(keys)
+        if found is None:
+            return None
+        present, final = found
+        if not final and not present.all():
+            return None
+        flags: list[bool] = present.tolist()
+        return flags
+
+    def _lookup(self, keys: Sequence[bytes]) -> tuple[Any, bool] | None:
+        """Return (a bool array: key in the index, whether misses are final), or None."""
         buckets = self.header.index_buckets
-        if not buckets or _WORD.unpack_from(self.map, INDEX_STATE_AT)[0] != INDEX_LIVE:
+        if not keys or not buckets:
             return None
-        if not self.worker_alive():
+        if not self.live():
             return None
-        flags = _WORD.unpack_from(self.map, INDEX_FLAGS_AT)[0]
+        final = bool(_WORD.unpack_from(self.map, INDEX_FLAGS_AT)[0] & INDEX_FINAL_MISSES)
         np = _numpy()
         if self._index is None:
             self._index = np.frombuffer(
@@ -312,11 +334,11 @@ class ArenaReader:
         buckets_of[:, 0] = fps & np.uint64(buckets - 1)
         buckets_of[:, 1] = (fps >> np.uint64(32)) & np.uint64(buckets - 1)
         present = (self._index[buckets_of] == fps[:, None, None]).any(axis=(1, 2))
-        first_miss = int(present.argmin())
-        hit = n if present[first_miss] else first_miss
-        if hit < n and not flags & INDEX_FINAL_MISSES:
-            return None
-        return hit
+        return present, final
+
+    def live(self) -> bool:
+        """Whether the presence index is kept: not retired, and its worker still runs."""
+        return _WORD.unpack_from(self.map, INDEX_STATE_AT)[0] == INDEX_LIVE and self.worker_alive()
 
     def worker_alive(self) -> bool:
         """Whether the worker that made this arena still runs (it holds the file's flock)."""

@@ -21,7 +21,12 @@ def _prompt(name: str, chunks: int) -> list[bytes]:
 
 
 def _lookups_served(client: Client) -> int:
-    return sum(w["stats"]["ops"]["requests"].get("lookup", 0) for w in client.stats()["workers"])
+    """Lookup and exists requests the workers have served."""
+    return sum(
+        w["stats"]["ops"]["requests"].get(op, 0)
+        for w in client.stats()["workers"]
+        for op in ("lookup", "exists")
+    )
 
 
 def test_a_same_host_lookup_is_answered_from_the_presence_index_without_a_round_trip(
@@ -36,6 +41,7 @@ def test_a_same_host_lookup_is_answered_from_the_presence_index_without_a_round_
         c.delete([keys[40]])
         assert c.lookup(keys) == 40
         assert c.lookup(keys[41:100]) == 59
+        assert c.exists(keys[39:42] + keys[99:101]) == [True, False, True, True, False]
         assert _lookups_served(c) == served  # no lookup reached a worker
         # The worker's own answer over ZMQ agrees.
         assert zmq_only.lookup(keys) == 40
@@ -73,25 +79,29 @@ def test_a_miss_in_the_index_asks_the_worker_when_a_lower_tier_may_hold_the_key(
         served = _lookups_served(c)
         # Only the newest blocks fit in CPU memory; the disk holds the rest of the chain.
         assert c.lookup(keys) == 64
-        assert _lookups_served(c) == served + 1
+        assert c.exists([*keys[:2], b"absent"]) == [True, True, False]
+        assert _lookups_served(c) == served + 2
 
 
 def test_the_index_of_a_killed_worker_stops_answering_lookups(daemon_factory):
     d = daemon_factory(num_workers=1)
     keys = _prompt("killed", 32)
-    with d.client(timeout=30) as c:
-        c.put(keys, [b"k"] * len(keys))
-        assert c.lookup(keys) == 32
-        old_pid = worker_pid(c, 0)
+    with d.client(timeout=30) as writer, d.client(timeout=30) as looker:
+        writer.put(keys, [b"k"] * len(keys))
+        assert looker.lookup(keys) == 32
+        old_pid = worker_pid(writer, 0)
         os.kill(old_pid, signal.SIGKILL)
 
         def restarted() -> bool:
-            w = c.control("map")["map"]["workers"][0]
+            w = writer.control("map")["map"]["workers"][0]
             return w["state"] == "up" and w["pid"] != old_pid
 
         wait_until(restarted, 60, what="worker restart")
-        # The client still maps the dead worker's arena; its index must not claim the blocks
+        # The looker still maps the dead worker's arena; its index must not claim the blocks
         # the CPU tier lost with the worker.
-        assert c.lookup(keys) == 0
-        c.put(keys[:5], [b"k"] * 5)
-        assert c.lookup(keys) == 5
+        assert looker.lookup(keys) == 0
+        writer.put(keys[:5], [b"k"] * 5)
+        served = _lookups_served(writer)
+        # A client that only looks up has moved to the new worker's arena: no round trips.
+        assert [looker.lookup(keys) for _ in range(3)] == [5, 5, 5]
+        assert _lookups_served(writer) == served

@@ -126,9 +126,12 @@ def test_the_presence_index_counts_the_leading_keys_the_tier_holds(arena):
     assert reader.leading_present(keys) == 30
     arena.unindex_key(keys[7])  # a block that left the tier ends the prefix there
     assert reader.leading_present(keys) == 7
+    assert reader.present(keys[6:9]) == [True, False, True]
     arena.set_final_misses(False)  # a lower tier may hold what the index lacks: ask the worker
     assert reader.leading_present(keys) is None
+    assert reader.present(keys[6:9]) is None
     assert reader.leading_present(keys[:7]) == 7  # a full hit needs no worker
+    assert reader.present(keys[:3]) == [True] * 3
     reader.close()
 
 
