@@ -389,31 +389,47 @@ class Client:
     def _lookup_shared(self, keys: Sequence[KeyLike], timeout: float | None) -> int | None:
         """Count the prefix hit in the owner's presence index, without a round trip.
 
-        None when the index cannot answer: keys on several workers, an arena not mapped or
-        no longer kept (its worker stopped or died), or a miss that a lower tier might fill.
+        None when the index cannot answer: an arena not mapped or no longer kept (its worker
+        stopped or died), a miss that a lower tier might fill, or one on another worker.
         """
-        return self._from_index(keys, timeout, ArenaReader.leading_present)
+        return self._from_index(keys, timeout, self._read_prefix)
+
+    def _read_prefix(self, arena: ArenaReader, worker: int, keys: Sequence[bytes]) -> int | None:
+        hit = arena.leading_present(keys)
+        if hit is None or hit == 0 or hit == len(keys):
+            return hit
+        # A key found in a worker's index is held there, whatever its route; so only the key
+        # the count ends at must be that worker's, for its miss to be a miss in the daemon.
+        # This spares a fresh prompt's lookup the check that all its keys share one route.
+        return hit if self._cluster.owner_of(keys[hit]) == worker else None
+
+    def _read_flags(
+        self, arena: ArenaReader, worker: int, keys: Sequence[bytes]
+    ) -> list[bool] | None:
+        flags = arena.present(keys)
+        if flags is None or all(flags):
+            return flags
+        owner_of = self._cluster.owner_of
+        mine = all(owner_of(k) == worker for k, f in zip(keys, flags, strict=True) if not f)
+        return flags if mine else None
 
     def _from_index(
         self,
         keys: Sequence[KeyLike],
         timeout: float | None,
-        read: Callable[[ArenaReader, Sequence[bytes]], T | None],
+        read: Callable[[ArenaReader, int, Sequence[bytes]], T | None],
     ) -> T | None:
-        """Answer from the presence index of the one worker owning every key, or None."""
+        """Answer from the presence index of the first key's owner, or None (ask the workers)."""
         assert self._shm is not None
         encoded = _encode_keys(keys)
         with self._lock:
             deadline = self._start(timeout)
             _check_keys(encoded, self._cluster.ensure(deadline).limits)
-            owners = self._cluster.owners(encoded)
-            if len(owners) != 1:
-                return None
-            worker = next(iter(owners))
+            worker = self._cluster.owner_of(encoded[0])
             arena = self._shm.arenas.get(worker)
             if arena is None:
                 return None
-            found = read(arena, encoded)
+            found = read(arena, worker, encoded)
             now = time.monotonic()
             if found is None and now >= self._index_resync_at and not arena.live():
                 # Its worker is gone. A client that only looks up never gets a reply naming
@@ -423,7 +439,7 @@ class Client:
                 with contextlib.suppress(LMCachedError):
                     self._cluster.refresh(deadline, quick=True)
                 arena = self._shm.arenas.get(worker)
-                found = None if arena is None else read(arena, encoded)
+                found = None if arena is None else read(arena, worker, encoded)
             return found
 
     def exists(self, keys: Sequence[KeyLike], timeout: float | None = None) -> list[bool]:
@@ -431,7 +447,7 @@ class Client:
         if not keys:
             return []
         if self._shm is not None:
-            local = self._from_index(keys, timeout, ArenaReader.present)
+            local = self._from_index(keys, timeout, self._read_flags)
             if local is not None:
                 return local
         out = [False] * len(keys)

@@ -8,6 +8,7 @@ import signal
 
 from lmcached.client import Client
 from lmcached.keys import KeyBuilder
+from lmcached.routing import owner
 from lmcached.testing import wait_until
 
 from .helpers import worker_pid
@@ -46,6 +47,18 @@ def test_a_same_host_lookup_is_answered_from_the_presence_index_without_a_round_
         # The worker's own answer over ZMQ agrees.
         assert zmq_only.lookup(keys) == 40
         assert _lookups_served(c) == served + 1
+
+
+def test_keys_spread_over_workers_are_counted_as_the_workers_count_them(daemon_factory):
+    d = daemon_factory(num_workers=2)
+    keys = [b"plain/%d" % i for i in range(40)]  # no route: each key has its own owner
+    assert len({owner(k, 2) for k in keys}) == 2
+    with d.client(timeout=30) as c, d.client(timeout=30, shared_memory=False) as zmq_only:
+        c.put(keys[:30], [b"x"] * 30)
+        c.delete([keys[17]])
+        assert c.lookup(keys) == zmq_only.lookup(keys) == 17
+        assert c.exists(keys) == zmq_only.exists(keys)
+        assert c.lookup(keys[18:]) == zmq_only.lookup(keys[18:]) == 12
 
 
 def test_evicted_blocks_leave_the_presence_index_with_the_tier(daemon_factory):
