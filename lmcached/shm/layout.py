@@ -338,6 +338,8 @@ class ArenaReader:
 
     def live(self) -> bool:
         """Whether the presence index is kept: not retired, and its worker still runs."""
+        if self._fd < 0:  # closed: the mapping may be gone too
+            return False
         return _WORD.unpack_from(self.map, INDEX_STATE_AT)[0] == INDEX_LIVE and self.worker_alive()
 
     def worker_alive(self) -> bool:
