@@ -36,7 +36,7 @@ class Report:
     memcpy: dict[str, float] = field(default_factory=dict)
     zmq: dict[str, float] = field(default_factory=dict)
     rows: list[Row] = field(default_factory=list)
-    lookup: dict[str, float] = field(default_factory=dict)
+    lookup: dict[str, Any] = field(default_factory=dict)
     memory: dict[str, Any] = field(default_factory=dict)
     checks: dict[str, Any] = field(default_factory=dict)
     # Workload sections (the README's "Benchmarks" section lists every field).

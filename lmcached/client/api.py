@@ -68,7 +68,7 @@ from lmcached.protocol import (
 )
 from lmcached.runtime import control_endpoint
 from lmcached.security import ClientCurve
-from lmcached.shm.layout import SlotRef
+from lmcached.shm.layout import ArenaReader, SlotRef
 
 __all__ = ["DEFAULT_TIMEOUT_S", "Client", "KeyLike"]
 
@@ -184,6 +184,9 @@ class Client:
             self._cluster.on_sync = self._shm.sync
             # A Client dropped without close() (or alive at exit) still unlinks its staging file.
             weakref.finalize(self, self._shm.close)
+        # When a lookup may next refresh the map because its owner's arena was left by a dead
+        # worker (see _from_index).
+        self._index_resync_at = 0.0
         tune_for_large_messages()
 
     @classmethod
@@ -360,6 +363,10 @@ class Client:
         """Return how many leading keys are present (the prefix hit)."""
         if not keys:
             return 0
+        if self._shm is not None:
+            local = self._lookup_shared(keys, timeout)
+            if local is not None:
+                return local
         calls = self._run_keyed(LookupRequest, keys, timeout, whole_chain=True)
         if len(calls) == 1 and isinstance(calls[0].reply, LookupReply):
             # The routing rule puts a prompt's chain on one worker: it counted the prefix
@@ -379,10 +386,70 @@ class Client:
             hit += 1
         return hit
 
+    def _lookup_shared(self, keys: Sequence[KeyLike], timeout: float | None) -> int | None:
+        """Count the prefix hit in the owner's presence index, without a round trip.
+
+        None when the index cannot answer: an arena not mapped or no longer kept (its worker
+        stopped or died), a miss that a lower tier might fill, or one on another worker.
+        """
+        return self._from_index(keys, timeout, self._read_prefix)
+
+    def _read_prefix(self, arena: ArenaReader, worker: int, keys: Sequence[bytes]) -> int | None:
+        hit = arena.leading_present(keys)
+        if hit is None or hit == 0 or hit == len(keys):
+            return hit
+        # A key found in a worker's index is held there, whatever its route; so only the key
+        # the count ends at must be that worker's, for its miss to be a miss in the daemon.
+        # This spares a fresh prompt's lookup the check that all its keys share one route.
+        return hit if self._cluster.owner_of(keys[hit]) == worker else None
+
+    def _read_flags(
+        self, arena: ArenaReader, worker: int, keys: Sequence[bytes]
+    ) -> list[bool] | None:
+        flags = arena.present(keys)
+        if flags is None or all(flags):
+            return flags
+        owner_of = self._cluster.owner_of
+        mine = all(owner_of(k) == worker for k, f in zip(keys, flags, strict=True) if not f)
+        return flags if mine else None
+
+    def _from_index(
+        self,
+        keys: Sequence[KeyLike],
+        timeout: float | None,
+        read: Callable[[ArenaReader, int, Sequence[bytes]], T | None],
+    ) -> T | None:
+        """Answer from the presence index of the first key's owner, or None (ask the workers)."""
+        assert self._shm is not None
+        encoded = _encode_keys(keys)
+        with self._lock:
+            deadline = self._start(timeout)
+            _check_keys(encoded, self._cluster.ensure(deadline).limits)
+            worker = self._cluster.owner_of(encoded[0])
+            arena = self._shm.arenas.get(worker)
+            if arena is None:
+                return None
+            found = read(arena, worker, encoded)
+            now = time.monotonic()
+            if found is None and now >= self._index_resync_at and not arena.live():
+                # Its worker is gone. A client that only looks up never gets a reply naming
+                # the restarted worker's arena, so the map has to: refresh it (at most once per
+                # poll interval while the worker is down) and read the new arena.
+                self._index_resync_at = now + self.retry.poll_interval
+                with contextlib.suppress(LMCachedError):
+                    self._cluster.refresh(deadline, quick=True)
+                arena = self._shm.arenas.get(worker)
+                found = None if arena is None else read(arena, worker, encoded)
+            return found
+
     def exists(self, keys: Sequence[KeyLike], timeout: float | None = None) -> list[bool]:
         """Return whether each key is present."""
         if not keys:
             return []
+        if self._shm is not None:
+            local = self._from_index(keys, timeout, self._read_flags)
+            if local is not None:
+                return local
         out = [False] * len(keys)
         for call in self._run_keyed(ExistsRequest, keys, timeout):
             assert isinstance(call.reply, ExistsReply)

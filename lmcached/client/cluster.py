@@ -109,6 +109,19 @@ class ClusterView:
         self._sync()
         return self._map
 
+    def owner_of(self, key: bytes) -> int:
+        """Return the worker that owns ``key`` (remembered, as ``owners`` does)."""
+        assert self._map is not None
+        n = self._map.num_workers
+        if n == 1:
+            return 0
+        if n != self._owners_n or len(self._owners) > OWNER_CACHE_KEYS:
+            self._owners, self._owners_n = {}, n
+        w = self._owners.get(key)
+        if w is None:
+            w = self._owners[key] = routing.owner(key, n)
+        return w
+
     def owners(self, keys: Sequence[bytes]) -> dict[int, list[int]]:
         """Group the positions of ``keys`` by owning worker."""
         assert self._map is not None

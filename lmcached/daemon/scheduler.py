@@ -63,6 +63,7 @@ from lmcached.runtime import (
     write_endpoints,
 )
 from lmcached.security import secure_ipc_socket
+from lmcached.shm.layout import retire_arena
 from lmcached.supervision.states import (
     ProcessLife,
     ProcessState,
@@ -320,6 +321,10 @@ class Scheduler:
         slot.last_exit = code
         slot.proc = None
         slot.pid = None
+        arena = slot.endpoints.get("arena")
+        if arena is not None:
+            # Clients still map its arena: its presence index must stop answering lookups.
+            retire_arena(arena)
         slot.endpoints = {}
         if slot.sock is not None:
             slot.sock.close(linger=0)

@@ -117,6 +117,10 @@ class Worker:
         self.store = build_store(cfg, worker_id)
         cpu = self.store.top
         self.arena: Arena | None = getattr(cpu, "arena", None)
+        if self.arena is not None:
+            # Same-host clients count a prompt's hits in the arena's presence index; a key it
+            # lacks is a final miss only when no lower tier could hold it.
+            self.arena.set_final_misses(not self.store.has_lower)
         # Same-host puts: the clients' staging files this worker has mapped (read-only).
         self.stages = StageMaps(os.path.dirname(self.arena.path)) if self.arena else None
         # ZMQ replies sent zero-copy from arena slots: (tracker, pin) until libzmq is done.

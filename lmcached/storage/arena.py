@@ -18,6 +18,7 @@ socket may map it, read-only. Clients never write it.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import heapq
 import itertools
 import os
@@ -33,13 +34,22 @@ from lmcached.security import resolve_group
 from lmcached.shm.files import create_mapped
 from lmcached.shm.layout import (
     ARENA_PREFIX,
+    INDEX_BUCKET,
+    INDEX_FINAL_MISSES,
+    INDEX_FLAGS_AT,
+    INDEX_LIVE,
+    INDEX_RETIRED,
+    INDEX_STATE_AT,
+    INDEX_WAYS,
     STAGE_PREFIX,
     ArenaHeader,
     SlotRef,
     arena_file_name,
+    fingerprint,
     instance_tag,
     pack_descriptor,
     pack_generation,
+    retire_arena,
 )
 
 __all__ = [
@@ -118,6 +128,10 @@ class Arena:
         # a client's mapping never faults (SIGBUS) whatever happens to this process.
         self._map = create_mapped(self.path, self.header.file_size, ARENA_MODE, set_group)
         self._map[: len(self.header.pack())] = self.header.pack()
+        # Held for this process's life: clients trust the presence index only while it is held,
+        # and the kernel drops it when the worker dies, however it dies.
+        self._lock_fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
         self.view = memoryview(self._map)
         self._lock = threading.Lock()
         # Free slots by order (log2 of their size); the largest order ever carved bounds merging.
@@ -134,6 +148,17 @@ class Arena:
         self.slot_bytes = 0
         self.zombies = 0
         self._closed = False
+        # The presence index, as u64 words; keys that found no free way in either bucket (a
+        # miss in the index is not final while there is one).
+        h = self.header
+        self._index = self.view[
+            h.index_offset : h.index_offset + h.index_buckets * INDEX_BUCKET
+        ].cast("Q")
+        self._index_mask = h.index_buckets - 1
+        self._unindexed: set[bytes] = set()
+        self._final_misses = False
+        self._set_word(INDEX_FLAGS_AT, 0)
+        self._set_word(INDEX_STATE_AT, INDEX_LIVE)
 
     # ------------------------------------------------------------------------- buddy allocator
     def _carve(self, size: int) -> None:
@@ -239,6 +264,54 @@ class Arena:
             self.slot_bytes -= 1 << s.order
         self._free_desc.append(index)
 
+    # ---------------------------------------------------------------------- presence index
+    def _set_word(self, at: int, value: int) -> None:
+        self._map[at : at + 8] = value.to_bytes(8, "little")
+
+    def _ways(self, fp: int) -> tuple[int, int]:
+        first = (fp & self._index_mask) * INDEX_WAYS
+        second = ((fp >> 32) & self._index_mask) * INDEX_WAYS
+        return first, second
+
+    def index_key(self, key: bytes) -> None:
+        """Publish ``key`` in the presence index: call it once the block is committed and in
+        the tier, so a client that reads it there finds the block with a get."""
+        fp = fingerprint(key)
+        idx = self._index
+        with self._lock:
+            for start in self._ways(fp):
+                for i in range(start, start + INDEX_WAYS):
+                    if idx[i] == 0:
+                        idx[i] = fp
+                        return
+            self._unindexed.add(key)
+            self._publish_flags()
+
+    def unindex_key(self, key: bytes) -> None:
+        """Withdraw ``key`` from the presence index: call it before the block leaves the tier."""
+        fp = fingerprint(key)
+        idx = self._index
+        with self._lock:
+            if key in self._unindexed:
+                self._unindexed.discard(key)
+                self._publish_flags()
+                return
+            for start in self._ways(fp):
+                for i in range(start, start + INDEX_WAYS):
+                    if idx[i] == fp:
+                        idx[i] = 0
+                        return
+
+    def set_final_misses(self, final: bool) -> None:
+        """Say whether a key missing from the index is missing from the worker (no lower tier)."""
+        with self._lock:
+            self._final_misses = final
+            self._publish_flags()
+
+    def _publish_flags(self) -> None:
+        final = self._final_misses and not self._unindexed
+        self._set_word(INDEX_FLAGS_AT, INDEX_FINAL_MISSES if final else 0)
+
     # ------------------------------------------------------------------------------- pins
     def pin(self, indexes: Iterable[int], timeout: float | None = None) -> int:
         """Keep these slots' bytes from reuse until unpin() or the timeout; return a pin id."""
@@ -289,9 +362,14 @@ class Arena:
         if self._closed:
             return
         self._closed = True
+        # Clients keep their mappings after the unlink: tell them the index is no longer kept.
+        self._set_word(INDEX_STATE_AT, INDEX_RETIRED)
         with contextlib.suppress(OSError):
             os.unlink(self.path)
+        with contextlib.suppress(OSError):
+            os.close(self._lock_fd)
         with contextlib.suppress(BufferError):
+            self._index.release()
             self.view.release()
             self._map.close()
 
@@ -366,6 +444,8 @@ def remove_stale(directory: str, tag: str, worker_id: int) -> None:
     with contextlib.suppress(OSError):
         for name in os.listdir(directory):
             if name.startswith(mine):
+                # A predecessor killed before the scheduler could retire its index.
+                retire_arena(os.path.join(directory, name))
                 with contextlib.suppress(OSError):
                     os.unlink(os.path.join(directory, name))
             elif name.startswith(STAGE_PREFIX):

@@ -118,6 +118,8 @@ class CPUBackend(StorageBackend):
                 return False
             block = stored
         self._blocks[key] = block
+        if self.arena is not None:
+            self.arena.index_key(key)  # after the block is in: a client that sees it can get it
         self._costs[key] = cost
         self._used += cost
         self.policy.on_insert(key, block.nbytes)
@@ -173,9 +175,11 @@ class CPUBackend(StorageBackend):
         return True
 
     def remove(self, key: bytes) -> bool:
-        block = self._blocks.pop(key, None)
-        if block is None:
+        if key not in self._blocks:
             return False
+        if self.arena is not None:
+            self.arena.unindex_key(key)  # before the block goes, so no client counts it after
+        block = self._blocks.pop(key)
         self._used -= self._costs.pop(key)
         self.policy.on_remove(key)
         if block.slot is not None and self.arena is not None:

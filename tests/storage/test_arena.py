@@ -114,3 +114,97 @@ def test_a_cpu_tier_in_an_arena_evicts_by_its_budget_and_frees_slots(arena):
     # A block whose bytes do not match its checksum is refused, and its slot freed.
     assert not tier.put(b"bad", Block.from_bytes(b"x" * 100, checksum=1))
     assert arena.slot_bytes == 4 * 64 * KIB
+
+
+def test_the_presence_index_counts_the_leading_keys_the_tier_holds(arena):
+    reader = ArenaReader(arena.path)
+    keys = [b"chain/%d" % i for i in range(40)]
+    arena.set_final_misses(True)
+    assert reader.leading_present(keys) == 0
+    for k in keys[:30]:
+        arena.index_key(k)
+    assert reader.leading_present(keys) == 30
+    arena.unindex_key(keys[7])  # a block that left the tier ends the prefix there
+    assert reader.leading_present(keys) == 7
+    assert reader.present(keys[6:9]) == [True, False, True]
+    arena.set_final_misses(False)  # a lower tier may hold what the index lacks: ask the worker
+    assert reader.leading_present(keys) is None
+    assert reader.present(keys[6:9]) is None
+    assert reader.leading_present(keys[:7]) == 7  # a full hit needs no worker
+    assert reader.present(keys[:3]) == [True] * 3
+    reader.close()
+
+
+def test_a_key_that_found_no_free_way_makes_the_index_misses_not_final(tmp_path):
+    # One descriptor: one bucket of 8 ways, so the ninth key has nowhere to go.
+    a = Arena(str(tmp_path), "test", 0, data_size=1 << 20, descriptors=1, lease_timeout=60)
+    reader = ArenaReader(a.path)
+    a.set_final_misses(True)
+    keys = [b"k%d" % i for i in range(9)]
+    for k in keys:
+        a.index_key(k)
+    assert reader.leading_present(keys[:8]) == 8
+    # The ninth is held but unindexed: its miss must not be taken for final.
+    assert reader.leading_present(keys) is None
+    assert reader.leading_present([b"absent"]) is None
+    a.unindex_key(keys[8])
+    assert reader.leading_present([b"absent"]) == 0
+    a.close()
+    reader.close()
+
+
+def test_a_closed_or_retired_arena_index_answers_no_lookup(tmp_path):
+    from lmcached.shm.layout import retire_arena
+
+    a = Arena(str(tmp_path), "test", 0, data_size=1 << 20, descriptors=64, lease_timeout=60)
+    b = Arena(str(tmp_path), "test", 1, data_size=1 << 20, descriptors=64, lease_timeout=60)
+    readers = [ArenaReader(a.path), ArenaReader(b.path)]
+    for arena in (a, b):
+        arena.set_final_misses(True)
+        arena.index_key(b"held")
+    assert [r.leading_present([b"held"]) for r in readers] == [1, 1]
+    a.close()  # a worker that stops
+    retire_arena(b.path)  # what the scheduler does for a worker killed with kill -9
+    assert [r.leading_present([b"held"]) for r in readers] == [None, None]
+    b.close()
+    for r in readers:
+        r.close()
+
+
+def test_the_index_of_an_arena_whose_process_was_killed_answers_no_lookup(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import textwrap
+
+    # The worker had no chance to retire its index: its lock on the file says it is gone.
+    child = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent(
+                f"""
+                import sys, time
+                from lmcached.storage.arena import Arena
+                a = Arena({str(tmp_path)!r}, "test", 0, data_size=1 << 20, descriptors=64)
+                a.set_final_misses(True)
+                a.index_key(b"held")
+                print(a.path, flush=True)
+                time.sleep(600)
+                """
+            ),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert child.stdout is not None
+        reader = ArenaReader(child.stdout.readline().strip())
+        assert reader.leading_present([b"held", b"absent"]) == 1
+        child.send_signal(signal.SIGKILL)
+        child.wait(30)
+        assert reader.leading_present([b"held"]) is None
+        reader.close()
+    finally:
+        child.kill()
+        child.wait()
