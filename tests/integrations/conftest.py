@@ -46,9 +46,12 @@ def tiny_model() -> Path:
     return ensure_model(TINY)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    """One lmcached daemon for the module, with a disk tier when main has one."""
+    """One lmcached daemon for the session, with a disk tier when main has one.
+
+    Tests that use it store their own prompts (distinct seeds), and a test that stops it starts
+    it again, so sharing it costs no isolation and saves a daemon start per module."""
     from lmcached.config import Config
     from lmcached.testing import DaemonProcess
 

