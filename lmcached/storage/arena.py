@@ -18,8 +18,10 @@ socket may map it, read-only. Clients never write it.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import heapq
 import itertools
+import mmap
 import os
 import secrets
 import threading
@@ -40,12 +42,15 @@ from lmcached.shm.layout import (
     instance_tag,
     pack_descriptor,
     pack_generation,
+    parse_memfd_stage,
 )
 
 __all__ = [
     "ENTRY_OVERHEAD",
     "MIN_SLOT",
     "Arena",
+    "FileRange",
+    "Stage",
     "StageMaps",
     "arena_dir",
     "instance_tag",
@@ -297,23 +302,40 @@ class Arena:
 
 
 @dataclass(frozen=True, slots=True)
-class FileRange:
-    """``nbytes`` of a client's staging file at ``offset``: a put's source on the same host.
-
-    Read with pread, never mapped: a client that truncates its file makes the read come up
-    short (the block is rejected), where a mapping would kill the worker with SIGBUS.
-    """
+class Stage:
+    """A client's staging area as the worker holds it: an open descriptor, and for a sealed
+    memfd a read-only mapping (it can never shrink, so reading it never faults)."""
 
     fd: int
+    mapped: memoryview | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class FileRange:
+    """``nbytes`` of a client's staging area at ``offset``: a put's source on the same host.
+
+    A staging file is read with pread, never mapped: a client that truncates its file makes the
+    read come up short (the block is rejected), where a mapping would kill the worker with
+    SIGBUS. A sealed memfd cannot shrink, so it is mapped and copied with memcpy.
+    """
+
+    stage: Stage
     offset: int
     nbytes: int
 
     def read_into(self, dst: memoryview, at: int) -> None:
-        """Fill ``dst`` from the file at ``offset + at``; raise OSError on a short read."""
+        """Fill ``dst`` from the stage at ``offset + at``; raise OSError on a short read."""
         want = dst.nbytes
-        got = os.preadv(self.fd, [dst], self.offset + at)
+        start = self.offset + at
+        mapped = self.stage.mapped
+        if mapped is not None:
+            if start + want > mapped.nbytes:
+                raise OSError(f"staging memfd ends before {start + want} bytes")
+            dst[:] = mapped[start : start + want]
+            return
+        got = os.preadv(self.stage.fd, [dst], start)
         while 0 < got < want:  # tmpfs returns everything at once; a regular file may not
-            more = os.preadv(self.fd, [dst[got:]], self.offset + at + got)
+            more = os.preadv(self.stage.fd, [dst[got:]], start + got)
             if more <= 0:
                 break
             got += more
@@ -322,42 +344,86 @@ class FileRange:
 
 
 class StageMaps:
-    """Clients' staging files, opened read-only by the worker, most recently used kept.
+    """Clients' staging areas, opened read-only by the worker, most recently used kept.
 
-    Only files named like a staging file, directly in the arena folder, are accepted: a put
-    cannot make the worker read anything else.
+    Only files named like a staging file, directly in the arena folder, are accepted, and
+    memfds named like one (``memfd:<pid>:<fd>:<nonce>``) whose ``/proc`` link names that very
+    memfd and which are sealed against shrinking: a put cannot make the worker read anything
+    else, nor map a file that could shrink under it.
     """
 
     MAX_OPEN = 64
 
     def __init__(self, directory: str) -> None:
         self.directory = directory
-        self._fds: OrderedDict[str, int] = OrderedDict()
+        self._open: OrderedDict[str, tuple[Stage, mmap.mmap | None]] = OrderedDict()
 
-    def get(self, path: str) -> int:
-        """Return an open read-only descriptor of the staging file ``path``."""
-        fd = self._fds.get(path)
-        if fd is not None:
-            self._fds.move_to_end(path)
-            return fd
-        name = os.path.basename(path)
-        if os.path.dirname(path) != self.directory or not name.startswith(STAGE_PREFIX):
-            raise ValueError(f"'stage' must be a staging file in {self.directory}")
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        except OSError as exc:
-            raise ValueError(f"cannot open staging file: {exc.strerror}") from None
-        self._fds[path] = fd
-        while len(self._fds) > self.MAX_OPEN:
-            _, old = self._fds.popitem(last=False)
-            os.close(old)
-        return fd
+    def get(self, path: str) -> Stage:
+        """Return the open staging area ``path`` (a file path, or a memfd's name)."""
+        held = self._open.get(path)
+        if held is not None:
+            self._open.move_to_end(path)
+            return held[0]
+        memfd = parse_memfd_stage(path)
+        if memfd is not None:
+            stage, mapping = _open_memfd(*memfd)
+        else:
+            name = os.path.basename(path)
+            if os.path.dirname(path) != self.directory or not name.startswith(STAGE_PREFIX):
+                raise ValueError(f"'stage' must be a staging file in {self.directory}")
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            except OSError as exc:
+                raise ValueError(f"cannot open staging file: {exc.strerror}") from None
+            stage, mapping = Stage(fd), None
+        self._open[path] = (stage, mapping)
+        while len(self._open) > self.MAX_OPEN:
+            _, old = self._open.popitem(last=False)
+            _close_stage(*old)
+        return stage
 
     def close(self) -> None:
-        while self._fds:
-            _, fd = self._fds.popitem()
-            with contextlib.suppress(OSError):
-                os.close(fd)
+        while self._open:
+            _, held = self._open.popitem()
+            _close_stage(*held)
+
+
+def _open_memfd(proc_path: str, target: str) -> tuple[Stage, mmap.mmap]:
+    """Open and map a client's staging memfd; ValueError unless it is one, sealed."""
+    try:
+        fd = os.open(proc_path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise ValueError(f"cannot open staging memfd: {exc.strerror}") from None
+    try:
+        # The link names the memfd the descriptor refers to: a put naming another process's
+        # descriptor (or a reused pid) finds another name and is refused.
+        if os.readlink(f"/proc/self/fd/{fd}") != target:
+            raise ValueError("'stage' does not name a staging memfd")
+        try:
+            seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+        except OSError:
+            raise ValueError("'stage' is not a sealable memfd") from None
+        if not seals & fcntl.F_SEAL_SHRINK:
+            raise ValueError("a staging memfd must be sealed against shrinking")
+        size = os.fstat(fd).st_size
+        if size <= 0:
+            raise ValueError("staging memfd is empty")
+        mapping = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ)
+    except BaseException:
+        os.close(fd)
+        raise
+    return Stage(fd, memoryview(mapping)), mapping
+
+
+def _close_stage(stage: Stage, mapping: mmap.mmap | None) -> None:
+    if stage.mapped is not None:
+        with contextlib.suppress(BufferError):
+            stage.mapped.release()
+    if mapping is not None:
+        with contextlib.suppress(BufferError):
+            mapping.close()
+    with contextlib.suppress(OSError):
+        os.close(stage.fd)
 
 
 def remove_stale(directory: str, tag: str, worker_id: int) -> None:
