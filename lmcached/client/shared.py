@@ -1,9 +1,10 @@
 """The client's side of the same-host shared-memory path (docs/same-host.md).
 
 A client on the daemon's host maps each worker's arena read-only and owns one writable staging
-file next to the arenas:
+area: a memfd sealed against shrinking (which the worker maps), else a file next to the arenas
+(which the worker reads with pread):
 
-- ``put`` copies each block into the staging file once, hashing every ~1 MiB piece right after
+- ``put`` copies each block into the staging area once, hashing every ~1 MiB piece right after
   copying it, and sends only the header (offsets and checksums); the worker copies the bytes
   into its arena, hashing again, and refuses a block whose bytes changed meanwhile.
 - ``get_into`` copies once, straight from the arena into the caller's buffer, and checks the
@@ -264,10 +265,14 @@ class SharedMemory:
     def _forget_after_fork(self) -> None:
         # The parent's staging file must not be shared with a child; mappings are fine to keep.
         self._pid = os.getpid()
-        if self._staging is not None and self._staging.fd is not None:
+        stage = self._staging
+        if stage is not None and stage.pid != self._pid and stage.fd is not None:
+            # The parent's memfd: not ours to keep alive. (A staging this process made before
+            # its first sync is its own: that descriptor must stay open.)
             with contextlib.suppress(OSError):
-                os.close(self._staging.fd)  # the parent's memfd: not ours to keep alive
-        self._staging = None
+                os.close(stage.fd)
+        if stage is not None and stage.pid != self._pid:
+            self._staging = None
         self.releases = {}
 
     def staging(self) -> Staging:
@@ -278,6 +283,10 @@ class SharedMemory:
         ):
             if self._staging is not None and self._staging.pid == os.getpid():
                 self._staging.close()
+            elif self._staging is not None and self._staging.fd is not None:
+                with contextlib.suppress(OSError):
+                    os.close(self._staging.fd)  # a parent's memfd, inherited through fork
+                self._staging.fd = None
             some = next(iter(self.arenas.values()))
             # A worker of another user cannot open our memfd through /proc: skip the try.
             memfd = self.memfd and _owned_by_me(some.path)

@@ -35,6 +35,7 @@ from lmcached.security import resolve_group
 from lmcached.shm.files import create_mapped
 from lmcached.shm.layout import (
     ARENA_PREFIX,
+    MEMFD_STAGE_PREFIX,
     STAGE_PREFIX,
     ArenaHeader,
     SlotRef,
@@ -376,16 +377,34 @@ class StageMaps:
             except OSError as exc:
                 raise ValueError(f"cannot open staging file: {exc.strerror}") from None
             stage, mapping = Stage(fd), None
+        self._forget_dead_clients()
         self._open[path] = (stage, mapping)
         while len(self._open) > self.MAX_OPEN:
             _, old = self._open.popitem(last=False)
             _close_stage(*old)
         return stage
 
+    def _forget_dead_clients(self) -> None:
+        # Our descriptor (and mapping) keeps a staging area's pages alive after its client
+        # exits: let go of those of dead clients whenever another client shows up.
+        for path in list(self._open):
+            pid = _stage_pid(path)
+            if pid is not None and not pid_alive(pid):
+                _close_stage(*self._open.pop(path))
+
     def close(self) -> None:
         while self._open:
             _, held = self._open.popitem()
             _close_stage(*held)
+
+
+def _stage_pid(path: str) -> int | None:
+    """The client pid a staging area's name carries (memfd:<pid>:..., lmcached-stage-<pid>-...)."""
+    if path.startswith(MEMFD_STAGE_PREFIX):
+        text = path[len(MEMFD_STAGE_PREFIX) :].split(":", 1)[0]
+    else:
+        text = os.path.basename(path)[len(STAGE_PREFIX) :].split("-", 1)[0]
+    return int(text) if text.isdigit() else None
 
 
 def _open_memfd(proc_path: str, target: str) -> tuple[Stage, mmap.mmap]:
