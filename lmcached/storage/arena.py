@@ -409,13 +409,22 @@ def _stage_pid(path: str) -> int | None:
 
 def _open_memfd(proc_path: str, target: str) -> tuple[Stage, mmap.mmap]:
     """Open and map a client's staging memfd; ValueError unless it is one, sealed."""
+    # The link names what the descriptor refers to: a put naming another kind of file (or a
+    # reused pid, or another client's descriptor number) finds another name and is refused
+    # before we open anything, so opening has no side effect (a FIFO without a writer would
+    # block the worker's loop). Checked again on our own descriptor: the client may have
+    # swapped it in between.
     try:
-        fd = os.open(proc_path, os.O_RDONLY | os.O_CLOEXEC)
+        link = os.readlink(proc_path)
+    except OSError as exc:
+        raise ValueError(f"cannot open staging memfd: {exc.strerror}") from None
+    if link != target:
+        raise ValueError("'stage' does not name a staging memfd")
+    try:
+        fd = os.open(proc_path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
     except OSError as exc:
         raise ValueError(f"cannot open staging memfd: {exc.strerror}") from None
     try:
-        # The link names the memfd the descriptor refers to: a put naming another process's
-        # descriptor (or a reused pid) finds another name and is refused.
         if os.readlink(f"/proc/self/fd/{fd}") != target:
             raise ValueError("'stage' does not name a staging memfd")
         try:

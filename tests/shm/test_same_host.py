@@ -237,6 +237,15 @@ def test_a_memfd_stage_is_mapped_only_when_it_is_a_sealed_staging_memfd(daemon_f
         other = memfd_stage(os.getpid(), f.fileno(), "feedc0de")
         reply = _staged_put(d, b"other", data, checksum, other)
     assert not reply["ok"] and reply["code"] == "malformed"
+    # A FIFO without a writer: opening it for reading would block the worker for ever.
+    fifo = os.path.join(os.path.dirname(d.config_path), "fifo")
+    os.mkfifo(fifo)
+    fifo_fd = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        reply = _staged_put(d, b"fifo", data, checksum, memfd_stage(os.getpid(), fifo_fd, "ab"))
+        assert not reply["ok"] and reply["code"] == "malformed"
+    finally:
+        os.close(fifo_fd)
     for bad in ("memfd:1", "memfd:x:1:2", f"memfd:{os.getpid()}:99999:feedc0de"):
         reply = _staged_put(d, b"bad", data, checksum, bad)
         assert not reply["ok"] and reply["code"] == "malformed"
