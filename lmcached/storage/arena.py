@@ -377,16 +377,16 @@ class StageMaps:
             except OSError as exc:
                 raise ValueError(f"cannot open staging file: {exc.strerror}") from None
             stage, mapping = Stage(fd), None
-        self._forget_dead_clients()
+        self.forget_dead_clients()
         self._open[path] = (stage, mapping)
         while len(self._open) > self.MAX_OPEN:
             _, old = self._open.popitem(last=False)
             _close_stage(*old)
         return stage
 
-    def _forget_dead_clients(self) -> None:
+    def forget_dead_clients(self) -> None:
         # Our descriptor (and mapping) keeps a staging area's pages alive after its client
-        # exits: let go of those of dead clients whenever another client shows up.
+        # exits: let go of those of dead clients when another client shows up, and when idle.
         for path in list(self._open):
             pid = _stage_pid(path)
             if pid is not None and not pid_alive(pid):
