@@ -23,8 +23,9 @@ Request header fields (a msgpack map with string keys):
 ``timeout``flush: seconds the worker may wait for its tiers' write queues
 ``shm``    get: the client maps the worker's arena; found CPU-tier blocks come back as slots
 ``release``get: lease ids of earlier same-host gets that the client is done with
-``stage``  put: path of the client's staging file; the blocks are read from it, not from frames
-``offsets``put with ``stage``: where each block starts in the staging file
+``stage``  put: the client's staging file path, or ``memfd:<pid>:<fd>:<nonce>``; the blocks are
+           read from it, not from frames
+``offsets``put with ``stage``: where each block starts in the staging area
 =========  ===================================================================================
 
 A ``flush`` reply carries ``done`` and, per worker, ``dropped`` and ``failed``: the lower-tier

@@ -257,7 +257,16 @@ class Client:
             meta_sizes = _check_metas(keys, metas, limits)
             owners = self._cluster.owners(keys)
             if self._shm is not None and all(w in self._shm.arenas for w in owners):
-                self._put_shared(owners, keys, views, metas, meta_sizes, limits, deadline)
+                try:
+                    self._put_shared(owners, keys, views, metas, meta_sizes, limits, deadline)
+                    self._shm.memfd_confirmed = True  # the workers read our staging
+                except LMCachedRequestError as exc:
+                    # A worker that cannot open our staging memfd (another user, another pid
+                    # namespace): stage in a file next to the arenas from now on. A put is
+                    # idempotent, so the blocks already stored are simply stored again.
+                    if exc.code != protocol.E_MALFORMED or not self._shm.refuse_memfd():
+                        raise
+                    self._put_shared(owners, keys, views, metas, meta_sizes, limits, deadline)
                 return
             # What one block adds to the request's header: its key, its meta, the fixed fields.
             header_budget = limits.max_header_bytes - protocol.HEADER_SLACK // 2

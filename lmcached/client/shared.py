@@ -1,9 +1,10 @@
 """The client's side of the same-host shared-memory path (docs/same-host.md).
 
 A client on the daemon's host maps each worker's arena read-only and owns one writable staging
-file next to the arenas:
+area: a memfd sealed against shrinking (which the worker maps), else a file next to the arenas
+(which the worker reads with pread):
 
-- ``put`` copies each block into the staging file once, hashing every ~1 MiB piece right after
+- ``put`` copies each block into the staging area once, hashing every ~1 MiB piece right after
   copying it, and sends only the header (offsets and checksums); the worker copies the bytes
   into its arena, hashing again, and refuses a block whose bytes changed meanwhile.
 - ``get_into`` copies once, straight from the arena into the caller's buffer, and checks the
@@ -18,6 +19,8 @@ file next to the arenas:
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import mmap
 import os
 import secrets
 import weakref
@@ -29,18 +32,34 @@ import xxhash
 from lmcached.errors import LMCachedLeaseExpired, LMCachedUnavailable
 from lmcached.protocol import ClusterMap
 from lmcached.shm.files import create_mapped
-from lmcached.shm.layout import ARENA_PREFIX, ArenaReader, SlotRef, StaleSlot, stage_file_name
+from lmcached.shm.layout import (
+    ARENA_PREFIX,
+    ArenaReader,
+    SlotRef,
+    StaleSlot,
+    memfd_stage,
+    stage_file_name,
+)
 
 __all__ = ["HASH_PIECE", "Lease", "LeasedView", "SharedMemory", "Staging", "check_view"]
 
 HASH_PIECE = 1 << 20
 # The staging file's size (sparse: tmpfs gives pages as they are first written).
 MIN_STAGING = 128 << 20
+# Stage in a sealed memfd where the workers can open it (False: always a staging file).
+MEMFD_STAGING = True
 
 try:  # zero-copy views need numpy (an ndarray subclass can carry its lease); else one copy
     import numpy as _np
 except ImportError:  # pragma: no cover - numpy is a dependency
     _np = None  # type: ignore[assignment]
+
+
+def _owned_by_me(path: str) -> bool:
+    try:
+        return os.stat(path).st_uid == os.geteuid()
+    except OSError:
+        return False
 
 
 class Lease:
@@ -114,21 +133,47 @@ def _make_view(arena: ArenaReader, ref: SlotRef, lease: Lease) -> Any:
 
 
 class Staging:
-    """This client's writable staging file (mode 0640, the arenas' group, unlinked at close)."""
+    """This client's writable staging area, written through a mapping.
 
-    def __init__(self, directory: str, size: int, group_of: str) -> None:
-        self.path = os.path.join(directory, stage_file_name(os.getpid(), secrets.token_hex(8)))
+    Preferably a sealed memfd: its size can never shrink (``F_SEAL_SHRINK``), so the worker may
+    map it and copy with memcpy, which cost about 35% less worker CPU than ``pread`` from a
+    tmpfs file (docs/same-host.md). The worker opens it through ``/proc/<pid>/fd``, which
+    works when it runs as this client's user. Otherwise (``memfd=False``) a file next to the
+    arenas (mode 0640, the arenas' group, unlinked at close), which the worker reads with
+    ``pread``.
+    """
 
-        def set_group(fd: int) -> None:
-            with contextlib.suppress(OSError):  # the worker must read it: give it the arena's group
-                gid = os.stat(group_of).st_gid
-                if os.fstat(fd).st_gid != gid:
-                    os.fchown(fd, -1, gid)
+    def __init__(self, directory: str, size: int, group_of: str, memfd: bool = False) -> None:
+        self.pid = os.getpid()
+        nonce = secrets.token_hex(8)
+        self.fd: int | None = None
+        self.memfd = memfd
+        if memfd:
+            fd = os.memfd_create(
+                stage_file_name(self.pid, nonce), os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING
+            )
+            try:
+                os.ftruncate(fd, size)
+                fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_SEAL)
+                self.map = mmap.mmap(fd, size, mmap.MAP_SHARED)
+            except BaseException:
+                os.close(fd)
+                raise
+            # Kept open: the worker opens the memfd through this descriptor's /proc link.
+            self.fd = fd
+            self.path = memfd_stage(self.pid, fd, nonce)
+        else:
+            self.path = os.path.join(directory, stage_file_name(self.pid, nonce))
 
-        self.map = create_mapped(self.path, size, 0o640, set_group)
+            def set_group(fd: int) -> None:
+                with contextlib.suppress(OSError):  # the worker must read it: the arena's group
+                    gid = os.stat(group_of).st_gid
+                    if os.fstat(fd).st_gid != gid:
+                        os.fchown(fd, -1, gid)
+
+            self.map = create_mapped(self.path, size, 0o640, set_group)
         self.view = memoryview(self.map)
         self.size = size
-        self.pid = os.getpid()
 
     def write(self, offset: int, value: memoryview) -> int:
         """Copy ``value`` in at ``offset``, hashing each piece just after copying; return xxh3."""
@@ -143,8 +188,13 @@ class Staging:
 
     def close(self) -> None:
         if os.getpid() == self.pid:
-            with contextlib.suppress(OSError):
-                os.unlink(self.path)
+            if self.fd is not None:
+                with contextlib.suppress(OSError):
+                    os.close(self.fd)
+                self.fd = None
+            elif not self.memfd:
+                with contextlib.suppress(OSError):
+                    os.unlink(self.path)
         with contextlib.suppress(BufferError):
             self.view.release()
             self.map.close()
@@ -162,6 +212,11 @@ class SharedMemory:
         self.releases: dict[int, list[int]] = {}
         # A worker whose arena this client cannot map (another user, no /dev/shm): ZMQ only.
         self._refused: dict[int, str] = {}
+        # Stage in a sealed memfd until a worker refuses one (it runs as another user, or
+        # cannot see this process in /proc); then in a file next to the arenas.
+        self.memfd = MEMFD_STAGING and hasattr(os, "memfd_create")
+        # Set once a worker accepted this client's memfd: a later refusal is a real error.
+        self.memfd_confirmed = False
 
     def sync(self, cmap: ClusterMap, same_host: bool) -> None:
         """Map the arenas of the map's workers (new ones after a restart); forget the rest."""
@@ -210,7 +265,14 @@ class SharedMemory:
     def _forget_after_fork(self) -> None:
         # The parent's staging file must not be shared with a child; mappings are fine to keep.
         self._pid = os.getpid()
-        self._staging = None
+        stage = self._staging
+        if stage is not None and stage.pid != self._pid and stage.fd is not None:
+            # The parent's memfd: not ours to keep alive. (A staging this process made before
+            # its first sync is its own: that descriptor must stay open.)
+            with contextlib.suppress(OSError):
+                os.close(stage.fd)
+        if stage is not None and stage.pid != self._pid:
+            self._staging = None
         self.releases = {}
 
     def staging(self) -> Staging:
@@ -221,11 +283,26 @@ class SharedMemory:
         ):
             if self._staging is not None and self._staging.pid == os.getpid():
                 self._staging.close()
+            elif self._staging is not None and self._staging.fd is not None:
+                with contextlib.suppress(OSError):
+                    os.close(self._staging.fd)  # a parent's memfd, inherited through fork
+                self._staging.fd = None
             some = next(iter(self.arenas.values()))
+            # A worker of another user cannot open our memfd through /proc: skip the try.
+            memfd = self.memfd and _owned_by_me(some.path)
             self._staging = Staging(
-                os.path.dirname(some.path), self._staging_size, group_of=some.path
+                os.path.dirname(some.path), self._staging_size, group_of=some.path, memfd=memfd
             )
         return self._staging
+
+    def refuse_memfd(self) -> bool:
+        """A worker refused our staging memfd: switch to a staging file. False if no memfd."""
+        if self._staging is None or not self._staging.memfd or self.memfd_confirmed:
+            return False
+        self.memfd = False
+        self._staging.close()
+        self._staging = None
+        return True
 
     @property
     def staging_size(self) -> int:

@@ -651,6 +651,10 @@ class Worker:
             if not events and os.getppid() != parent:
                 self.log.warning("scheduler_gone", parent=parent)
                 break
+            if not events and self.stages is not None:
+                # Idle: let go of the staging areas of clients that exited (a memfd's pages
+                # stay alive, and count in this process's memory, while we map it).
+                self.stages.forget_dead_clients()
 
     def stop(self) -> None:
         self._stop.set()

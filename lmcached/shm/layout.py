@@ -68,6 +68,8 @@ __all__ = [
     "arena_file_name",
     "fingerprint",
     "instance_tag",
+    "memfd_stage",
+    "parse_memfd_stage",
     "retire_arena",
     "stage_file_name",
 ]
@@ -223,6 +225,33 @@ def retire_arena(path: str) -> None:
                 os.pwrite(fd, _WORD.pack(INDEX_RETIRED), INDEX_STATE_AT)
         finally:
             os.close(fd)
+
+
+# A staging memfd, named in a put as ``memfd:<client pid>:<fd>:<nonce>``; the worker opens it
+# through /proc/<pid>/fd/<fd> and accepts it only if the link names this very memfd.
+MEMFD_STAGE_PREFIX = "memfd:"
+
+
+def memfd_stage(pid: int, fd: int, nonce_hex: str) -> str:
+    """How a put names a client's staging memfd (see :func:`parse_memfd_stage`)."""
+    return f"{MEMFD_STAGE_PREFIX}{pid}:{fd}:{nonce_hex}"
+
+
+def parse_memfd_stage(stage: str) -> tuple[str, str] | None:
+    """Return (``/proc`` path to open, the link target it must have), or None if not a memfd.
+
+    Raises ValueError for a memfd name that is malformed.
+    """
+    if not stage.startswith(MEMFD_STAGE_PREFIX):
+        return None
+    parts = stage[len(MEMFD_STAGE_PREFIX) :].split(":")
+    if len(parts) != 3 or not all(p.isascii() and p.isalnum() for p in parts):
+        raise ValueError("a staging memfd is named memfd:<pid>:<fd>:<nonce>")
+    pid, fd, nonce = parts
+    if not (pid.isdigit() and fd.isdigit()):
+        raise ValueError("a staging memfd is named memfd:<pid>:<fd>:<nonce>")
+    # memfd_create names show as "/memfd:<name> (deleted)" in /proc/<pid>/fd.
+    return f"/proc/{pid}/fd/{fd}", f"/memfd:{stage_file_name(int(pid), nonce)} (deleted)"
 
 
 class ArenaReader:

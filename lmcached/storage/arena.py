@@ -21,6 +21,7 @@ import contextlib
 import fcntl
 import heapq
 import itertools
+import mmap
 import os
 import secrets
 import threading
@@ -41,6 +42,7 @@ from lmcached.shm.layout import (
     INDEX_RETIRED,
     INDEX_STATE_AT,
     INDEX_WAYS,
+    MEMFD_STAGE_PREFIX,
     STAGE_PREFIX,
     ArenaHeader,
     SlotRef,
@@ -49,6 +51,7 @@ from lmcached.shm.layout import (
     instance_tag,
     pack_descriptor,
     pack_generation,
+    parse_memfd_stage,
     retire_arena,
 )
 
@@ -56,6 +59,8 @@ __all__ = [
     "ENTRY_OVERHEAD",
     "MIN_SLOT",
     "Arena",
+    "FileRange",
+    "Stage",
     "StageMaps",
     "arena_dir",
     "instance_tag",
@@ -375,23 +380,40 @@ class Arena:
 
 
 @dataclass(frozen=True, slots=True)
-class FileRange:
-    """``nbytes`` of a client's staging file at ``offset``: a put's source on the same host.
-
-    Read with pread, never mapped: a client that truncates its file makes the read come up
-    short (the block is rejected), where a mapping would kill the worker with SIGBUS.
-    """
+class Stage:
+    """A client's staging area as the worker holds it: an open descriptor, and for a sealed
+    memfd a read-only mapping (it can never shrink, so reading it never faults)."""
 
     fd: int
+    mapped: memoryview | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class FileRange:
+    """``nbytes`` of a client's staging area at ``offset``: a put's source on the same host.
+
+    A staging file is read with pread, never mapped: a client that truncates its file makes the
+    read come up short (the block is rejected), where a mapping would kill the worker with
+    SIGBUS. A sealed memfd cannot shrink, so it is mapped and copied with memcpy.
+    """
+
+    stage: Stage
     offset: int
     nbytes: int
 
     def read_into(self, dst: memoryview, at: int) -> None:
-        """Fill ``dst`` from the file at ``offset + at``; raise OSError on a short read."""
+        """Fill ``dst`` from the stage at ``offset + at``; raise OSError on a short read."""
         want = dst.nbytes
-        got = os.preadv(self.fd, [dst], self.offset + at)
+        start = self.offset + at
+        mapped = self.stage.mapped
+        if mapped is not None:
+            if start + want > mapped.nbytes:
+                raise OSError(f"staging memfd ends before {start + want} bytes")
+            dst[:] = mapped[start : start + want]
+            return
+        got = os.preadv(self.stage.fd, [dst], start)
         while 0 < got < want:  # tmpfs returns everything at once; a regular file may not
-            more = os.preadv(self.fd, [dst[got:]], self.offset + at + got)
+            more = os.preadv(self.stage.fd, [dst[got:]], start + got)
             if more <= 0:
                 break
             got += more
@@ -400,42 +422,113 @@ class FileRange:
 
 
 class StageMaps:
-    """Clients' staging files, opened read-only by the worker, most recently used kept.
+    """Clients' staging areas, opened read-only by the worker, most recently used kept.
 
-    Only files named like a staging file, directly in the arena folder, are accepted: a put
-    cannot make the worker read anything else.
+    Only files named like a staging file, directly in the arena folder, are accepted, and
+    memfds named like one (``memfd:<pid>:<fd>:<nonce>``) whose ``/proc`` link names that very
+    memfd and which are sealed against shrinking: a put cannot make the worker read anything
+    else, nor map a file that could shrink under it.
     """
 
     MAX_OPEN = 64
 
     def __init__(self, directory: str) -> None:
         self.directory = directory
-        self._fds: OrderedDict[str, int] = OrderedDict()
+        self._open: OrderedDict[str, tuple[Stage, mmap.mmap | None]] = OrderedDict()
 
-    def get(self, path: str) -> int:
-        """Return an open read-only descriptor of the staging file ``path``."""
-        fd = self._fds.get(path)
-        if fd is not None:
-            self._fds.move_to_end(path)
-            return fd
-        name = os.path.basename(path)
-        if os.path.dirname(path) != self.directory or not name.startswith(STAGE_PREFIX):
-            raise ValueError(f"'stage' must be a staging file in {self.directory}")
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        except OSError as exc:
-            raise ValueError(f"cannot open staging file: {exc.strerror}") from None
-        self._fds[path] = fd
-        while len(self._fds) > self.MAX_OPEN:
-            _, old = self._fds.popitem(last=False)
-            os.close(old)
-        return fd
+    def get(self, path: str) -> Stage:
+        """Return the open staging area ``path`` (a file path, or a memfd's name)."""
+        held = self._open.get(path)
+        if held is not None:
+            self._open.move_to_end(path)
+            return held[0]
+        memfd = parse_memfd_stage(path)
+        if memfd is not None:
+            stage, mapping = _open_memfd(*memfd)
+        else:
+            name = os.path.basename(path)
+            if os.path.dirname(path) != self.directory or not name.startswith(STAGE_PREFIX):
+                raise ValueError(f"'stage' must be a staging file in {self.directory}")
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            except OSError as exc:
+                raise ValueError(f"cannot open staging file: {exc.strerror}") from None
+            stage, mapping = Stage(fd), None
+        self.forget_dead_clients()
+        self._open[path] = (stage, mapping)
+        while len(self._open) > self.MAX_OPEN:
+            _, old = self._open.popitem(last=False)
+            _close_stage(*old)
+        return stage
+
+    def forget_dead_clients(self) -> None:
+        # Our descriptor (and mapping) keeps a staging area's pages alive after its client
+        # exits: let go of those of dead clients when another client shows up, and when idle.
+        for path in list(self._open):
+            pid = _stage_pid(path)
+            if pid is not None and not pid_alive(pid):
+                _close_stage(*self._open.pop(path))
 
     def close(self) -> None:
-        while self._fds:
-            _, fd = self._fds.popitem()
-            with contextlib.suppress(OSError):
-                os.close(fd)
+        while self._open:
+            _, held = self._open.popitem()
+            _close_stage(*held)
+
+
+def _stage_pid(path: str) -> int | None:
+    """The client pid a staging area's name carries (memfd:<pid>:..., lmcached-stage-<pid>-...)."""
+    if path.startswith(MEMFD_STAGE_PREFIX):
+        text = path[len(MEMFD_STAGE_PREFIX) :].split(":", 1)[0]
+    else:
+        text = os.path.basename(path)[len(STAGE_PREFIX) :].split("-", 1)[0]
+    return int(text) if text.isdigit() else None
+
+
+def _open_memfd(proc_path: str, target: str) -> tuple[Stage, mmap.mmap]:
+    """Open and map a client's staging memfd; ValueError unless it is one, sealed."""
+    # The link names what the descriptor refers to: a put naming another kind of file (or a
+    # reused pid, or another client's descriptor number) finds another name and is refused
+    # before we open anything, so opening has no side effect (a FIFO without a writer would
+    # block the worker's loop). Checked again on our own descriptor: the client may have
+    # swapped it in between.
+    try:
+        link = os.readlink(proc_path)
+    except OSError as exc:
+        raise ValueError(f"cannot open staging memfd: {exc.strerror}") from None
+    if link != target:
+        raise ValueError("'stage' does not name a staging memfd")
+    try:
+        fd = os.open(proc_path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
+    except OSError as exc:
+        raise ValueError(f"cannot open staging memfd: {exc.strerror}") from None
+    try:
+        if os.readlink(f"/proc/self/fd/{fd}") != target:
+            raise ValueError("'stage' does not name a staging memfd")
+        try:
+            seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+        except OSError:
+            raise ValueError("'stage' is not a sealable memfd") from None
+        if not seals & fcntl.F_SEAL_SHRINK:
+            raise ValueError("a staging memfd must be sealed against shrinking")
+        size = os.fstat(fd).st_size
+        if size <= 0:
+            raise ValueError("staging memfd is empty")
+        mapping = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ)
+    except BaseException:
+        os.close(fd)
+        raise
+    return Stage(fd, memoryview(mapping)), mapping
+
+
+def _close_stage(stage: Stage, mapping: mmap.mmap | None) -> None:
+    if stage.mapped is not None:
+        with contextlib.suppress(BufferError):
+            stage.mapped.release()
+    if mapping is not None:
+        with contextlib.suppress(BufferError):
+            mapping.close()
+    with contextlib.suppress(OSError):
+        os.close(stage.fd)
 
 
 def remove_stale(directory: str, tag: str, worker_id: int) -> None:

@@ -144,3 +144,38 @@ def test_worker_kill_9_mid_put_leaves_only_whole_blocks(daemon_factory):
         for key, value in zip(keys, c.get(keys, timeout=60), strict=True):
             if value is not None:
                 assert value == random.Random(key).randbytes(2 * MIB)
+
+
+_ONE_PUT = textwrap.dedent(
+    """
+    import sys
+    from lmcached.client import Client
+    with Client.from_config(sys.argv[1], timeout=30) as c:
+        c.put([b"gone/1"], [b"g" * (4 << 20)])
+    print("done", flush=True)
+    """
+)
+
+
+def test_a_worker_lets_go_of_the_staging_memfd_of_a_client_that_exited(daemon_factory):
+    d = daemon_factory(num_workers=1)
+    with d.client() as c:
+        worker = worker_pid(c, 0)
+    child = subprocess.run(
+        [sys.executable, "-c", _ONE_PUT, str(d.config_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+    )
+    assert child.stdout.strip() == "done", child.stderr
+
+    def maps_it() -> bool:
+        with open(f"/proc/{worker}/maps") as f:
+            return "memfd:lmcached-stage-" in f.read()
+
+    # The worker mapped the child's memfd for the put; the child is gone, so once idle the
+    # worker unmaps it (its pages would otherwise count in the worker's memory).
+    wait_until(lambda: not maps_it(), timeout=30, what="the worker to unmap the dead memfd")
+    with d.client() as c:
+        assert bytes(c.get([b"gone/1"])[0]) == b"g" * (4 << 20)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import stat
 
@@ -10,10 +12,10 @@ import pytest
 import xxhash
 import zmq
 
-from lmcached.client import Client
+from lmcached.client import Client, shared
 from lmcached.client.shared import LeasedView, check_view
 from lmcached.routing import owner
-from lmcached.shm.layout import stage_file_name
+from lmcached.shm.layout import memfd_stage, stage_file_name
 from lmcached.version import PROTOCOL_VERSION
 
 from .helpers import cpu_stats
@@ -141,10 +143,23 @@ def test_a_put_naming_a_file_that_is_not_a_staging_file_is_refused(daemon_factor
         assert c.get([b"k"]) == [None]
 
 
-def test_a_client_dropped_without_close_removes_its_staging_file(daemon_factory):
+def _my_staging_memfds() -> list[str]:
+    """This process's open staging memfds, as /proc names their links."""
+    mine = f"/memfd:lmcached-stage-{os.getpid()}-"
+    out = []
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            link = os.readlink(f"/proc/self/fd/{fd}")
+            if link.startswith(mine):
+                out.append(link)
+    return out
+
+
+def test_a_client_dropped_without_close_removes_its_staging_file(daemon_factory, monkeypatch):
     import gc
     import glob
 
+    monkeypatch.setattr(shared, "MEMFD_STAGING", False)  # the fallback: a file in /dev/shm
     d = daemon_factory(num_workers=1)
     mine = f"/dev/shm/lmcached-stage-{os.getpid()}-*"
     c = d.client()
@@ -153,3 +168,110 @@ def test_a_client_dropped_without_close_removes_its_staging_file(daemon_factory)
     del c
     gc.collect()
     assert glob.glob(mine) == []
+
+
+def test_a_client_stages_in_a_sealed_memfd_that_goes_with_it(daemon_factory):
+    import gc
+    import glob
+
+    d = daemon_factory(num_workers=1)
+    c = d.client()
+    data = os.urandom(3 * MIB)
+    c.put([b"memfd"], [data])
+    assert bytes(c.get([b"memfd"])[0]) == data
+    # No file in /dev/shm: a memfd, sealed so that it can never shrink under the worker.
+    assert glob.glob(f"/dev/shm/lmcached-stage-{os.getpid()}-*") == []
+    assert len(set(_my_staging_memfds())) == 1  # (mmap holds a dup of the descriptor)
+    del c
+    gc.collect()
+    assert _my_staging_memfds() == []
+
+
+def test_a_client_whose_memfd_a_worker_refuses_stages_in_a_file(daemon_factory, monkeypatch):
+    import glob
+
+    d = daemon_factory(num_workers=2)
+    # The name the worker checks no longer matches the memfd, as when the worker cannot see
+    # this process in its /proc: the worker refuses it, and the client falls back.
+    monkeypatch.setattr(shared, "memfd_stage", lambda pid, fd, nonce: f"memfd:{pid}:{fd}:0bad")
+    data = [os.urandom(MIB) for _ in range(8)]
+    keys = [f"fallback/{i}".encode() for i in range(8)]
+    with d.client() as c:
+        c.put(keys, data)
+        assert [bytes(v) for v in c.get(keys)] == data
+        assert len(glob.glob(f"/dev/shm/lmcached-stage-{os.getpid()}-*")) == 1
+        c.put(keys, data[::-1])
+        assert [bytes(v) for v in c.get(keys)] == data[::-1]
+
+
+class _Memfd:
+    """A hand-made staging memfd named as a client names its own."""
+
+    def __init__(self, data: bytes, size: int, seal: bool = True) -> None:
+        self.nonce = "feedc0de"
+        name = stage_file_name(os.getpid(), self.nonce)
+        self.fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        os.ftruncate(self.fd, size)
+        os.pwrite(self.fd, data, 0)
+        if seal:
+            fcntl.fcntl(self.fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK)
+        self.stage = memfd_stage(os.getpid(), self.fd, self.nonce)
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+def test_a_memfd_stage_is_mapped_only_when_it_is_a_sealed_staging_memfd(daemon_factory):
+    d = daemon_factory(num_workers=1)
+    data = os.urandom(100_000)
+    checksum = xxhash.xxh3_64_intdigest(data)
+    unsealed = _Memfd(data, MIB, seal=False)  # could shrink under a mapping: SIGBUS
+    try:
+        reply = _staged_put(d, b"unsealed", data, checksum, unsealed.stage)
+        assert not reply["ok"] and reply["code"] == "malformed"
+        assert "sealed" in reply["error"]
+    finally:
+        unsealed.close()
+    # A descriptor of another file, under a staging memfd's name: its link says otherwise.
+    with open(__file__, "rb") as f:
+        other = memfd_stage(os.getpid(), f.fileno(), "feedc0de")
+        reply = _staged_put(d, b"other", data, checksum, other)
+    assert not reply["ok"] and reply["code"] == "malformed"
+    # A FIFO without a writer: opening it for reading would block the worker for ever.
+    fifo = os.path.join(os.path.dirname(d.config_path), "fifo")
+    os.mkfifo(fifo)
+    fifo_fd = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        reply = _staged_put(d, b"fifo", data, checksum, memfd_stage(os.getpid(), fifo_fd, "ab"))
+        assert not reply["ok"] and reply["code"] == "malformed"
+    finally:
+        os.close(fifo_fd)
+    for bad in ("memfd:1", "memfd:x:1:2", f"memfd:{os.getpid()}:99999:feedc0de"):
+        reply = _staged_put(d, b"bad", data, checksum, bad)
+        assert not reply["ok"] and reply["code"] == "malformed"
+    with d.client() as c:
+        assert c.get([b"unsealed", b"other", b"bad"]) == [None, None, None]
+
+
+def test_a_sealed_memfd_stage_is_verified_like_a_staging_file(daemon_factory):
+    d = daemon_factory(num_workers=1)
+    data = os.urandom(100_000)
+    checksum = xxhash.xxh3_64_intdigest(data)
+    scribbled = _Memfd(b"X" * len(data), MIB)  # bytes changed after they were hashed
+    short = _Memfd(data[:1000], 4096)  # a block that runs past the memfd's end
+    honest = _Memfd(data, MIB)
+    try:
+        reply = _staged_put(d, b"scribbled", data, checksum, scribbled.stage)
+        assert reply["ok"] and reply["stored"] == 0
+        reply = _staged_put(d, b"short", data, checksum, short.stage)
+        assert reply["ok"] and reply["stored"] == 0
+        reply = _staged_put(d, b"honest", data, checksum, honest.stage)
+        assert reply["ok"] and reply["stored"] == 1
+    finally:
+        for m in (scribbled, short, honest):
+            m.close()
+    with d.client() as c:
+        assert c.get([b"scribbled", b"short"]) == [None, None]
+        assert bytes(c.get([b"honest"])[0]) == data
+        stats = cpu_stats(c)[0]
+        assert stats["checksum_rejected"] == 1 and stats["errors"] == 2
