@@ -168,8 +168,9 @@ class CPUBackend(StorageBackend):
         return started.finish()
 
     def start_put(self, key: bytes, block: Block) -> ArenaWrite | bool:
-        """Begin a put: True or False when it is already done or refused, or an ArenaWrite
-        whose bytes the caller copies (ArenaWrite.step) before it finishes or aborts it.
+        """Begin a put: True or False when it is already done or refused (a block of one piece
+        is done at once), or an ArenaWrite whose bytes the caller copies (ArenaWrite.step)
+        before it finishes or aborts it.
 
         The key's earlier block goes at once, as a whole put would drop it, and the new
         entry's cost is reserved, so that what happens between the steps (gets, promotions
@@ -191,7 +192,10 @@ class CPUBackend(StorageBackend):
             self.counters.rejected += 1
             return False
         self._used += cost
-        return ArenaWrite(self, key, block, cost, index, self.arena.payload(index))
+        write = ArenaWrite(self, key, block, cost, index, self.arena.payload(index))
+        if block.nbytes <= HASH_PIECE:
+            return write.finish()  # one piece: nothing to interleave, and one lock less
+        return write
 
     def _finish_put(self, w: ArenaWrite) -> bool:
         assert self.arena is not None and w.index is not None
