@@ -395,9 +395,10 @@ class Config:
     max_inflight_bytes: int = option(
         "64MiB",
         byte_size,
-        "Most request bytes a worker's I/O pool holds (queued or running; the one message "
-        "being served comes on top); a request that would pass it gets a 'busy' reply. Also "
-        "the largest single request, and what one client connection may have unacknowledged.",
+        "Most request bytes a worker's I/O pool holds (queued or running); a request that "
+        "would pass it gets a 'busy' reply. Also the most bytes of puts in progress or waiting "
+        "behind one (past it the worker reads no more until one ends), the largest single "
+        "request, and what one client connection may have unacknowledged.",
     )
     io_queue_depth: int = option(
         256,

@@ -1,15 +1,17 @@
 """A worker process: one shard of the cache behind a ZMQ ROUTER data endpoint.
 
 Run by the scheduler as ``python -m lmcached.daemon.worker --config-json F --worker-id N``. One thread
-serves every request in arrival order; work that may block (disk and remote reads) goes to a
+serves the requests; work that may block (disk and remote reads) goes to a
 thread pool through :meth:`Worker.submit_io` and its reply is sent when it completes, so a slow
-tier never delays a CPU hit. This process never imports torch.
+tier never delays a CPU hit. A put runs in slices of at most ``SLICE_S`` (see :class:`_Job`), so
+one large put does not delay a CPU hit either. This process never imports torch.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import json
 import os
 import signal
@@ -17,8 +19,9 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any, cast
 
 import xxhash
@@ -64,6 +67,7 @@ from lmcached.runtime import bind_endpoints
 from lmcached.security import AuthGuard, ServerCurve, secure_ipc_socket
 from lmcached.storage.arena import Arena, FileRange, StageMaps
 from lmcached.storage.base import Block
+from lmcached.storage.cpu import HASH_PIECE
 from lmcached.version import __version__
 
 POLL_MS = 500
@@ -74,10 +78,39 @@ _EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
 MAX_FLUSH_TIMEOUT_S = 60.0
 # An oversized message at least this large is followed by malloc_trim (see Worker.receive).
 TRIM_AFTER_BYTES = 16 << 20
+# The longest a put holds the request loop before the loop reads what arrived meanwhile: one
+# put of 4,096 long keys took ~43 ms, a 64 MiB block's copy and hash ~22 ms, and a CPU hit
+# queued behind either waited that long.
+SLICE_S = 0.002
+# Requests that wait behind a put in progress, in arrival order: each changes what the put
+# stores (a later put or delete of its keys) or reports on it (flush). Others (get, lookup,
+# exists, ping, stats) are served between the put's slices.
+ORDERED_OPS = frozenset({"put", "delete", "purge", "flush"})
+# A full garbage collection walks every tracked object, about four per CPU-tier entry (its
+# Block, frames tuple, view and arena slot): with 60k entries it held the loop 50-250 ms, and
+# a stream of small-block puts set one off every few puts (the default third threshold is 10).
+# Entries form no cycles; the young generations still collect those that requests make.
+GC_THRESHOLDS = (700, 10, 1000)
 
 
 class WorkerBusy(Exception):
     """The worker is at max_inflight_bytes or its I/O queue is full; answered with E_BUSY."""
+
+
+@dataclass(slots=True)
+class _Job:
+    """A request being served in slices (a put), or waiting for the one in progress to end.
+
+    ``steps`` is the op's continuation once started: the loop resumes it between polls, so
+    the requests that arrived meanwhile are answered between two slices.
+    """
+
+    envelope: Any
+    req: Any  # a decoded data request
+    received: float
+    nbytes: int  # the message's bytes, held until the job ends
+    steps: Iterator[None] | None = None
+    timed: bool = False  # its latency is observed here at its end (not by submit_io)
 
 
 class OpStats:
@@ -145,6 +178,11 @@ class Worker:
         self._inflight_bytes = 0
         # Bytes of the message being dispatched; submit_io takes them over like _dispatching.
         self._dispatching_bytes = 0
+        # The put in progress (first) and the ordered requests behind it, with the bytes of
+        # their messages. Past max_inflight_bytes the loop stops reading new messages (libzmq
+        # keeps them) until the put in progress ends.
+        self._jobs: deque[_Job] = deque()
+        self._held_bytes = 0
         # Frames and bytes one message may have (identity frame and header included).
         self._max_message_frames = self.limits.max_frames + 1
         self._max_message_bytes = self.limits.max_header_bytes + self.limits.max_request_bytes
@@ -380,23 +418,75 @@ class Worker:
             self.reply_error(envelope, exc.request_id, exc.code, exc.message)
             return
         self.ops.requests[req.op] = self.ops.requests.get(req.op, 0) + 1
-        self._dispatching = (req.op, received)
-        self._dispatching_bytes = sum(len(f) for f in frames[1:])
+        job = _Job(envelope, req, received, sum(len(f) for f in frames[1:]))
+        # Behind a put in progress, an ordered request waits its turn; anything else starts
+        # now, and a put that does not end within its first slice is resumed by the loop.
+        queued = bool(self._jobs) and req.op in ORDERED_OPS
+        if queued or not self._run(job, time.perf_counter() + SLICE_S):
+            self._hold(job)
+
+    def _hold(self, job: _Job) -> None:
+        self._jobs.append(job)
+        self._held_bytes += job.nbytes
+
+    def _run(self, job: _Job, deadline: float) -> bool:
+        """Serve ``job`` until it is done (True) or ``deadline`` passed (False: resume later)."""
+        req = job.req
         try:
-            getattr(self, f"op_{req.op}")(envelope, req)
+            if job.steps is None:
+                self._dispatching = (req.op, job.received)
+                self._dispatching_bytes = job.nbytes
+                try:
+                    job.steps = getattr(self, f"op_{req.op}")(job.envelope, req)
+                finally:
+                    self._dispatching_bytes = 0
+                    job.timed = self._dispatching is not None  # else submit_io times it
+                    self._dispatching = None
+            if job.steps is not None:
+                for _ in job.steps:
+                    if time.perf_counter() >= deadline:
+                        return False
         except WorkerBusy as exc:
-            self.reply_error(envelope, req.id, protocol.E_BUSY, str(exc))
+            self.reply_error(job.envelope, req.id, protocol.E_BUSY, str(exc))
         except Exception as exc:  # a bug must cost one request, never the worker
             self.log.exception("request_failed", op=req.op)
-            self.reply_error(envelope, req.id, protocol.E_INTERNAL, f"{type(exc).__name__}: {exc}")
-        self._dispatching_bytes = 0
-        if self._dispatching is not None:  # answered on the loop: receipt to reply
-            self._dispatching = None
-            self.latency.observe(req.op, time.perf_counter() - received)
+            self.reply_error(
+                job.envelope, req.id, protocol.E_INTERNAL, f"{type(exc).__name__}: {exc}"
+            )
+        job.steps = None
+        if job.timed:  # answered on the loop: receipt to reply
+            self.latency.observe(req.op, time.perf_counter() - job.received)
+        return True
 
-    def op_put(self, envelope: Any, req: PutRequest) -> None:
+    def _step_jobs(self) -> None:
+        """Give the held jobs one slice, in order; a job that ends lets the next one start."""
+        deadline = time.perf_counter() + SLICE_S
+        while self._jobs:
+            job = self._jobs[0]
+            if not self._run(job, deadline):
+                return
+            self._jobs.popleft()
+            self._held_bytes -= job.nbytes
+            if time.perf_counter() >= deadline:
+                return
+
+    def _drop_jobs(self) -> None:
+        """Abandon the held jobs unanswered (stopping): a put in progress gives back its slot."""
+        while self._jobs:
+            job = self._jobs.popleft()
+            self._held_bytes -= job.nbytes
+            if job.steps is not None:
+                close = getattr(job.steps, "close", None)
+                if close is not None:
+                    close()
+
+    def op_put(self, envelope: Any, req: PutRequest) -> Iterator[None]:
+        """Store the blocks, yielding between blocks and between pieces of a large one.
+
+        Acknowledged only once every block is stored or refused; a refused block fails alone.
+        """
         if req.stage is not None:
-            self.put_staged(envelope, req)
+            yield from self.put_staged(envelope, req)
             return
         metas = req.metas or [None] * len(req.keys)
         sums = req.sums or [None] * len(req.keys)
@@ -406,14 +496,15 @@ class Worker:
         for key, group, size, meta, checksum in zip(
             req.keys, req.blocks, req.sizes, metas, sums, strict=True
         ):
+            yield
             # The received ZMQ frames become the stored buffers: no copy on the put path.
             block = Block(frames=tuple(group), nbytes=size, meta=meta, checksum=checksum)
-            if self.store.put(key, block, origin):
+            if (yield from self.store.put_steps(key, block, origin)):
                 stored += 1
             self.ops.bytes_in += size
         self.reply(envelope, PutReply(stored, self.incarnation, id=req.id))
 
-    def put_staged(self, envelope: Any, req: PutRequest) -> None:
+    def put_staged(self, envelope: Any, req: PutRequest) -> Iterator[None]:
         """A same-host put: copy each block from the client's staging file into the arena.
 
         The CPU tier hashes while it copies and rejects a block whose bytes do not match the
@@ -434,19 +525,28 @@ class Worker:
         for key, size, off, meta, checksum in zip(
             req.keys, req.sizes, req.offsets, metas, req.sums, strict=True
         ):
+            yield
             src: Any = FileRange(stage, off, size)
             if self.store.has_lower:
                 # Lower tiers write later, from their own copy: never from the client's staging.
                 buf = bytearray(size)
+                view = memoryview(buf)
+                h = xxhash.xxh3_64()
                 try:
-                    src.read_into(memoryview(buf), 0)
+                    for at in range(0, size, HASH_PIECE):
+                        piece = view[at : at + HASH_PIECE]
+                        src.read_into(piece, at)
+                        h.update(piece)
+                        yield
                 except OSError:
                     continue
-                if xxhash.xxh3_64_intdigest(buf) != checksum:
+                finally:
+                    view.release()
+                if h.intdigest() != checksum:
                     continue
                 src = buf
             block = Block(frames=(src,), nbytes=size, meta=meta, checksum=checksum)
-            if self.store.put(key, block, origin):
+            if (yield from self.store.put_steps(key, block, origin)):
                 stored += 1
             self.ops.bytes_in += size
         self.reply(envelope, PutReply(stored, self.incarnation, id=req.id))
@@ -625,9 +725,11 @@ class Worker:
         poller = zmq.Poller()
         poller.register(self._router, zmq.POLLIN)
         poller.register(self._wake_r, zmq.POLLIN)
+        max_held = self.cfg.max_inflight_bytes
         while not self._stop.is_set():
+            busy = bool(self._jobs)  # a put in progress: only look for what arrived meanwhile
             try:
-                events = dict(poller.poll(POLL_MS))
+                events = dict(poller.poll(0 if busy else POLL_MS))
             except zmq.ZMQError as exc:
                 if exc.errno == zmq.ETERM:
                     break
@@ -640,6 +742,8 @@ class Worker:
                 # ZMQ_EVENTS before each further read: a recv on an empty socket raises
                 # zmq.Again, an exception that costs a lookup's round trip several us.
                 for _ in range(64):
+                    if self._held_bytes > max_held:
+                        break  # libzmq keeps the rest until the put in progress ends
                     try:
                         frames = self.receive()
                     except zmq.Again:
@@ -648,7 +752,9 @@ class Worker:
                         self.handle_message(frames)
                     if not cast(int, self._router.get(_EVENTS)) & _POLLIN:
                         break
-            if not events and os.getppid() != parent:
+            if self._jobs:
+                self._step_jobs()
+            elif not busy and not events and os.getppid() != parent:
                 self.log.warning("scheduler_gone", parent=parent)
                 break
             if not events and self.stages is not None:
@@ -663,6 +769,7 @@ class Worker:
         if self._closed:
             return
         self._closed = True
+        self._drop_jobs()
         if self._io_pool is not None:
             self._io_pool.shutdown(wait=True, cancel_futures=False)
         self._drain_completions()
@@ -742,6 +849,10 @@ def _run(cfg: config_mod.Config, args: argparse.Namespace) -> int:
         plugins.start()
         worker.register(args.internal)
         log.info("worker_ready", endpoints=endpoints, version=__version__)
+        # What start-up made lives as long as the process: no collection needs to walk it.
+        gc.collect()
+        gc.freeze()
+        gc.set_threshold(*GC_THRESHOLDS)
         serving = True
         worker.serve(args.parent_pid)
     except Exception as exc:

@@ -34,9 +34,11 @@ def entry_cost(key: bytes, nbytes: int, meta: dict[str, Any] | None, arena: bool
     return payload + len(key) + meta_bytes(meta) + ENTRY_OVERHEAD
 
 
-def copy_hashing(dst: memoryview, frames: tuple[Any, ...]) -> int:
-    """Copy ``frames`` into ``dst`` piece by piece, hashing each piece as written; return xxh3."""
-    h = xxhash.xxh3_64()
+def copy_pieces(dst: memoryview, frames: tuple[Any, ...], h: Any) -> Iterator[None]:
+    """Copy ``frames`` into ``dst`` piece by piece, hashing each piece as written into ``h``.
+
+    Yields after each piece, so that a caller may interleave other work between pieces.
+    """
     off = 0
     for frame in frames:
         if isinstance(frame, FileRange):
@@ -45,6 +47,7 @@ def copy_hashing(dst: memoryview, frames: tuple[Any, ...]) -> int:
                 frame.read_into(dst[off:end], i)
                 h.update(dst[off:end])
                 off = end
+                yield
             continue
         src = memoryview(frame).cast("B")
         n = src.nbytes
@@ -54,7 +57,60 @@ def copy_hashing(dst: memoryview, frames: tuple[Any, ...]) -> int:
             dst[off:end] = piece
             h.update(dst[off:end])  # the bytes we will serve, not the sender's
             off = end
+            yield
+
+
+def copy_hashing(dst: memoryview, frames: tuple[Any, ...]) -> int:
+    """Copy ``frames`` into ``dst`` piece by piece, hashing each piece as written; return xxh3."""
+    h = xxhash.xxh3_64()
+    for _ in copy_pieces(dst, frames, h):
+        pass
     return h.intdigest()
+
+
+class ArenaWrite:
+    """A put whose block is being copied into its reserved arena slot, one piece per step().
+
+    Made by :meth:`CPUBackend.start_put`. The slot is allocated and its cost counted, but
+    nothing publishes it until :meth:`finish`, so step() needs no lock: no reader, eviction or
+    promotion can reach it. finish() and abort() change the tier, so they run under the lock
+    that guards the tier (the TieredStore's CPU lock).
+    """
+
+    __slots__ = ("_hash", "_pieces", "block", "cost", "failed", "index", "key", "tier")
+
+    def __init__(
+        self, tier: CPUBackend, key: bytes, block: Block, cost: int, index: int, dst: memoryview
+    ) -> None:
+        self.tier = tier
+        self.key = key
+        self.block = block
+        self.cost = cost
+        self.index: int | None = index
+        self.failed = False
+        self._hash = xxhash.xxh3_64()
+        self._pieces = copy_pieces(dst, block.frames, self._hash)
+
+    def step(self) -> bool:
+        """Copy the next piece; False once every piece is copied (or the source failed)."""
+        try:
+            next(self._pieces)
+        except StopIteration:
+            return False
+        except OSError:  # a staging file cut short under us
+            self.failed = True
+            return False
+        return True
+
+    def finish(self) -> bool:
+        """Copy what is left, verify, and publish the block; False when it is rejected."""
+        while self.step():
+            pass
+        return self.tier._finish_put(self)
+
+    def abort(self) -> None:
+        """Give the slot and the reserved budget back (idempotent)."""
+        self.tier._release_write(self)
 
 
 class CPUBackend(StorageBackend):
@@ -106,17 +162,77 @@ class CPUBackend(StorageBackend):
         return block
 
     def put(self, key: bytes, block: Block) -> bool:
+        started = self.start_put(key, block)
+        if isinstance(started, bool):
+            return started
+        return started.finish()
+
+    def start_put(self, key: bytes, block: Block) -> ArenaWrite | bool:
+        """Begin a put: True or False when it is already done or refused (a block of one piece
+        is done at once), or an ArenaWrite whose bytes the caller copies (ArenaWrite.step)
+        before it finishes or aborts it.
+
+        The key's earlier block goes at once, as a whole put would drop it, and the new
+        entry's cost is reserved, so that what happens between the steps (gets, promotions
+        on the I/O threads) sees a consistent budget.
+        """
         cost = entry_cost(key, block.nbytes, block.meta, self.arena is not None)
         if cost > self.capacity:
             self.counters.rejected += 1
             return False
         self.remove(key)
         self._make_room(cost)
-        if self.arena is not None:
-            stored = self._into_arena(key, block)
-            if stored is None:
-                return False
-            block = stored
+        if self.arena is None:
+            self._insert(key, block, cost)
+            return True
+        index = self.arena.alloc(block.nbytes)
+        while index is None and self._evict_one():
+            index = self.arena.alloc(block.nbytes)  # fragmentation or pinned zombies
+        if index is None:
+            self.counters.rejected += 1
+            return False
+        self._used += cost
+        write = ArenaWrite(self, key, block, cost, index, self.arena.payload(index))
+        if block.nbytes <= HASH_PIECE:
+            return write.finish()  # one piece: nothing to interleave, and one lock less
+        return write
+
+    def _finish_put(self, w: ArenaWrite) -> bool:
+        assert self.arena is not None and w.index is not None
+        checksum = w._hash.intdigest()
+        if w.failed or (w.block.checksum is not None and checksum != w.block.checksum):
+            # A short staging file, bytes changed under us (a neighbour writing the sender's
+            # staging), or a bad sender.
+            self._release_write(w)
+            self.counters.errors += 1
+            if not w.failed:
+                self.counters.extra["checksum_rejected"] = (
+                    self.counters.extra.get("checksum_rejected", 0) + 1
+                )
+            return False
+        index, w.index = w.index, None
+        self.arena.commit(index, checksum)
+        # A promotion may have put an older copy here while we copied: ours is newer.
+        self.remove(w.key)
+        self._used -= w.cost  # _insert counts it again
+        block = Block(
+            frames=(self.arena.payload(index),),
+            nbytes=w.block.nbytes,
+            meta=w.block.meta,
+            checksum=checksum,
+            slot=index,
+        )
+        self._insert(w.key, block, w.cost)
+        return True
+
+    def _release_write(self, w: ArenaWrite) -> None:
+        if w.index is None or self.arena is None:
+            return
+        index, w.index = w.index, None
+        self.arena.release(index)
+        self._used -= w.cost
+
+    def _insert(self, key: bytes, block: Block, cost: int) -> None:
         self._blocks[key] = block
         if self.arena is not None:
             self.arena.index_key(key)  # after the block is in: a client that sees it can get it
@@ -125,36 +241,6 @@ class CPUBackend(StorageBackend):
         self.policy.on_insert(key, block.nbytes)
         self.counters.puts += 1
         self.counters.bytes_stored += block.nbytes
-        return True
-
-    def _into_arena(self, key: bytes, block: Block) -> Block | None:
-        """Copy the block into a new slot and commit it; None when rejected."""
-        assert self.arena is not None
-        index = self.arena.alloc(block.nbytes)
-        while index is None and self._evict_one():
-            index = self.arena.alloc(block.nbytes)  # fragmentation or pinned zombies
-        if index is None:
-            self.counters.rejected += 1
-            return None
-        dst = self.arena.payload(index)
-        try:
-            checksum = copy_hashing(dst, block.frames)
-        except OSError:  # a staging file cut short under us
-            self.arena.release(index)
-            self.counters.errors += 1
-            return None
-        if block.checksum is not None and checksum != block.checksum:
-            # Bytes changed under us (a neighbour writing the sender's staging) or a bad sender.
-            self.arena.release(index)
-            self.counters.errors += 1
-            self.counters.extra["checksum_rejected"] = (
-                self.counters.extra.get("checksum_rejected", 0) + 1
-            )
-            return None
-        self.arena.commit(index, checksum)
-        return Block(
-            frames=(dst,), nbytes=block.nbytes, meta=block.meta, checksum=checksum, slot=index
-        )
 
     def _make_room(self, cost: int) -> None:
         while self._used + cost > self.capacity and self._evict_one():

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from lmcached.storage.base import Block, StorageBackend, Usage
-from lmcached.storage.cpu import CPUBackend
+from lmcached.storage.cpu import ArenaWrite, CPUBackend
 
 SHARED = ""  # the partition of keys whose namespace has no quota
 
@@ -82,6 +82,13 @@ class NamespacedBackend(StorageBackend):
     def put(self, key: bytes, block: Block) -> bool:
         # The partition evicts by its own policy within its own budget, never across.
         return self._partition(key).put(key, block)
+
+    def start_put(self, key: bytes, block: Block) -> ArenaWrite | bool:
+        """CPUBackend.start_put in the key's partition (a put in steps, see TieredStore)."""
+        part = self._partition(key)
+        if isinstance(part, CPUBackend):
+            return part.start_put(key, block)
+        return part.put(key, block)
 
     def remove(self, key: bytes) -> bool:
         return self._partition(key).remove(key)

@@ -24,7 +24,7 @@ import itertools
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -214,11 +214,46 @@ class TieredStore:
         with self._cpu_lock:
             self._generations.stamp(key)
             stored = self.top.put(key, block)
+        return self._offer_down(key, block, origin, stored)
+
+    def _offer_down(self, key: bytes, block: Block, origin: bytes | None, stored: bool) -> bool:
         if self.write_policy == "write-through" or not stored:
             # Write-back still sends a block that CPU refused (too big, no CPU budget) down.
             for q in self.queues.values():
                 stored = q.offer(key, block, origin) or stored
         return stored
+
+    def put_steps(
+        self, key: bytes, block: Block, origin: bytes | None = None
+    ) -> Generator[None, None, bool]:
+        """``put``, yielding between the pieces of a large block's copy into the CPU arena.
+
+        The worker's loop serves other requests at each yield, so one large put does not hold
+        it for the whole copy. Returns what ``put`` returns. Closing the generator early gives
+        the reserved slot back; the block is then stored nowhere.
+        """
+        start = getattr(self.top, "start_put", None)
+        if start is None:
+            return self.put(key, block, origin)
+        with self._cpu_lock:
+            self._generations.stamp(key)
+            started = start(key, block)
+        if isinstance(started, bool):
+            stored = started
+        else:
+            try:
+                while started.step():
+                    yield
+                with self._cpu_lock:
+                    # Again at the end: a get that began during the copy and read an older copy
+                    # in a lower tier must not promote it over this one.
+                    self._generations.stamp(key)
+                    stored = started.finish()
+            except BaseException:
+                with self._cpu_lock:
+                    started.abort()
+                raise
+        return self._offer_down(key, block, origin, stored)
 
     def _write_back(self, key: bytes, block: Block) -> None:
         # Called under the CPU lock when CPU evicts: the block's last chance to reach a lower tier.

@@ -5,7 +5,9 @@ from __future__ import annotations
 import threading
 
 import pytest
+import xxhash
 
+from lmcached.storage.arena import Arena
 from lmcached.storage.base import Block, StorageBackend, Usage
 from lmcached.storage.cpu import CPUBackend, entry_cost
 from lmcached.storage.disk import DiskBackend
@@ -256,3 +258,66 @@ def test_cached_prefix_stops_at_the_first_missing_key(partitioned: bool) -> None
         assert store.cached_prefix([*keys, b"b/absent"]) == 8
     finally:
         store.close()
+
+
+def _drive(steps):
+    """Run a put_steps generator to its end; return its result."""
+    while True:
+        try:
+            next(steps)
+        except StopIteration as stop:
+            return stop.value
+
+
+@pytest.fixture
+def arena_store(tmp_path):
+    arena = Arena(str(tmp_path), "steps", 0, data_size=64 * MiB, descriptors=1024)
+    cpu = CPUBackend(32 * MiB, arena=arena)
+    store = TieredStore([cpu, DiskBackend(str(tmp_path / "disk"), 0, 64 * MiB)])
+    yield store, cpu, arena
+    store.close()
+
+
+def _verified(data: bytes, checksum: int | None = None) -> Block:
+    return Block.from_bytes(
+        data, checksum=xxhash.xxh3_64_intdigest(data) if checksum is None else checksum
+    )
+
+
+def test_a_put_in_steps_publishes_its_block_only_once_whole_and_verified(arena_store) -> None:
+    store, cpu, _ = arena_store
+    data = bytes(range(256)) * (14 * KiB)  # 3.5 MiB: four pieces
+    steps = store.put_steps(b"big", _verified(data))
+    next(steps)  # one piece copied
+    assert store.get_cached_many([b"big"]) == [None]
+    assert _drive(steps) is True
+    assert _data(store.get_cached_many([b"big"])[0]) == data
+    assert cpu.usage().used_bytes == entry_cost(b"big", len(data), None, arena=True)
+
+
+def test_a_put_in_steps_abandoned_or_refused_gives_its_slot_and_budget_back(arena_store) -> None:
+    store, cpu, arena = arena_store
+    data = b"x" * (3 * MiB)
+    steps = store.put_steps(b"gone", _verified(data))
+    next(steps)
+    assert arena.slot_bytes > 0 and cpu.usage().used_bytes > 0
+    steps.close()  # the worker stopped mid-put
+    assert store.get_cached_many([b"gone"]) == [None]
+    assert (arena.slot_bytes, cpu.usage().used_bytes) == (0, 0)
+    _drive(store.put_steps(b"bad", _verified(data, checksum=1)))  # bytes not as announced
+    assert store.get_cached_many([b"bad"]) == [None]
+    assert (arena.slot_bytes, cpu.usage().used_bytes) == (0, 0)
+    assert cpu.counters.extra["checksum_rejected"] == 1
+
+
+def test_a_promotion_during_a_put_in_steps_does_not_outlive_it(arena_store) -> None:
+    store, cpu, _ = arena_store
+    old, new = b"o" * (2 * MiB), b"n" * (3 * MiB)
+    steps = store.put_steps(b"k", _verified(new))
+    next(steps)
+    with store._ticket() as ticket:  # a get that read an older copy below, during the copy
+        store._promote(b"k", _verified(old), 1, ticket)
+    assert _data(store.get_cached_many([b"k"])[0]) == old  # no newer copy is whole yet
+    assert _drive(steps) is True
+    assert _data(store.get_cached_many([b"k"])[0]) == new
+    assert cpu.usage().used_bytes == entry_cost(b"k", len(new), None, arena=True)
