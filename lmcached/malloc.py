@@ -14,6 +14,7 @@ import ctypes
 import ctypes.util
 import os
 import sys
+from typing import Any
 
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
@@ -78,3 +79,52 @@ def release_free_memory() -> bool:
         return False
     trim.argtypes = [ctypes.c_size_t]
     return bool(trim(0))
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in (
+            "arena",
+            "ordblks",
+            "smblks",
+            "hblks",
+            "hblkhd",
+            "usmblks",
+            "fsmblks",
+            "uordblks",
+            "fordblks",
+            "keepcost",
+        )
+    ]
+
+
+_mallinfo2: Any = None  # loaded once: a CDLL per call would leave ctypes cycles to the GC
+
+
+def heap_usage() -> dict[str, int] | None:
+    """Return glibc's view of the heap: bytes in use, bytes free but kept, and mmapped bytes.
+
+    RSS alone cannot tell a leak (``in_use`` grows) from memory freed but kept by the allocator
+    (``free`` grows: fragmentation, or the trim threshold above). None where glibc's
+    ``mallinfo2`` is missing (glibc < 2.33, musl, macOS).
+    """
+    global _mallinfo2
+    if _mallinfo2 is None:
+        if not sys.platform.startswith("linux"):
+            return None
+        try:
+            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            fn = libc.mallinfo2
+        except (OSError, AttributeError):
+            return None
+        fn.restype = _MallInfo2
+        fn.argtypes = []
+        _mallinfo2 = fn
+    info = _mallinfo2()
+    return {
+        "in_use": int(info.uordblks) + int(info.hblkhd),
+        "free": int(info.fordblks),
+        "mmapped": int(info.hblkhd),
+        "arena": int(info.arena),
+    }

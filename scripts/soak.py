@@ -119,7 +119,10 @@ def sample(c: Any) -> dict[int, dict[str, int]]:
             parts = rss_parts(proc.pid)
         except (psutil.Error, OSError, KeyError, TypeError, ValueError):
             continue
-        cpu = (w.get("stats") or {}).get("store", {}).get("cpu", {})
+        stats = w.get("stats") or {}
+        cpu = stats.get("store", {}).get("cpu", {})
+        heap = stats.get("heap", {})
+        remote = stats.get("store", {}).get("remote", {})
         out[int(w["id"])] = {
             "pid": int(w["pid"]),
             "rss": rss,
@@ -129,6 +132,9 @@ def sample(c: Any) -> dict[int, dict[str, int]]:
             "fds": fds,
             "used": int(cpu.get("used_bytes", 0)),
             "capacity": int(cpu.get("capacity_bytes", 0)) or 1,
+            "heap_used": int(heap.get("in_use", 0)),
+            "heap_free": int(heap.get("free", 0)),
+            "remote_rejected": int(remote.get("rejected", 0)),
         }
     return out
 
@@ -137,7 +143,8 @@ def print_sample(t: float, s: dict[int, dict[str, int]], load: Load) -> None:
     cells = "  ".join(
         f"w{i}: pid {v['pid']} rss {v['rss'] / MiB:6.1f} MiB (anon {v['anon'] / MiB:5.1f} "
         f"shm {v['shmem'] / MiB:5.1f} uss {v['uss'] / MiB:5.1f} pss {v['pss'] / MiB:5.1f}) "
-        f"fds {v['fds']:3d} "
+        f"heap {v['heap_used'] / MiB:5.1f} used {v['heap_free'] / MiB:5.1f} free, "
+        f"redis rejected {v['remote_rejected']:5d}, fds {v['fds']:3d} "
         f"cpu {100 * v['used'] / v['capacity']:5.1f}%"
         for i, v in sorted(s.items())
     )

@@ -33,3 +33,14 @@ def test_large_blocks_round_trip_under_each_malloc_setting(shared_daemon, settin
     )  # fmt: skip
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "True"
+
+
+def test_workers_report_their_heap_in_use_and_kept(shared_daemon):
+    with shared_daemon.client(timeout=30) as c:
+        workers = c.stats()["workers"]
+    assert len(workers) == 2
+    for w in workers:
+        heap = w["stats"]["heap"]
+        # glibc: bytes in use are a live worker's Python heap at least; freed ones never negative.
+        assert heap["in_use"] > 1 << 20 and heap["free"] >= 0
+        assert heap["arena"] <= heap["in_use"] + heap["free"]

@@ -36,7 +36,7 @@ from lmcached.errors import EXIT_CONFIG_INVALID, EXIT_PLUGIN_FATAL, ConfigError
 from lmcached.extensions.general import ProcessInfo, general_plugin_states, run_general_plugins
 from lmcached.extensions.lifecycle import PluginStartupError
 from lmcached.extensions.startup import extension_states
-from lmcached.malloc import release_free_memory, tune_for_large_messages
+from lmcached.malloc import heap_usage, release_free_memory, tune_for_large_messages
 from lmcached.protocol import (
     DATA_OPS,
     DataReply,
@@ -713,6 +713,9 @@ class Worker:
             "general_plugins": general_plugin_states(),
             "latency": self.latency.as_dict(),
             "auth": {"refused": self.auth.refused if self.auth is not None else 0},
+            # Bytes in use against bytes freed but kept by malloc: a leak grows the first, a
+            # transient peak (kept for reuse, see lmcached.malloc) the second.
+            "heap": heap_usage() or {},
         }
         for extra in self.stats_extras:
             out.update(extra())

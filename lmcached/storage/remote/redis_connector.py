@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import os
 import threading
+import traceback
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
 from urllib.parse import unquote, urlsplit
@@ -63,6 +64,28 @@ def glob_escape(prefix: bytes) -> bytes:
     return b"".join(b"\\" + bytes([c]) if c in _GLOB_SPECIAL else bytes([c]) for c in prefix)
 
 
+def _drop_frames(exc: BaseException) -> None:
+    """Clear the local variables of the finished frames in ``exc``'s tracebacks.
+
+    A failed redis-py pipeline raises the first error of its replies list, and that list, held
+    by the pipeline's frame, holds the error: exception -> traceback -> frame -> list ->
+    exception, a cycle that only the cyclic GC frees. Until its (rare) full collection, the
+    frames keep the whole batch alive: blocks, joined values and packed commands, ~6 MiB per
+    batch of 32 x 64 KiB. A full Redis (maxmemory, noeviction) fails every batch, so a worker's
+    heap grew by tens of MiB, kept by malloc afterwards. Cleared frames break the cycle and
+    the batch is freed as soon as the caller drops the error.
+    """
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        traceback.clear_frames(e.__traceback__)  # skips frames still running (ours)
+        todo += (e.__cause__, e.__context__)
+
+
 def _join(pieces: Sequence[Buffer]) -> Buffer:
     # A Redis value is one argument; the header and payload frames are joined here (one copy,
     # a few ms for 32 MiB against a ~70 ms SET).
@@ -96,9 +119,13 @@ class _RedisBase(RemoteConnector):
                     client = self._client
             return fn(client)
         except TRANSIENT as exc:
+            _drop_frames(exc)
             if self._rebuild_after_failure:
                 self._drop_client()
             raise RemoteUnavailable(f"{type(exc).__name__}: {exc}") from exc
+        except Exception as exc:
+            _drop_frames(exc)
+            raise
 
     def _drop_client(self) -> None:
         client, self._client = self._client, None
