@@ -42,12 +42,8 @@ def tune_for_large_messages(daemon: bool = False) -> bool:
     if _applied is not None:
         return _applied
     _applied = False
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):  # musl and other libcs have no mallopt
+    mallopt = _glibc_function("mallopt")
+    if mallopt is None:  # not Linux, or musl and other libcs without mallopt
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     ok = bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_MAX)) and bool(
@@ -63,6 +59,17 @@ def tune_for_large_messages(daemon: bool = False) -> bool:
     return ok
 
 
+def _glibc_function(name: str) -> Any:
+    """The C library's function ``name``; None off Linux or where this libc lacks it."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return getattr(libc, name)
+    except (OSError, AttributeError):
+        return None
+
+
 def release_free_memory() -> bool:
     """Give the heap's free pages back to the kernel (glibc ``malloc_trim(0)``).
 
@@ -70,12 +77,8 @@ def release_free_memory() -> bool:
     oversized message was dropped, that memory is no cache's and must not stay resident.
     Returns True when glibc released something; False elsewhere (musl, macOS).
     """
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        trim = libc.malloc_trim
-    except (OSError, AttributeError):
+    trim = _glibc_function("malloc_trim")
+    if trim is None:
         return False
     trim.argtypes = [ctypes.c_size_t]
     return bool(trim(0))
@@ -111,12 +114,8 @@ def heap_usage() -> dict[str, int] | None:
     """
     global _mallinfo2
     if _mallinfo2 is None:
-        if not sys.platform.startswith("linux"):
-            return None
-        try:
-            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-            fn = libc.mallinfo2
-        except (OSError, AttributeError):
+        fn = _glibc_function("mallinfo2")
+        if fn is None:
             return None
         fn.restype = _MallInfo2
         fn.argtypes = []
