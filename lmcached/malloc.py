@@ -11,7 +11,6 @@ GLIBC_TUNABLES.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 import sys
 from typing import Any
@@ -60,13 +59,17 @@ def tune_for_large_messages(daemon: bool = False) -> bool:
 
 
 def _glibc_function(name: str) -> Any:
-    """The C library's function ``name``; None off Linux or where this libc lacks it."""
+    """The C library's function ``name``; None off Linux or where this libc lacks it.
+
+    glibc is opened by its soname, never through ``ctypes.util.find_library``: that forks
+    ``ldconfig``, and a worker killed meanwhile leaves the child to the scheduler, its subreaper,
+    as a zombie nobody reaps (the orphan sweep reaps only plugin processes).
+    """
     if not sys.platform.startswith("linux"):
         return None
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return getattr(libc, name)
-    except (OSError, AttributeError):
+        return getattr(ctypes.CDLL("libc.so.6"), name)
+    except (OSError, AttributeError):  # musl and other libcs: no glibc, none of its extras
         return None
 
 

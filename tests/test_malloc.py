@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 
@@ -44,3 +45,36 @@ def test_workers_report_their_heap_in_use_and_kept(shared_daemon):
         # glibc: bytes in use are a live worker's Python heap at least; freed ones never negative.
         assert heap["in_use"] > 1 << 20 and heap["free"] >= 0
         assert heap["arena"] <= heap["in_use"] + heap["free"]
+
+
+GLIBC_CALLS = r"""
+from lmcached.malloc import heap_usage, release_free_memory, tune_for_large_messages
+tune_for_large_messages(daemon=True)
+assert heap_usage() is not None
+release_free_memory()
+"""
+
+
+@pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace")
+def test_the_allocator_calls_a_worker_makes_start_no_process(tmp_path) -> None:
+    # A worker killed while a child of its runs leaves that child to the scheduler (its
+    # subreaper) as a zombie nobody reaps; find_library("c") forked ldconfig on every stats call.
+    trace = tmp_path / "trace.txt"
+    subprocess.run(
+        [
+            "strace",
+            "-f",
+            "-qq",
+            "-o",
+            str(trace),
+            "-e",
+            "trace=execve",
+            sys.executable,
+            "-c",
+            GLIBC_CALLS,
+        ],
+        check=True,
+        timeout=60,
+    )
+    execs = [line for line in trace.read_text().splitlines() if "execve(" in line]
+    assert len(execs) == 1, execs  # the interpreter itself, nothing else
