@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import ctypes
 import os
-import sys
 from typing import Any
+
+from lmcached.glibc import glibc_function
 
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
@@ -41,7 +42,7 @@ def tune_for_large_messages(daemon: bool = False) -> bool:
     if _applied is not None:
         return _applied
     _applied = False
-    mallopt = _glibc_function("mallopt")
+    mallopt = glibc_function("mallopt")
     if mallopt is None:  # not Linux, or musl and other libcs without mallopt
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
@@ -58,21 +59,6 @@ def tune_for_large_messages(daemon: bool = False) -> bool:
     return ok
 
 
-def _glibc_function(name: str) -> Any:
-    """The C library's function ``name``; None off Linux or where this libc lacks it.
-
-    glibc is opened by its soname, never through ``ctypes.util.find_library``: that forks
-    ``ldconfig``, and a worker killed meanwhile leaves the child to the scheduler, its subreaper,
-    as a zombie nobody reaps (the orphan sweep reaps only plugin processes).
-    """
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        return getattr(ctypes.CDLL("libc.so.6"), name)
-    except (OSError, AttributeError):  # musl and other libcs: no glibc, none of its extras
-        return None
-
-
 def release_free_memory() -> bool:
     """Give the heap's free pages back to the kernel (glibc ``malloc_trim(0)``).
 
@@ -80,7 +66,7 @@ def release_free_memory() -> bool:
     oversized message was dropped, that memory is no cache's and must not stay resident.
     Returns True when glibc released something; False elsewhere (musl, macOS).
     """
-    trim = _glibc_function("malloc_trim")
+    trim = glibc_function("malloc_trim")
     if trim is None:
         return False
     trim.argtypes = [ctypes.c_size_t]
@@ -117,7 +103,7 @@ def heap_usage() -> dict[str, int] | None:
     """
     global _mallinfo2
     if _mallinfo2 is None:
-        fn = _glibc_function("mallinfo2")
+        fn = glibc_function("mallinfo2")
         if fn is None:
             return None
         fn.restype = _MallInfo2
