@@ -376,6 +376,13 @@ class Config:
         "Keep each worker's CPU tier in a shared-memory arena that same-host clients map "
         "read-only (docs/same-host.md); off: blocks stay in the worker's heap, ZMQ only.",
     )
+    direct_put: bool = option(
+        True,
+        boolean,
+        "Let a same-host client's put be one copy: the worker reads each block from the "
+        "client's memory (process_vm_readv, where the kernel allows it) straight into its "
+        "arena (docs/same-host.md). Off: clients stage their blocks first (two copies).",
+    )
     lease_timeout: float = option(
         30.0,
         seconds,

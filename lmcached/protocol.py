@@ -26,6 +26,10 @@ Request header fields (a msgpack map with string keys):
 ``stage``  put: the client's staging file path, or ``memfd:<pid>:<fd>:<nonce>``; the blocks are
            read from it, not from frames
 ``offsets``put with ``stage``: where each block starts in the staging area
+``addrs``  put (direct, same host over ipc): where each block starts in the sender's own memory;
+           the worker copies it from there (docs/same-host.md), no payload frames
+``until``  put with ``addrs``: the sender's deadline, ``CLOCK_MONOTONIC`` in ns; the worker
+           must not use bytes it finished reading from the sender's memory after it
 =========  ===================================================================================
 
 A ``flush`` reply carries ``done`` and, per worker, ``dropped`` and ``failed``: the lower-tier
@@ -438,6 +442,10 @@ class PutRequest(_Request):
     # Same-host put: the blocks are in this staging file at these offsets (no payload frames).
     stage: str | None = None
     offsets: list[int] | None = None
+    # Direct same-host put: the blocks are at these addresses in the sender's own memory,
+    # readable by the worker until ``until`` (CLOCK_MONOTONIC, ns).
+    addrs: list[int] | None = None
+    until: int | None = None
     op: ClassVar[str] = "put"
 
     def _fields(self) -> Header:
@@ -453,6 +461,9 @@ class PutRequest(_Request):
         if self.stage is not None:
             fields["stage"] = self.stage
             fields["offsets"] = self.offsets
+        if self.addrs is not None:
+            fields["addrs"] = self.addrs
+            fields["until"] = self.until
         return fields
 
 
@@ -1264,14 +1275,25 @@ def _decode_put(
     sums = _sums(header, n)
     stage = header.get("stage")
     offsets: list[int] | None = None
+    addrs: list[int] | None = None
+    until: int | None = None
+    if stage is not None and "addrs" in header:
+        raise ProtocolError(E_MALFORMED, "a put takes 'stage' or 'addrs', not both")
     if stage is not None:
         if not isinstance(stage, str) or not stage:
             raise ProtocolError(E_MALFORMED, "'stage' must be a staging file path")
-        if payload or any(nframes):
-            raise ProtocolError(E_MALFORMED, "a put with 'stage' takes no payload frames")
         if sums is None or any(s is None for s in sums):
             raise ProtocolError(E_MALFORMED, "a put with 'stage' needs every block's checksum")
         offsets = _int_list(header, "offsets", n)
+    elif "addrs" in header:
+        addrs = _int_list(header, "addrs", n)
+        raw_until: Any = header.get("until")
+        if not _is_int(raw_until) or raw_until < 0:
+            raise ProtocolError(E_MALFORMED, "a put with 'addrs' needs 'until' (ns)")
+        until = raw_until
+    if stage is not None or addrs is not None:
+        if payload or any(nframes):
+            raise ProtocolError(E_MALFORMED, "a same-host put takes no payload frames")
         blocks: list[Sequence[Frame]] = [() for _ in range(n)]
         if sizes and max(sizes) > limits.max_block_size:  # _int_list refused negative sizes
             raise ProtocolError(E_LIMIT, f"a block exceeds max_block_size={limits.max_block_size}")
@@ -1283,7 +1305,7 @@ def _decode_put(
             E_LIMIT,
             f"request of {total} bytes exceeds max_request_bytes={limits.max_request_bytes}",
         )
-    return PutRequest(keys, sizes, blocks, metas, sums, stage, offsets, id=rid)
+    return PutRequest(keys, sizes, blocks, metas, sums, stage, offsets, addrs, until, id=rid)
 
 
 @dataclass(slots=True)

@@ -33,7 +33,7 @@ from lmcached.client import settings as settings_mod
 from lmcached.client.cluster import ClusterView
 from lmcached.client.connection import Call, Connections, Pipeline
 from lmcached.client.retry import Retry
-from lmcached.client.shared import Lease, SharedMemory
+from lmcached.client.shared import Lease, SharedMemory, buffer_address
 from lmcached.errors import (
     LMCachedError,
     LMCachedRequestError,
@@ -257,6 +257,17 @@ class Client:
             meta_sizes = _check_metas(keys, metas, limits)
             owners = self._cluster.owners(keys)
             if self._shm is not None and all(w in self._shm.arenas for w in owners):
+                if self._shm.direct:
+                    try:
+                        self._put_direct(owners, keys, views, metas, meta_sizes, limits, deadline)
+                        return
+                    except LMCachedRequestError as exc:
+                        # A worker that may not read this process (another user, a Yama
+                        # ptrace scope, direct puts off): stage the blocks from now on. A
+                        # put is idempotent, so the blocks already stored are stored again.
+                        if exc.code != protocol.E_MALFORMED:
+                            raise
+                        self._shm.direct = False
                 try:
                     self._put_shared(owners, keys, views, metas, meta_sizes, limits, deadline)
                     self._shm.memfd_confirmed = True  # the workers read our staging
@@ -811,10 +822,67 @@ class Client:
         if calls:
             self._execute_puts(calls, deadline)
 
-    def _execute_puts(self, calls: list[Call], deadline: float) -> None:
+    def _put_direct(
+        self,
+        owners: dict[int, list[int]],
+        keys: Sequence[bytes],
+        views: list[memoryview],
+        metas: Sequence[dict[str, Any] | None] | None,
+        meta_sizes: Sequence[int],
+        limits: Limits,
+        deadline: float,
+    ) -> None:
+        """Same-host put in one copy: each worker reads its blocks from this process's memory.
+
+        The requests carry the blocks' addresses and this call's deadline; the workers copy
+        (and hash) straight into their arenas. The caller's buffers are read until every request
+        is answered, so this returns only then, or once the deadline has passed, after which no
+        worker uses what it reads (lmcached.storage.peer_memory). The caller holds the lock.
+        """
+        flat = [_bytes_view(v) for v in views]  # (holds a non-contiguous block's copy alive)
+        addrs = [buffer_address(v) for v in flat]
+        until = int(deadline * 1e9)  # time.monotonic is CLOCK_MONOTONIC, as the worker's
+        per_request = min(limits.max_request_bytes, SHARED_PUT_BYTES)
+        header_budget = limits.max_header_bytes - protocol.HEADER_SLACK // 2
+        calls: list[Call] = []
+
+        def call(worker: int, batch: list[int]) -> Call:
+            put = PutRequest(
+                [keys[p] for p in batch],
+                [flat[p].nbytes for p in batch],
+                [() for _ in batch],
+                metas=None if metas is None else [metas[p] for p in batch],
+                addrs=[addrs[p] for p in batch],
+                until=until,
+            )
+            return Call(worker, put, [], 0, batch)
+
+        for worker, positions in owners.items():
+            batch: list[int] = []
+            batch_bytes = 0
+            batch_header = 0
+            for pos in positions:
+                size = flat[pos].nbytes
+                # What the block adds to the header: its key, meta, address and size.
+                header_cost = len(keys[pos]) + 48 + meta_sizes[pos]
+                if batch and (
+                    len(batch) >= limits.max_keys_per_batch
+                    or batch_bytes + size > per_request
+                    or batch_header + header_cost > header_budget
+                ):
+                    calls.append(call(worker, batch))
+                    batch, batch_bytes, batch_header = [], 0, 0
+                batch.append(pos)
+                batch_bytes += size
+                batch_header += header_cost
+            if batch:
+                calls.append(call(worker, batch))
+        self._execute_puts(calls, deadline, borrowed=True)
+
+    def _execute_puts(self, calls: list[Call], deadline: float, borrowed: bool = False) -> None:
         """Run put calls; note which worker incarnation took each one's blocks (for flush)."""
         try:
-            self._pipeline.execute(calls, deadline)
+            self._pipeline.execute(calls, deadline, borrowed)
         finally:
             # Also after a failure: the calls that were answered did store their blocks.
             for call in calls:

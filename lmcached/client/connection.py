@@ -201,11 +201,17 @@ class Pipeline:
         self.retry = retry
         self._ids = ids
 
-    def execute(self, calls: list[Call], deadline: float) -> None:
-        """Send every call to its worker; resend those lost to a worker change."""
+    def execute(self, calls: list[Call], deadline: float, borrowed: bool = False) -> None:
+        """Send every call to its worker; resend those lost to a worker change.
+
+        ``borrowed``: the requests let their workers read the caller's memory until answered
+        or until ``deadline`` (a direct same-host put). Such a call never returns, nor raises,
+        while one of them is still in flight and the deadline is ahead: the caller may reuse
+        its buffers as soon as it has returned.
+        """
         pending = calls
         while pending:
-            failed = self._run(pending, deadline)
+            failed = self._run(pending, deadline, borrowed)
             if not failed:
                 return
             if any(c.resends >= self.retry.resends for c in failed):
@@ -221,7 +227,7 @@ class Pipeline:
             self.cluster.await_workers({c.worker for c in failed}, deadline)
             pending = failed
 
-    def _run(self, calls: list[Call], deadline: float) -> list[Call]:
+    def _run(self, calls: list[Call], deadline: float, borrowed: bool = False) -> list[Call]:
         """Run ``calls``; return the ones lost to a vanished worker (to be resent)."""
         conns = self.conns.workers
         if self.cluster.daemon_id is None or any(c.worker not in conns for c in calls):
@@ -275,54 +281,85 @@ class Pipeline:
                 inflight[w][c.request.id] = c
                 inflight_bytes[w] += c.nbytes
 
-        for w in queues:
-            send_more(w)
-        while remaining > 0:
-            now = time.monotonic()
-            if now >= deadline:
-                for w in list(inflight):
-                    if inflight[w] or queues[w]:
-                        self.conns.drop(w)
-                raise LMCachedTimeout("lmcached did not answer before the call's deadline")
-            poller = zmq.Poller()
+        try:
             for w in queues:
-                conn = self.conns.workers.get(w)
-                if conn is None:
-                    continue
-                flags = _POLLIN if inflight[w] else 0
-                if queues[w]:
-                    flags |= _POLLOUT
-                if flags:
-                    poller.register(conn.sock, flags)
-            wait = max(0.0, min(deadline, next_probe) - now)
-            events = dict(poller.poll(int(wait * 1000) + 1))
-            progressed = False
-            for w in list(queues):
-                conn = self.conns.workers.get(w)
-                if conn is None or conn.sock not in events:
-                    continue
-                if events[conn.sock] & _POLLIN:
-                    # Read until this worker owes nothing more: one more recv would only raise
-                    # zmq.Again (a costly exception per call). A late reply to an abandoned
-                    # request left queued is read, and dropped, by the next call.
-                    while inflight[w]:
-                        try:
-                            msg = conn.sock.recv_multipart(zmq.NOBLOCK, copy=False)
-                        except zmq.Again:
-                            break
-                        done = self._take(w, msg, inflight[w], failed)
-                        if done is None:
-                            continue  # late reply to an abandoned request
-                        inflight_bytes[w] -= done.nbytes
-                        remaining -= 1
-                        progressed = True
                 send_more(w)
-            if progressed:
-                next_probe = time.monotonic() + probe_s
-            elif time.monotonic() >= next_probe:
-                next_probe = time.monotonic() + probe_s
-                self._probe(queues, inflight, fail_worker, deadline)
+            while remaining > 0:
+                now = time.monotonic()
+                if now >= deadline:
+                    for w in list(inflight):
+                        if inflight[w] or queues[w]:
+                            self.conns.drop(w)
+                    raise LMCachedTimeout("lmcached did not answer before the call's deadline")
+                poller = zmq.Poller()
+                for w in queues:
+                    conn = self.conns.workers.get(w)
+                    if conn is None:
+                        continue
+                    flags = _POLLIN if inflight[w] else 0
+                    if queues[w]:
+                        flags |= _POLLOUT
+                    if flags:
+                        poller.register(conn.sock, flags)
+                wait = max(0.0, min(deadline, next_probe) - now)
+                events = dict(poller.poll(int(wait * 1000) + 1))
+                progressed = False
+                for w in list(queues):
+                    conn = self.conns.workers.get(w)
+                    if conn is None or conn.sock not in events:
+                        continue
+                    if events[conn.sock] & _POLLIN:
+                        # Read until this worker owes nothing more: one more recv would only raise
+                        # zmq.Again (a costly exception per call). A late reply to an abandoned
+                        # request left queued is read, and dropped, by the next call.
+                        while inflight[w]:
+                            try:
+                                msg = conn.sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                            except zmq.Again:
+                                break
+                            done = self._take(w, msg, inflight[w], failed)
+                            if done is None:
+                                continue  # late reply to an abandoned request
+                            inflight_bytes[w] -= done.nbytes
+                            remaining -= 1
+                            progressed = True
+                    send_more(w)
+                if progressed:
+                    next_probe = time.monotonic() + probe_s
+                elif time.monotonic() >= next_probe:
+                    next_probe = time.monotonic() + probe_s
+                    self._probe(queues, inflight, fail_worker, deadline)
+        except BaseException:
+            if borrowed:
+                self._drain(inflight, deadline)
+            raise
         return failed
+
+    def _drain(self, inflight: dict[int, dict[int, Call]], deadline: float) -> None:
+        """Read, and drop, the replies to requests still in flight, until ``deadline``."""
+        while time.monotonic() < deadline:
+            waiting = {
+                w: calls for w, calls in inflight.items() if calls and w in self.conns.workers
+            }
+            if not waiting:
+                return
+            poller = zmq.Poller()
+            for w in waiting:
+                poller.register(self.conns.workers[w].sock, zmq.POLLIN)
+            events = dict(poller.poll(max(1, int((deadline - time.monotonic()) * 1000) + 1)))
+            for w, calls in waiting.items():
+                sock = self.conns.workers[w].sock
+                if sock not in events:
+                    continue
+                while calls:
+                    try:
+                        msg = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                    except zmq.Again:
+                        break
+                    with contextlib.suppress(ProtocolError):
+                        rid = protocol.parse_reply(msg[0].bytes).id
+                        if rid is not None:
+                            calls.pop(rid, None)
 
     def _take(
         self, w: int, msg: list[zmq.Frame], inflight: dict[int, Call], failed: list[Call]

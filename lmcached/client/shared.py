@@ -1,11 +1,15 @@
 """The client's side of the same-host shared-memory path (docs/same-host.md).
 
-A client on the daemon's host maps each worker's arena read-only and owns one writable staging
-area: a memfd sealed against shrinking (which the worker maps), else a file next to the arenas
-(which the worker reads with pread):
+A client on the daemon's host maps each worker's arena read-only:
 
-- ``put`` copies each block into the staging area once, hashing every ~1 MiB piece right after
-  copying it, and sends only the header (offsets and checksums); the worker copies the bytes
+- ``put`` sends only the header, with the address of each block in this process's memory: the
+  worker copies each block from there into its arena (``process_vm_readv``), hashing every
+  piece right after copying it. The put returns only once every worker has answered, or its
+  deadline has passed, after which no worker uses bytes it reads. Where a worker may not read
+  this process (another user, a Yama ptrace scope), the client stages its blocks instead, in a
+  writable staging area of its own: a memfd sealed against shrinking (which the worker maps),
+  else a file next to the arenas (which the worker reads with pread). It copies each block
+  there once, hashing as it goes, and sends offsets and checksums; the worker copies the bytes
   into its arena, hashing again, and refuses a block whose bytes changed meanwhile.
 - ``get_into`` copies once, straight from the arena into the caller's buffer, and checks the
   slot's generation after copying (a seqlock).
@@ -41,13 +45,23 @@ from lmcached.shm.layout import (
     stage_file_name,
 )
 
-__all__ = ["HASH_PIECE", "Lease", "LeasedView", "SharedMemory", "Staging", "check_view"]
+__all__ = [
+    "HASH_PIECE",
+    "Lease",
+    "LeasedView",
+    "SharedMemory",
+    "Staging",
+    "buffer_address",
+    "check_view",
+]
 
 HASH_PIECE = 1 << 20
 # The staging file's size (sparse: tmpfs gives pages as they are first written).
 MIN_STAGING = 128 << 20
 # Stage in a sealed memfd where the workers can open it (False: always a staging file).
 MEMFD_STAGING = True
+# Let the workers read each block from this process (False: always stage, two copies).
+DIRECT_PUT = True
 
 try:  # zero-copy views need numpy (an ndarray subclass can carry its lease); else one copy
     import numpy as _np
@@ -108,6 +122,11 @@ if _np is not None:
 
 else:  # pragma: no cover
     LeasedView = None  # type: ignore[assignment,misc,unused-ignore]
+
+
+def buffer_address(view: memoryview) -> int:
+    """The address of a flat byte view's first byte in this process (read-only ones too)."""
+    return int(_np.frombuffer(view, dtype=_np.uint8).ctypes.data) if view.nbytes else 0
 
 
 def check_view(view: Any) -> None:
@@ -217,6 +236,8 @@ class SharedMemory:
         self.memfd = MEMFD_STAGING and hasattr(os, "memfd_create")
         # Set once a worker accepted this client's memfd: a later refusal is a real error.
         self.memfd_confirmed = False
+        # Puts are direct (one copy, read by the worker) until a worker refuses one.
+        self.direct = DIRECT_PUT and _np is not None
 
     def sync(self, cmap: ClusterMap, same_host: bool) -> None:
         """Map the arenas of the map's workers (new ones after a restart); forget the rest."""

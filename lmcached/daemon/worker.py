@@ -68,6 +68,7 @@ from lmcached.security import AuthGuard, ServerCurve, secure_ipc_socket
 from lmcached.storage.arena import Arena, FileRange, StageMaps
 from lmcached.storage.base import Block
 from lmcached.storage.cpu import HASH_PIECE
+from lmcached.storage.peer_memory import PeerRange, PeerRefused, Peers
 from lmcached.version import __version__
 
 POLL_MS = 500
@@ -124,6 +125,8 @@ class OpStats:
         # The part of bytes_out handed to same-host clients as arena slots (no payload frame):
         # how an operator tells that reads go through shared memory rather than the socket.
         self.bytes_out_shared = 0
+        # The part of bytes_in that workers read from same-host clients' memory (direct puts).
+        self.bytes_in_direct = 0
         self.lookup_keys = 0
         self.lookup_hits = 0
 
@@ -134,6 +137,7 @@ class OpStats:
             "bytes_in": self.bytes_in,
             "bytes_out": self.bytes_out,
             "bytes_out_shared": self.bytes_out_shared,
+            "bytes_in_direct": self.bytes_in_direct,
             "lookup_keys": self.lookup_keys,
             "lookup_hits": self.lookup_hits,
         }
@@ -156,6 +160,8 @@ class Worker:
             self.arena.set_final_misses(not self.store.has_lower)
         # Same-host puts: the clients' staging files this worker has mapped (read-only).
         self.stages = StageMaps(os.path.dirname(self.arena.path)) if self.arena else None
+        # Direct same-host puts: the client processes whose memory this worker reads.
+        self.peers = Peers() if self.arena is not None and cfg.direct_put else None
         # ZMQ replies sent zero-copy from arena slots: (tracker, pin) until libzmq is done.
         self._sending: list[tuple[zmq.MessageTracker, int]] = []
         self.ops = OpStats()
@@ -485,6 +491,9 @@ class Worker:
 
         Acknowledged only once every block is stored or refused; a refused block fails alone.
         """
+        if req.addrs is not None:
+            yield from self.put_direct(envelope, req)
+            return
         if req.stage is not None:
             yield from self.put_staged(envelope, req)
             return
@@ -502,6 +511,54 @@ class Worker:
             if (yield from self.store.put_steps(key, block, origin)):
                 stored += 1
             self.ops.bytes_in += size
+        self.reply(envelope, PutReply(stored, self.incarnation, id=req.id))
+
+    def put_direct(self, envelope: Any, req: PutRequest) -> Iterator[None]:
+        """A direct same-host put: copy each block from the client's own memory into the arena.
+
+        The client process is the one the kernel names for this connection; its deadline bounds
+        when its memory may be read (lmcached.storage.peer_memory). A put this worker cannot
+        serve so (the kernel forbids reading that process, direct puts are off) is refused with
+        ``malformed``, and the client stages its blocks instead.
+        """
+        assert req.addrs is not None and req.until is not None
+        if self.peers is None:
+            self.reply_error(envelope, req.id, protocol.E_MALFORMED, "direct puts are off")
+            return
+        try:
+            peer = self.peers.get(envelope.get("Peer-Address"))
+            if req.addrs:
+                peer.check_readable(req.addrs[0])
+        except PeerRefused as exc:
+            self.reply_error(envelope, req.id, protocol.E_MALFORMED, f"direct put refused: {exc}")
+            return
+        metas = req.metas or [None] * len(req.keys)
+        sums = req.sums or [None] * len(req.keys)
+        stored = 0
+        origin = envelope.bytes if self.store.has_lower else None
+        for key, size, addr, meta, checksum in zip(
+            req.keys, req.sizes, req.addrs, metas, sums, strict=True
+        ):
+            yield
+            src: Any = PeerRange(peer, addr, size, req.until)
+            if self.store.has_lower:
+                # Lower tiers write later, from a copy of their own: the slot may be evicted.
+                buf = bytearray(size)
+                view = memoryview(buf)
+                try:
+                    for at in range(0, size, HASH_PIECE):
+                        src.read_into(view[at : at + HASH_PIECE], at)
+                        yield
+                except OSError:
+                    continue
+                finally:
+                    view.release()
+                src = buf
+            block = Block(frames=(src,), nbytes=size, meta=meta, checksum=checksum)
+            if (yield from self.store.put_steps(key, block, origin)):
+                stored += 1
+            self.ops.bytes_in += size
+            self.ops.bytes_in_direct += size
         self.reply(envelope, PutReply(stored, self.incarnation, id=req.id))
 
     def put_staged(self, envelope: Any, req: PutRequest) -> Iterator[None]:
@@ -764,6 +821,8 @@ class Worker:
                 # Idle: let go of the staging areas of clients that exited (a memfd's pages
                 # stay alive, and count in this process's memory, while we map it).
                 self.stages.forget_dead_clients()
+            if not events and self.peers is not None:
+                self.peers.forget_dead()
 
     def stop(self) -> None:
         self._stop.set()
@@ -778,6 +837,8 @@ class Worker:
         self._drain_completions()
         if self.stages is not None:
             self.stages.close()
+        if self.peers is not None:
+            self.peers.close()
         self.store.close()
         if self.auth is not None:
             self.auth.stop()

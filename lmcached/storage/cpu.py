@@ -18,6 +18,7 @@ import xxhash
 from lmcached.storage.arena import ENTRY_OVERHEAD, Arena, FileRange, slot_size
 from lmcached.storage.base import Block, StorageBackend, TierStats, Usage
 from lmcached.storage.eviction import EvictionPolicy, make_policy
+from lmcached.storage.peer_memory import PeerRange
 
 # Bytes copied between two hash updates: small enough to be hashed while still in cache.
 HASH_PIECE = 1 << 20
@@ -41,6 +42,10 @@ def copy_pieces(dst: memoryview, frames: tuple[Any, ...], h: Any) -> Iterator[No
     """
     off = 0
     for frame in frames:
+        if isinstance(frame, PeerRange):
+            yield from frame.copy_hashing(dst[off : off + frame.nbytes], h)
+            off += frame.nbytes
+            continue
         if isinstance(frame, FileRange):
             for i in range(0, frame.nbytes, HASH_PIECE):
                 end = off + min(HASH_PIECE, frame.nbytes - i)

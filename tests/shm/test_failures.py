@@ -149,7 +149,8 @@ def test_worker_kill_9_mid_put_leaves_only_whole_blocks(daemon_factory):
 _ONE_PUT = textwrap.dedent(
     """
     import sys
-    from lmcached.client import Client
+    from lmcached.client import Client, shared
+    shared.DIRECT_PUT = False  # the put that stages, in a memfd
     with Client.from_config(sys.argv[1], timeout=30) as c:
         c.put([b"gone/1"], [b"g" * (4 << 20)])
     print("done", flush=True)

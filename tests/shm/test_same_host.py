@@ -46,6 +46,8 @@ def test_a_same_host_client_puts_and_gets_through_the_arena(daemon_factory):
         # No payload crossed a socket on the put: only headers did.
         ops = [w["stats"]["ops"] for w in c.stats()["workers"]]
         assert sum(o["bytes_in"] for o in ops) == 32 * MIB
+        # The workers read every block from this process's memory (one copy, no staging).
+        assert sum(o["bytes_in_direct"] for o in ops) == 32 * MIB
         # Nor on the two gets: every byte read went out as an arena slot.
         assert sum(o["bytes_out_shared"] for o in ops) == sum(o["bytes_out"] for o in ops)
         assert sum(o["bytes_out"] for o in ops) == 64 * MIB
@@ -67,6 +69,7 @@ def test_a_tcp_client_and_a_same_host_client_share_one_cluster(daemon_factory):
         ops = [w["stats"]["ops"] for w in local.stats()["workers"]]
         # The workers count what they handed out as slots apart: the local get only.
         assert sum(o["bytes_out_shared"] for o in ops) == 8 * 300_000
+        assert sum(o["bytes_in_direct"] for o in ops) == 4 * 300_000  # the local put only
         assert sum(o["bytes_out"] for o in ops) == 17 * 300_000
 
 
@@ -159,6 +162,7 @@ def test_a_client_dropped_without_close_removes_its_staging_file(daemon_factory,
     import gc
     import glob
 
+    monkeypatch.setattr(shared, "DIRECT_PUT", False)  # the put that stages (two copies)
     monkeypatch.setattr(shared, "MEMFD_STAGING", False)  # the fallback: a file in /dev/shm
     d = daemon_factory(num_workers=1)
     mine = f"/dev/shm/lmcached-stage-{os.getpid()}-*"
@@ -170,10 +174,11 @@ def test_a_client_dropped_without_close_removes_its_staging_file(daemon_factory,
     assert glob.glob(mine) == []
 
 
-def test_a_client_stages_in_a_sealed_memfd_that_goes_with_it(daemon_factory):
+def test_a_client_stages_in_a_sealed_memfd_that_goes_with_it(daemon_factory, monkeypatch):
     import gc
     import glob
 
+    monkeypatch.setattr(shared, "DIRECT_PUT", False)  # the put that stages (two copies)
     d = daemon_factory(num_workers=1)
     c = d.client()
     data = os.urandom(3 * MIB)
@@ -190,6 +195,7 @@ def test_a_client_stages_in_a_sealed_memfd_that_goes_with_it(daemon_factory):
 def test_a_client_whose_memfd_a_worker_refuses_stages_in_a_file(daemon_factory, monkeypatch):
     import glob
 
+    monkeypatch.setattr(shared, "DIRECT_PUT", False)  # the put that stages (two copies)
     d = daemon_factory(num_workers=2)
     # The name the worker checks no longer matches the memfd, as when the worker cannot see
     # this process in its /proc: the worker refuses it, and the client falls back.
