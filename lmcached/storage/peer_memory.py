@@ -30,10 +30,11 @@ import ctypes
 import errno
 import os
 import select
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor, wait
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,13 +48,12 @@ __all__ = ["PeerGone", "PeerMemory", "PeerRange", "PeerRefused", "Peers", "parse
 PIECE = 256 << 10
 # The loop yields (serves other requests) after about this many bytes.
 YIELD_EVERY = 1 << 20
-# From this size a block is copied by COPY_THREADS threads, PARALLEL_PIECE at a time, while the
-# loop thread hashes the pieces in order behind them: one thread's process_vm_readv reached
-# ~0.8x a memcpy here, and two in parallel keep the copy at memcpy speed with the hash in it.
+# From this size a block is copied by COPY_THREADS threads, PARALLEL_PIECE at a time, each
+# piece hashed (in order) by the thread that copied it, while it is in that core's cache. One
+# thread's process_vm_readv reached ~0.8x a memcpy here; two, hashing too, ~0.95x.
 PARALLEL_MIN = 8 << 20
 PARALLEL_PIECE = 2 << 20
 COPY_THREADS = 2
-PIECES_AHEAD = 4
 
 
 class PeerRefused(Exception):
@@ -221,18 +221,33 @@ class PeerRange:
                     yield
             return
         starts = range(0, self.nbytes, PARALLEL_PIECE)
-        futures: list[Future[None]] = []
+        # Piece k is hashed by the thread that copied it (in its cache), once piece k-1 is.
+        hashed = [threading.Event() for _ in starts]
+        stop = threading.Event()  # a piece failed, or the caller gave up: copy no more
+
+        def copy_then_hash(k: int, at: int) -> None:
+            try:
+                if stop.is_set():
+                    return
+                piece = dst[at : at + PARALLEL_PIECE]
+                self.read_into(piece, at)
+                if k:
+                    hashed[k - 1].wait()
+                if not stop.is_set():
+                    h.update(piece)
+            except BaseException:
+                stop.set()
+                raise
+            finally:
+                hashed[k].set()
+
+        futures = [pool.submit(copy_then_hash, k, at) for k, at in enumerate(starts)]
         try:
-            for k, at in enumerate(starts):
-                while len(futures) < len(starts) and len(futures) < k + PIECES_AHEAD:
-                    ahead = starts[len(futures)]
-                    futures.append(
-                        pool.submit(self.read_into, dst[ahead : ahead + PARALLEL_PIECE], ahead)
-                    )
-                futures[k].result()
-                h.update(dst[at : at + PARALLEL_PIECE])
+            for future in futures:
+                future.result()
                 yield
         finally:
+            stop.set()  # (done by now, unless we leave early)
             # The slot may be given back (or reused) once we return: no copy may still run.
             wait(futures)
 

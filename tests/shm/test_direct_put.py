@@ -7,6 +7,8 @@ until the put's deadline, and a client never gets its buffers back while a worke
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import mmap
 import os
 import signal
 import subprocess
@@ -114,7 +116,11 @@ def test_a_failed_direct_put_returns_only_after_its_other_requests(daemon_factor
             Call(
                 w,
                 PutRequest(
-                    [k], [len(buf)], [()], addrs=[shared.buffer_address(memoryview(buf))], until=until
+                    [k],
+                    [len(buf)],
+                    [()],
+                    addrs=[shared.buffer_address(memoryview(buf))],
+                    until=until,
                 ),
             )
             for w, k in ((0, k0), (1, k1))
@@ -157,15 +163,22 @@ def _direct_put(d: Any, blocks: list[tuple[bytes, int, int]], until: int) -> dic
 
 def test_a_direct_put_stores_only_blocks_read_whole_and_in_time(daemon_factory):
     d = daemon_factory(num_workers=1)
-    good = bytearray(os.urandom(3 * MIB))
-    addr = shared.buffer_address(memoryview(good))
+    # 3 MiB of data, then 9 MiB nobody may read (PROT_NONE): a block running into it fails.
+    region = mmap.mmap(-1, 12 * MIB)
+    good = os.urandom(3 * MIB)
+    region[: len(good)] = good
+    addr = shared.buffer_address(memoryview(region))
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    assert libc.mprotect(addr + 3 * MIB, 9 * MIB, 0) == 0  # PROT_NONE
     later = time.monotonic_ns() + 30 * 10**9
     reply = _direct_put(
         d,
         [
             (b"whole", addr, len(good)),
             (b"unmapped", 4096, MIB),  # not this process's memory
-            (b"past-the-end", addr + len(good) - 100, 60 * MIB),  # runs off the mapping
+            (b"past-the-end", addr + len(good) - 100, MIB),  # runs into the guard
+            (b"parallel-past-the-end", addr, 10 * MIB),  # copied by threads, partly unreadable
         ],
         later,
     )
@@ -173,8 +186,10 @@ def test_a_direct_put_stores_only_blocks_read_whole_and_in_time(daemon_factory):
     reply = _direct_put(d, [(b"expired", addr, len(good))], time.monotonic_ns() - 1)
     assert reply["ok"] and reply["stored"] == 0
     with d.client() as c:
-        assert c.get([b"unmapped", b"past-the-end", b"expired"]) == [None, None, None]
-        assert bytes(c.get([b"whole"])[0]) == bytes(good)
+        missing = [b"unmapped", b"past-the-end", b"parallel-past-the-end", b"expired"]
+        assert c.get(missing) == [None] * 4
+        assert bytes(c.get([b"whole"])[0]) == good
+        assert cpu_stats(c)[0]["errors"] == 4
 
 
 def test_a_client_whose_worker_refuses_direct_puts_stages_them(daemon_factory):

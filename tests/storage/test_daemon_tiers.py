@@ -119,7 +119,9 @@ def test_corrupt_redis_value_is_a_counted_miss(tmp_path: Path, redis_server) -> 
     key = _keys(1)[0]
     # A generous remote_timeout: on a loaded machine a 1 s deadline can fail this one write,
     # which the tier then drops by design; this test is about corruption, not timeouts.
-    with DaemonProcess(tmp_path / "d", remote_url=redis_server.url, num_workers=1, remote_timeout=10) as daemon:
+    with DaemonProcess(
+        tmp_path / "d", remote_url=redis_server.url, num_workers=1, remote_timeout=10
+    ) as daemon:
         with daemon.client() as c:
             c.put([key], [_value(1)])
             c.flush()

@@ -246,7 +246,9 @@ def test_crash_loop_with_on_failure_reaches_fatal(launcher: Any, plugin_dir: Plu
     assert seen == ["STARTING", "BACKOFF", "STARTING", "BACKOFF", "STARTING", "FATAL"]
 
 
-def test_always_retries_up_to_max_and_on_failure_keeps_a_clean_exit(launcher: Any, plugin_dir: PluginDir) -> None:
+def test_always_retries_up_to_max_and_on_failure_keeps_a_clean_exit(
+    launcher: Any, plugin_dir: PluginDir
+) -> None:
     plugin_dir.write("clean.sh", "exit 0\n")
     plugin_dir.write("always.sh", "exit 0\n")
     plugin_dir.write("never.sh", "exit 1\n")
