@@ -536,29 +536,33 @@ class Worker:
         sums = req.sums or [None] * len(req.keys)
         stored = 0
         origin = envelope.bytes if self.store.has_lower else None
-        for key, size, addr, meta, checksum in zip(
-            req.keys, req.sizes, req.addrs, metas, sums, strict=True
-        ):
-            yield
-            src: Any = PeerRange(peer, addr, size, req.until)
-            if self.store.has_lower:
-                # Lower tiers write later, from a copy of their own: the slot may be evicted.
-                buf = bytearray(size)
-                view = memoryview(buf)
-                try:
-                    for at in range(0, size, HASH_PIECE):
-                        src.read_into(view[at : at + HASH_PIECE], at)
-                        yield
-                except OSError:
-                    continue
-                finally:
-                    view.release()
-                src = buf
-            block = Block(frames=(src,), nbytes=size, meta=meta, checksum=checksum)
-            if (yield from self.store.put_steps(key, block, origin)):
-                stored += 1
-            self.ops.bytes_in += size
-            self.ops.bytes_in_direct += size
+        try:
+            for key, size, addr, meta, checksum in zip(
+                req.keys, req.sizes, req.addrs, metas, sums, strict=True
+            ):
+                yield
+                src: Any = PeerRange(peer, addr, size, req.until)
+                if self.store.has_lower:
+                    # Lower tiers write later, from a copy of their own: the slot may be evicted.
+                    buf = bytearray(size)
+                    view = memoryview(buf)
+                    try:
+                        for at in range(0, size, HASH_PIECE):
+                            src.read_into(view[at : at + HASH_PIECE], at)
+                            yield
+                    except OSError:
+                        continue
+                    finally:
+                        view.release()
+                    src = buf
+                block = Block(frames=(src,), nbytes=size, meta=meta, checksum=checksum)
+                if (yield from self.store.put_steps(key, block, origin)):
+                    stored += 1
+                self.ops.bytes_in += size
+                self.ops.bytes_in_direct += size
+        except PeerRefused as exc:  # the kernel refused a copy the probe could not foresee
+            self.reply_error(envelope, req.id, protocol.E_MALFORMED, f"direct put refused: {exc}")
+            return
         self.reply(envelope, PutReply(stored, self.incarnation, id=req.id))
 
     def put_staged(self, envelope: Any, req: PutRequest) -> Iterator[None]:

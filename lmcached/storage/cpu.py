@@ -199,7 +199,11 @@ class CPUBackend(StorageBackend):
         self._used += cost
         write = ArenaWrite(self, key, block, cost, index, self.arena.payload(index))
         if block.nbytes <= HASH_PIECE:
-            return write.finish()  # one piece: nothing to interleave, and one lock less
+            try:
+                return write.finish()  # one piece: nothing to interleave, and one lock less
+            except BaseException:  # the source refused to be read (a direct put): no leak
+                write.abort()
+                raise
         return write
 
     def _finish_put(self, w: ArenaWrite) -> bool:

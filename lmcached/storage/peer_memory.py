@@ -99,6 +99,12 @@ def _namespace(pid: int | str, kind: str) -> int | None:
         return None
 
 
+def _refusal(err: int) -> None:
+    """Raise PeerRefused for an errno that says this process may not be read at all."""
+    if err in (errno.EPERM, errno.EACCES):
+        raise PeerRefused("the kernel does not let the worker read the client's memory")
+
+
 class PeerMemory:
     """One client process whose memory this worker may read, held by a pidfd."""
 
@@ -132,27 +138,25 @@ class PeerMemory:
         return not select.select([fd], [], [], 0)[0]
 
     def check_readable(self, addr: int) -> None:
-        """Raise PeerRefused unless the kernel lets this worker read the client (once per peer).
+        """Raise PeerRefused if the kernel does not let this worker read the client.
 
-        ``addr`` is one of the client's blocks: a byte of it is read to find out.
+        ``addr`` is one of the client's blocks: one byte of it is read to find out, until a
+        read succeeds once (a bad address proves nothing either way).
         """
         if self._readable:
             return
         probe = ctypes.create_string_buffer(1)
-        if self._copy(ctypes.addressof(probe), addr, 1) < 0:
-            err = ctypes.get_errno()
-            if err in (errno.EPERM, errno.EACCES):
-                raise PeerRefused("the kernel does not let the worker read the client's memory")
-            if err == errno.ESRCH:
-                raise PeerRefused("the client process is gone")
-        self._readable = True  # (EFAULT: a bad address, that block's own failure)
+        if self._copy(ctypes.addressof(probe), addr, 1) == 1:
+            self._readable = True
+            return
+        _refusal(ctypes.get_errno())
 
     def read_into(self, dst: memoryview, addr: int, until_ns: int) -> None:
         """Copy ``dst.nbytes`` bytes from the client's ``addr`` into ``dst``.
 
-        Raises PeerGone when the copy cannot be trusted (the client exited or its deadline
-        passed before the copy ended), and OSError when the kernel refused it (the range is
-        not the client's readable memory).
+        Raises PeerRefused when the kernel forbids reading this process, PeerGone when the copy
+        cannot be trusted (the client exited or its deadline passed before the copy ended), and
+        OSError when the range is not the client's readable memory.
         """
         n = dst.nbytes
         if n == 0:
@@ -166,6 +170,7 @@ class PeerMemory:
             del buf  # the export of dst must end here, or its arena could never be unmapped
         if got < 0:
             err = ctypes.get_errno()
+            _refusal(err)
             if err == errno.ESRCH:
                 raise PeerGone("the client exited during its put")
             raise OSError(err, f"cannot read the client's block: {os.strerror(err)}")

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +28,10 @@ class DaemonProcess:
         self,
         workdir: str | os.PathLike[str] | None = None,
         env: dict[str, str] | None = None,
+        wrapper: Sequence[str] = (),
         **overrides: Any,
     ) -> None:
+        """``wrapper``: a command that runs the daemon (``setpriv ...`` to drop capabilities)."""
         self.workdir = (
             Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="lmcd-"))
         )
@@ -46,6 +49,7 @@ class DaemonProcess:
         self.config_path.write_text(yaml.safe_dump(values))
         self.env = {**os.environ, **(env or {})}
         self.env.setdefault("LMCACHED_LOG_FORMAT", "json")
+        self.wrapper = list(wrapper)
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = self.workdir / "daemon.log"
         self._log_file: Any = None
@@ -59,7 +63,15 @@ class DaemonProcess:
             return self
         self._log_file = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "lmcached", "start", "--config", str(self.config_path)],
+            [
+                *self.wrapper,
+                sys.executable,
+                "-m",
+                "lmcached",
+                "start",
+                "--config",
+                str(self.config_path),
+            ],
             stdout=self._log_file,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,

@@ -10,6 +10,7 @@ import contextlib
 import ctypes
 import mmap
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -201,6 +202,58 @@ def test_a_client_whose_worker_refuses_direct_puts_stages_them(daemon_factory):
         assert [bytes(v) for v in c.get(keys)] == vals  # type: ignore[arg-type]
         assert len(set(_staging_memfds())) >= 1
         assert sum(o["bytes_in_direct"] for o in _ops(c)) == 0
+
+
+_TURNS_UNREADABLE = textwrap.dedent(
+    """
+    import ctypes, os, sys
+    from lmcached.client import Client
+    from lmcached.storage.arena import slot_size
+    MIB = 1 << 20
+    keys = [f"refused/{i}".encode() for i in range(12)]
+    sizes = [100_000, 12 * MIB, 3 * MIB] * 4  # one piece, two copy threads, several pieces
+    vals = [os.urandom(n) for n in sizes]
+    with Client.from_config(sys.argv[1], timeout=30) as c:
+        c.put(keys[:6], vals[:6])
+        ops = [w["stats"]["ops"] for w in c.stats()["workers"]]
+        print("first", c._shm.direct, sum(o["bytes_in_direct"] for o in ops) == sum(sizes[:6]))
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        assert libc.prctl(4, 0, 0, 0, 0) == 0  # PR_SET_DUMPABLE: no more reads by others
+        c.put(keys, vals[::-1])
+        same = [bytes(v) for v in c.get(keys)] == vals[::-1]
+        stats = [w["stats"]["store"]["cpu"] for w in c.stats()["workers"]]
+        slots = sum(s["arena_slot_bytes"] for s in stats)
+        print("then", c._shm.direct, same, slots == sum(slot_size(n) for n in sizes), flush=True)
+    """
+)
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("setpriv") is None,
+    reason="needs root and setpriv to run the daemon without CAP_SYS_PTRACE",
+)
+def test_a_client_the_kernel_will_not_let_workers_read_stages_its_puts(daemon_factory):
+    # Without CAP_SYS_PTRACE, a worker may read a process of its own user and capabilities
+    # only while that process is dumpable. The client turns non-dumpable after its first put,
+    # so the kernel refuses the next put's reads halfway (the worker had found it readable):
+    # the client stages from then on, and no slot a refused copy took stays taken.
+    no_ptrace = ["setpriv", "--bounding-set", "-sys_ptrace", "--inh-caps", "-sys_ptrace"]
+    d = daemon_factory(num_workers=2, wrapper=no_ptrace, max_local_cpu_size="512MiB")
+    child = subprocess.run(
+        [*no_ptrace, sys.executable, "-c", _TURNS_UNREADABLE, str(d.config_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+    )
+    assert child.stdout.split() == ["first", "True", "True", "then", "False", "True", "True"], (
+        child.stdout + child.stderr
+    )
+    # This process has capabilities the workers lack: the kernel refuses them even the probe.
+    with d.client(timeout=30) as c:
+        c.put([b"root"], [b"r" * 5000])
+        assert not c._shm.direct
+        assert bytes(c.get([b"root"])[0]) == b"r" * 5000
 
 
 _OTHER_TIME_NAMESPACE = textwrap.dedent(
