@@ -204,6 +204,32 @@ def blocks_per_call(size: int, total: int) -> int:
     return max(1, -(-min(CALL_BYTES, total) // size))
 
 
+def workers_uss_without_arena(endpoint: str) -> list[float] | None:
+    """Each worker's unique memory (MB), less its arena's pages; None off the daemon's host.
+
+    The arena is the CPU tier's budget, counted on its own: what is left is the worker's own
+    cost (heap, libzmq, threads), which the idle-USS target bounds.
+    """
+    try:
+        import psutil
+
+        from lmcached.client import Client
+
+        with Client(endpoint, timeout=30) as c:
+            workers = [(w.get("pid"), w.get("arena")) for w in c.cluster_map["workers"]]
+        out = []
+        for pid, arena in workers:
+            private = 0
+            for m in psutil.Process(pid).memory_maps(grouped=True):
+                if arena and m.path == arena:
+                    continue
+                private += m.private_clean + m.private_dirty
+            out.append(round(private / 1e6, 1))
+        return out
+    except Exception:  # another host, another user, a worker gone: nothing to report
+        return None
+
+
 def run_point(endpoint: str, transport: str, op: str, size: int, clients: int, total: int) -> Row:
     per_call = blocks_per_call(size, total)
     call_bytes = size * per_call
@@ -407,9 +433,9 @@ def run(args: argparse.Namespace) -> Report:
             # Never measure ipc under the name tcp: a daemon without enable_tcp has no TCP.
             progress("skipping tcp: the daemon serves no TCP endpoint (enable_tcp is off)")
             transports = [t for t in transports if t != "tcp"]
-            report.memory["idle_worker_uss_mb"] = [
-                round((w.get("memory") or {}).get("uss", 0) / 1e6, 1) for w in status["workers"]
-            ]
+        report.memory["idle_worker_uss_mb"] = [
+            round((w.get("memory") or {}).get("uss", 0) / 1e6, 1) for w in status["workers"]
+        ]
         for size in sizes if "throughput" in workloads else []:
             progress(f"memcpy {size // 1024} KiB")
             report.memcpy[str(size)] = max(memcpy_gbps(size, total) for _ in range(repeats))
@@ -466,6 +492,10 @@ def run(args: argparse.Namespace) -> Report:
                         best_row.redis_gbps = redis_base
                         best_row.redis_ratio = best_row.gbps / redis_base if redis_base else None
                         report.rows.append(best_row)
+        if "throughput" in workloads:
+            after = workers_uss_without_arena(endpoint)
+            if after is not None:
+                report.memory["worker_uss_after_mb"] = after
         by = {(r.op, r.transport, r.clients, r.size): r.gbps for r in report.rows}
         if 2 * MiB in sizes and 32 * MiB in sizes:
             for (op, tr, n, size), g in by.items():
@@ -597,6 +627,11 @@ def render(report: Report) -> str:
             lines.append(f"{k}: {v}")
     if report.memory:
         lines.append(f"idle worker USS (MB): {report.memory.get('idle_worker_uss_mb')}")
+        if "worker_uss_after_mb" in report.memory:
+            lines.append(
+                "worker USS after the throughput runs, arena pages not counted (MB): "
+                f"{report.memory['worker_uss_after_mb']}"
+            )
     # Imported here: every `lmcached` command imports this module to build its parser, and the
     # scheduler (`lmcached start`) loads no storage code.
     from lmcached.storage import eviction_trace

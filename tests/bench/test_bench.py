@@ -57,6 +57,12 @@ def test_bench_json_documents_every_workload(tmp_path):
         assert set(row) == ROW_FIELDS
         assert row["gbps"] > 0 and row["ratio"] > 0 and row["redis_ratio"] > 0
 
+    # The idle-USS target's figures: at the start, and after the runs without the arena.
+    workers = 2
+    assert len(doc["memory"]["idle_worker_uss_mb"]) == workers
+    after = doc["memory"]["worker_uss_after_mb"]
+    assert len(after) == workers and all(0 < mb < 1000 for mb in after)
+
     lookup = doc["lookup"]
     assert lookup["keys"] == 128 and lookup["tokens"] == 32768
     assert {"p50_us", "bare_zmq_p50_us", "ratio", "redis_exists_p50_us", "redis_ratio"} <= set(
