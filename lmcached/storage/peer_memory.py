@@ -99,6 +99,22 @@ def _namespace(pid: int | str, kind: str) -> int | None:
         return None
 
 
+def _idle_core() -> bool:
+    """Whether a second core is free to copy: no more runnable tasks than cores, us included.
+
+    When the cores are busy (other workers copying too, say) the threads only take turns, and
+    their in-order hashing waits on each other: one copy on the loop thread is faster then
+    (measured here with four clients putting 32 MiB blocks: ~0.68x a memcpy with the threads,
+    0.71-0.85x choosing so).
+    """
+    try:
+        with open("/proc/loadavg", "rb") as f:
+            running = int(f.read().split()[3].split(b"/")[0])
+    except (OSError, ValueError, IndexError):
+        return True
+    return running <= (os.cpu_count() or 1)
+
+
 def _refusal(err: int) -> None:
     """Raise PeerRefused for an errno that says this process may not be read at all."""
     if err in (errno.EPERM, errno.EACCES):
@@ -214,7 +230,7 @@ class PeerRange:
         raises, while a copy thread may still write into ``dst``.
         """
         pool = self.peer.pool
-        if pool is None or self.nbytes < PARALLEL_MIN:
+        if pool is None or self.nbytes < PARALLEL_MIN or not _idle_core():
             since_yield = 0
             for at in range(0, self.nbytes, PIECE):
                 piece = dst[at : at + PIECE]

@@ -1,0 +1,87 @@
+"""Copying a block out of a process's memory (a direct put's source), on this very process.
+
+process_vm_readv of one's own pid is allowed, so these run the worker's copy code for real:
+both the one-thread copy and the two-thread copy with in-order hashing, and their failures.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+import os
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import xxhash
+
+from lmcached.storage import peer_memory
+from lmcached.storage.peer_memory import PeerGone, PeerMemory, PeerRange
+
+MIB = 1 << 20
+
+
+def _address(buf: object) -> int:
+    return int(np.frombuffer(buf, dtype=np.uint8).ctypes.data)  # type: ignore[call-overload]
+
+
+@pytest.fixture
+def me() -> Iterator[PeerMemory]:
+    pool = ThreadPoolExecutor(peer_memory.COPY_THREADS)
+    peer = PeerMemory(os.getuid(), os.getpid(), pool)
+    yield peer
+    peer.close()
+    pool.shutdown(wait=True)
+
+
+def _copy(src: PeerRange, dst: bytearray) -> int:
+    h = xxhash.xxh3_64()
+    for _ in src.copy_hashing(memoryview(dst), h):
+        pass
+    return h.intdigest()
+
+
+@pytest.mark.parametrize("threads", [True, False], ids=["two-threads", "loop-thread"])
+def test_a_block_is_copied_whole_and_hashed_in_order(me, monkeypatch, threads):
+    monkeypatch.setattr(peer_memory, "_idle_core", lambda: threads)
+    data = os.urandom(21 * MIB + 12345)  # not a whole number of pieces
+    dst = bytearray(len(data))
+    until = time.monotonic_ns() + 60 * 10**9
+    assert _copy(PeerRange(me, _address(data), len(data), until), dst) == xxhash.xxh3_64_intdigest(
+        data
+    )
+    assert dst == data
+
+
+@pytest.mark.parametrize("threads", [True, False], ids=["two-threads", "loop-thread"])
+def test_an_unreadable_piece_fails_the_block(me, monkeypatch, threads):
+    monkeypatch.setattr(peer_memory, "_idle_core", lambda: threads)
+    region = mmap.mmap(-1, 16 * MIB)
+    addr = _address(region)
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    assert libc.mprotect(addr + 10 * MIB, 6 * MIB, 0) == 0  # PROT_NONE from 10 MiB on
+    dst = bytearray(16 * MIB)
+    with pytest.raises(OSError):
+        _copy(PeerRange(me, addr, 16 * MIB, time.monotonic_ns() + 60 * 10**9), dst)
+
+
+def test_a_piece_read_after_the_deadline_fails_the_block(me):
+    data = os.urandom(MIB)
+    with pytest.raises(PeerGone):
+        _copy(PeerRange(me, _address(data), len(data), time.monotonic_ns() - 1), bytearray(MIB))
+
+
+def test_a_copy_abandoned_halfway_writes_nothing_after_it_returns(me, monkeypatch):
+    monkeypatch.setattr(peer_memory, "_idle_core", lambda: True)
+    data = os.urandom(64 * MIB)
+    dst = bytearray(len(data))
+    steps = PeerRange(me, _address(data), len(data), time.monotonic_ns() + 60 * 10**9)
+    copying = steps.copy_hashing(memoryview(dst), xxhash.xxh3_64())
+    next(copying)  # the first piece is in; the threads are on the next ones
+    copying.close()  # as when the put is dropped: its slot is about to be given back
+    after = bytes(dst)
+    time.sleep(0.05)
+    assert bytes(dst) == after  # no copy thread wrote into the slot after close() returned
