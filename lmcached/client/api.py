@@ -22,7 +22,7 @@ import os
 import threading
 import time
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
@@ -98,6 +98,44 @@ class _Shared:
 
 Hit = tuple[int, "Sequence[Frame] | _Shared", dict[str, Any] | None]
 _Reader = Callable[[int, int, SlotRef, Lease], Any]
+
+
+@dataclass(slots=True)
+class _PutBatch:
+    """One put call's blocks, checked against the limits, and where each one goes."""
+
+    keys: Sequence[bytes]
+    views: list[memoryview]
+    metas: Sequence[dict[str, Any] | None] | None
+    meta_sizes: Sequence[int]
+    owners: dict[int, list[int]]  # worker id -> positions of its keys
+    limits: Limits
+    deadline: float
+
+    def requests(self, max_bytes: int) -> Iterator[tuple[int, list[int]]]:
+        """(worker, positions) of each request, within the wire limits and ``max_bytes``."""
+        limits = self.limits
+        header_budget = limits.max_header_bytes - protocol.HEADER_SLACK // 2
+        for worker, positions in self.owners.items():
+            batch: list[int] = []
+            batch_bytes = 0
+            batch_header = 0
+            for pos in positions:
+                size = self.views[pos].nbytes
+                # What the block adds to the header: its key, its meta, the fixed fields.
+                header_cost = len(self.keys[pos]) + 48 + self.meta_sizes[pos]
+                if batch and (
+                    len(batch) >= limits.max_keys_per_batch
+                    or batch_bytes + size > max_bytes
+                    or batch_header + header_cost > header_budget
+                ):
+                    yield worker, batch
+                    batch, batch_bytes, batch_header = [], 0, 0
+                batch.append(pos)
+                batch_bytes += size
+                batch_header += header_cost
+            if batch:
+                yield worker, batch
 
 
 ENDPOINT_SCHEMES = ("ipc://", "tcp://")
@@ -255,11 +293,13 @@ class Client:
                     )
                 views.append(mv)
             meta_sizes = _check_metas(keys, metas, limits)
-            owners = self._cluster.owners(keys)
-            if self._shm is not None and all(w in self._shm.arenas for w in owners):
+            batch = _PutBatch(
+                keys, views, metas, meta_sizes, self._cluster.owners(keys), limits, deadline
+            )
+            if self._shm is not None and all(w in self._shm.arenas for w in batch.owners):
                 if self._shm.direct:
                     try:
-                        self._put_direct(owners, keys, views, metas, meta_sizes, limits, deadline)
+                        self._put_direct(batch)
                         return
                     except LMCachedRequestError as exc:
                         # A worker that may not read this process (another user, a Yama
@@ -269,7 +309,7 @@ class Client:
                             raise
                         self._shm.direct = False
                 try:
-                    self._put_shared(owners, keys, views, metas, meta_sizes, limits, deadline)
+                    self._put_shared(batch)
                     self._shm.memfd_confirmed = True  # the workers read our staging
                 except LMCachedRequestError as exc:
                     # A worker that cannot open our staging memfd (another user, another pid
@@ -277,31 +317,12 @@ class Client:
                     # idempotent, so the blocks already stored are simply stored again.
                     if exc.code != protocol.E_MALFORMED or not self._shm.refuse_memfd():
                         raise
-                    self._put_shared(owners, keys, views, metas, meta_sizes, limits, deadline)
+                    self._put_shared(batch)
                 return
-            # What one block adds to the request's header: its key, its meta, the fixed fields.
-            header_budget = limits.max_header_bytes - protocol.HEADER_SLACK // 2
-            calls = []
-            for worker, positions in owners.items():
-                batch: list[int] = []
-                batch_bytes = 0
-                batch_header = 0
-                for pos in positions:
-                    size = views[pos].nbytes
-                    header_cost = len(keys[pos]) + 48 + meta_sizes[pos]
-                    if batch and (
-                        len(batch) >= limits.max_keys_per_batch
-                        or batch_bytes + size > limits.max_request_bytes
-                        or batch_header + header_cost > header_budget
-                    ):
-                        calls.append(
-                            _put_call(worker, batch, keys, views, metas, cmap.checksums, limits)
-                        )
-                        batch, batch_bytes, batch_header = [], 0, 0
-                    batch.append(pos)
-                    batch_bytes += size
-                    batch_header += header_cost
-                calls.append(_put_call(worker, batch, keys, views, metas, cmap.checksums, limits))
+            calls = [
+                _put_call(worker, positions, keys, views, metas, cmap.checksums, limits)
+                for worker, positions in batch.requests(limits.max_request_bytes)
+            ]
             self._execute_puts(calls, deadline)
 
     def get(self, keys: Sequence[KeyLike], timeout: float | None = None) -> list[Any | None]:
@@ -746,16 +767,7 @@ class Client:
         assert self._shm is not None
         return self._shm.view(worker, ref, lease)
 
-    def _put_shared(
-        self,
-        owners: dict[int, list[int]],
-        keys: Sequence[bytes],
-        views: list[memoryview],
-        metas: Sequence[dict[str, Any] | None] | None,
-        meta_sizes: Sequence[int],
-        limits: Limits,
-        deadline: float,
-    ) -> None:
+    def _put_shared(self, put_batch: _PutBatch) -> None:
         """Same-host put: copy into the staging file (hashing as we go), then commit by header.
 
         Requests carry at most SHARED_PUT_BYTES each and are staged just before they are sent
@@ -763,6 +775,8 @@ class Client:
         previous one into its arena. When the staging file is full, the requests staged so far
         run to completion and the next round reuses it. The caller holds the lock.
         """
+        keys, views, metas = put_batch.keys, put_batch.views, put_batch.metas
+        limits, deadline = put_batch.limits, put_batch.deadline
         assert self._shm is not None
         stage = self._shm.staging()
         calls: list[Call] = []
@@ -790,7 +804,7 @@ class Client:
 
             return Call(worker, put, [], 0, batch, prepare=fill)
 
-        for worker, positions in owners.items():
+        for worker, positions in put_batch.owners.items():
             batch: list[int] = []
             offsets: list[int] = []
             batch_bytes = 0
@@ -798,7 +812,7 @@ class Client:
             for pos in positions:
                 size = views[pos].nbytes
                 # What the block adds to the header: its key, meta, offset, size and checksum.
-                header_cost = len(keys[pos]) + 64 + meta_sizes[pos]
+                header_cost = len(keys[pos]) + 64 + put_batch.meta_sizes[pos]
                 full = batch and (
                     len(batch) >= limits.max_keys_per_batch
                     or batch_bytes + size > per_request
@@ -822,16 +836,7 @@ class Client:
         if calls:
             self._execute_puts(calls, deadline)
 
-    def _put_direct(
-        self,
-        owners: dict[int, list[int]],
-        keys: Sequence[bytes],
-        views: list[memoryview],
-        metas: Sequence[dict[str, Any] | None] | None,
-        meta_sizes: Sequence[int],
-        limits: Limits,
-        deadline: float,
-    ) -> None:
+    def _put_direct(self, batch: _PutBatch) -> None:
         """Same-host put in one copy: each worker reads its blocks from this process's memory.
 
         The requests carry the blocks' addresses and this call's deadline; the workers copy
@@ -839,45 +844,30 @@ class Client:
         is answered, so this returns only then, or once the deadline has passed, after which no
         worker uses what it reads (lmcached.storage.peer_memory). The caller holds the lock.
         """
-        flat = [_bytes_view(v) for v in views]  # (holds a non-contiguous block's copy alive)
+        flat = [_bytes_view(v) for v in batch.views]  # (holds a non-contiguous copy alive)
         addrs = [buffer_address(v) for v in flat]
-        until = int(deadline * 1e9)  # time.monotonic is CLOCK_MONOTONIC, as the worker's
-        per_request = min(limits.max_request_bytes, SHARED_PUT_BYTES)
-        header_budget = limits.max_header_bytes - protocol.HEADER_SLACK // 2
-        calls: list[Call] = []
-
-        def call(worker: int, batch: list[int]) -> Call:
-            put = PutRequest(
-                [keys[p] for p in batch],
-                [flat[p].nbytes for p in batch],
-                [() for _ in batch],
-                metas=None if metas is None else [metas[p] for p in batch],
-                addrs=[addrs[p] for p in batch],
-                until=until,
+        until = int(batch.deadline * 1e9)  # time.monotonic is CLOCK_MONOTONIC, as the worker's
+        metas = batch.metas
+        calls = [
+            Call(
+                worker,
+                PutRequest(
+                    [batch.keys[p] for p in positions],
+                    [flat[p].nbytes for p in positions],
+                    [() for _ in positions],
+                    metas=None if metas is None else [metas[p] for p in positions],
+                    addrs=[addrs[p] for p in positions],
+                    until=until,
+                ),
+                [],
+                0,
+                positions,
             )
-            return Call(worker, put, [], 0, batch)
-
-        for worker, positions in owners.items():
-            batch: list[int] = []
-            batch_bytes = 0
-            batch_header = 0
-            for pos in positions:
-                size = flat[pos].nbytes
-                # What the block adds to the header: its key, meta, address and size.
-                header_cost = len(keys[pos]) + 48 + meta_sizes[pos]
-                if batch and (
-                    len(batch) >= limits.max_keys_per_batch
-                    or batch_bytes + size > per_request
-                    or batch_header + header_cost > header_budget
-                ):
-                    calls.append(call(worker, batch))
-                    batch, batch_bytes, batch_header = [], 0, 0
-                batch.append(pos)
-                batch_bytes += size
-                batch_header += header_cost
-            if batch:
-                calls.append(call(worker, batch))
-        self._execute_puts(calls, deadline, borrowed=True)
+            for worker, positions in batch.requests(
+                min(batch.limits.max_request_bytes, SHARED_PUT_BYTES)
+            )
+        ]
+        self._execute_puts(calls, batch.deadline, borrowed=True)
 
     def _execute_puts(self, calls: list[Call], deadline: float, borrowed: bool = False) -> None:
         """Run put calls; note which worker incarnation took each one's blocks (for flush)."""

@@ -21,7 +21,6 @@ from typing import Any
 import msgpack
 import numpy as np
 import pytest
-import zmq
 
 from lmcached import protocol
 from lmcached.client import shared
@@ -32,7 +31,7 @@ from lmcached.routing import owner
 from lmcached.storage.peer_memory import PeerRefused, parse_peer_address
 from lmcached.version import PROTOCOL_VERSION
 
-from .helpers import cpu_stats, worker_pid
+from .helpers import cpu_stats, raw_put, worker_pid
 
 MIB = 1 << 20
 
@@ -137,29 +136,14 @@ def test_a_failed_direct_put_returns_only_after_its_other_requests(daemon_factor
 
 def _direct_put(d: Any, blocks: list[tuple[bytes, int, int]], until: int) -> dict[str, Any]:
     """Send a hand-written direct put of (key, address, size) blocks; return the reply header."""
-    with d.client() as c:
-        worker = c.cluster_map["workers"][0]
-    header = {
-        "v": PROTOCOL_VERSION,
-        "op": "put",
-        "id": 9,
+    fields = {
         "keys": [k for k, _, _ in blocks],
         "sizes": [n for _, _, n in blocks],
         "nframes": [0] * len(blocks),
         "addrs": [a for _, a, _ in blocks],
         "until": until,
     }
-    ctx = zmq.Context()
-    sock = ctx.socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.connect(worker["ipc"])
-    try:
-        sock.send(msgpack.packb(header, use_bin_type=True))
-        assert sock.poll(20_000), "worker did not answer the put"
-        return msgpack.unpackb(sock.recv_multipart()[0])
-    finally:
-        sock.close()
-        ctx.term()
+    return raw_put(d, 0, fields)
 
 
 def test_a_direct_put_stores_only_blocks_read_whole_and_in_time(daemon_factory):

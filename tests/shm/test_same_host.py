@@ -7,18 +7,15 @@ import fcntl
 import os
 import stat
 
-import msgpack
 import pytest
 import xxhash
-import zmq
 
 from lmcached.client import Client, shared
 from lmcached.client.shared import LeasedView, check_view
 from lmcached.routing import owner
 from lmcached.shm.layout import memfd_stage, stage_file_name
-from lmcached.version import PROTOCOL_VERSION
 
-from .helpers import cpu_stats
+from .helpers import cpu_stats, raw_put
 
 MIB = 1 << 20
 
@@ -85,12 +82,7 @@ def test_with_shared_memory_off_the_map_has_no_arena_and_zmq_serves(daemon_facto
 
 def _staged_put(d, key: bytes, data: bytes, checksum: int, stage_path: str) -> dict:
     """Send a hand-written same-host put through a raw socket; return the reply header."""
-    with d.client() as c:
-        worker = c.cluster_map["workers"][owner(key, d.cfg.num_workers)]
-    header = {
-        "v": PROTOCOL_VERSION,
-        "op": "put",
-        "id": 7,
+    fields = {
         "keys": [key],
         "sizes": [len(data)],
         "nframes": [0],
@@ -98,17 +90,7 @@ def _staged_put(d, key: bytes, data: bytes, checksum: int, stage_path: str) -> d
         "stage": stage_path,
         "offsets": [0],
     }
-    ctx = zmq.Context()
-    sock = ctx.socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.connect(worker["ipc"])
-    try:
-        sock.send(msgpack.packb(header, use_bin_type=True))
-        assert sock.poll(20_000), "worker did not answer the put"
-        return msgpack.unpackb(sock.recv_multipart()[0])
-    finally:
-        sock.close()
-        ctx.term()
+    return raw_put(d, owner(key, d.cfg.num_workers), fields)
 
 
 def test_a_staged_block_whose_bytes_do_not_match_its_checksum_is_not_stored(daemon_factory):
