@@ -19,7 +19,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, cast
@@ -62,6 +62,7 @@ from lmcached.protocol import (
     StatsReply,
     StatsRequest,
     WorkerPingReply,
+    split_payload,
 )
 from lmcached.runtime import bind_endpoints
 from lmcached.security import AuthGuard, ServerCurve, secure_ipc_socket
@@ -686,7 +687,7 @@ class Worker:
                 self.ops.bytes_out_shared += block.nbytes
             else:
                 slots.append(None)
-                frames.append(block.frames)
+                frames.append(self._wire_frames(block))
         if shm and pin is not None:
             # The pin is the client's lease: released by a later get's 'release', or expired.
             arena = self.arena.path if self.arena is not None else None
@@ -694,6 +695,18 @@ class Worker:
             self.reply(envelope, reply)
             return
         self.reply(envelope, GetReply(found, sizes, metas, sums, frames, id=rid), pin)
+
+    def _wire_frames(self, block: Block) -> Sequence[Any]:
+        """A block's payload as ZMQ frames of at most ``wire_frame_size`` (views, no copy).
+
+        An arena block is one slot: sent whole, a 32 MiB block would make the receiver allocate
+        a buffer above glibc's largest mmap threshold, fresh pages for every reply (measured
+        here over ipc: 0.8 to 1.2 GB/s, against 2.0 to 2.3 GB/s in 16 MiB frames).
+        """
+        limit = self.limits.wire_frame_size
+        if all(len(f) <= limit for f in block.frames):
+            return block.frames
+        return [piece for f in block.frames for piece in split_payload(f, limit)]
 
     def op_lookup(self, envelope: Any, req: LookupRequest) -> None:
         def answer(hit: int) -> None:

@@ -15,7 +15,7 @@ from lmcached.client.shared import LeasedView, check_view
 from lmcached.routing import owner
 from lmcached.shm.layout import memfd_stage, stage_file_name
 
-from .helpers import cpu_stats, raw_put
+from .helpers import cpu_stats, raw_put, raw_request
 
 MIB = 1 << 20
 
@@ -68,6 +68,19 @@ def test_a_tcp_client_and_a_same_host_client_share_one_cluster(daemon_factory):
         assert sum(o["bytes_out_shared"] for o in ops) == 8 * 300_000
         assert sum(o["bytes_in_direct"] for o in ops) == 4 * 300_000  # the local put only
         assert sum(o["bytes_out"] for o in ops) == 17 * 300_000
+
+
+def test_a_zmq_get_of_an_arena_block_comes_in_wire_sized_frames(daemon_factory):
+    # A block is one arena slot; over ZMQ it must still travel in frames of at most
+    # wire_frame_size, or every reply of a 32 MiB block lands in fresh pages on the client.
+    d = daemon_factory(num_workers=1, max_local_cpu_size="256MiB", wire_frame_size="8MiB")
+    value = os.urandom(20 * MIB)
+    with d.client() as c:
+        c.put([b"big"], [value])
+    reply, frames = raw_request(d, 0, {"op": "get", "keys": [b"big"]})
+    assert reply["ok"] and reply["nframes"] == [3]
+    assert [len(f) for f in frames] == [8 * MIB, 8 * MIB, 4 * MIB]
+    assert b"".join(frames) == value
 
 
 def test_with_shared_memory_off_the_map_has_no_arena_and_zmq_serves(daemon_factory):
