@@ -112,8 +112,11 @@ class _PutBatch:
     limits: Limits
     deadline: float
 
-    def requests(self, max_bytes: int) -> Iterator[tuple[int, list[int]]]:
-        """(worker, positions) of each request, within the wire limits and ``max_bytes``."""
+    def requests(self, max_bytes: int, block_header: int = 48) -> Iterator[tuple[int, list[int]]]:
+        """(worker, positions) of each request, within the wire limits and ``max_bytes``.
+
+        ``block_header``: the header bytes each block adds besides its key and meta.
+        """
         limits = self.limits
         header_budget = limits.max_header_bytes - protocol.HEADER_SLACK // 2
         for worker, positions in self.owners.items():
@@ -123,7 +126,7 @@ class _PutBatch:
             for pos in positions:
                 size = self.views[pos].nbytes
                 # What the block adds to the header: its key, its meta, the fixed fields.
-                header_cost = len(self.keys[pos]) + 48 + self.meta_sizes[pos]
+                header_cost = len(self.keys[pos]) + block_header + self.meta_sizes[pos]
                 if batch and (
                     len(batch) >= limits.max_keys_per_batch
                     or batch_bytes + size > max_bytes
@@ -776,13 +779,14 @@ class Client:
         run to completion and the next round reuses it. The caller holds the lock.
         """
         keys, views, metas = put_batch.keys, put_batch.views, put_batch.metas
-        limits, deadline = put_batch.limits, put_batch.deadline
+        deadline = put_batch.deadline
         assert self._shm is not None
         stage = self._shm.staging()
         calls: list[Call] = []
         used = 0  # staging bytes reserved this round
-        per_request = min(limits.max_request_bytes, SHARED_PUT_BYTES)
-        header_budget = limits.max_header_bytes - protocol.HEADER_SLACK // 2
+        # Half the staging file at most: with every block at most half of it too (its size is
+        # at least twice max_block_size), any request fits in the file on its own.
+        per_request = min(put_batch.limits.max_request_bytes, SHARED_PUT_BYTES, stage.size // 2)
 
         def call(worker: int, batch: list[int], offsets: list[int]) -> Call:
             put = PutRequest(
@@ -804,35 +808,19 @@ class Client:
 
             return Call(worker, put, [], 0, batch, prepare=fill)
 
-        for worker, positions in put_batch.owners.items():
-            batch: list[int] = []
-            offsets: list[int] = []
-            batch_bytes = 0
-            batch_header = 0
-            for pos in positions:
-                size = views[pos].nbytes
-                # What the block adds to the header: its key, meta, offset, size and checksum.
-                header_cost = len(keys[pos]) + 64 + put_batch.meta_sizes[pos]
-                full = batch and (
-                    len(batch) >= limits.max_keys_per_batch
-                    or batch_bytes + size > per_request
-                    or batch_header + header_cost > header_budget
-                )
-                if full or used + size > stage.size:
-                    if batch:
-                        calls.append(call(worker, batch, offsets))
-                    batch, offsets, batch_bytes, batch_header = [], [], 0, 0
-                if used + size > stage.size:
-                    # The staging file is full: commit what it holds, then reuse it.
-                    self._execute_puts(calls, deadline)
-                    calls, used = [], 0
+        # Each block's header entry carries an offset and a checksum too.
+        for worker, batch in put_batch.requests(per_request, block_header=64):
+            # Blocks stay 64-byte aligned in the staging file.
+            need = [-(-views[p].nbytes // 64) * 64 for p in batch]
+            if used + sum(need) > stage.size:
+                # The staging file is full: commit what it holds, then reuse it.
+                self._execute_puts(calls, deadline)
+                calls, used = [], 0
+            offsets = []
+            for n in need:
                 offsets.append(used)
-                batch.append(pos)
-                batch_bytes += size
-                batch_header += header_cost
-                used += -(-size // 64) * 64  # keep blocks 64-byte aligned in the staging file
-            if batch:
-                calls.append(call(worker, batch, offsets))
+                used += n
+            calls.append(call(worker, batch, offsets))
         if calls:
             self._execute_puts(calls, deadline)
 

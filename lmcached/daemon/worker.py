@@ -528,8 +528,10 @@ class Worker:
             return
         try:
             peer = self.peers.get(envelope.get("Peer-Address"))
-            if req.addrs:
-                peer.check_readable(req.addrs[0])
+            # Probe with a block that has bytes: a 0-byte block's address proves nothing.
+            probe = next((a for a, n in zip(req.addrs, req.sizes, strict=True) if n), None)
+            if probe is not None:
+                peer.check_readable(probe)
         except PeerRefused as exc:
             self.reply_error(envelope, req.id, protocol.E_MALFORMED, f"direct put refused: {exc}")
             return

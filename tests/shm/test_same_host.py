@@ -187,6 +187,18 @@ def test_a_client_stages_in_a_sealed_memfd_that_goes_with_it(daemon_factory, mon
     assert _my_staging_memfds() == []
 
 
+def test_a_staged_put_larger_than_the_staging_area_runs_in_rounds(daemon_factory, monkeypatch):
+    monkeypatch.setattr(shared, "DIRECT_PUT", False)  # the put that stages (two copies)
+    monkeypatch.setattr(shared, "MIN_STAGING", 4 * MIB)  # two 1 MiB blocks' room, at least
+    d = daemon_factory(num_workers=2, max_block_size="1MiB")
+    keys = [f"rounds/{i}".encode() for i in range(24)]
+    vals = [os.urandom(MIB - 7 * i) for i in range(24)]  # 24 MiB through a 4 MiB area
+    with d.client(timeout=30) as c:
+        c.put(keys, vals)
+        assert c._shm._staging.size == 4 * MIB
+        assert [bytes(v) for v in c.get(keys)] == vals  # type: ignore[arg-type]
+
+
 def test_a_client_whose_memfd_a_worker_refuses_stages_in_a_file(daemon_factory, monkeypatch):
     import glob
 
