@@ -147,6 +147,7 @@ class Scheduler:
         self._internal_endpoint = ""
         self._config_json = instance_dir(cfg) / "config.json"
         self._stopping = False
+        self._stop_signal: int | None = None  # the signal that asked to stop, logged by serve()
         self.exit_code = 0
         self._reload_requested = False
         self._ready = False
@@ -541,8 +542,11 @@ class Scheduler:
 
     # ------------------------------------------------------------------------------ loop
     def install_signal_handlers(self) -> None:
+        # A handler only sets flags. It runs between two bytecodes of the main thread, maybe
+        # inside the logger's write (structlog's PrintLogger holds a plain Lock there): a
+        # handler that logged would wait for that lock forever.
         def stop(signum: int, _frame: Any) -> None:
-            self.log.info("signal", signal=signal.Signals(signum).name)
+            self._stop_signal = signum
             self._stopping = True
 
         def reload(_signum: int, _frame: Any) -> None:
@@ -597,6 +601,8 @@ class Scheduler:
                     reload_hook()
             for tick_hook in self.on_tick:
                 tick_hook()
+        if self._stop_signal is not None:
+            self.log.info("signal", signal=signal.Signals(self._stop_signal).name)
 
     def shutdown(self) -> None:
         """Stop every worker (SIGTERM, then SIGKILL after shutdown_timeout) and clean up."""
