@@ -69,6 +69,7 @@ __all__ = [
 
 MIN_SLOT = 64
 _MIN_ORDER = MIN_SLOT.bit_length() - 1
+_PAGE_ORDER = mmap.PAGESIZE.bit_length() - 1
 # What one stored entry costs besides its slot, key and meta: its descriptor, the index entry,
 # the Block and its view, the eviction policy's node. It also bounds the descriptor count.
 # Measured, not estimated: a stream of 0-byte blocks (no meta) on a 64 MiB budget grew a worker's
@@ -177,19 +178,25 @@ class Arena:
             self._top_order = max(self._top_order, order)
             pos += 1 << order
 
-    def _alloc_order(self, order: int) -> int | None:
+    def _alloc_order(self, order: int, high: bool = False) -> int | None:
         k = order
         while k < len(self._free) and not self._free[k]:
             k += 1
         if k >= len(self._free):
             return None
         # The lowest free offset: reuse pages tmpfs already gave us (a first touch costs a fault
-        # and a zeroed page), and keep the high end of the arena untouched.
-        off = min(self._free[k])
+        # and a zeroed page), and keep the high end of the arena untouched. A reservation that
+        # will never be written takes the highest, where pages are least likely to be backed.
+        off = max(self._free[k]) if high else min(self._free[k])
         self._free[k].discard(off)
         while k > order:
             k -= 1
-            self._free[k].add(off + (1 << k))
+            half = 1 << k
+            if high:
+                self._free[k].add(off)
+                off += half
+            else:
+                self._free[k].add(off + half)
         return off
 
     def _free_order(self, off: int, order: int) -> None:
@@ -203,8 +210,13 @@ class Arena:
         self._free[order].add(off)
 
     # ------------------------------------------------------------------------------ slots
-    def alloc(self, nbytes: int) -> int | None:
-        """Reserve a slot for ``nbytes``; return its descriptor index, or None when full."""
+    def alloc(self, nbytes: int, unbacked: bool = False) -> int | None:
+        """Reserve a slot for ``nbytes``; return its descriptor index, or None when full.
+
+        ``unbacked``: the slot only holds its place (the block's bytes live elsewhere): it is
+        taken from the high end of the arena and its pages are given back to the kernel, so
+        the arena's resident pages and the bytes held elsewhere stay within one budget.
+        """
         with self._lock:
             if self._free_desc:
                 index = self._free_desc.pop()
@@ -215,11 +227,15 @@ class Arena:
                 return None
             if nbytes > 0:
                 order = max(_MIN_ORDER, (nbytes - 1).bit_length())
-                off = self._alloc_order(order)
+                off = self._alloc_order(order, high=unbacked)
                 if off is None:
                     self._free_desc.append(index)
                     return None
                 self.slot_bytes += 1 << order
+                if unbacked and order >= _PAGE_ORDER:
+                    # Slots are aligned to their size, so a slot of a page or more covers whole
+                    # pages; tmpfs frees them (a no-op for pages never written).
+                    self._map.madvise(mmap.MADV_REMOVE, self.header.data_offset + off, 1 << order)
             else:
                 off, order = 0, -1
             self._slots[index] = _Slot(off, order, nbytes, 0)

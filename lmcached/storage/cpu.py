@@ -65,6 +65,15 @@ def copy_pieces(dst: memoryview, frames: tuple[Any, ...], h: Any) -> Iterator[No
             yield
 
 
+def hash_pieces(frames: tuple[Any, ...], h: Any) -> Iterator[None]:
+    """Hash ``frames`` into ``h`` piece by piece, yielding after each piece (no copy)."""
+    for frame in frames:
+        src = memoryview(frame).cast("B")
+        for i in range(0, src.nbytes, HASH_PIECE):
+            h.update(src[i : i + HASH_PIECE])
+            yield
+
+
 def copy_hashing(dst: memoryview, frames: tuple[Any, ...]) -> int:
     """Copy ``frames`` into ``dst`` piece by piece, hashing each piece as written; return xxh3."""
     h = xxhash.xxh3_64()
@@ -79,13 +88,20 @@ class ArenaWrite:
     Made by :meth:`CPUBackend.start_put`. The slot is allocated and its cost counted, but
     nothing publishes it until :meth:`finish`, so step() needs no lock: no reader, eviction or
     promotion can reach it. finish() and abort() change the tier, so they run under the lock
-    that guards the tier (the TieredStore's CPU lock).
+    that guards the tier (the TieredStore's CPU lock). Without ``dst`` the block keeps its own
+    buffers, and the steps only hash them, to check the sender's checksum.
     """
 
-    __slots__ = ("_hash", "_pieces", "block", "cost", "failed", "index", "key", "tier")
+    __slots__ = ("_hash", "_pieces", "block", "cost", "failed", "in_place", "index", "key", "tier")
 
     def __init__(
-        self, tier: CPUBackend, key: bytes, block: Block, cost: int, index: int, dst: memoryview
+        self,
+        tier: CPUBackend,
+        key: bytes,
+        block: Block,
+        cost: int,
+        index: int,
+        dst: memoryview | None,
     ) -> None:
         self.tier = tier
         self.key = key
@@ -93,8 +109,13 @@ class ArenaWrite:
         self.cost = cost
         self.index: int | None = index
         self.failed = False
+        self.in_place = dst is None
         self._hash = xxhash.xxh3_64()
-        self._pieces = copy_pieces(dst, block.frames, self._hash)
+        self._pieces = (
+            hash_pieces(block.frames, self._hash)
+            if dst is None
+            else copy_pieces(dst, block.frames, self._hash)
+        )
 
     def step(self) -> bool:
         """Copy the next piece; False once every piece is copied (or the source failed)."""
@@ -123,7 +144,8 @@ class CPUBackend(StorageBackend):
 
     With an arena the payload is copied into a slot at put (hashed while copying: a block whose
     checksum does not match what was copied is rejected), and the stored Block is a view of that
-    slot. Without one the Block is kept as received (its ZMQ frames, no copy).
+    slot, except for a put with ``keep_buffers`` (a ZMQ put: see :meth:`start_put`). Without an
+    arena every Block is kept as received (its ZMQ frames, no copy).
     """
 
     name = "cpu"
@@ -140,6 +162,8 @@ class CPUBackend(StorageBackend):
         self._blocks: dict[bytes, Block] = {}
         self._costs: dict[bytes, int] = {}
         self._used = 0
+        # Entries kept in their own buffers: the arena slot each holds unbacked.
+        self._unbacked: dict[bytes, int] = {}
         self.counters = TierStats()
         self._closed = False
         # Called with (key, block) after an eviction; the TieredStore's write-back policy uses it.
@@ -172,7 +196,7 @@ class CPUBackend(StorageBackend):
             return started
         return started.finish()
 
-    def start_put(self, key: bytes, block: Block) -> ArenaWrite | bool:
+    def start_put(self, key: bytes, block: Block, keep_buffers: bool = False) -> ArenaWrite | bool:
         """Begin a put: True or False when it is already done or refused (a block of one piece
         is done at once), or an ArenaWrite whose bytes the caller copies (ArenaWrite.step)
         before it finishes or aborts it.
@@ -180,6 +204,12 @@ class CPUBackend(StorageBackend):
         The key's earlier block goes at once, as a whole put would drop it, and the new
         entry's cost is reserved, so that what happens between the steps (gets, promotions
         on the I/O threads) sees a consistent budget.
+
+        ``keep_buffers``: store the block's own buffers (the ZMQ frames a remote put arrived
+        in) instead of copying them into the arena. The entry still takes an arena slot, left
+        unbacked, so both kinds of entry share one allocator and one budget. Same-host
+        clients then get its bytes over ZMQ, not from shared memory. A block that comes with
+        a checksum is hashed in steps first, and refused if the checksum does not match.
         """
         cost = entry_cost(key, block.nbytes, block.meta, self.arena is not None)
         if cost > self.capacity:
@@ -190,14 +220,20 @@ class CPUBackend(StorageBackend):
         if self.arena is None:
             self._insert(key, block, cost)
             return True
-        index = self.arena.alloc(block.nbytes)
+        index = self.arena.alloc(block.nbytes, unbacked=keep_buffers)
         while index is None and self._evict_one():
-            index = self.arena.alloc(block.nbytes)  # fragmentation or pinned zombies
+            # fragmentation or pinned zombies
+            index = self.arena.alloc(block.nbytes, unbacked=keep_buffers)
         if index is None:
             self.counters.rejected += 1
             return False
+        if keep_buffers and block.checksum is None:
+            self._insert(key, block, cost)
+            self._unbacked[key] = index
+            return True
         self._used += cost
-        write = ArenaWrite(self, key, block, cost, index, self.arena.payload(index))
+        dst = None if keep_buffers else self.arena.payload(index)
+        write = ArenaWrite(self, key, block, cost, index, dst)
         if block.nbytes <= HASH_PIECE:
             try:
                 return write.finish()  # one piece: nothing to interleave, and one lock less
@@ -220,10 +256,14 @@ class CPUBackend(StorageBackend):
                 )
             return False
         index, w.index = w.index, None
-        self.arena.commit(index, checksum)
         # A promotion may have put an older copy here while we copied: ours is newer.
         self.remove(w.key)
         self._used -= w.cost  # _insert counts it again
+        if w.in_place:
+            self._insert(w.key, w.block, w.cost)
+            self._unbacked[w.key] = index
+            return True
+        self.arena.commit(index, checksum)
         block = Block(
             frames=(self.arena.payload(index),),
             nbytes=w.block.nbytes,
@@ -277,8 +317,10 @@ class CPUBackend(StorageBackend):
         block = self._blocks.pop(key)
         self._used -= self._costs.pop(key)
         self.policy.on_remove(key)
-        if block.slot is not None and self.arena is not None:
-            self.arena.release(block.slot)
+        if self.arena is not None:
+            index = block.slot if block.slot is not None else self._unbacked.pop(key, None)
+            if index is not None:
+                self.arena.release(index)
         return True
 
     def iter_keys(self) -> Iterator[bytes]:
@@ -293,6 +335,7 @@ class CPUBackend(StorageBackend):
             out["arena_slot_bytes"] = self.arena.slot_bytes
             out["arena_pinned"] = self.arena.pinned
             out["arena_zombies"] = self.arena.zombies
+            out["entries_outside_arena"] = len(self._unbacked)
         return out
 
     def close(self) -> None:
@@ -301,6 +344,7 @@ class CPUBackend(StorageBackend):
         self._closed = True
         self._blocks.clear()
         self._costs.clear()
+        self._unbacked.clear()
         self._used = 0
         if self.arena is not None:
             self.arena.close()

@@ -83,11 +83,11 @@ class NamespacedBackend(StorageBackend):
         # The partition evicts by its own policy within its own budget, never across.
         return self._partition(key).put(key, block)
 
-    def start_put(self, key: bytes, block: Block) -> ArenaWrite | bool:
+    def start_put(self, key: bytes, block: Block, keep_buffers: bool = False) -> ArenaWrite | bool:
         """CPUBackend.start_put in the key's partition (a put in steps, see TieredStore)."""
         part = self._partition(key)
         if isinstance(part, CPUBackend):
-            return part.start_put(key, block)
+            return part.start_put(key, block, keep_buffers)
         return part.put(key, block)
 
     def remove(self, key: bytes) -> bool:

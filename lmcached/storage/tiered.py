@@ -224,20 +224,21 @@ class TieredStore:
         return stored
 
     def put_steps(
-        self, key: bytes, block: Block, origin: bytes | None = None
+        self, key: bytes, block: Block, origin: bytes | None = None, keep_buffers: bool = False
     ) -> Generator[None, None, bool]:
         """``put``, yielding between the pieces of a large block's copy into the CPU arena.
 
         The worker's loop serves other requests at each yield, so one large put does not hold
         it for the whole copy. Returns what ``put`` returns. Closing the generator early gives
-        the reserved slot back; the block is then stored nowhere.
+        the reserved slot back; the block is then stored nowhere. ``keep_buffers``: the CPU
+        tier keeps the block's buffers as they are (see CPUBackend.start_put).
         """
         start = getattr(self.top, "start_put", None)
         if start is None:
             return self.put(key, block, origin)
         with self._cpu_lock:
             self._generations.stamp(key)
-            started = start(key, block)
+            started = start(key, block, keep_buffers)
         if isinstance(started, bool):
             stored = started
         else:

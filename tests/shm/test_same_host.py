@@ -9,7 +9,9 @@ import stat
 
 import pytest
 import xxhash
+import zmq
 
+from lmcached import protocol, runtime
 from lmcached.client import Client, shared
 from lmcached.client.shared import LeasedView, check_view
 from lmcached.routing import owner
@@ -64,8 +66,10 @@ def test_a_tcp_client_and_a_same_host_client_share_one_cluster(daemon_factory):
         got = remote.get(keys[:1])[0]
         assert not isinstance(got.obj, LeasedView)  # ZMQ frames, as before
         ops = [w["stats"]["ops"] for w in local.stats()["workers"]]
-        # The workers count what they handed out as slots apart: the local get only.
-        assert sum(o["bytes_out_shared"] for o in ops) == 8 * 300_000
+        # The remote put's blocks stay in the frames they arrived in (no copy into the arena),
+        # so the local get takes those over ZMQ and only the local put's from the arena.
+        assert sum(t["entries_outside_arena"] for t in cpu_stats(local)) == 4
+        assert sum(o["bytes_out_shared"] for o in ops) == 4 * 300_000
         assert sum(o["bytes_in_direct"] for o in ops) == 4 * 300_000  # the local put only
         assert sum(o["bytes_out"] for o in ops) == 17 * 300_000
 
@@ -81,6 +85,35 @@ def test_a_zmq_get_of_an_arena_block_comes_in_wire_sized_frames(daemon_factory):
     assert reply["ok"] and reply["nframes"] == [3]
     assert [len(f) for f in frames] == [8 * MIB, 8 * MIB, 4 * MIB]
     assert b"".join(frames) == value
+
+
+def test_a_zmq_put_keeps_its_frames_and_is_refused_when_its_checksum_is_wrong(daemon_factory):
+    # A ZMQ put is stored in the frames it arrived in, outside the arena, but a checksum sent
+    # with it is still checked before the block is stored.
+    d = daemon_factory(num_workers=1)
+    data = os.urandom(3 * MIB)  # a few hash pieces: the check runs in steps
+    good = xxhash.xxh3_64_intdigest(data)
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(runtime.ipc_endpoint(d.cfg, "worker-0"))
+    try:
+        for rid, (key, checksum) in enumerate([(b"zmq/bad", good ^ 1), (b"zmq/good", good)], 1):
+            put = protocol.PutRequest([key], [len(data)], [[data]], sums=[checksum], id=rid)
+            sock.send_multipart([protocol.encode_request(put), *protocol.payload_of(put)])
+            assert sock.poll(20_000)
+            raw = protocol.parse_reply(sock.recv_multipart()[0])
+            assert raw.ok and raw.header["stored"] == (key == b"zmq/good")
+    finally:
+        sock.close()
+        ctx.term()
+    with d.client() as c:
+        assert c.get([b"zmq/bad"]) == [None]
+        got = c.get([b"zmq/good"])[0]
+        assert not isinstance(got.obj, LeasedView) and bytes(got) == data
+        stats = cpu_stats(c)[0]
+        assert stats["checksum_rejected"] == 1 and stats["entries_outside_arena"] == 1
+        assert stats["arena_slot_bytes"] == 4 * MIB  # its slot is reserved, unbacked
 
 
 def test_with_shared_memory_off_the_map_has_no_arena_and_zmq_serves(daemon_factory):

@@ -208,3 +208,49 @@ def test_the_index_of_an_arena_whose_process_was_killed_answers_no_lookup(tmp_pa
     finally:
         child.kill()
         child.wait()
+
+
+def _backed_bytes(arena: Arena) -> int:
+    return os.stat(arena.path).st_blocks * 512
+
+
+def test_an_unbacked_reservation_takes_the_high_end_and_gives_its_pages_back(arena):
+    # Fill the arena through the mapping, so tmpfs backs every page, then free it all.
+    halves = [_commit(arena, b"x" * (512 * KIB)) for _ in range(2)]
+    for i in halves:
+        arena.release(i)
+    backed = _backed_bytes(arena)
+    index = arena.alloc(256 * KIB, unbacked=True)
+    assert index is not None
+    assert arena.ref(index).offset == 768 * KIB  # the highest free slot
+    assert backed - _backed_bytes(arena) == 256 * KIB  # its pages went back to the kernel
+    assert bytes(arena.payload(index)[:16]) == bytes(16)  # and read as zeros
+    low = arena.alloc(256 * KIB)  # an ordinary slot takes the lowest free slot of its size
+    assert low is not None and arena.ref(low).offset == 512 * KIB
+    arena.release(index)
+    arena.release(low)
+    assert arena.slot_bytes == 0
+    assert arena.alloc(1 << 20) is not None  # everything merged back
+
+
+def test_a_block_kept_in_its_own_buffers_holds_budget_and_a_slot_but_no_arena_bytes(arena):
+    from lmcached.storage.base import Block
+    from lmcached.storage.cpu import CPUBackend, entry_cost
+
+    cost = entry_cost(b"k0", 128 * KIB, None, arena=True)
+    tier = CPUBackend(4 * cost, arena=arena)
+    frames = [bytearray(os.urandom(64 * KIB)) for _ in range(2)]
+    block = Block(frames=tuple(frames), nbytes=128 * KIB)
+    assert tier.start_put(b"k0", block, keep_buffers=True) is True
+    held = tier.get(b"k0")
+    assert held is not None and held.slot is None  # no slot a client could read
+    assert held.frames[0] is frames[0]  # the buffers themselves: no copy
+    assert tier.stats()["entries_outside_arena"] == 1
+    assert arena.slot_bytes == 128 * KIB and tier.usage().used_bytes == cost
+    # Both kinds of entry evict by one budget, and an evicted one frees its slot.
+    for i in range(1, 5):
+        assert tier.put(b"k%d" % i, Block.from_bytes(os.urandom(128 * KIB)))
+    assert not tier.contains(b"k0")
+    assert tier.stats()["entries_outside_arena"] == 0
+    assert arena.slot_bytes == 4 * 128 * KIB
+    tier.close()
