@@ -1132,7 +1132,7 @@ def split_payload(buf: Any, frame_size: int) -> list[memoryview]:
 # ---------------------------------------------------------------------------------------------
 
 
-def unpack_header(data: bytes, max_bytes: int) -> Header:
+def unpack_header(data: bytes | memoryview, max_bytes: int) -> Header:
     """Parse a header frame; raise ProtocolError for anything that is not a bounded map."""
     if len(data) > max_bytes:
         raise ProtocolError(E_LIMIT, f"header of {len(data)} bytes exceeds {max_bytes}")
@@ -1160,7 +1160,10 @@ def request_id_of(header: Header) -> int:
 
 
 def decode_request(
-    header_bytes: bytes, payload: Sequence[Frame], limits: Limits, allowed_ops: frozenset[str]
+    header_bytes: bytes | memoryview,
+    payload: Sequence[Frame],
+    limits: Limits,
+    allowed_ops: frozenset[str],
 ) -> AnyRequest:
     """Validate every field of a request and return it; raise ProtocolError otherwise.
 

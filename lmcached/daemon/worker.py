@@ -420,7 +420,9 @@ class Worker:
             self.reply_error(envelope, 0, protocol.E_LIMIT, "header frame too large")
             return
         try:
-            req = protocol.decode_request(header_frame.bytes, frames[2:], self.limits, DATA_OPS)
+            # Decoded from libzmq's buffer: a copy of a large header (metas) as bytes would be
+            # one more transient allocation of its size per request, fragmenting the heap.
+            req = protocol.decode_request(header_frame.buffer, frames[2:], self.limits, DATA_OPS)
         except ProtocolError as exc:
             self.reply_error(envelope, exc.request_id, exc.code, exc.message)
             return
