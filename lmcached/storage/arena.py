@@ -152,6 +152,8 @@ class Arena:
         self._expiry: list[tuple[float, int]] = []
         self._pin_ids = itertools.count(1)
         self.slot_bytes = 0
+        # The end of the highest slot ever handed out to be written: tmpfs has no pages above.
+        self._written_end = 0
         self.zombies = 0
         self._closed = False
         # The presence index, as u64 words; keys that found no free way in either bucket (a
@@ -232,9 +234,12 @@ class Arena:
                     self._free_desc.append(index)
                     return None
                 self.slot_bytes += 1 << order
-                if unbacked and order >= _PAGE_ORDER:
+                if not unbacked:
+                    self._written_end = max(self._written_end, off + (1 << order))
+                elif order >= _PAGE_ORDER and off < self._written_end:
                     # Slots are aligned to their size, so a slot of a page or more covers whole
-                    # pages; tmpfs frees them (a no-op for pages never written).
+                    # pages; tmpfs frees them. Above every slot ever written there is nothing
+                    # to free, so the system call is spared.
                     self._map.madvise(mmap.MADV_REMOVE, self.header.data_offset + off, 1 << order)
             else:
                 off, order = 0, -1
