@@ -2,7 +2,9 @@
 
 Budget accounting: an entry costs its slot bytes (the allocator's rounded size, or the payload
 size without an arena) + its key + its encoded meta + :data:`ENTRY_OVERHEAD`. Keys and metas
-live on the heap, slots in the arena, so the budget bounds both; eviction frees slots.
+live on the heap, slots in the arena, so the budget bounds both; eviction frees slots. A block
+put over ZMQ keeps its received frames on the heap and holds an unbacked slot of its size, so
+the arena's pages and those frames share the one budget.
 """
 
 from __future__ import annotations
