@@ -50,8 +50,10 @@ PIECE = 256 << 10
 YIELD_EVERY = 1 << 20
 # From this size a block is copied by COPY_THREADS threads, PARALLEL_PIECE at a time, each
 # piece hashed (in order) by the thread that copied it, while it is in that core's cache. In a
-# micro-benchmark here, one thread's process_vm_readv reached ~0.8x a memcpy and two, hashing
-# too, ~0.95x; a whole 32 MiB put in `lmcached bench`, ~0.8x.
+# micro-benchmark on one 2-core host, one thread's process_vm_readv reached ~0.8x a memcpy
+# and two, hashing too, ~0.95x; a whole 32 MiB put in `lmcached bench`, ~0.8x. On another
+# (2026-12-02), whose glibc memmove ran at 10.1 GB/s, process_vm_readv reached only 4.3-4.5
+# GB/s (0.43x; the kernel copies page by page), and the 32 MiB put ~0.6x.
 PARALLEL_MIN = 8 << 20
 PARALLEL_PIECE = 2 << 20
 COPY_THREADS = 2
