@@ -54,11 +54,11 @@ def meta_at_cap(cap: int) -> dict[str, Any]:
     return {"pad": "x" * lo}
 
 
-def stream(config: str, kind: str, stop: Any, puts: Any) -> None:
+def stream(config: str, kind: str, stop: Any, puts: Any, shared_memory: bool = True) -> None:
     """Put in a loop until ``stop`` is set (runs in its own process: its own GIL)."""
     from lmcached.client import Client
 
-    with Client.from_config(config, timeout=30) as c:
+    with Client.from_config(config, timeout=30, shared_memory=shared_memory) as c:
         limits = c._cluster.ensure(time.monotonic() + 30).limits  # the published limits
         tag = uuid.uuid4().hex[:8]
         n = 0
@@ -164,6 +164,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cpu-budget", default="256MiB", help="max_local_cpu_size (all workers)")
     ap.add_argument("--value-kib", type=int, default=4, help="size of the probed block")
     ap.add_argument("--streams", default="metas,keys,largest")
+    ap.add_argument(
+        "--stream-over-zmq",
+        action="store_true",
+        help="the putting client sends its blocks over ZMQ (shared memory off), as a tcp client",
+    )
     args = ap.parse_args(argv)
 
     work = Path(tempfile.mkdtemp(prefix="lmhitlat-"))
@@ -228,7 +233,10 @@ def run_stream(
         quiet = Phase(f"quiet/{kind}")
         measure(c, quiet, args.seconds, value, pids)
         stop, puts = ctx.Event(), ctx.Value("q", 0)
-        proc = ctx.Process(target=stream, args=(str(daemon.config_path), kind, stop, puts))
+        proc = ctx.Process(
+            target=stream,
+            args=(str(daemon.config_path), kind, stop, puts, not args.stream_over_zmq),
+        )
         proc.start()
         try:
             wait_until(
