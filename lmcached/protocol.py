@@ -28,7 +28,8 @@ Request header fields (a msgpack map with string keys):
 ``offsets``put with ``stage``: where each block starts in the staging area
 ``addrs``  put (direct, same host over ipc): where each block starts in the sender's own memory;
            the worker copies it from there (docs/same-host.md), no payload frames
-``until``  put with ``addrs``: the sender's deadline, ``CLOCK_MONOTONIC`` in ns; the worker
+``until``  put with ``addrs``, or with a memfd ``stage`` and no ``sums`` (a buffer from
+           ``Client.buffer``): the sender's deadline, ``CLOCK_MONOTONIC`` in ns; the worker
            must not use bytes it finished reading from the sender's memory after it
 =========  ===================================================================================
 
@@ -463,6 +464,7 @@ class PutRequest(_Request):
             fields["offsets"] = self.offsets
         if self.addrs is not None:
             fields["addrs"] = self.addrs
+        if self.until is not None:
             fields["until"] = self.until
         return fields
 
@@ -1268,6 +1270,13 @@ def _decode_get(header: Header, keys: list[bytes], rid: int) -> GetRequest:
     return GetRequest(keys, shm, release, id=rid)
 
 
+def _until(header: Header) -> int:
+    raw_until: Any = header.get("until")
+    if not _is_int(raw_until) or raw_until < 0:
+        raise ProtocolError(E_MALFORMED, "a same-host put needs 'until' (ns)")
+    return int(raw_until)
+
+
 def _decode_put(
     header: Header, keys: list[bytes], rid: int, payload: Sequence[Frame], limits: Limits
 ) -> PutRequest:
@@ -1285,15 +1294,19 @@ def _decode_put(
     if stage is not None:
         if not isinstance(stage, str) or not stage:
             raise ProtocolError(E_MALFORMED, "'stage' must be a staging file path")
-        if sums is None or any(s is None for s in sums):
+        if "until" in header:
+            # A client's own buffer (Client.buffer): no checksums, read until its deadline.
+            if sums is not None or not stage.startswith("memfd:"):
+                raise ProtocolError(
+                    E_MALFORMED, "a put with 'stage' and 'until' names a memfd and has no 'sums'"
+                )
+            until = _until(header)
+        elif sums is None or any(s is None for s in sums):
             raise ProtocolError(E_MALFORMED, "a put with 'stage' needs every block's checksum")
         offsets = _int_list(header, "offsets", n)
     elif "addrs" in header:
         addrs = _int_list(header, "addrs", n)
-        raw_until: Any = header.get("until")
-        if not _is_int(raw_until) or raw_until < 0:
-            raise ProtocolError(E_MALFORMED, "a put with 'addrs' needs 'until' (ns)")
-        until = raw_until
+        until = _until(header)
     if stage is not None or addrs is not None:
         if payload or any(nframes):
             raise ProtocolError(E_MALFORMED, "a same-host put takes no payload frames")

@@ -7,9 +7,9 @@ Baselines, measured in the same run on the same machine:
   the block and gets a tiny ack, ``retrieve`` sends a tiny request and gets the block back.
 
 lmcached ops: ``store`` (put), ``retrieve`` (get: a buffer the caller owns; blocks above 16 MiB
-are joined from sub-frames, one copy; from shared memory, zero-copy views) and
+are joined from sub-frames, one copy; from shared memory, zero-copy views),
 ``retrieve_into`` (get_into: copied into memory the caller reuses, as an engine loads into its
-KV cache). Each call moves a prompt's worth of blocks (at least 32 MiB: 16 blocks of 2 MiB,
+KV cache) and, over shm only, ``store_buffer`` (put of blocks that lie in a ``Client.buffer``). Each call moves a prompt's worth of blocks (at least 32 MiB: 16 blocks of 2 MiB,
 128 of 256 KiB), and ``retrieve`` reads every byte it got (xxh3) before it counts, so a view
 never read does not count as fast. Transports: ``shm`` (the same-host shared-memory path),
 ``ipc`` and ``tcp`` (ZMQ only). Every figure is printed with its ratio to the ZMQ baseline of
@@ -160,7 +160,7 @@ def _client_loop(
         [f"bench/{tag}/{j}/{i}".encode() for i in range(per_call)]
         for j in range(max(1, min(count, (256 * MiB) // (size * per_call))))
     ]
-    values = [value] * per_call
+    values: list[Any] = [value] * per_call
     # retrieve_into: the caller's own, reused memory (an engine's KV cache)
     sinks = [bytearray(size) for _ in range(per_call)]
     with Client(
@@ -169,6 +169,13 @@ def _client_loop(
         transport="tcp" if transport == "tcp" else "ipc",
         shared_memory=transport == "shm",
     ) as c:
+        if op == "store_buffer":
+            # An engine's host-side KV staging, allocated from the client: one block after
+            # another in one buffer (distinct memory per block, unlike `store`'s one value).
+            buf = c.buffer(size * per_call)
+            for i in range(per_call):
+                buf[i * size : (i + 1) * size] = value
+            values = [buf[i * size : (i + 1) * size] for i in range(per_call)]
         # One warm-up pass over every key: the steady state of an engine whose client stays
         # open (pages of the staging file, the arena slots and the client's mappings touched
         # once; over ZMQ, the heap's buffers). First touches of tmpfs pages are slow here.
@@ -182,7 +189,7 @@ def _client_loop(
                 t0 = time.perf_counter()
             keys = calls[i % len(calls)]
             t = time.perf_counter()
-            if op == "store":
+            if op in ("store", "store_buffer"):
                 c.put(keys, values)
             elif op == "retrieve_into":
                 if c.get_into(keys, sinks) != [True] * per_call:
@@ -402,6 +409,7 @@ def run(args: argparse.Namespace) -> Report:
     steps = 0
     if "throughput" in workloads:
         steps += len(sizes) * (1 + len(transports) * (1 + 3 * len(clients))) + len(sizes)
+        steps += len(sizes) * len(clients) * ("shm" in transports)  # store_buffer
     steps += ("lookup" in workloads) + 2 * ("mixed" in workloads)
     steps += (1 + len(wl.available_tiers())) * ("tiers" in workloads)  # upper bound
     bar = ProgressBar(steps)
@@ -472,8 +480,11 @@ def run(args: argparse.Namespace) -> Report:
                     )
             finally:
                 raw.close()
+            ops = ["store", "retrieve", "retrieve_into"]
+            if transport == "shm":
+                ops.append("store_buffer")  # a put from Client.buffer: same host only
             for size in sizes if "throughput" in workloads else []:
-                for op in ("store", "retrieve", "retrieve_into"):
+                for op in ops:
                     for n in clients:
                         progress(f"lmcached {op} {transport} {size // 1024} KiB x{n} clients")
                         best_row = max(
@@ -483,12 +494,14 @@ def run(args: argparse.Namespace) -> Report:
                             ),
                             key=lambda r: r.gbps,
                         )
-                        base = report.zmq.get(f"{op.replace('_into', '')}/{raw_transport}/{size}")
+                        base_op = "store" if op == "store_buffer" else op.replace("_into", "")
+                        base = report.zmq.get(f"{base_op}/{raw_transport}/{size}")
                         best_row.baseline_gbps = base
                         best_row.ratio = best_row.gbps / base if base else None
                         copy = report.memcpy.get(str(size))
                         best_row.memcpy_ratio = best_row.gbps / copy if copy else None
-                        redis_base = report.redis.get(f"{'set' if op == 'store' else 'get'}/{size}")
+                        redis_op = "set" if base_op == "store" else "get"
+                        redis_base = report.redis.get(f"{redis_op}/{size}")
                         best_row.redis_gbps = redis_base
                         best_row.redis_ratio = best_row.gbps / redis_base if redis_base else None
                         report.rows.append(best_row)

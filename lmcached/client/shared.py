@@ -28,7 +28,7 @@ import mmap
 import os
 import secrets
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import xxhash
@@ -217,6 +217,52 @@ class Staging:
         with contextlib.suppress(BufferError):
             self.view.release()
             self.map.close()
+
+
+class PutBuffers:
+    """Memory handed out by ``Client.buffer``: sealed memfds that workers may map read-only.
+
+    A put whose blocks all lie in one of them names the memfd and the offsets; the worker copies
+    each block from its own mapping with memcpy, which runs at user-space speed. A direct put's
+    ``process_vm_readv`` copies page by page in the kernel: measured on one host, 4.3 GB/s
+    against 10.1 GB/s for memmove, and memcpy from a mapped memfd, hashing as it went, 8.6 GB/s.
+    """
+
+    def __init__(self) -> None:
+        self._held: list[Staging] = []
+        # Buffers a worker would not open (another user, another pid namespace): direct puts.
+        self._refused: set[str] = set()
+
+    def allocate(self, nbytes: int) -> memoryview:
+        buf = Staging("", nbytes, "", memfd=True)
+        self._held.append(buf)
+        return buf.view[:nbytes]
+
+    def holding(self, views: Sequence[memoryview]) -> tuple[Staging, list[int]] | None:
+        """The buffer of this process that holds every one of ``views``, and their offsets."""
+        if _np is None or not views:
+            return None
+        pid = os.getpid()
+        for buf in self._held:
+            if buf.pid != pid or buf.fd is None or buf.path in self._refused:
+                continue
+            start = buffer_address(buf.view)
+            offsets = []
+            for v in views:
+                at = buffer_address(v) - start if v.nbytes else 0
+                if not 0 <= at <= buf.size - v.nbytes:
+                    break
+                offsets.append(at)
+            else:
+                return buf, offsets
+        return None
+
+    def refuse(self, buf: Staging) -> None:
+        self._refused.add(buf.path)
+
+    def close(self) -> None:
+        while self._held:
+            self._held.pop().close()
 
 
 class SharedMemory:

@@ -128,6 +128,8 @@ class OpStats:
         self.bytes_out_shared = 0
         # The part of bytes_in that workers read from same-host clients' memory (direct puts).
         self.bytes_in_direct = 0
+        # The part of bytes_in copied from buffers clients allocated with Client.buffer.
+        self.bytes_in_buffer = 0
         self.lookup_keys = 0
         self.lookup_hits = 0
 
@@ -139,6 +141,7 @@ class OpStats:
             "bytes_out": self.bytes_out,
             "bytes_out_shared": self.bytes_out_shared,
             "bytes_in_direct": self.bytes_in_direct,
+            "bytes_in_buffer": self.bytes_in_buffer,
             "lookup_keys": self.lookup_keys,
             "lookup_hits": self.lookup_hits,
         }
@@ -577,7 +580,7 @@ class Worker:
         The CPU tier hashes while it copies and rejects a block whose bytes do not match the
         client's checksum, so a neighbour scribbling on the staging file cannot plant bytes.
         """
-        if self.stages is None or req.offsets is None or req.sums is None:
+        if self.stages is None or req.offsets is None:
             self.reply_error(envelope, req.id, protocol.E_MALFORMED, "shared memory is off")
             return
         try:
@@ -586,36 +589,43 @@ class Worker:
             self.reply_error(envelope, req.id, protocol.E_MALFORMED, str(exc))
             return
         metas = req.metas or [None] * len(req.keys)
+        # Without checksums (protocol: a memfd and a deadline), the client's own buffer
+        # (Client.buffer): trusted as read while the client waits, like a direct put's.
+        sums = req.sums if req.sums is not None else [None] * len(req.keys)
         stored = 0
         # The connection's routing id: its next flush reports this put's lost lower-tier copies.
         origin = envelope.bytes if self.store.has_lower else None
         for key, size, off, meta, checksum in zip(
-            req.keys, req.sizes, req.offsets, metas, req.sums, strict=True
+            req.keys, req.sizes, req.offsets, metas, sums, strict=True
         ):
             yield
-            src: Any = FileRange(stage, off, size)
+            src: Any = FileRange(stage, off, size, req.until)
             if self.store.has_lower:
                 # Lower tiers write later, from their own copy: never from the client's staging.
                 buf = bytearray(size)
                 view = memoryview(buf)
                 h = xxhash.xxh3_64()
                 try:
+                    src.check_deadline()
                     for at in range(0, size, HASH_PIECE):
                         piece = view[at : at + HASH_PIECE]
                         src.read_into(piece, at)
                         h.update(piece)
                         yield
+                    src.check_deadline()
                 except OSError:
                     continue
                 finally:
                     view.release()
-                if h.intdigest() != checksum:
+                if checksum is not None and h.intdigest() != checksum:
                     continue
                 src = buf
             block = Block(frames=(src,), nbytes=size, meta=meta, checksum=checksum)
             if (yield from self.store.put_steps(key, block, origin)):
                 stored += 1
             self.ops.bytes_in += size
+            if req.sums is None:
+                self.ops.bytes_in_buffer += size
         self.reply(envelope, PutReply(stored, self.incarnation, id=req.id))
 
     def op_get(self, envelope: Any, req: GetRequest) -> None:

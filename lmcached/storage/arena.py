@@ -421,6 +421,14 @@ class FileRange:
     stage: Stage
     offset: int
     nbytes: int
+    # A client's own buffer (a put without checksums): its bytes count only if the last of
+    # them was read before this deadline (CLOCK_MONOTONIC, ns), while the client still waited.
+    until_ns: int | None = None
+
+    def check_deadline(self) -> None:
+        """Raise OSError once the put's deadline has passed (never, for a checksummed put)."""
+        if self.until_ns is not None and time.monotonic_ns() >= self.until_ns:
+            raise OSError("the put's deadline passed before its bytes were read")
 
     def read_into(self, dst: memoryview, at: int) -> None:
         """Fill ``dst`` from the stage at ``offset + at``; raise OSError on a short read."""

@@ -49,12 +49,14 @@ def copy_pieces(dst: memoryview, frames: tuple[Any, ...], h: Any) -> Iterator[No
             off += frame.nbytes
             continue
         if isinstance(frame, FileRange):
+            frame.check_deadline()
             for i in range(0, frame.nbytes, HASH_PIECE):
                 end = off + min(HASH_PIECE, frame.nbytes - i)
                 frame.read_into(dst[off:end], i)
                 h.update(dst[off:end])
                 off = end
                 yield
+            frame.check_deadline()  # after the last piece: every piece was read in time
             continue
         src = memoryview(frame).cast("B")
         n = src.nbytes

@@ -1,0 +1,92 @@
+"""Puts from Client.buffer: the worker copies each block from its own mapping of the client's
+memfd (memcpy), with no copy in the client, and only while the client still waits."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import time
+from typing import Any
+
+import numpy as np
+
+from lmcached.routing import owner
+
+from .helpers import cpu_stats, raw_put
+
+MIB = 1 << 20
+
+
+def _ops(c: Any) -> list[dict[str, Any]]:
+    return [w["stats"]["ops"] for w in c.stats()["workers"]]
+
+
+def test_a_put_from_a_client_buffer_is_copied_by_the_worker_from_the_memfd(daemon_factory):
+    d = daemon_factory(num_workers=2)
+    with d.client(timeout=30) as c:
+        buf = c.buffer(20 * MIB)
+        arr = np.frombuffer(buf, dtype=np.uint8)
+        arr[:] = np.frombuffer(os.urandom(buf.nbytes), dtype=np.uint8)
+        keys = [f"buf/{i}".encode() for i in range(9)]
+        # Blocks of several sizes, one of them large (copied in several pieces), one empty.
+        bounds = [0, 1, 4096, MIB, MIB + 7, 3 * MIB, 3 * MIB, 5 * MIB, 12 * MIB, 20 * MIB]
+        vals = [buf[a:b] for a, b in itertools.pairwise(bounds)]
+        c.put(keys, vals)
+        assert [bytes(v) for v in c.get(keys)] == [bytes(v) for v in vals]  # type: ignore[arg-type]
+        ops = _ops(c)
+        assert sum(o["bytes_in_buffer"] for o in ops) == 20 * MIB
+        assert sum(o["bytes_in_direct"] for o in ops) == 0
+        # A block that is not in the buffer makes the whole put a direct one.
+        c.put([b"buf/mixed/0", b"buf/mixed/1"], [buf[:MIB], os.urandom(MIB)])
+        ops = _ops(c)
+        assert sum(o["bytes_in_buffer"] for o in ops) == 20 * MIB
+        assert sum(o["bytes_in_direct"] for o in ops) == 2 * MIB
+        kept = buf[:16]
+    # The memory outlives the client that gave it out, while a view of it lives.
+    assert bytes(kept) == bytes(arr[:16])
+
+
+def test_a_buffer_put_read_after_its_deadline_is_not_stored(daemon_factory):
+    d = daemon_factory(num_workers=1)
+    with d.client(timeout=30) as c:
+        buf = c.buffer(MIB)
+        buf[:] = os.urandom(MIB)
+        c.ping()  # the map, so that the buffer can be named
+        path = c._buffers.holding([buf])[0].path  # type: ignore[index]
+
+        def put(key: bytes, until: int) -> dict[str, Any]:
+            fields = {
+                "keys": [key],
+                "sizes": [MIB],
+                "nframes": [0],
+                "stage": path,
+                "offsets": [0],
+                "until": until,
+            }
+            return raw_put(d, owner(key, 1), fields)
+
+        # The client gave up before the worker read its bytes: they may have changed since.
+        late = put(b"late", time.monotonic_ns() - 1)
+        assert late["ok"] and late["stored"] == 0
+        in_time = put(b"in-time", time.monotonic_ns() + 30 * 10**9)
+        assert in_time["ok"] and in_time["stored"] == 1
+        assert c.get([b"late"]) == [None]
+        assert bytes(c.get([b"in-time"])[0]) == bytes(buf)
+        assert cpu_stats(c)[0]["errors"] == 1
+
+
+def test_a_put_without_checksums_must_name_a_memfd_and_carry_a_deadline(daemon_factory):
+    d = daemon_factory(num_workers=1)
+    base = {"keys": [b"k"], "sizes": [8], "nframes": [0], "offsets": [0]}
+    for fields in (
+        # A staging file can be written by its neighbours: its puts are checked by checksums.
+        {"stage": "/dev/shm/lmcached-stage-1-ab", "until": 1},
+        # A memfd with checksums and a deadline: one rule or the other, not both.
+        {"stage": "memfd:1:3:ab", "until": 1, "sums": [0]},
+        # A memfd without either.
+        {"stage": "memfd:1:3:ab"},
+    ):
+        reply = raw_put(d, 0, {**base, **fields})
+        assert not reply["ok"] and reply["code"] == "malformed", (fields, reply)
+    with d.client() as c:
+        assert c.ping()  # still serving
