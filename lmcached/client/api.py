@@ -861,29 +861,10 @@ class Client:
         memfd (memcpy), hashing as it copies. As for a direct put, the buffers are read until
         every request is answered or the deadline has passed. The caller holds the lock.
         """
-        until = int(batch.deadline * 1e9)  # time.monotonic is CLOCK_MONOTONIC, as the worker's
-        metas = batch.metas
-        calls = [
-            Call(
-                worker,
-                PutRequest(
-                    [batch.keys[p] for p in positions],
-                    [batch.views[p].nbytes for p in positions],
-                    [() for _ in positions],
-                    metas=None if metas is None else [metas[p] for p in positions],
-                    stage=buf.path,
-                    offsets=[offsets[p] for p in positions],
-                    until=until,
-                ),
-                [],
-                0,
-                positions,
-            )
-            for worker, positions in batch.requests(
-                min(batch.limits.max_request_bytes, SHARED_PUT_BYTES)
-            )
-        ]
-        self._execute_puts(calls, batch.deadline, borrowed=True)
+        sizes = [v.nbytes for v in batch.views]
+        self._put_in_place(
+            batch, sizes, lambda ps: {"stage": buf.path, "offsets": [offsets[p] for p in ps]}
+        )
 
     def _put_direct(self, batch: _PutBatch) -> None:
         """Same-host put in one copy: each worker reads its blocks from this process's memory.
@@ -895,6 +876,21 @@ class Client:
         """
         flat = [_bytes_view(v) for v in batch.views]  # (holds a non-contiguous copy alive)
         addrs = [buffer_address(v) for v in flat]
+        sizes = [v.nbytes for v in flat]
+        self._put_in_place(batch, sizes, lambda ps: {"addrs": [addrs[p] for p in ps]})
+
+    def _put_in_place(
+        self,
+        batch: _PutBatch,
+        sizes: list[int],
+        where: Callable[[list[int]], dict[str, Any]],
+    ) -> None:
+        """Send a same-host put whose workers read each block where it lies (no payload).
+
+        ``where(positions)`` gives the request's fields that locate those blocks. Every request
+        carries this call's deadline, and the blocks are borrowed until every request is
+        answered or the deadline has passed (the pipeline waits that long before it raises).
+        """
         until = int(batch.deadline * 1e9)  # time.monotonic is CLOCK_MONOTONIC, as the worker's
         metas = batch.metas
         calls = [
@@ -902,11 +898,11 @@ class Client:
                 worker,
                 PutRequest(
                     [batch.keys[p] for p in positions],
-                    [flat[p].nbytes for p in positions],
+                    [sizes[p] for p in positions],
                     [() for _ in positions],
                     metas=None if metas is None else [metas[p] for p in positions],
-                    addrs=[addrs[p] for p in positions],
                     until=until,
+                    **where(positions),
                 ),
                 [],
                 0,
