@@ -239,8 +239,12 @@ class Arena:
                 elif order >= _PAGE_ORDER and off < self._written_end:
                     # Slots are aligned to their size, so a slot of a page or more covers whole
                     # pages; tmpfs frees them. Above every slot ever written there is nothing
-                    # to free, so the system call is spared.
-                    self._map.madvise(mmap.MADV_REMOVE, self.header.data_offset + off, 1 << order)
+                    # to free, so the system call is spared. An arena outside tmpfs (no
+                    # /dev/shm) may not support it: its pages then stay, as a freed slot's do.
+                    with contextlib.suppress(OSError):
+                        self._map.madvise(
+                            mmap.MADV_REMOVE, self.header.data_offset + off, 1 << order
+                        )
             else:
                 off, order = 0, -1
             self._slots[index] = _Slot(off, order, nbytes, 0)
