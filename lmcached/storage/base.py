@@ -40,6 +40,20 @@ class Block:
         mv = memoryview(data).cast("B")
         return cls(frames=(mv,), nbytes=mv.nbytes, meta=meta, checksum=checksum)
 
+    def in_frames_of(self, limit: int) -> tuple[Buffer, ...]:
+        """The payload as frames of at most ``limit`` bytes: views of the frames, no copy.
+
+        What goes on the wire: a 32 MiB frame would make the receiving libzmq allocate 32 MiB
+        at once, above glibc's mmap threshold, fresh pages for every reply.
+        """
+        if all(memoryview(f).nbytes <= limit for f in self.frames):
+            return self.frames
+        out: list[Buffer] = []
+        for f in self.frames:
+            mv = memoryview(f).cast("B")
+            out.extend(mv[i : i + limit] for i in range(0, mv.nbytes, limit))
+        return tuple(out)
+
     def tobytes(self) -> bytes:
         """Return the payload as one bytes object (a copy; for tiers that serialise)."""
         if len(self.frames) == 1:

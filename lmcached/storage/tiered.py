@@ -343,11 +343,9 @@ class TieredStore:
         make the client's libzmq allocate 32 MiB at once, above glibc's mmap threshold: a fresh
         mapping and ~8k page faults per read (the "32 MiB cliff"). The views cost no copy.
         """
-        if len(block.frames) != 1 or block.nbytes <= self.max_frame_size:
+        frames = block.in_frames_of(self.max_frame_size)
+        if frames is block.frames:
             return block
-        mv = memoryview(block.frames[0]).cast("B")
-        step = self.max_frame_size
-        frames = tuple(mv[i : i + step] for i in range(0, mv.nbytes, step))
         return Block(frames=frames, nbytes=block.nbytes, meta=block.meta, checksum=block.checksum)
 
     def _promote(self, key: bytes, block: Block, level: int, ticket: int) -> None:
