@@ -19,9 +19,9 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, cast
 
 import xxhash
@@ -65,6 +65,7 @@ from lmcached.protocol import (
 )
 from lmcached.runtime import bind_endpoints
 from lmcached.security import AuthGuard, ServerCurve, secure_ipc_socket
+from lmcached.storage import piece_copy
 from lmcached.storage.arena import Arena, FileRange, StageMaps
 from lmcached.storage.base import Block
 from lmcached.storage.cpu import HASH_PIECE
@@ -165,6 +166,13 @@ class Worker:
         self.stages = StageMaps(os.path.dirname(self.arena.path)) if self.arena else None
         # Direct same-host puts: the client processes whose memory this worker reads.
         self.peers = Peers() if self.arena is not None and cfg.direct_put else None
+        # Threads that copy same-host puts (their sources release the GIL): the blocks of one
+        # put side by side, or the pieces of one large block. Started on first use.
+        self.copy_pool = (
+            ThreadPoolExecutor(piece_copy.COPY_THREADS, thread_name_prefix="put-copy")
+            if self.arena is not None
+            else None
+        )
         # ZMQ replies sent zero-copy from arena slots: (tracker, pin) until libzmq is done.
         self._sending: list[tuple[zmq.MessageTracker, int]] = []
         self.ops = OpStats()
@@ -542,36 +550,84 @@ class Worker:
             return
         metas = req.metas or [None] * len(req.keys)
         sums = req.sums or [None] * len(req.keys)
-        stored = 0
         origin = envelope.bytes if self.store.has_lower else None
+        sources = [
+            PeerRange(peer, addr, size, req.until)
+            for addr, size in zip(req.addrs, req.sizes, strict=True)
+        ]
         try:
-            for key, size, addr, meta, checksum in zip(
-                req.keys, req.sizes, req.addrs, metas, sums, strict=True
-            ):
-                yield
-                src: Any = PeerRange(peer, addr, size, req.until)
-                if self.store.has_lower:
-                    # Lower tiers write later, from a copy of their own: the slot may be evicted.
-                    buf = bytearray(size)
-                    view = memoryview(buf)
-                    try:
-                        for at in range(0, size, HASH_PIECE):
-                            src.read_into(view[at : at + HASH_PIECE], at)
-                            yield
-                    except OSError:
-                        continue
-                    finally:
-                        view.release()
-                    src = buf
-                block = Block(frames=(src,), nbytes=size, meta=meta, checksum=checksum)
-                if (yield from self.store.put_steps(key, block, origin)):
-                    stored += 1
-                self.ops.bytes_in += size
-                self.ops.bytes_in_direct += size
+            if self._batch_copies(req.sizes):
+                stored = yield from self._put_batch(req.keys, sources, metas, sums, origin)
+                self.ops.bytes_in_direct += sum(req.sizes)
+            else:
+                stored = 0
+                for key, src, meta, checksum in zip(req.keys, sources, metas, sums, strict=True):
+                    yield
+                    stored += yield from self._put_one_direct(key, src, meta, checksum, origin)
         except PeerRefused as exc:  # the kernel refused a copy the probe could not foresee
             self.reply_error(envelope, req.id, protocol.E_MALFORMED, f"direct put refused: {exc}")
             return
         self.reply(envelope, PutReply(stored, self.incarnation, id=req.id))
+
+    def _put_one_direct(
+        self,
+        key: bytes,
+        src: PeerRange,
+        meta: dict[str, Any] | None,
+        checksum: int | None,
+        origin: bytes | None,
+    ) -> Generator[None, None, int]:
+        """Store one block of a direct put; 1 if it was stored."""
+        size = src.nbytes
+        if self.store.has_lower:
+            # Lower tiers write later, from a copy of their own: the slot may be evicted.
+            buf = bytearray(size)
+            view = memoryview(buf)
+            try:
+                for at in range(0, size, HASH_PIECE):
+                    src.read_into(view[at : at + HASH_PIECE], at)
+                    yield
+            except OSError:
+                return 0
+            finally:
+                view.release()
+            block = Block(frames=(buf,), nbytes=size, meta=meta, checksum=checksum)
+        else:
+            src = replace(src, pool=self.copy_pool)  # a large block: split over the threads
+            block = Block(frames=(src,), nbytes=size, meta=meta, checksum=checksum)
+        stored = yield from self.store.put_steps(key, block, origin)
+        self.ops.bytes_in += size
+        self.ops.bytes_in_direct += size
+        return int(stored)
+
+    def _batch_copies(self, sizes: list[int]) -> bool:
+        """Whether a same-host put's blocks are copied side by side (TieredStore.put_batch_steps).
+
+        Not with lower tiers (they take their own copy of each block first), nor for a single
+        block (a large one is split over the copy threads instead).
+        """
+        return (
+            self.copy_pool is not None
+            and not self.store.has_lower
+            and sum(1 for n in sizes if n) > 1
+        )
+
+    def _put_batch(
+        self,
+        keys: list[bytes],
+        sources: list[Any],
+        metas: list[Any],
+        sums: list[Any],
+        origin: bytes | None,
+    ) -> Generator[None, None, int]:
+        assert self.copy_pool is not None
+        items = [
+            (key, Block(frames=(src,), nbytes=src.nbytes, meta=meta, checksum=checksum))
+            for key, src, meta, checksum in zip(keys, sources, metas, sums, strict=True)
+        ]
+        stored = yield from self.store.put_batch_steps(items, self.copy_pool, origin)
+        self.ops.bytes_in += sum(src.nbytes for src in sources)
+        return sum(stored)
 
     def put_staged(self, envelope: Any, req: PutRequest) -> Iterator[None]:
         """A same-host put: copy each block from the client's staging file into the arena.
@@ -591,41 +647,61 @@ class Worker:
         # Without checksums (protocol: a memfd and a deadline), the client's own buffer
         # (Client.buffer): trusted as read while the client waits, like a direct put's.
         sums = req.sums if req.sums is not None else [None] * len(req.keys)
-        stored = 0
         # The connection's routing id: its next flush reports this put's lost lower-tier copies.
         origin = envelope.bytes if self.store.has_lower else None
-        for key, size, off, meta, checksum in zip(
-            req.keys, req.sizes, req.offsets, metas, sums, strict=True
-        ):
-            yield
-            src: Any = FileRange(stage, off, size, req.until)
-            if self.store.has_lower:
-                # Lower tiers write later, from their own copy: never from the client's staging.
-                buf = bytearray(size)
-                view = memoryview(buf)
-                h = xxhash.xxh3_64()
-                try:
-                    src.check_deadline()
-                    for at in range(0, size, HASH_PIECE):
-                        piece = view[at : at + HASH_PIECE]
-                        src.read_into(piece, at)
-                        h.update(piece)
-                        yield
-                    src.check_deadline()
-                except OSError:
-                    continue
-                finally:
-                    view.release()
-                if checksum is not None and h.intdigest() != checksum:
-                    continue
-                src = buf
-            block = Block(frames=(src,), nbytes=size, meta=meta, checksum=checksum)
-            if (yield from self.store.put_steps(key, block, origin)):
-                stored += 1
-            self.ops.bytes_in += size
+        sources = [
+            FileRange(stage, off, size, req.until)
+            for off, size in zip(req.offsets, req.sizes, strict=True)
+        ]
+        if self._batch_copies(req.sizes):
+            stored = yield from self._put_batch(req.keys, sources, metas, sums, origin)
             if req.sums is None:
-                self.ops.bytes_in_buffer += size
+                self.ops.bytes_in_buffer += sum(req.sizes)
+        else:
+            stored = 0
+            for key, src, meta, checksum in zip(req.keys, sources, metas, sums, strict=True):
+                yield
+                stored += yield from self._put_one_staged(key, src, meta, checksum, origin)
+                if req.sums is None:
+                    self.ops.bytes_in_buffer += src.nbytes
         self.reply(envelope, PutReply(stored, self.incarnation, id=req.id))
+
+    def _put_one_staged(
+        self,
+        key: bytes,
+        src: FileRange,
+        meta: dict[str, Any] | None,
+        checksum: int | None,
+        origin: bytes | None,
+    ) -> Generator[None, None, int]:
+        """Store one block of a staged or buffer put; 1 if it was stored."""
+        size = src.nbytes
+        if self.store.has_lower:
+            # Lower tiers write later, from their own copy: never from the client's staging.
+            buf = bytearray(size)
+            view = memoryview(buf)
+            h = xxhash.xxh3_64()
+            try:
+                src.check_deadline()
+                for at in range(0, size, HASH_PIECE):
+                    piece = view[at : at + HASH_PIECE]
+                    src.read_into(piece, at)
+                    h.update(piece)
+                    yield
+                src.check_deadline()
+            except OSError:
+                return 0
+            finally:
+                view.release()
+            if checksum is not None and h.intdigest() != checksum:
+                return 0
+            block = Block(frames=(buf,), nbytes=size, meta=meta, checksum=checksum)
+        else:
+            src = replace(src, pool=self.copy_pool)  # a large block: split over the threads
+            block = Block(frames=(src,), nbytes=size, meta=meta, checksum=checksum)
+        stored = yield from self.store.put_steps(key, block, origin)
+        self.ops.bytes_in += size
+        return int(stored)
 
     def op_get(self, envelope: Any, req: GetRequest) -> None:
         if self.arena is not None:
@@ -860,6 +936,8 @@ class Worker:
             self.stages.close()
         if self.peers is not None:
             self.peers.close()
+        if self.copy_pool is not None:
+            self.copy_pool.shutdown(wait=True)  # jobs were dropped: every copy has ended
         self.store.close()
         if self.auth is not None:
             self.auth.stop()

@@ -18,6 +18,7 @@ socket may map it, read-only. Clients never write it.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import fcntl
 import heapq
 import itertools
@@ -27,7 +28,8 @@ import secrets
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from lmcached.runtime import pid_alive
@@ -54,6 +56,7 @@ from lmcached.shm.layout import (
     parse_memfd_stage,
     retire_arena,
 )
+from lmcached.storage.piece_copy import CopyPiece, held_address
 
 __all__ = [
     "ENTRY_OVERHEAD",
@@ -428,11 +431,41 @@ class FileRange:
     # A client's own buffer (a put without checksums): its bytes count only if the last of
     # them was read before this deadline (CLOCK_MONOTONIC, ns), while the client still waited.
     until_ns: int | None = None
+    # Copy threads a large block may be copied on (None: the calling thread only).
+    pool: ThreadPoolExecutor | None = None
 
     def check_deadline(self) -> None:
         """Raise OSError once the put's deadline has passed (never, for a checksummed put)."""
         if self.until_ns is not None and time.monotonic_ns() >= self.until_ns:
             raise OSError("the put's deadline passed before its bytes were read")
+
+    @contextlib.contextmanager
+    def reading(self) -> Iterator[CopyPiece]:
+        """Check the deadline, then copy by address (a :class:`PieceSource`), GIL released.
+
+        A mapped memfd is held exported while the copies run, so that closing the stage (a
+        client gone, the LRU full) cannot unmap it under a copy thread.
+        """
+        self.check_deadline()
+        mapped = self.stage.mapped
+        if mapped is None:
+            yield self._pread
+            return
+        if self.offset + self.nbytes > mapped.nbytes:
+            raise OSError(f"staging memfd ends before {self.offset + self.nbytes} bytes")
+        with contextlib.ExitStack() as held:
+            try:
+                base = held.enter_context(held_address(mapped)) + self.offset
+            except ValueError:  # released: the stage was closed since the put named it
+                raise OSError("the staging memfd was closed") from None
+            yield lambda local, at, n: ctypes.memmove(local, base + at, n)
+
+    def _pread(self, local: int, at: int, n: int) -> None:
+        self.read_into(memoryview((ctypes.c_char * n).from_address(local)).cast("B"), at)
+
+    def vouch(self) -> None:
+        """After the last piece: every piece was read before the deadline, or none counts."""
+        self.check_deadline()
 
     def read_into(self, dst: memoryview, at: int) -> None:
         """Fill ``dst`` from the stage at ``offset + at``; raise OSError on a short read."""

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import itertools
 import operator
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from typing import Any
 
 import msgpack
 import xxhash
 
+from lmcached.storage import piece_copy
 from lmcached.storage.arena import ENTRY_OVERHEAD, Arena, FileRange, slot_size
 from lmcached.storage.base import Block, StorageBackend, TierStats, Usage
 from lmcached.storage.eviction import EvictionPolicy, make_policy
@@ -37,26 +38,17 @@ def entry_cost(key: bytes, nbytes: int, meta: dict[str, Any] | None, arena: bool
     return payload + len(key) + meta_bytes(meta) + ENTRY_OVERHEAD
 
 
-def copy_pieces(dst: memoryview, frames: tuple[Any, ...], h: Any) -> Iterator[None]:
+def copy_pieces(dst: memoryview, frames: tuple[Any, ...], h: Any) -> Generator[None, None, None]:
     """Copy ``frames`` into ``dst`` piece by piece, hashing each piece as written into ``h``.
 
     Yields after each piece, so that a caller may interleave other work between pieces.
     """
     off = 0
     for frame in frames:
-        if isinstance(frame, PeerRange):
-            yield from frame.copy_hashing(dst[off : off + frame.nbytes], h)
+        if isinstance(frame, (PeerRange, FileRange)):
+            # A same-host source: copied by address, GIL released, maybe on the copy threads.
+            yield from piece_copy.copy_hashing(frame, dst[off : off + frame.nbytes], h, frame.pool)
             off += frame.nbytes
-            continue
-        if isinstance(frame, FileRange):
-            frame.check_deadline()
-            for i in range(0, frame.nbytes, HASH_PIECE):
-                end = off + min(HASH_PIECE, frame.nbytes - i)
-                frame.read_into(dst[off:end], i)
-                h.update(dst[off:end])
-                off = end
-                yield
-            frame.check_deadline()  # after the last piece: every piece was read in time
             continue
         src = memoryview(frame).cast("B")
         n = src.nbytes
@@ -69,7 +61,7 @@ def copy_pieces(dst: memoryview, frames: tuple[Any, ...], h: Any) -> Iterator[No
             yield
 
 
-def hash_pieces(frames: tuple[Any, ...], h: Any) -> Iterator[None]:
+def hash_pieces(frames: tuple[Any, ...], h: Any) -> Generator[None, None, None]:
     """Hash ``frames`` into ``h`` piece by piece, yielding after each piece (no copy)."""
     for frame in frames:
         src = memoryview(frame).cast("B")
@@ -96,7 +88,18 @@ class ArenaWrite:
     buffers, and the steps only hash them, to check the sender's checksum.
     """
 
-    __slots__ = ("_hash", "_pieces", "block", "cost", "failed", "in_place", "index", "key", "tier")
+    __slots__ = (
+        "_hash",
+        "_pieces",
+        "block",
+        "cancelled",
+        "cost",
+        "failed",
+        "in_place",
+        "index",
+        "key",
+        "tier",
+    )
 
     def __init__(
         self,
@@ -113,6 +116,7 @@ class ArenaWrite:
         self.cost = cost
         self.index: int | None = index
         self.failed = False
+        self.cancelled = False
         self.in_place = dst is None
         self._hash = xxhash.xxh3_64()
         self._pieces = (
@@ -132,6 +136,18 @@ class ArenaWrite:
             return False
         return True
 
+    def copy_all(self) -> None:
+        """Copy every piece, on whatever thread calls it (a copy thread of a put's batch).
+
+        Nothing else may step this write meanwhile; :attr:`cancelled` stops it between
+        pieces, and the write then fails.
+        """
+        while not self.cancelled and self.step():
+            pass
+        if self.cancelled:
+            self.failed = True
+            self._pieces.close()  # ends its exports of the slot and of the source now
+
     def finish(self) -> bool:
         """Copy what is left, verify, and publish the block; False when it is rejected."""
         while self.step():
@@ -139,7 +155,11 @@ class ArenaWrite:
         return self.tier._finish_put(self)
 
     def abort(self) -> None:
-        """Give the slot and the reserved budget back (idempotent)."""
+        """Give the slot and the reserved budget back (idempotent).
+
+        Not while another thread steps this write: its copy would go on into a freed slot.
+        """
+        self._pieces.close()  # ends its exports of the slot and of the source now
         self.tier._release_write(self)
 
 
@@ -200,7 +220,9 @@ class CPUBackend(StorageBackend):
             return started
         return started.finish()
 
-    def start_put(self, key: bytes, block: Block, keep_buffers: bool = False) -> ArenaWrite | bool:
+    def start_put(
+        self, key: bytes, block: Block, keep_buffers: bool = False, defer: bool = False
+    ) -> ArenaWrite | bool:
         """Begin a put: True or False when it is already done or refused (a block of one piece
         is done at once), or an ArenaWrite whose bytes the caller copies (ArenaWrite.step)
         before it finishes or aborts it.
@@ -214,6 +236,9 @@ class CPUBackend(StorageBackend):
         unbacked, so both kinds of entry share one allocator and one budget. Same-host
         clients then get its bytes over ZMQ, not from shared memory. A block that comes with
         a checksum is hashed in steps first, and refused if the checksum does not match.
+
+        ``defer``: return an ArenaWrite even for a block of one piece (a batch copies it on a
+        copy thread).
         """
         cost = entry_cost(key, block.nbytes, block.meta, self.arena is not None)
         if cost > self.capacity:
@@ -238,7 +263,7 @@ class CPUBackend(StorageBackend):
         self._used += cost
         dst = None if keep_buffers else self.arena.payload(index)
         write = ArenaWrite(self, key, block, cost, index, dst)
-        if block.nbytes <= HASH_PIECE:
+        if block.nbytes <= HASH_PIECE and not defer:
             try:
                 return write.finish()  # one piece: nothing to interleave, and one lock less
             except BaseException:  # the source refused to be read (a direct put): no leak

@@ -30,33 +30,16 @@ import ctypes
 import errno
 import os
 import select
-import threading
 import time
 from collections import OrderedDict
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor, wait
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
 
 from lmcached.glibc import glibc_function
+from lmcached.storage.piece_copy import CopyPiece
 
 __all__ = ["PeerGone", "PeerMemory", "PeerRange", "PeerRefused", "Peers", "parse_peer_address"]
-
-
-# A block read piece by piece on the loop thread, each piece hashed right after its copy:
-# measured here, 256 KiB pieces beat 1 MiB ones (the piece is still in cache).
-PIECE = 256 << 10
-# The loop yields (serves other requests) after about this many bytes.
-YIELD_EVERY = 1 << 20
-# From this size a block is copied by COPY_THREADS threads, PARALLEL_PIECE at a time, each
-# piece hashed (in order) by the thread that copied it, while it is in that core's cache. In a
-# micro-benchmark on one 2-core host, one thread's process_vm_readv reached ~0.8x a memcpy
-# and two, hashing too, ~0.95x; a whole 32 MiB put in `lmcached bench`, ~0.8x. On another
-# (2026-12-02), whose glibc memmove ran at 10.1 GB/s, process_vm_readv reached only 4.3-4.5
-# GB/s (0.43x; the kernel copies page by page), and the 32 MiB put ~0.6x.
-PARALLEL_MIN = 8 << 20
-PARALLEL_PIECE = 2 << 20
-COPY_THREADS = 2
 
 
 class PeerRefused(Exception):
@@ -102,22 +85,6 @@ def _namespace(pid: int | str, kind: str) -> int | None:
         return None
 
 
-def _idle_core() -> bool:
-    """Whether a second core is free to copy: no more runnable tasks than cores, us included.
-
-    When the cores are busy (other workers copying too, say) the threads only take turns, and
-    their in-order hashing waits on each other: one copy on the loop thread is faster then
-    (measured here with four clients putting 32 MiB blocks: ~0.68x a memcpy with the threads,
-    0.71-0.85x choosing so).
-    """
-    try:
-        with open("/proc/loadavg", "rb") as f:
-            running = int(f.read().split()[3].split(b"/")[0])
-    except (OSError, ValueError, IndexError):
-        return True
-    return running <= (os.cpu_count() or 1)
-
-
 def _refusal(err: int) -> None:
     """Raise PeerRefused for an errno that says this process may not be read at all."""
     if err in (errno.EPERM, errno.EACCES):
@@ -127,8 +94,7 @@ def _refusal(err: int) -> None:
 class PeerMemory:
     """One client process whose memory this worker may read, held by a pidfd."""
 
-    def __init__(self, uid: int, pid: int, pool: ThreadPoolExecutor | None = None) -> None:
-        self.pool = pool
+    def __init__(self, uid: int, pid: int) -> None:
         if _readv is None:
             raise PeerRefused("process_vm_readv is not available here")
         self.pid = pid
@@ -235,83 +201,34 @@ class PeerMemory:
 
 @dataclass(frozen=True, slots=True)
 class PeerRange:
-    """``nbytes`` of a client's memory at ``addr``: a direct put's source (like FileRange)."""
+    """``nbytes`` of a client's memory at ``addr``: a direct put's source (a
+    :class:`~lmcached.storage.piece_copy.PieceSource`, like FileRange).
+
+    ``pool``: copy threads a large block may be copied on (None: the calling thread only).
+    """
 
     peer: PeerMemory
     addr: int
     nbytes: int
     until_ns: int
+    pool: ThreadPoolExecutor | None = None
 
     def read_into(self, dst: memoryview, at: int) -> None:
         self.peer.read_into(dst, self.addr + at, self.until_ns)
 
-    def copy_hashing(self, dst: memoryview, h: Any) -> Iterator[None]:
-        """Copy the range into ``dst``, hashing each piece into ``h`` right after its copy.
+    @contextlib.contextmanager
+    def reading(self) -> Iterator[CopyPiece]:
+        """Refuse a copy that would start after the deadline; copy by address after that.
 
-        Yields every YIELD_EVERY bytes so that the caller's loop can serve other requests.
-        Raises OSError (PeerGone included) when a piece cannot be used; the deadline and the
-        client's life are checked once, after the last piece (PeerMemory.vouch). Never
-        returns, nor raises, while a copy thread may still write into ``dst``.
+        The deadline and the client's life are checked once, after the last piece
+        (:meth:`vouch`, which PeerMemory.vouch explains).
         """
-        peer = self.peer
-        n = self.nbytes
-        if n == 0:
-            return
-        peer.check_deadline(self.until_ns)
-        # One export of the slot per block, and plain addresses per piece: the Python work
-        # per piece was a quarter of a worker's time on 2 MiB puts.
-        buf = (ctypes.c_char * n).from_buffer(dst)
-        try:
-            base = ctypes.addressof(buf)
-            if peer.pool is None or n < PARALLEL_MIN or not _idle_core():
-                since_yield = 0
-                for at in range(0, n, PIECE):
-                    size = min(PIECE, n - at)
-                    peer.copy(base + at, self.addr + at, size)
-                    h.update(dst[at : at + size])
-                    since_yield += size
-                    if since_yield >= YIELD_EVERY:
-                        since_yield = 0
-                        yield
-            else:
-                yield from self._copy_hashing_parallel(peer.pool, base, dst, h)
-        finally:
-            del buf  # the export of dst must end here, or its arena could never be unmapped
-        peer.vouch(self.until_ns)
+        self.peer.check_deadline(self.until_ns)
+        peer, addr = self.peer, self.addr
+        yield lambda local, at, n: peer.copy(local, addr + at, n)
 
-    def _copy_hashing_parallel(
-        self, pool: ThreadPoolExecutor, base: int, dst: memoryview, h: Any
-    ) -> Iterator[None]:
-        starts = range(0, self.nbytes, PARALLEL_PIECE)
-        # Piece k is hashed by the thread that copied it (in its cache), once piece k-1 is.
-        hashed = [threading.Event() for _ in starts]
-        stop = threading.Event()  # a piece failed, or the caller gave up: copy no more
-
-        def copy_then_hash(k: int, at: int) -> None:
-            try:
-                if stop.is_set():
-                    return
-                size = min(PARALLEL_PIECE, self.nbytes - at)
-                self.peer.copy(base + at, self.addr + at, size)
-                if k:
-                    hashed[k - 1].wait()
-                if not stop.is_set():
-                    h.update(dst[at : at + size])
-            except BaseException:
-                stop.set()
-                raise
-            finally:
-                hashed[k].set()
-
-        futures = [pool.submit(copy_then_hash, k, at) for k, at in enumerate(starts)]
-        try:
-            for future in futures:
-                future.result()
-                yield
-        finally:
-            stop.set()  # (done by now, unless we leave early)
-            # The slot may be given back (or reused) once we return: no copy may still run.
-            wait(futures)
+    def vouch(self) -> None:
+        self.peer.vouch(self.until_ns)
 
 
 class Peers:
@@ -321,7 +238,6 @@ class Peers:
 
     def __init__(self) -> None:
         self._open: OrderedDict[tuple[int, int], PeerMemory] = OrderedDict()
-        self._pool: ThreadPoolExecutor | None = None
 
     def get(self, peer_address: str | None) -> PeerMemory:
         """The process that sent a message, from its ``Peer-Address``; PeerRefused if none."""
@@ -333,9 +249,7 @@ class Peers:
             return peer
         if peer is not None:  # exited: this pid may name another process now
             self._open.pop(key).close()
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(COPY_THREADS, thread_name_prefix="peer-copy")
-        peer = PeerMemory(uid, pid, self._pool)
+        peer = PeerMemory(uid, pid)
         self._open[key] = peer
         while len(self._open) > self.MAX_OPEN:
             self._open.popitem(last=False)[1].close()
@@ -349,6 +263,3 @@ class Peers:
     def close(self) -> None:
         while self._open:
             self._open.popitem()[1].close()
-        pool, self._pool = self._pool, None
-        if pool is not None:
-            pool.shutdown(wait=True)

@@ -25,6 +25,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Generator, Iterator, Sequence
+from concurrent.futures import Executor, wait
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -120,6 +121,25 @@ class Generations:
 
     def __len__(self) -> int:
         return len(self._stamps)
+
+
+class _Claims:
+    """Indices handed out once each, in order, to whichever thread asks first."""
+
+    def __init__(self, indices: list[int]) -> None:
+        self._left = indices[::-1]
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._left)
+
+    def take(self) -> int | None:
+        with self._lock:
+            return self._left.pop() if self._left else None
+
+    def clear(self) -> None:
+        with self._lock:
+            self._left.clear()
 
 
 class TieredStore:
@@ -255,6 +275,80 @@ class TieredStore:
                     started.abort()
                 raise
         return self._offer_down(key, block, origin, stored)
+
+    def put_batch_steps(
+        self, items: Sequence[tuple[bytes, Block]], pool: Executor, origin: bytes | None = None
+    ) -> Generator[None, None, list[bool]]:
+        """``put_steps`` for several blocks, copied by the calling thread and one of ``pool``'s.
+
+        For same-host sources, which copy with the GIL released. Each block is copied and
+        hashed whole by one thread: the caller and the helper each take the next block not yet
+        taken, so both cores copy while a core is free, and the caller does it all while none
+        is (no guess about the load). Every slot is reserved first; each block is published in
+        order once copied, yielding between pieces and blocks. Returns, per block, what
+        ``put`` returns. Closing the generator early stops the copies between pieces, waits
+        for the helper, and gives the slots back.
+        """
+        start = getattr(self.top, "start_put", None)
+        if start is None:
+            return [self.put(key, block, origin) for key, block in items]
+        stored: list[bool] = [False] * len(items)
+        writes: list[Any] = [None] * len(items)
+        with self._cpu_lock:
+            for i, (key, block) in enumerate(items):
+                self._generations.stamp(key)
+                started = start(key, block, defer=True)
+                if isinstance(started, bool):
+                    stored[i] = started
+                else:
+                    writes[i] = started
+        todo = _Claims([i for i, w in enumerate(writes) if w is not None])
+        done = [threading.Event() for _ in items]
+        failures: dict[int, BaseException] = {}
+
+        def help_copy() -> None:
+            while (j := todo.take()) is not None:
+                try:
+                    writes[j].copy_all()
+                except BaseException as exc:  # re-raised in order by the caller
+                    failures[j] = exc
+                finally:
+                    done[j].set()
+
+        helper = pool.submit(help_copy) if len(todo) > 1 else None
+        try:
+            for i, write in enumerate(writes):
+                if write is None:
+                    continue
+                while not done[i].is_set() and (j := todo.take()) is not None:
+                    while writes[j].step():
+                        yield
+                    done[j].set()
+                done[i].wait()
+                if i in failures:
+                    raise failures[i]
+                with self._cpu_lock:
+                    # As in put_steps: a get that began during the copy must not promote an
+                    # older copy over this one.
+                    self._generations.stamp(items[i][0])
+                    stored[i] = write.finish()
+                yield
+        except BaseException:
+            todo.clear()
+            for write in writes:
+                if write is not None:
+                    write.cancelled = True
+            if helper is not None:
+                wait([helper])  # no copy may still write into a slot we give back
+            with self._cpu_lock:
+                for write in writes:
+                    if write is not None:
+                        write.abort()
+            raise
+        return [
+            self._offer_down(key, block, origin, ok)
+            for (key, block), ok in zip(items, stored, strict=True)
+        ]
 
     def _write_back(self, key: bytes, block: Block) -> None:
         # Called under the CPU lock when CPU evicts: the block's last chance to reach a lower tier.

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import xxhash
 
-from lmcached.storage import peer_memory
+from lmcached.storage import piece_copy
 from lmcached.storage.peer_memory import PeerGone, PeerMemory, PeerRange
 
 MIB = 1 << 20
@@ -28,36 +28,40 @@ def _address(buf: object) -> int:
 
 
 @pytest.fixture
+def pool() -> Iterator[ThreadPoolExecutor]:
+    pool = ThreadPoolExecutor(piece_copy.COPY_THREADS)
+    yield pool
+    pool.shutdown(wait=True)
+
+
+@pytest.fixture
 def me() -> Iterator[PeerMemory]:
-    pool = ThreadPoolExecutor(peer_memory.COPY_THREADS)
-    peer = PeerMemory(os.getuid(), os.getpid(), pool)
+    peer = PeerMemory(os.getuid(), os.getpid())
     yield peer
     peer.close()
-    pool.shutdown(wait=True)
 
 
 def _copy(src: PeerRange, dst: bytearray) -> int:
     h = xxhash.xxh3_64()
-    for _ in src.copy_hashing(memoryview(dst), h):
+    for _ in piece_copy.copy_hashing(src, memoryview(dst), h, src.pool):
         pass
     return h.intdigest()
 
 
 @pytest.mark.parametrize("threads", [True, False], ids=["two-threads", "loop-thread"])
-def test_a_block_is_copied_whole_and_hashed_in_order(me, monkeypatch, threads):
-    monkeypatch.setattr(peer_memory, "_idle_core", lambda: threads)
+def test_a_block_is_copied_whole_and_hashed_in_order(me, pool, monkeypatch, threads):
+    monkeypatch.setattr(piece_copy, "idle_core", lambda: threads)
     data = os.urandom(21 * MIB + 12345)  # not a whole number of pieces
     dst = bytearray(len(data))
     until = time.monotonic_ns() + 60 * 10**9
-    assert _copy(PeerRange(me, _address(data), len(data), until), dst) == xxhash.xxh3_64_intdigest(
-        data
-    )
+    src = PeerRange(me, _address(data), len(data), until, pool)
+    assert _copy(src, dst) == xxhash.xxh3_64_intdigest(data)
     assert dst == data
 
 
 @pytest.mark.parametrize("threads", [True, False], ids=["two-threads", "loop-thread"])
-def test_an_unreadable_piece_fails_the_block(me, monkeypatch, threads):
-    monkeypatch.setattr(peer_memory, "_idle_core", lambda: threads)
+def test_an_unreadable_piece_fails_the_block(me, pool, monkeypatch, threads):
+    monkeypatch.setattr(piece_copy, "idle_core", lambda: threads)
     region = mmap.mmap(-1, 16 * MIB)
     addr = _address(region)
     libc = ctypes.CDLL("libc.so.6", use_errno=True)
@@ -65,7 +69,7 @@ def test_an_unreadable_piece_fails_the_block(me, monkeypatch, threads):
     assert libc.mprotect(addr + 10 * MIB, 6 * MIB, 0) == 0  # PROT_NONE from 10 MiB on
     dst = bytearray(16 * MIB)
     with pytest.raises(OSError):
-        _copy(PeerRange(me, addr, 16 * MIB, time.monotonic_ns() + 60 * 10**9), dst)
+        _copy(PeerRange(me, addr, 16 * MIB, time.monotonic_ns() + 60 * 10**9, pool), dst)
 
 
 def test_a_piece_read_after_the_deadline_fails_the_block(me):
@@ -74,12 +78,12 @@ def test_a_piece_read_after_the_deadline_fails_the_block(me):
         _copy(PeerRange(me, _address(data), len(data), time.monotonic_ns() - 1), bytearray(MIB))
 
 
-def test_a_copy_abandoned_halfway_writes_nothing_after_it_returns(me, monkeypatch):
-    monkeypatch.setattr(peer_memory, "_idle_core", lambda: True)
+def test_a_copy_abandoned_halfway_writes_nothing_after_it_returns(me, pool, monkeypatch):
+    monkeypatch.setattr(piece_copy, "idle_core", lambda: True)
     data = os.urandom(64 * MIB)
     dst = bytearray(len(data))
-    steps = PeerRange(me, _address(data), len(data), time.monotonic_ns() + 60 * 10**9)
-    copying = steps.copy_hashing(memoryview(dst), xxhash.xxh3_64())
+    steps = PeerRange(me, _address(data), len(data), time.monotonic_ns() + 60 * 10**9, pool)
+    copying = piece_copy.copy_hashing(steps, memoryview(dst), xxhash.xxh3_64(), pool)
     next(copying)  # the first piece is in; the threads are on the next ones
     copying.close()  # as when the put is dropped: its slot is about to be given back
     after = bytes(dst)
