@@ -9,8 +9,10 @@ Baselines, measured in the same run on the same machine:
 lmcached ops: ``store`` (put), ``retrieve`` (get: a buffer the caller owns; blocks above 16 MiB
 are joined from sub-frames, one copy; from shared memory, zero-copy views),
 ``retrieve_into`` (get_into: copied into memory the caller reuses, as an engine loads into its
-KV cache) and, over shm only, ``store_buffer`` (put of blocks that lie in a ``Client.buffer``). Each call moves a prompt's worth of blocks (at least 32 MiB: 16 blocks of 2 MiB,
-128 of 256 KiB), and ``retrieve`` reads every byte it got (xxh3) before it counts, so a view
+KV cache) and, over shm only, ``store_buffer`` (put of blocks that lie in a
+``Client.buffer``). Each call moves a prompt's worth of blocks (at least 32 MiB: 16 blocks of
+2 MiB, 128 of 256 KiB) under keys shaped like a prompt's, so that its blocks all live on one
+worker, as an engine's do (lmcached.routing), and ``retrieve`` reads every byte it got (xxh3) before it counts, so a view
 never read does not count as fast. Transports: ``shm`` (the same-host shared-memory path),
 ``ipc`` and ``tcp`` (ZMQ only). Every figure is printed with its ratio to the ZMQ baseline of
 the same transport and direction (ipc for shm) and to memcpy of the same size.
@@ -157,7 +159,12 @@ def _client_loop(
 
     value = os.urandom(size)
     calls = [
-        [f"bench/{tag}/{j}/{i}".encode() for i in range(per_call)]
+        # Shaped like a prompt's chunk keys (lmcached.keys): one route per call, so that, as
+        # an engine's, a call's blocks all live on one worker.
+        [
+            f"bench/{tag}/{xxhash.xxh32_hexdigest(f'{tag}/{j}'.encode())}-{i:x}".encode()
+            for i in range(per_call)
+        ]
         for j in range(max(1, min(count, (256 * MiB) // (size * per_call))))
     ]
     values: list[Any] = [value] * per_call
