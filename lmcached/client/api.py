@@ -33,7 +33,14 @@ from lmcached.client import settings as settings_mod
 from lmcached.client.cluster import ClusterView
 from lmcached.client.connection import Call, Connections, Pipeline
 from lmcached.client.retry import Retry
-from lmcached.client.shared import Lease, PutBuffers, SharedMemory, Staging, buffer_address
+from lmcached.client.shared import (
+    Lease,
+    PutBuffers,
+    SharedMemory,
+    Staging,
+    buffer_address,
+    put_buffer,
+)
 from lmcached.errors import (
     LMCachedError,
     LMCachedRequestError,
@@ -226,7 +233,6 @@ class Client:
             self._cluster.on_sync = self._shm.sync
             # A Client dropped without close() (or alive at exit) still unlinks its staging file.
             weakref.finalize(self, self._shm.close)
-        weakref.finalize(self, self._buffers.close)
         # When a lookup may next refresh the map because its owner's arena was left by a dead
         # worker (see _from_index).
         self._index_resync_at = 0.0
@@ -410,14 +416,14 @@ class Client:
         this process: each worker copies the blocks from its own read-only mapping of the
         buffer, at memcpy speed (docs/same-host.md). Elsewhere it is ordinary memory. Keep the
         bytes unchanged until the put returns, as with any put. The memory lives as long as a
-        view of it does; the daemon can read it while this client is open.
+        view of it does, and any client of this process puts from it the same way (a client
+        made after this one is closed, say).
         """
         if nbytes <= 0:
             raise ValueError("a buffer needs at least one byte")
         if not hasattr(os, "memfd_create"):
             return memoryview(bytearray(nbytes))
-        with self._lock:
-            return self._buffers.allocate(nbytes)
+        return put_buffer(nbytes)
 
     def shared_arenas(self, timeout: float | None = None) -> list[tuple[int, memoryview, int]]:
         """Return (worker id, read-only view, size) of each worker arena this client has mapped.
@@ -631,7 +637,6 @@ class Client:
             self._conns.close()
             if self._shm is not None:
                 self._shm.close()
-            self._buffers.close()
 
     def _return_leases(self) -> None:
         """Give back the leases of views already dropped, which ride on the next get otherwise.

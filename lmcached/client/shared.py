@@ -23,6 +23,7 @@ A client on the daemon's host maps each worker's arena read-only:
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import fcntl
 import mmap
 import os
@@ -151,6 +152,12 @@ def _make_view(arena: ArenaReader, ref: SlotRef, lease: Lease) -> Any:
     return arr
 
 
+def _close_in(pid: int, fd: int) -> None:
+    if os.getpid() == pid:  # a forked child's descriptor table is its own
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
 class Staging:
     """This client's writable staging area, written through a mapping.
 
@@ -178,8 +185,10 @@ class Staging:
             except BaseException:
                 os.close(fd)
                 raise
-            # Kept open: the worker opens the memfd through this descriptor's /proc link.
+            # Kept open: the worker opens the memfd through this descriptor's /proc link. Closed
+            # by close(), or once nothing refers to this object (a put buffer's last view).
             self.fd = fd
+            self._close_fd = weakref.finalize(self, _close_in, self.pid, fd)
             self.path = memfd_stage(self.pid, fd, nonce)
         else:
             self.path = os.path.join(directory, stage_file_name(self.pid, nonce))
@@ -193,6 +202,11 @@ class Staging:
             self.map = create_mapped(self.path, size, 0o640, set_group)
         self.view = memoryview(self.map)
         self.size = size
+
+    @property
+    def address(self) -> int:
+        """Where the mapping starts in this process."""
+        return buffer_address(self.view)
 
     def write(self, offset: int, value: memoryview) -> int:
         """Copy ``value`` in at ``offset``, hashing each piece just after copying; return xxh3."""
@@ -208,8 +222,7 @@ class Staging:
     def close(self) -> None:
         if os.getpid() == self.pid:
             if self.fd is not None:
-                with contextlib.suppress(OSError):
-                    os.close(self.fd)
+                self._close_fd()
                 self.fd = None
             elif not self.memfd:
                 with contextlib.suppress(OSError):
@@ -219,34 +232,45 @@ class Staging:
             self.map.close()
 
 
-class PutBuffers:
-    """Memory handed out by ``Client.buffer``: sealed memfds that workers may map read-only.
+# Every buffer from put_buffer() in this process that some view still keeps alive.
+_PUT_BUFFERS: weakref.WeakSet[Staging] = weakref.WeakSet()
 
-    A put whose blocks all lie in one of them names the memfd and the offsets; the worker copies
-    each block from its own mapping with memcpy, which runs at user-space speed. A direct put's
-    ``process_vm_readv`` copies page by page in the kernel: measured on one host, 4.3 GB/s
-    against 10.1 GB/s for memmove, and memcpy from a mapped memfd, hashing as it went, 8.6 GB/s.
+
+def put_buffer(nbytes: int) -> memoryview:
+    """Writable memory of ``nbytes`` to put blocks from (``Client.buffer``): a sealed memfd.
+
+    Any Client of this process puts from it: one whose blocks all lie in one such buffer names
+    the memfd and the offsets, and each worker copies the blocks from its own read-only mapping
+    with memcpy, which runs at user-space speed. A direct put's ``process_vm_readv`` copies page
+    by page in the kernel: measured on one host, 4.3 GB/s against 10.1 GB/s for memmove, and
+    memcpy from a mapped memfd, hashing as it went, 8.6 GB/s. The memfd stays open, so workers
+    can open it, as long as a view of the memory lives, whichever clients come and go (an
+    engine's connector makes a new client after a daemon restart, and keeps its buffers).
     """
+    buf = Staging("", nbytes, "", memfd=True)
+    # The view keeps this ctypes array alive, and the array the Staging (fd and mapping).
+    window = (ctypes.c_char * nbytes).from_buffer(buf.map)
+    window.staging = buf  # type: ignore[attr-defined]
+    _PUT_BUFFERS.add(buf)
+    return memoryview(window).cast("B")
+
+
+class PutBuffers:
+    """A client's view of this process's put buffers: which of them a put lies in."""
 
     def __init__(self) -> None:
-        self._held: list[Staging] = []
         # Buffers a worker would not open (another user, another pid namespace): direct puts.
         self._refused: set[str] = set()
-
-    def allocate(self, nbytes: int) -> memoryview:
-        buf = Staging("", nbytes, "", memfd=True)
-        self._held.append(buf)
-        return buf.view[:nbytes]
 
     def holding(self, views: Sequence[memoryview]) -> tuple[Staging, list[int]] | None:
         """The buffer of this process that holds every one of ``views``, and their offsets."""
         if _np is None or not views:
             return None
         pid = os.getpid()
-        for buf in self._held:
+        for buf in list(_PUT_BUFFERS):
             if buf.pid != pid or buf.fd is None or buf.path in self._refused:
                 continue
-            start = buffer_address(buf.view)
+            start = buf.address
             offsets = []
             for v in views:
                 at = buffer_address(v) - start if v.nbytes else 0
@@ -259,10 +283,6 @@ class PutBuffers:
 
     def refuse(self, buf: Staging) -> None:
         self._refused.add(buf.path)
-
-    def close(self) -> None:
-        while self._held:
-            self._held.pop().close()
 
 
 class SharedMemory:
