@@ -22,10 +22,11 @@ own way (vLLM's CPU backend does), so only whole blocks are known to be right.
 
 from __future__ import annotations
 
+import os
 import re
 import threading
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -66,36 +67,111 @@ def payload_tensor(payload: Any) -> torch.Tensor:
         return torch.frombuffer(payload, dtype=torch.uint8)
 
 
-class HostBufferPool:
-    """Reusable host buffers of one size (pinned when the KV lives on a GPU).
+# Host buffers are carved out of slabs of about this many bytes (at most SLAB_BUFFERS
+# buffers, at least the buffers of one save). A save's chunks taken from one slab lie in one
+# Client.buffer, which the daemon's workers copy with memcpy (docs/same-host.md).
+SLAB_BYTES = 128 << 20
+SLAB_BUFFERS = 64
 
-    Buffers come back through :meth:`release`, from any thread. The pool grows to the largest
-    number of buffers ever in use at once; that number is bounded by the connector, which
-    keeps at most one engine step of saves in flight.
+
+class _Slab:
+    __slots__ = ("free", "memory")
+
+    def __init__(self, memory: Any, buffers: list[torch.Tensor]) -> None:
+        self.memory = memory  # keeps the slab's memory (and its memfd) alive
+        self.free = buffers
+
+
+class HostBufferPool:
+    """Reusable host buffers of one size, in slabs of memory from ``Client.buffer``.
+
+    A save's buffers (:meth:`acquire` of its chunk count) come from one slab, so that its put
+    names one memfd and the workers copy it with memcpy, instead of reading this process's
+    memory page by page. With ``pin`` (the KV lives on a GPU) each slab is page-locked for CUDA
+    through ``register`` (``cudaHostRegister``), so the gather's device-to-host copy is DMA;
+    where that fails, or off Linux, the buffers are pinned torch tensors made one by one as
+    before, and puts from them are direct puts. Buffers come back through :meth:`release`, from
+    any thread. The pool grows to the largest number of buffers ever in use at once; that
+    number is bounded by the connector, which keeps at most one engine step of saves in flight.
     """
 
-    def __init__(self, nbytes: int, pin: bool) -> None:
+    def __init__(
+        self,
+        nbytes: int,
+        pin: bool,
+        register: Callable[[int, int], bool] | None = None,
+        slab_bytes: int = SLAB_BYTES,
+    ) -> None:
         self.nbytes = nbytes
         self.pin = pin
-        self._free: list[torch.Tensor] = []
+        self._register = register
+        self._slab_bytes = slab_bytes
+        # Slabs of Client.buffer memory; the last is the free list of torch tensors, if any.
+        self._slabs: list[_Slab] = []
+        self._loose = _Slab(None, [])
+        # A buffer's address -> where it goes back, and the whole buffer (a caller may return
+        # a shorter view of it: the part a save of fewer blocks filled).
+        self._slab_of: dict[int, tuple[_Slab, torch.Tensor]] = {}
         self._lock = threading.Lock()
-        self.allocated = 0
+        self.allocated = 0  # buffers made
+        # Slabs from Client.buffer (memfds); False once CUDA would not page-lock one, or off Linux.
+        self.shared = hasattr(os, "memfd_create") and not (pin and register is None)
 
     def acquire(self, count: int) -> list[torch.Tensor]:
-        """Return ``count`` buffers of :attr:`nbytes` uint8 each."""
-        import torch
-
+        """Return ``count`` buffers of :attr:`nbytes` uint8 each, from one slab if it can."""
         with self._lock:
-            taken = [self._free.pop() for _ in range(min(count, len(self._free)))]
-        while len(taken) < count:
-            taken.append(torch.empty(self.nbytes, dtype=torch.uint8, pin_memory=self.pin))
-            self.allocated += 1
-        return taken
+            for slab in (*self._slabs, self._loose):
+                if len(slab.free) >= count:
+                    return [slab.free.pop() for _ in range(count)]
+            if not self.shared:
+                taken = [self._loose.free.pop() for _ in range(len(self._loose.free))]
+                return taken + self._loose_tensors(count - len(taken))
+        fresh = self._new_slab(count)
+        with self._lock:
+            if fresh is None:  # fell back to torch tensors
+                return self._loose_tensors(count)
+            self._slabs.append(fresh)
+            for buffer in fresh.free:
+                self._slab_of[buffer.data_ptr()] = (fresh, buffer)
+            return [fresh.free.pop() for _ in range(count)]
 
     def release(self, buffers: Sequence[torch.Tensor]) -> None:
-        """Give buffers back for reuse."""
+        """Give buffers back for reuse (each, or a view that starts where it starts)."""
         with self._lock:
-            self._free.extend(buffers)
+            for buffer in buffers:
+                slab, whole = self._slab_of[buffer.data_ptr()]
+                slab.free.append(whole)
+
+    def _loose_tensors(self, count: int) -> list[torch.Tensor]:
+        # Called with the lock held. Made as needed, one by one: pinned memory is scarce.
+        import torch
+
+        made = [
+            torch.empty(self.nbytes, dtype=torch.uint8, pin_memory=self.pin) for _ in range(count)
+        ]
+        for buffer in made:
+            self._slab_of[buffer.data_ptr()] = (self._loose, buffer)
+        self.allocated += count
+        return made
+
+    def _new_slab(self, needed: int) -> _Slab | None:
+        """A slab of Client.buffer memory with room for ``needed`` buffers or more; None if
+        CUDA would not page-lock it (the pool then makes torch tensors from now on)."""
+        import torch
+
+        from lmcached.client.shared import put_buffer
+
+        stride = -(-self.nbytes // 64) * 64  # each buffer on a cache line of its own
+        count = max(needed, min(SLAB_BUFFERS, self._slab_bytes // max(1, stride)))
+        memory = put_buffer(max(1, stride * count))
+        whole = torch.frombuffer(memory, dtype=torch.uint8)
+        if self.pin and not (
+            self._register is not None and self._register(whole.data_ptr(), whole.numel())
+        ):
+            self.shared = False
+            return None
+        self.allocated += count
+        return _Slab(memory, [whole[i * stride : i * stride + self.nbytes] for i in range(count)])
 
 
 def layer_order(names: Sequence[str]) -> list[str]:
@@ -229,15 +305,21 @@ class HostRegistrations:
         self._registered: dict[int, int] = {}  # address -> size
         self.failures = 0
 
-    def register(self, address: int, size: int) -> bool:
-        """Register ``size`` bytes at ``address``; True if they are (now or already) registered."""
+    def register(self, address: int, size: int, read_only: bool = True) -> bool:
+        """Register ``size`` bytes at ``address``; True if they are (now or already) registered.
+
+        ``read_only``: memory the device only reads (the arenas); the connector's host buffers,
+        which device-to-host copies write, are registered with ``read_only=False``.
+        """
         if size <= 0:
             return False
         if self._registered.get(address) == size:
             return True
         # The arenas are mapped read-only, which CUDA accepts only with cudaHostRegisterReadOnly;
         # drivers older than that flag take the default registration.
-        code = self._cudart.cudaHostRegister(address, size, CUDA_HOST_REGISTER_READ_ONLY)
+        code = 1
+        if read_only:
+            code = self._cudart.cudaHostRegister(address, size, CUDA_HOST_REGISTER_READ_ONLY)
         if int(code) != 0:
             code = self._cudart.cudaHostRegister(address, size, 0)
         if int(code) != 0:

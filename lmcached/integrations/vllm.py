@@ -820,7 +820,9 @@ class LMCachedConnector(KVConnectorBase_V1):
         pool = self._pool.get(blocks_per_chunk)
         if pool is None:
             pool = HostBufferPool(
-                self._paged.block_nbytes * blocks_per_chunk, pin=self._paged.on_gpu
+                self._paged.block_nbytes * blocks_per_chunk,
+                pin=self._paged.on_gpu,
+                register=self._register_host_buffers,
             )
             self._pool[blocks_per_chunk] = pool
         return pool, pool.acquire(count)
@@ -863,13 +865,21 @@ class LMCachedConnector(KVConnectorBase_V1):
     def _register_arenas(self) -> None:
         """Page-lock the daemon's shared-memory arenas for CUDA (once each), so that loads copy
         from them by DMA on the side stream, straight from the arena."""
+        registrations = self._registrations()
+        for arena in self._link.arenas():
+            view = payload_tensor(arena)
+            registrations.register(view.data_ptr(), view.numel())
+
+    def _registrations(self) -> HostRegistrations:
         if self._host_registrations is None:
             import torch
 
             self._host_registrations = HostRegistrations(torch.cuda.cudart())
-        for arena in self._link.arenas():
-            view = payload_tensor(arena)
-            self._host_registrations.register(view.data_ptr(), view.numel())
+        return self._host_registrations
+
+    def _register_host_buffers(self, address: int, size: int) -> bool:
+        """Page-lock a slab of the save buffers (written by device-to-host copies)."""
+        return self._registrations().register(address, size, read_only=False)
 
     def _device_order(self) -> DeviceOrder:
         assert self._paged is not None
@@ -1021,7 +1031,7 @@ class LMCachedConnector(KVConnectorBase_V1):
             keys = keys[save.first_chunk : save.first_chunk + count]
             # Queued even while the saver's link is marked down: that mark may be stale (see
             # _Saver._run), and the backlog limit below bounds what an outage can hold.
-            if len(keys) != count:
+            if not count or len(keys) != count:
                 continue
             nbytes = self._paged.block_nbytes * sum(len(b) for b in save.chunk_blocks)
             if not self._saver.admit(nbytes):
@@ -1035,11 +1045,14 @@ class LMCachedConnector(KVConnectorBase_V1):
                     count,
                 )
                 continue
+            # One pool, so one slab, for the whole save (a partial chunk fills the start of a
+            # whole chunk's buffer): its put then names one buffer (HostBufferPool).
+            pool, taken = self._buffers(max(len(b) for b in save.chunk_blocks), count)
             buffers: list[tuple[Any, HostBufferPool]] = []
-            for blocks in save.chunk_blocks:
-                pool, (buffer,) = self._buffers(len(blocks), 1)
-                self._paged.gather(blocks, buffer)
-                buffers.append((buffer, pool))
+            for blocks, buffer in zip(save.chunk_blocks, taken, strict=True):
+                part = buffer[: self._paged.block_nbytes * len(blocks)]
+                self._paged.gather(blocks, part)
+                buffers.append((part, pool))
             self._saver.submit(keys, buffers, nbytes)
             self.stats["saved_chunks"] += count
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lmcached.integrations.kv_blocks import HostBufferPool, PagedKV, find_block_dim
+from lmcached.client.shared import PutBuffers
+from lmcached.integrations.kv_blocks import SLAB_BUFFERS, HostBufferPool, PagedKV, find_block_dim
 
 NUM_BLOCKS = 12
 
@@ -67,13 +68,44 @@ def test_payload_is_layer_after_layer_in_sorted_name_order():
     assert paged.describe() == "torch.float32[-1, 2];torch.float32[-1, 2]"
 
 
-def test_pool_reuses_released_buffers():
+def test_pool_reuses_released_buffers_and_gives_a_save_one_client_buffer():
     pool = HostBufferPool(64, pin=False)
     first = pool.acquire(2)
-    pool.release(first)
+    pool.release([first[0], first[1][:10]])  # a view of a buffer's start gives the buffer back
     again = pool.acquire(3)
     assert {b.data_ptr() for b in first} <= {b.data_ptr() for b in again}
-    assert pool.allocated == 3
+    assert all(b.numel() == 64 for b in again)
+    assert pool.allocated == SLAB_BUFFERS  # one slab so far
+    # The buffers lie in one Client.buffer memfd: a put from them names it (a buffer put).
+    held = PutBuffers().holding([memoryview(b.numpy()) for b in again])
+    assert held is not None and held[0].memfd
+
+
+def test_a_save_larger_than_a_slab_gets_a_slab_of_its_own():
+    pool = HostBufferPool(4096, pin=False, slab_bytes=4 * 4096)
+    small = pool.acquire(3)
+    big = pool.acquire(6)  # no slab has six free: a new one, of six
+    assert pool.allocated == 4 + 6
+    assert PutBuffers().holding([memoryview(b.numpy()) for b in big]) is not None
+    pool.release(small + big)
+    assert {b.data_ptr() for b in pool.acquire(6)} == {b.data_ptr() for b in big}
+
+
+def test_pinned_slabs_are_registered_once_and_writable():
+    calls: list[tuple[int, int]] = []
+
+    def register(address: int, size: int) -> bool:  # cudaHostRegister's bookkeeping
+        calls.append((address, size))
+        return True
+
+    pool = HostBufferPool(1000, pin=True, register=register, slab_bytes=8 * 1024)
+    buffers = pool.acquire(2)
+    pool.acquire(2)
+    (start, size), *_ = calls
+    assert len(calls) == 1 and size == 8 * 1024  # the whole slab, once
+    assert all(start <= b.data_ptr() <= start + size - 1000 for b in buffers)
+    buffers[1].fill_(7)  # a device-to-host copy writes here
+    assert int(buffers[1].sum()) == 7 * 1000
 
 
 def test_a_tensor_without_a_block_dimension_is_a_clear_error():

@@ -96,6 +96,21 @@ def test_a_hit_is_read_from_the_workers_shared_memory(engine: Engine) -> None:
     assert sent > 0 and shared == sent
 
 
+def test_a_save_is_put_from_the_connectors_client_buffer(engine: Engine) -> None:
+    prompt = make_prompt(40)
+    with engine.daemon.client(timeout=10) as client:
+        before = client.stats()
+    engine.fresh(prompt)
+    wait_stored(engine, prompt)
+    with engine.daemon.client(timeout=10) as client:
+        after = client.stats()
+    from_buffer = count_field(after, "bytes_in_buffer") - count_field(before, "bytes_in_buffer")
+    direct = count_field(after, "bytes_in_direct") - count_field(before, "bytes_in_direct")
+    # The host buffers are slabs of Client.buffer: every saved byte was copied by a worker from
+    # its mapping of that memfd, none read page by page from the engine's memory.
+    assert from_buffer > 0 and direct == 0
+
+
 def read_bytes(engine: Engine) -> tuple[int, int]:
     """Return (bytes read, bytes read as arena slots) summed over the daemon's workers."""
     with engine.daemon.client(timeout=10) as client:
