@@ -28,7 +28,7 @@ import secrets
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -56,7 +56,6 @@ from lmcached.shm.layout import (
     parse_memfd_stage,
     retire_arena,
 )
-from lmcached.storage.piece_copy import CopyPiece, held_address
 
 __all__ = [
     "ENTRY_OVERHEAD",
@@ -433,35 +432,28 @@ class FileRange:
     until_ns: int | None = None
     # Copy threads a large block may be copied on (None: the calling thread only).
     pool: ThreadPoolExecutor | None = None
+    # Where the block starts in this process, for a mapped memfd whose address the caller holds
+    # (piece_copy.held_address) while the copy lasts: memcpy with the GIL released.
+    base: int | None = None
 
     def check_deadline(self) -> None:
         """Raise OSError once the put's deadline has passed (never, for a checksummed put)."""
         if self.until_ns is not None and time.monotonic_ns() >= self.until_ns:
             raise OSError("the put's deadline passed before its bytes were read")
 
-    @contextlib.contextmanager
-    def reading(self) -> Iterator[CopyPiece]:
-        """Check the deadline, then copy by address (a :class:`PieceSource`), GIL released.
-
-        A mapped memfd is held exported while the copies run, so that closing the stage (a
-        client gone, the LRU full) cannot unmap it under a copy thread.
-        """
+    def begin(self) -> None:
+        """Refuse a copy that would start after the deadline, or read past a mapped memfd."""
         self.check_deadline()
         mapped = self.stage.mapped
-        if mapped is None:
-            yield self._pread
-            return
-        if self.offset + self.nbytes > mapped.nbytes:
+        if mapped is not None and self.offset + self.nbytes > mapped.nbytes:
             raise OSError(f"staging memfd ends before {self.offset + self.nbytes} bytes")
-        with contextlib.ExitStack() as held:
-            try:
-                base = held.enter_context(held_address(mapped)) + self.offset
-            except ValueError:  # released: the stage was closed since the put named it
-                raise OSError("the staging memfd was closed") from None
-            yield lambda local, at, n: ctypes.memmove(local, base + at, n)
 
-    def _pread(self, local: int, at: int, n: int) -> None:
-        self.read_into(memoryview((ctypes.c_char * n).from_address(local)).cast("B"), at)
+    def copy(self, local: int, at: int, n: int) -> None:
+        """Copy ``n`` bytes at ``at`` to address ``local`` (a PieceSource), GIL released."""
+        if self.base is not None:
+            ctypes.memmove(local, self.base + at, n)
+        else:
+            self.read_into(memoryview((ctypes.c_char * n).from_address(local)).cast("B"), at)
 
     def vouch(self) -> None:
         """After the last piece: every piece was read before the deadline, or none counts."""

@@ -32,12 +32,10 @@ import os
 import select
 import time
 from collections import OrderedDict
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from lmcached.glibc import glibc_function
-from lmcached.storage.piece_copy import CopyPiece
 
 __all__ = ["PeerGone", "PeerMemory", "PeerRange", "PeerRefused", "Peers", "parse_peer_address"]
 
@@ -216,16 +214,16 @@ class PeerRange:
     def read_into(self, dst: memoryview, at: int) -> None:
         self.peer.read_into(dst, self.addr + at, self.until_ns)
 
-    @contextlib.contextmanager
-    def reading(self) -> Iterator[CopyPiece]:
-        """Refuse a copy that would start after the deadline; copy by address after that.
+    def begin(self) -> None:
+        """Refuse a copy that would start after the deadline.
 
-        The deadline and the client's life are checked once, after the last piece
+        The deadline and the client's life are checked once more, after the last piece
         (:meth:`vouch`, which PeerMemory.vouch explains).
         """
         self.peer.check_deadline(self.until_ns)
-        peer, addr = self.peer, self.addr
-        yield lambda local, at, n: peer.copy(local, addr + at, n)
+
+    def copy(self, local: int, at: int, n: int) -> None:
+        self.peer.copy(local, self.addr + at, n)
 
     def vouch(self) -> None:
         self.peer.vouch(self.until_ns)

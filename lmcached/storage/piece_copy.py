@@ -15,7 +15,7 @@ import os
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor, wait
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import contextmanager
 from typing import Any, Protocol
 
 __all__ = ["COPY_THREADS", "PIECE", "PieceSource", "copy_hashing", "held_address", "idle_core"]
@@ -45,8 +45,12 @@ class PieceSource(Protocol):
     @property
     def nbytes(self) -> int: ...
 
-    def reading(self) -> AbstractContextManager[CopyPiece]:
-        """Check that a copy may start (OSError if not) and hold what the copies read."""
+    def begin(self) -> None:
+        """Raise OSError if a copy may not even start (the put's deadline has passed)."""
+        ...
+
+    def copy(self, local: int, at: int, n: int) -> object:
+        """Copy ``n`` bytes at offset ``at`` to address ``local``, GIL released; OSError if not."""
         ...
 
     def vouch(self) -> None:
@@ -131,19 +135,20 @@ def copy_hashing(
     buf = (ctypes.c_char * n).from_buffer(dst)
     try:
         base = ctypes.addressof(buf)
-        with src.reading() as copy:
-            if pool is None or n < PARALLEL_MIN or not idle_core():
-                since_yield = 0
-                for at in range(0, n, PIECE):
-                    size = min(PIECE, n - at)
-                    copy(base + at, at, size)
-                    h.update(dst[at : at + size])
-                    since_yield += size
-                    if since_yield >= YIELD_EVERY:
-                        since_yield = 0
-                        yield
-            else:
-                yield from _copy_hashing_parallel(pool, copy, n, base, dst, h)
+        src.begin()
+        copy = src.copy
+        if pool is None or n < PARALLEL_MIN or not idle_core():
+            since_yield = 0
+            for at in range(0, n, PIECE):
+                size = min(PIECE, n - at)
+                copy(base + at, at, size)
+                h.update(dst[at : at + size])
+                since_yield += size
+                if since_yield >= YIELD_EVERY:
+                    since_yield = 0
+                    yield
+        else:
+            yield from _copy_hashing_parallel(pool, copy, n, base, dst, h)
     finally:
         del buf  # the export of dst must end here, or its arena could never be unmapped
     src.vouch()

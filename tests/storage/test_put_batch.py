@@ -23,6 +23,7 @@ from lmcached.storage.arena import Arena, FileRange, Stage
 from lmcached.storage.base import Block
 from lmcached.storage.cpu import CPUBackend
 from lmcached.storage.peer_memory import PeerMemory, PeerRange
+from lmcached.storage.piece_copy import held_address
 from lmcached.storage.tiered import TieredStore
 
 MIB = 1 << 20
@@ -80,11 +81,12 @@ def test_a_batch_from_a_buffer_stores_each_block_whole_and_refuses_a_wrong_check
     offsets = [sum(sizes[:i]) for i in range(len(sizes))]
     blocks = [data[o : o + n] for o, n in zip(offsets, sizes, strict=True)]
     items = []
-    for i, (off, n) in enumerate(zip(offsets, sizes, strict=True)):
-        checksum = xxhash.xxh3_64_intdigest(blocks[i]) ^ (1 if i == 4 else 0)
-        src = FileRange(stage, off, n, time.monotonic_ns() + LATER)
-        items.append((b"k%d" % i, Block(frames=(src,), nbytes=n, checksum=checksum)))
-    stored = _run(tier.put_batch_steps(items, pool))
+    with held_address(stage.mapped) as base:  # as the worker holds it: copies by memcpy
+        for i, (off, n) in enumerate(zip(offsets, sizes, strict=True)):
+            checksum = xxhash.xxh3_64_intdigest(blocks[i]) ^ (1 if i == 4 else 0)
+            src = FileRange(stage, off, n, time.monotonic_ns() + LATER, base=base + off)
+            items.append((b"k%d" % i, Block(frames=(src,), nbytes=n, checksum=checksum)))
+        stored = _run(tier.put_batch_steps(items, pool))
     assert stored == [i != 4 for i in range(len(sizes))]
     for i, block in enumerate(blocks):
         assert _stored(tier, b"k%d" % i) == (None if i == 4 else block)
