@@ -147,9 +147,10 @@ class OpStats:
         }
 
 
-# The average block size from which a same-host put's blocks are copied side by side. Measured
-# here with one worker: 2 MiB blocks from a Client.buffer 0.50x -> 0.74x a memcpy; 256 KiB
-# blocks 0.37x -> 0.26x (the loop thread's Python per block, under the GIL, starved the helper).
+# The average block size from which the blocks of a put from a mapped memfd (Client.buffer, a
+# staging memfd) are copied side by side. Measured here with one worker: 2 MiB blocks from a
+# Client.buffer 0.50x -> 0.74x a memcpy; 256 KiB blocks 0.37x -> 0.26x (the loop thread's
+# Python per block, under the GIL, starved the helper).
 BATCH_MIN_BLOCK = 1 << 20
 
 
@@ -557,21 +558,17 @@ class Worker:
         metas = req.metas or [None] * len(req.keys)
         sums = req.sums or [None] * len(req.keys)
         origin = envelope.bytes if self.store.has_lower else None
-        batch = self._batch_copies(req.sizes)
-        pool = None if batch else self.copy_pool  # alone, a large block is split over threads
+        # Block by block; a large block is split over the copy threads. Not side by side: two
+        # threads reading one client with process_vm_readv gained nothing here (0.9x).
         sources = [
-            PeerRange(peer, addr, size, req.until, pool)
+            PeerRange(peer, addr, size, req.until, self.copy_pool)
             for addr, size in zip(req.addrs, req.sizes, strict=True)
         ]
+        stored = 0
         try:
-            if batch:
-                stored = yield from self._put_batch(req.keys, sources, metas, sums, origin)
-                self.ops.bytes_in_direct += sum(req.sizes)
-            else:
-                stored = 0
-                for key, src, meta, checksum in zip(req.keys, sources, metas, sums, strict=True):
-                    yield
-                    stored += yield from self._put_one_direct(key, src, meta, checksum, origin)
+            for key, src, meta, checksum in zip(req.keys, sources, metas, sums, strict=True):
+                yield
+                stored += yield from self._put_one_direct(key, src, meta, checksum, origin)
         except PeerRefused as exc:  # the kernel refused a copy the probe could not foresee
             self.reply_error(envelope, req.id, protocol.E_MALFORMED, f"direct put refused: {exc}")
             return
@@ -608,7 +605,8 @@ class Worker:
         return int(stored)
 
     def _batch_copies(self, sizes: list[int]) -> bool:
-        """Whether a same-host put's blocks are copied side by side (TieredStore.put_batch_steps).
+        """Whether the blocks of a put from a mapped memfd are copied side by side
+        (TieredStore.put_batch_steps).
 
         Not with lower tiers (they take their own copy of each block first), nor for a single
         block (a large one is split over the copy threads instead), nor for small blocks: below
@@ -663,7 +661,7 @@ class Worker:
             base = None
             if stage.mapped is not None:
                 base = held.enter_context(piece_copy.held_address(stage.mapped))
-            batch = self._batch_copies(req.sizes)
+            batch = base is not None and self._batch_copies(req.sizes)
             # Alone, a large block is split over the copy threads; in a batch, never.
             pool = None if batch else self.copy_pool
             sources = [
@@ -726,7 +724,9 @@ class Worker:
         # Pin the slots with the lookup: nothing can evict and reuse them until the reply's
         # bytes are sent (ZMQ) or the client's lease ends (shared memory).
         if self.arena is not None:
-            cached, pin = self.store.get_cached_pinned(req.keys, self.arena.pin)
+            # A same-host reader gets blocks put over ZMQ from the arena too, from its first
+            # read on: each is copied into the slot its entry reserved (CPUBackend.settle).
+            cached, pin = self.store.get_cached_pinned(req.keys, self.arena.pin, settle=req.shm)
         else:
             cached, pin = self.store.get_cached_many(req.keys), None
         if not self.store.has_lower or all(b is not None for b in cached):

@@ -252,6 +252,17 @@ class Arena:
             self._slots[index] = _Slot(off, order, nbytes, 0)
             return index
 
+    def back(self, index: int) -> None:
+        """Mark an unbacked slot as about to be written (its block moves into the arena).
+
+        Its pages are then the arena's like any written slot's, and a later unbacked
+        reservation of this range gives them back.
+        """
+        with self._lock:
+            s = self._slots[index]
+            if s.order >= 0:
+                self._written_end = max(self._written_end, s.offset + (1 << s.order))
+
     def payload(self, index: int) -> memoryview:
         """The writable bytes of a slot (worker only)."""
         s = self._slots[index]

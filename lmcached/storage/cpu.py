@@ -352,6 +352,41 @@ class CPUBackend(StorageBackend):
                 self.arena.release(index)
         return True
 
+    def settle(self, keys: Sequence[bytes]) -> int:
+        """Move the blocks of ``keys`` kept in their own buffers (ZMQ puts) into their slots.
+
+        For a same-host reader: a block in a slot is read from shared memory, the others go
+        over ZMQ. Each block is copied (and hashed) once, into the slot its entry reserved at
+        put, so neither the budget nor the allocator changes. A block whose bytes no longer
+        match the checksum it was put with stays as it is. Returns how many moved.
+        """
+        if self.arena is None or not self._unbacked:
+            return 0
+        moved = 0
+        for key in keys:
+            index = self._unbacked.get(key)
+            if index is None:
+                continue
+            block = self._blocks[key]
+            self.arena.back(index)
+            payload = self.arena.payload(index)
+            checksum = copy_hashing(payload, block.frames)
+            if block.checksum is not None and checksum != block.checksum:
+                continue
+            self.arena.commit(index, checksum)
+            del self._unbacked[key]
+            self._blocks[key] = Block(
+                frames=(payload,),
+                nbytes=block.nbytes,
+                meta=block.meta,
+                checksum=checksum,
+                slot=index,
+            )
+            moved += 1
+        if moved:
+            self.counters.extra["settled"] = self.counters.extra.get("settled", 0) + moved
+        return moved
+
     def iter_keys(self) -> Iterator[bytes]:
         return iter(list(self._blocks))
 

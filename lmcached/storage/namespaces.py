@@ -15,7 +15,7 @@ guarantee that holds under any access pattern, and it keeps each partition an or
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 from lmcached.storage.base import Block, StorageBackend, Usage
@@ -83,12 +83,22 @@ class NamespacedBackend(StorageBackend):
         # The partition evicts by its own policy within its own budget, never across.
         return self._partition(key).put(key, block)
 
-    def start_put(self, key: bytes, block: Block, keep_buffers: bool = False) -> ArenaWrite | bool:
+    def start_put(
+        self, key: bytes, block: Block, keep_buffers: bool = False, defer: bool = False
+    ) -> ArenaWrite | bool:
         """CPUBackend.start_put in the key's partition (a put in steps, see TieredStore)."""
         part = self._partition(key)
         if isinstance(part, CPUBackend):
-            return part.start_put(key, block, keep_buffers)
+            return part.start_put(key, block, keep_buffers, defer)
         return part.put(key, block)
+
+    def settle(self, keys: Sequence[bytes]) -> int:
+        """CPUBackend.settle, each key in its partition."""
+        return sum(
+            part.settle([key])
+            for key in keys
+            if isinstance(part := self._partition(key), CPUBackend)
+        )
 
     def remove(self, key: bytes) -> bool:
         return self._partition(key).remove(key)

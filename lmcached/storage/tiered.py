@@ -366,16 +366,20 @@ class TieredStore:
         return out
 
     def get_cached_pinned(
-        self, keys: Sequence[bytes], pin: Callable[[list[int]], int]
+        self, keys: Sequence[bytes], pin: Callable[[list[int]], int], settle: bool = False
     ) -> tuple[list[Block | None], int | None]:
         """Look in CPU only, and pin the found blocks' arena slots in the same critical section.
 
         ``pin`` (the arena's) is called with the slots under the CPU lock, so a promotion on an
-        I/O thread cannot evict and reuse a slot between the lookup and the pin. Returns the
-        blocks and the pin id (None when no block lives in an arena slot).
+        I/O thread cannot evict and reuse a slot between the lookup and the pin. ``settle``
+        (a same-host reader): first move the found blocks that a ZMQ put left in their own
+        buffers into their slots (CPUBackend.settle). Returns the blocks and the pin id (None
+        when no block lives in an arena slot).
         """
         start = time.perf_counter()
         with self._cpu_lock:
+            if settle and hasattr(self.top, "settle"):
+                self.top.settle(keys)
             out = [self.top.get(k) for k in keys]
             slots = [b.slot for b in out if b is not None and b.slot is not None]
             held = pin(slots) if slots else None

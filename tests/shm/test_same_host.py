@@ -62,14 +62,17 @@ def test_a_tcp_client_and_a_same_host_client_share_one_cluster(daemon_factory):
         remote.put(keys[4:], vals[4:])
         assert local.shared_arenas() and remote.shared_arenas() == []
         assert [bytes(v) for v in remote.get(keys)] == vals  # type: ignore[arg-type]
-        assert [bytes(v) for v in local.get(keys)] == vals  # type: ignore[arg-type]
-        got = remote.get(keys[:1])[0]
-        assert not isinstance(got.obj, LeasedView)  # ZMQ frames, as before
-        ops = [w["stats"]["ops"] for w in local.stats()["workers"]]
-        # The remote put's blocks stay in the frames they arrived in (no copy into the arena),
-        # so the local get takes those over ZMQ and only the local put's from the arena.
+        # The remote put's blocks stay in the frames they arrived in (no copy into the arena)...
         assert sum(t["entries_outside_arena"] for t in cpu_stats(local)) == 4
-        assert sum(o["bytes_out_shared"] for o in ops) == 4 * 300_000
+        # ...until a same-host client reads them: each moves into the slot it reserved, once,
+        # and every block of the local get comes from the arena.
+        assert [bytes(v) for v in local.get(keys)] == vals  # type: ignore[arg-type]
+        assert sum(t["entries_outside_arena"] for t in cpu_stats(local)) == 0
+        assert sum(t.get("settled", 0) for t in cpu_stats(local)) == 4
+        got = remote.get(keys[4:5])[0]
+        assert not isinstance(got.obj, LeasedView) and bytes(got) == vals[4]  # ZMQ, from a slot
+        ops = [w["stats"]["ops"] for w in local.stats()["workers"]]
+        assert sum(o["bytes_out_shared"] for o in ops) == 8 * 300_000
         assert sum(o["bytes_in_direct"] for o in ops) == 4 * 300_000  # the local put only
         assert sum(o["bytes_out"] for o in ops) == 17 * 300_000
 
@@ -108,12 +111,16 @@ def test_a_zmq_put_keeps_its_frames_and_is_refused_when_its_checksum_is_wrong(da
         sock.close()
         ctx.term()
     with d.client() as c:
-        assert c.get([b"zmq/bad"]) == [None]
-        got = c.get([b"zmq/good"])[0]
-        assert not isinstance(got.obj, LeasedView) and bytes(got) == data
         stats = cpu_stats(c)[0]
         assert stats["checksum_rejected"] == 1 and stats["entries_outside_arena"] == 1
         assert stats["arena_slot_bytes"] == 4 * MIB  # its slot is reserved, unbacked
+        assert c.get([b"zmq/bad"]) == [None]
+        # A same-host read moves the block into its slot and gets it from the arena.
+        got = c.get([b"zmq/good"])[0]
+        assert isinstance(got.obj, LeasedView) and bytes(got) == data
+        stats = cpu_stats(c)[0]
+        assert stats["entries_outside_arena"] == 0 and stats["settled"] == 1
+        assert stats["arena_slot_bytes"] == 4 * MIB  # the same slot, now backed
 
 
 def test_with_shared_memory_off_the_map_has_no_arena_and_zmq_serves(daemon_factory):

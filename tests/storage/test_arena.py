@@ -254,3 +254,30 @@ def test_a_block_kept_in_its_own_buffers_holds_budget_and_a_slot_but_no_arena_by
     assert tier.stats()["entries_outside_arena"] == 0
     assert arena.slot_bytes == 4 * 128 * KIB
     tier.close()
+
+
+def test_a_block_kept_in_its_own_buffers_settles_into_its_slot_when_read_from_shared_memory(
+    arena,
+):
+    from lmcached.storage.base import Block
+    from lmcached.storage.cpu import CPUBackend
+
+    tier = CPUBackend(1 << 20, arena=arena)
+    data = os.urandom(256 * KIB)
+    block = Block(frames=(data[: 100 * KIB], data[100 * KIB :]), nbytes=256 * KIB)
+    assert tier.start_put(b"k0", block, keep_buffers=True) is True
+    backed = _backed_bytes(arena)
+    assert tier.settle([b"k0", b"absent"]) == 1
+    assert tier.settle([b"k0"]) == 0  # once
+    held = tier.get(b"k0")
+    assert held is not None and held.slot is not None and held.tobytes() == data
+    assert tier.stats()["entries_outside_arena"] == 0 and tier.stats()["settled"] == 1
+    assert _backed_bytes(arena) - backed == 256 * KIB  # the slot's pages now hold the bytes
+    reader = ArenaReader(arena.path)
+    assert bytes(reader.payload(arena.ref(held.slot))) == data  # committed: a client reads it
+    reader.close()
+    # Freed, the slot's pages are the arena's: a later unbacked reservation gives them back.
+    assert tier.remove(b"k0")
+    index = arena.alloc(256 * KIB, unbacked=True)
+    assert index is not None and _backed_bytes(arena) == backed
+    tier.close()
