@@ -68,7 +68,6 @@ from lmcached.security import AuthGuard, ServerCurve, secure_ipc_socket
 from lmcached.storage import piece_copy
 from lmcached.storage.arena import Arena, FileRange, StageMaps
 from lmcached.storage.base import Block
-from lmcached.storage.cpu import HASH_PIECE
 from lmcached.storage.peer_memory import PeerRange, PeerRefused, Peers
 from lmcached.version import __version__
 
@@ -568,40 +567,40 @@ class Worker:
         try:
             for key, src, meta, checksum in zip(req.keys, sources, metas, sums, strict=True):
                 yield
-                stored += yield from self._put_one_direct(key, src, meta, checksum, origin)
+                stored += yield from self._put_one_same_host(key, src, meta, checksum, origin)
         except PeerRefused as exc:  # the kernel refused a copy the probe could not foresee
             self.reply_error(envelope, req.id, protocol.E_MALFORMED, f"direct put refused: {exc}")
             return
         self.reply(envelope, PutReply(stored, self.incarnation, id=req.id))
 
-    def _put_one_direct(
+    def _put_one_same_host(
         self,
         key: bytes,
-        src: PeerRange,
+        src: PeerRange | FileRange,
         meta: dict[str, Any] | None,
         checksum: int | None,
         origin: bytes | None,
     ) -> Generator[None, None, int]:
-        """Store one block of a direct put; 1 if it was stored."""
+        """Store one block of a direct, staged or buffer put; 1 if it was stored."""
         size = src.nbytes
         if self.store.has_lower:
-            # Lower tiers write later, from a copy of their own: the slot may be evicted.
+            # Lower tiers write later, from a copy of their own: never from the client's
+            # memory, and the slot may be evicted first. Checked as the CPU tier checks.
             buf = bytearray(size)
-            view = memoryview(buf)
+            h = xxhash.xxh3_64()
             try:
-                for at in range(0, size, HASH_PIECE):
-                    src.read_into(view[at : at + HASH_PIECE], at)
-                    yield
+                yield from piece_copy.copy_hashing(src, memoryview(buf), h)
             except OSError:
                 return 0
-            finally:
-                view.release()
+            if checksum is not None and h.intdigest() != checksum:
+                return 0
             block = Block(frames=(buf,), nbytes=size, meta=meta, checksum=checksum)
         else:
             block = Block(frames=(src,), nbytes=size, meta=meta, checksum=checksum)
         stored = yield from self.store.put_steps(key, block, origin)
         self.ops.bytes_in += size
-        self.ops.bytes_in_direct += size
+        if isinstance(src, PeerRange):
+            self.ops.bytes_in_direct += size
         return int(stored)
 
     def _batch_copies(self, sizes: list[int]) -> bool:
@@ -676,46 +675,10 @@ class Worker:
                 stored = 0
                 for key, src, meta, checksum in zip(req.keys, sources, metas, sums, strict=True):
                     yield
-                    stored += yield from self._put_one_staged(key, src, meta, checksum, origin)
+                    stored += yield from self._put_one_same_host(key, src, meta, checksum, origin)
                     if req.sums is None:
                         self.ops.bytes_in_buffer += src.nbytes
         self.reply(envelope, PutReply(stored, self.incarnation, id=req.id))
-
-    def _put_one_staged(
-        self,
-        key: bytes,
-        src: FileRange,
-        meta: dict[str, Any] | None,
-        checksum: int | None,
-        origin: bytes | None,
-    ) -> Generator[None, None, int]:
-        """Store one block of a staged or buffer put; 1 if it was stored."""
-        size = src.nbytes
-        if self.store.has_lower:
-            # Lower tiers write later, from their own copy: never from the client's staging.
-            buf = bytearray(size)
-            view = memoryview(buf)
-            h = xxhash.xxh3_64()
-            try:
-                src.check_deadline()
-                for at in range(0, size, HASH_PIECE):
-                    piece = view[at : at + HASH_PIECE]
-                    src.read_into(piece, at)
-                    h.update(piece)
-                    yield
-                src.check_deadline()
-            except OSError:
-                return 0
-            finally:
-                view.release()
-            if checksum is not None and h.intdigest() != checksum:
-                return 0
-            block = Block(frames=(buf,), nbytes=size, meta=meta, checksum=checksum)
-        else:
-            block = Block(frames=(src,), nbytes=size, meta=meta, checksum=checksum)
-        stored = yield from self.store.put_steps(key, block, origin)
-        self.ops.bytes_in += size
-        return int(stored)
 
     def op_get(self, envelope: Any, req: GetRequest) -> None:
         if self.arena is not None:

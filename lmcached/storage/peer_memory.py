@@ -134,24 +134,6 @@ class PeerMemory:
             return
         _refusal(ctypes.get_errno())
 
-    def read_into(self, dst: memoryview, addr: int, until_ns: int) -> None:
-        """Copy ``dst.nbytes`` bytes from the client's ``addr`` into ``dst``, then vouch for them.
-
-        Raises PeerRefused when the kernel forbids reading this process, PeerGone when the copy
-        cannot be trusted (the client exited or its deadline passed before the copy ended), and
-        OSError when the range is not the client's readable memory.
-        """
-        n = dst.nbytes
-        if n == 0:
-            return
-        self.check_deadline(until_ns)
-        buf = (ctypes.c_char * n).from_buffer(dst)
-        try:
-            self.copy(ctypes.addressof(buf), addr, n)
-        finally:
-            del buf  # the export of dst must end here, or its arena could never be unmapped
-        self.vouch(until_ns)
-
     def check_deadline(self, until_ns: int) -> None:
         """Raise PeerGone if the put's deadline has passed: a copy must not even start."""
         if time.monotonic_ns() >= until_ns:
@@ -210,9 +192,6 @@ class PeerRange:
     nbytes: int
     until_ns: int
     pool: ThreadPoolExecutor | None = None
-
-    def read_into(self, dst: memoryview, at: int) -> None:
-        self.peer.read_into(dst, self.addr + at, self.until_ns)
 
     def begin(self) -> None:
         """Refuse a copy that would start after the deadline.

@@ -8,11 +8,14 @@ import shutil
 import socket
 import subprocess
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 import redis
 
+from lmcached.storage import piece_copy
+from lmcached.storage.peer_memory import PeerMemory
 from lmcached.testing import RedisServer, wait_until
 
 # Daemon subprocesses must import this checkout, not whichever tree `pip install -e` points at.
@@ -20,6 +23,23 @@ REPO_ROOT = str(Path(__file__).resolve().parents[2])
 os.environ["PYTHONPATH"] = os.pathsep.join(
     p for p in (REPO_ROOT, os.environ.get("PYTHONPATH", "")) if p
 )
+
+
+@pytest.fixture
+def pool() -> Iterator[ThreadPoolExecutor]:
+    """Two copy threads, as a worker's."""
+    pool = ThreadPoolExecutor(piece_copy.COPY_THREADS)
+    yield pool
+    pool.shutdown(wait=True)
+
+
+@pytest.fixture
+def me() -> Iterator[PeerMemory]:
+    """This very process as a direct put's client: process_vm_readv of one's own pid works."""
+    peer = PeerMemory(os.getuid(), os.getpid())
+    yield peer
+    peer.close()
+
 
 REDIS_SERVER = shutil.which("redis-server")
 REDIS_CLI = shutil.which("redis-cli")

@@ -10,35 +10,19 @@ import ctypes
 import mmap
 import os
 import time
-from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 import xxhash
 
 from lmcached.storage import piece_copy
-from lmcached.storage.peer_memory import PeerGone, PeerMemory, PeerRange
+from lmcached.storage.peer_memory import PeerGone, PeerRange
 
 MIB = 1 << 20
 
 
 def _address(buf: object) -> int:
     return int(np.frombuffer(buf, dtype=np.uint8).ctypes.data)  # type: ignore[call-overload]
-
-
-@pytest.fixture
-def pool() -> Iterator[ThreadPoolExecutor]:
-    pool = ThreadPoolExecutor(piece_copy.COPY_THREADS)
-    yield pool
-    pool.shutdown(wait=True)
-
-
-@pytest.fixture
-def me() -> Iterator[PeerMemory]:
-    peer = PeerMemory(os.getuid(), os.getpid())
-    yield peer
-    peer.close()
 
 
 def _copy(src: PeerRange, dst: bytearray) -> int:

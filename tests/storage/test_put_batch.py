@@ -13,7 +13,6 @@ import mmap
 import os
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -22,7 +21,7 @@ import xxhash
 from lmcached.storage.arena import Arena, FileRange, Stage
 from lmcached.storage.base import Block
 from lmcached.storage.cpu import CPUBackend
-from lmcached.storage.peer_memory import PeerMemory, PeerRange
+from lmcached.storage.peer_memory import PeerRange
 from lmcached.storage.piece_copy import held_address
 from lmcached.storage.tiered import TieredStore
 
@@ -36,20 +35,6 @@ def store(tmp_path) -> Iterator[tuple[TieredStore, Arena]]:
     store = TieredStore([CPUBackend(64 * MIB, arena=arena)])
     yield store, arena
     store.close()
-
-
-@pytest.fixture
-def pool() -> Iterator[ThreadPoolExecutor]:
-    pool = ThreadPoolExecutor(2)
-    yield pool
-    pool.shutdown(wait=True)
-
-
-@pytest.fixture
-def me() -> Iterator[PeerMemory]:
-    peer = PeerMemory(os.getuid(), os.getpid())
-    yield peer
-    peer.close()
 
 
 def _memfd_stage(data: bytes) -> Stage:
