@@ -358,7 +358,9 @@ class CPUBackend(StorageBackend):
         For a same-host reader: a block in a slot is read from shared memory, the others go
         over ZMQ. Each block is copied (and hashed) once, into the slot its entry reserved at
         put, so neither the budget nor the allocator changes. A block whose bytes no longer
-        match the checksum it was put with stays as it is. Returns how many moved.
+        match the checksum it was put with is dropped (counted in ``errors``): serving it over
+        ZMQ instead would serve wrong bytes, and copying it again on every read would cost a
+        copy each time. Returns how many moved.
         """
         if self.arena is None or not self._unbacked:
             return 0
@@ -372,6 +374,8 @@ class CPUBackend(StorageBackend):
             payload = self.arena.payload(index)
             checksum = copy_hashing(payload, block.frames)
             if block.checksum is not None and checksum != block.checksum:
+                self.remove(key)
+                self.counters.errors += 1
                 continue
             self.arena.commit(index, checksum)
             del self._unbacked[key]

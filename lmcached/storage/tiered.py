@@ -294,15 +294,7 @@ class TieredStore:
             return [self.put(key, block, origin) for key, block in items]
         stored: list[bool] = [False] * len(items)
         writes: list[Any] = [None] * len(items)
-        with self._cpu_lock:
-            for i, (key, block) in enumerate(items):
-                self._generations.stamp(key)
-                started = start(key, block, defer=True)
-                if isinstance(started, bool):
-                    stored[i] = started
-                else:
-                    writes[i] = started
-        todo = _Claims([i for i, w in enumerate(writes) if w is not None])
+        todo = _Claims([])
         done = [threading.Event() for _ in items]
         failures: dict[int, BaseException] = {}
 
@@ -315,8 +307,18 @@ class TieredStore:
                 finally:
                     done[j].set()
 
-        helper = pool.submit(help_copy) if len(todo) > 1 else None
+        helper = None
         try:
+            with self._cpu_lock:
+                for i, (key, block) in enumerate(items):
+                    self._generations.stamp(key)
+                    started = start(key, block, defer=True)
+                    if isinstance(started, bool):
+                        stored[i] = started
+                    else:
+                        writes[i] = started
+            todo = _Claims([i for i, w in enumerate(writes) if w is not None])
+            helper = pool.submit(help_copy) if len(todo) > 1 else None
             for i, write in enumerate(writes):
                 if write is None:
                     continue

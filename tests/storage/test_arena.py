@@ -281,3 +281,22 @@ def test_a_block_kept_in_its_own_buffers_settles_into_its_slot_when_read_from_sh
     index = arena.alloc(256 * KIB, unbacked=True)
     assert index is not None and _backed_bytes(arena) == backed
     tier.close()
+
+
+def test_a_kept_block_whose_bytes_changed_since_its_put_is_dropped_when_it_settles(arena):
+    import xxhash
+
+    from lmcached.storage.base import Block
+    from lmcached.storage.cpu import CPUBackend
+
+    tier = CPUBackend(1 << 20, arena=arena)
+    frame = bytearray(os.urandom(64 * KIB))
+    block = Block(frames=(frame,), nbytes=len(frame), checksum=xxhash.xxh3_64_intdigest(frame))
+    started = tier.start_put(b"k0", block, keep_buffers=True)
+    assert started is True or started.finish()  # checked against its checksum at put
+    frame[0] ^= 0xFF  # a fault in the worker's heap after the put
+    assert tier.settle([b"k0"]) == 0
+    assert tier.get(b"k0") is None  # never served: not from the arena, nor over ZMQ
+    assert tier.stats()["errors"] == 1 and arena.slot_bytes == 0
+    assert tier.settle([b"k0"]) == 0  # and not copied again
+    tier.close()
