@@ -80,8 +80,9 @@ from lmcached.shm.layout import ArenaReader, SlotRef
 __all__ = ["DEFAULT_TIMEOUT_S", "Client", "KeyLike"]
 
 DEFAULT_TIMEOUT_S = 10.0
-# Payload bytes of one same-host put request: small enough that the client stages the next
-# request while the worker copies this one, large enough that headers stay negligible.
+# Payload bytes of one staged same-host put request: small enough that the client stages the
+# next request while the worker copies this one, large enough that headers stay negligible.
+# A direct or buffer put stages nothing: one request per worker (up to max_request_bytes).
 SHARED_PUT_BYTES = 8 << 20
 # How long close() spends giving back the leases of dropped views (best effort).
 LEASE_RETURN_TIMEOUT_S = 1.0
@@ -913,9 +914,7 @@ class Client:
                 0,
                 positions,
             )
-            for worker, positions in batch.requests(
-                min(batch.limits.max_request_bytes, SHARED_PUT_BYTES)
-            )
+            for worker, positions in batch.requests(batch.limits.max_request_bytes)
         ]
         self._execute_puts(calls, batch.deadline, borrowed=True)
 

@@ -322,3 +322,27 @@ def test_a_direct_put_header_is_validated():
         protocol.DATA_OPS,
     )
     assert isinstance(ok, PutRequest) and ok.addrs == [123] and ok.until == 5
+
+
+def test_an_in_place_put_sends_one_request_per_worker(daemon_factory):
+    # Nothing is staged for a direct or buffer put, so its blocks need not be cut into small
+    # requests: one request per worker lets the worker copy its blocks side by side (before,
+    # 8 MiB requests cut a 32 MiB put into four, each copied, then answered, in turn).
+    d = daemon_factory(num_workers=1, max_local_cpu_size="256MiB")
+    n, size = 16, 2 * MIB
+    direct = [bytearray(os.urandom(size)) for _ in range(n)]
+    with d.client(timeout=30) as c:
+        before = _ops(c)[0]["requests"].get("put", 0)
+        c.put([f"one/d{i}".encode() for i in range(n)], direct)
+        assert _ops(c)[0]["requests"]["put"] == before + 1
+        buf = c.buffer(n * size)
+        buf[:] = b"".join(direct)
+        c.put(
+            [f"one/b{i}".encode() for i in range(n)],
+            [buf[i * size : (i + 1) * size] for i in range(n)],
+        )
+        ops = _ops(c)[0]
+        assert ops["requests"]["put"] == before + 2
+        assert ops["bytes_in_direct"] == ops["bytes_in_buffer"] == n * size
+        got = c.get([f"one/{k}{i}".encode() for k in "db" for i in range(n)])
+        assert [bytes(v) for v in got] == [bytes(v) for v in direct] * 2  # type: ignore[arg-type]
