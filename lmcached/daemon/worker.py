@@ -906,13 +906,14 @@ class Worker:
                 self.log.warning("scheduler_gone", parent=parent)
                 break
             if not events and (not busy or time.monotonic() >= next_sweep):
-                # Let go of the staging areas and peers of clients that exited (a memfd's
-                # pages stay alive, and count in this process's memory, while we map it).
+                # Let go of the staging areas their clients closed or left, and of the peers
+                # of clients that exited (a memfd's pages stay alive, and count in this
+                # process's memory, while we map it).
                 # Between a put's slices at most once a second: a sweep costs a system call
                 # per client, and a long put has a slice every 2 ms.
                 next_sweep = time.monotonic() + BUSY_SWEEP_S
                 if self.stages is not None:
-                    self.stages.forget_dead_clients()
+                    self.stages.forget_released()
                 if self.peers is not None:
                     self.peers.forget_dead()
 

@@ -523,25 +523,40 @@ class StageMaps:
             except OSError as exc:
                 raise ValueError(f"cannot open staging file: {exc.strerror}") from None
             stage, mapping = Stage(fd), None
-        self.forget_dead_clients()
+        self.forget_released()
         self._open[path] = (stage, mapping)
         while len(self._open) > self.MAX_OPEN:
             _, old = self._open.popitem(last=False)
             _close_stage(*old)
         return stage
 
-    def forget_dead_clients(self) -> None:
+    def forget_released(self) -> None:
         # Our descriptor (and mapping) keeps a staging area's pages alive after its client
-        # exits: let go of those of dead clients when another client shows up, and when idle.
+        # closes it or exits: let go of those when another one shows up, and when idle. A
+        # Client.buffer that a live process dropped would otherwise stay in this worker's
+        # memory, outside every budget, until that process exits.
         for path in list(self._open):
-            pid = _stage_pid(path)
-            if pid is not None and not pid_alive(pid):
+            if not _client_holds(path):
                 _close_stage(*self._open.pop(path))
 
     def close(self) -> None:
         while self._open:
             _, held = self._open.popitem()
             _close_stage(*held)
+
+
+def _client_holds(path: str) -> bool:
+    """Whether a staging area's client still has it: a memfd still open in that process (its
+    /proc link still names it: a closed or reused descriptor does not), a file's client alive."""
+    memfd = parse_memfd_stage(path)  # (a name accepted when it was opened: well formed)
+    if memfd is not None:
+        proc_path, target = memfd
+        try:
+            return os.readlink(proc_path) == target
+        except OSError:  # the process or its descriptor is gone
+            return False
+    pid = _stage_pid(path)
+    return pid is None or pid_alive(pid)
 
 
 def _stage_pid(path: str) -> int | None:

@@ -13,8 +13,9 @@ from typing import Any
 import numpy as np
 
 from lmcached.routing import owner
+from lmcached.testing import wait_until
 
-from .helpers import cpu_stats, raw_put
+from .helpers import cpu_stats, raw_put, worker_pid
 
 MIB = 1 << 20
 
@@ -121,3 +122,35 @@ def test_a_put_without_checksums_must_name_a_memfd_and_carry_a_deadline(daemon_f
         assert not reply["ok"] and reply["code"] == "malformed", (fields, reply)
     with d.client() as c:
         assert c.ping()  # still serving
+
+
+def _stage_mappings(pid: int) -> int:
+    """How many of this process's staging memfds (Client.buffer) worker ``pid`` maps."""
+    mine = f"/memfd:lmcached-stage-{os.getpid()}-"
+    with open(f"/proc/{pid}/maps") as f:
+        return sum(1 for line in f if mine in line)
+
+
+def test_a_buffer_its_process_dropped_leaves_the_workers_memory(daemon_factory):
+    # The worker maps a buffer to copy from it; once this (live) process drops the buffer, the
+    # worker's mapping was the last thing keeping its pages: they must not stay there, outside
+    # every budget, until this process exits.
+    d = daemon_factory(num_workers=1)
+    with d.client(timeout=30) as c:
+        pid = worker_pid(c, 0)
+        for i in range(3):
+            buf = c.buffer(4 * MIB)
+            buf[:] = bytes([i]) * buf.nbytes
+            c.put([f"dropped/{i}".encode()], [buf])
+            del buf
+            gc.collect()  # the last view is gone: this process closed the memfd
+        wait_until(lambda: _stage_mappings(pid) == 0, 10, what="the worker to unmap the buffers")
+        kept = c.buffer(MIB)  # a buffer still held stays mapped
+        c.put([b"dropped/kept"], [kept])
+        time.sleep(1.5)  # three idle sweeps at least
+        assert _stage_mappings(pid) == 1
+        assert [bytes(v)[:1] for v in c.get([f"dropped/{i}".encode() for i in range(3)])] == [
+            b"\0",
+            b"\1",
+            b"\2",
+        ]
