@@ -36,7 +36,7 @@ PARALLEL_MIN = 8 << 20
 PARALLEL_PIECE = 2 << 20
 COPY_THREADS = 2
 # How often a thread waiting for the previous piece's hash looks whether the copy was stopped.
-YIELD_WAIT_S = 0.001
+STOP_POLL_S = 0.001
 
 # (local address, offset in the source, bytes): copy with the GIL released; OSError if not.
 CopyPiece = Callable[[int, int, int], object]
@@ -165,16 +165,22 @@ def _copy_hashing_parallel(
     hashed = [threading.Event() for _ in starts]
     stop = threading.Event()  # a piece failed, or the caller gave up: copy no more
 
-    def copy_then_hash(k: int) -> None:
-        at = starts[k]
-        size = min(PARALLEL_PIECE, n - at)
-        copy(base + at, at, size)
-        if k:
-            while not hashed[k - 1].wait(YIELD_WAIT_S):
+    def piece(k: int) -> None:
+        """Copy piece k, then hash it once piece k-1 is hashed; mark it hashed whatever happens."""
+        try:
+            at = starts[k]
+            size = min(PARALLEL_PIECE, n - at)
+            copy(base + at, at, size)
+            while k and not hashed[k - 1].wait(STOP_POLL_S):
                 if stop.is_set():
                     return
-        if not stop.is_set():
-            h.update(dst[at : at + size])
+            if not stop.is_set():
+                h.update(dst[at : at + size])
+        except BaseException:
+            stop.set()
+            raise
+        finally:
+            hashed[k].set()
 
     def helper() -> None:
         # The odd pieces; the caller copies the even ones. One task for the whole block, and
@@ -183,26 +189,14 @@ def _copy_hashing_parallel(
         for k in range(1, len(starts), 2):
             if stop.is_set():
                 return
-            try:
-                copy_then_hash(k)
-            except BaseException:
-                stop.set()
-                raise
-            finally:
-                hashed[k].set()
+            piece(k)
 
     future = pool.submit(helper)
     try:
         for k in range(0, len(starts), 2):
             if stop.is_set():
                 break  # the helper failed: its error is raised below
-            try:
-                copy_then_hash(k)
-            except BaseException:
-                stop.set()
-                raise
-            finally:
-                hashed[k].set()
+            piece(k)
             yield
         future.result()
     finally:
