@@ -617,9 +617,8 @@ class Worker:
 
         Not with lower tiers (they take their own copy of each block first), nor for a single
         block (a large direct one is split over the copy threads instead), nor for small
-        blocks: below
-        BATCH_MIN_BLOCK on average the Python work per block, which holds the GIL, costs more
-        than the second thread gains.
+        blocks: below BATCH_MIN_BLOCK on average the Python work per block, which holds the
+        GIL, costs more than the second thread gains.
         """
         if self.copy_pool is None or self.store.has_lower:
             return False

@@ -125,7 +125,8 @@ def copy_hashing(
     """Copy ``src`` into ``dst``, hashing each piece into ``h`` right after its copy.
 
     With ``pool``, a block of PARALLEL_MIN or more is copied by the calling thread and one of
-    ``pool``'s threads when a core is free. Yields every YIELD_EVERY bytes so that the caller's loop can serve other requests.
+    ``pool``'s threads when a core is free. Yields every YIELD_EVERY bytes (every piece when
+    split) so that the caller's loop can serve other requests.
     Raises OSError when a piece cannot be used, or when ``src`` cannot vouch for the copy
     after its last piece. Never returns, nor raises, while a copy thread may still write into
     ``dst``.
