@@ -142,6 +142,28 @@ class _Claims:
             self._left.clear()
 
 
+class _Copied:
+    """Which blocks of a batch are copied, for the thread that publishes them in order."""
+
+    __slots__ = ("_changed", "done")
+
+    def __init__(self, n: int) -> None:
+        self.done = [False] * n
+        self._changed = threading.Condition(threading.Lock())
+
+    def mark(self, index: int) -> None:
+        with self._changed:
+            self.done[index] = True
+            self._changed.notify_all()
+
+    def wait(self, index: int) -> None:
+        if self.done[index]:
+            return
+        with self._changed:
+            while not self.done[index]:
+                self._changed.wait()
+
+
 class TieredStore:
     """Route gets, puts and deletes across an ordered list of tiers (CPU first)."""
 
@@ -295,7 +317,9 @@ class TieredStore:
         stored: list[bool] = [False] * len(items)
         writes: list[Any] = [None] * len(items)
         todo = _Claims([])
-        done = [threading.Event() for _ in items]
+        # Which blocks are copied: one condition for the put, not an Event per block (an Event
+        # is a Condition and a lock; 16 of them cost ~90 us a put, more than the signalling).
+        copied = _Copied(len(items))
         failures: dict[int, BaseException] = {}
 
         def help_copy() -> None:
@@ -305,7 +329,7 @@ class TieredStore:
                 except BaseException as exc:  # re-raised in order by the caller
                     failures[j] = exc
                 finally:
-                    done[j].set()
+                    copied.mark(j)
 
         helper = None
         try:
@@ -322,11 +346,11 @@ class TieredStore:
             for i, write in enumerate(writes):
                 if write is None:
                     continue
-                while not done[i].is_set() and (j := todo.take()) is not None:
+                while not copied.done[i] and (j := todo.take()) is not None:
                     while writes[j].step():
                         yield
-                    done[j].set()
-                done[i].wait()
+                    copied.mark(j)
+                copied.wait(i)
                 if i in failures:
                     raise failures[i]
                 with self._cpu_lock:
