@@ -36,6 +36,7 @@ import xxhash
 
 from lmcached.errors import LMCachedLeaseExpired, LMCachedUnavailable
 from lmcached.protocol import ClusterMap
+from lmcached.shm.addresses import buffer_address
 from lmcached.shm.files import create_mapped
 from lmcached.shm.layout import (
     ARENA_PREFIX,
@@ -123,11 +124,6 @@ if _np is not None:
 
 else:  # pragma: no cover
     LeasedView = None  # type: ignore[assignment,misc,unused-ignore]
-
-
-def buffer_address(view: memoryview) -> int:
-    """The address of a flat byte view's first byte in this process (read-only ones too)."""
-    return int(_np.frombuffer(view, dtype=_np.uint8).ctypes.data) if view.nbytes else 0
 
 
 def check_view(view: Any) -> None:
@@ -273,6 +269,8 @@ class PutBuffers:
             start = buf.address
             offsets = []
             for v in views:
+                if not v.c_contiguous:
+                    return None  # not one run of a buffer's bytes: put from a flat copy
                 at = buffer_address(v) - start if v.nbytes else 0
                 if not 0 <= at <= buf.size - v.nbytes:
                     break

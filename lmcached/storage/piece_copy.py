@@ -16,8 +16,9 @@ import os
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor, wait
-from contextlib import contextmanager
 from typing import Any, Protocol
+
+from lmcached.shm.addresses import held_address
 
 __all__ = ["COPY_THREADS", "PIECE", "PieceSource", "copy_hashing", "held_address", "idle_core"]
 
@@ -59,48 +60,6 @@ class PieceSource(Protocol):
     def vouch(self) -> None:
         """Raise OSError unless every piece copied so far may be served."""
         ...
-
-
-class _PyBuffer(ctypes.Structure):
-    # CPython's Py_buffer (part of the stable ABI since 3.11; the same layout since 3.3).
-    _fields_ = (
-        ("buf", ctypes.c_void_p),
-        ("obj", ctypes.c_void_p),
-        ("len", ctypes.c_ssize_t),
-        ("itemsize", ctypes.c_ssize_t),
-        ("readonly", ctypes.c_int),
-        ("ndim", ctypes.c_int),
-        ("format", ctypes.c_char_p),
-        ("shape", ctypes.c_void_p),
-        ("strides", ctypes.c_void_p),
-        ("suboffsets", ctypes.c_void_p),
-        ("internal", ctypes.c_void_p),
-    )
-
-
-_get_buffer = ctypes.pythonapi.PyObject_GetBuffer
-_get_buffer.argtypes = [ctypes.py_object, ctypes.POINTER(_PyBuffer), ctypes.c_int]
-_get_buffer.restype = ctypes.c_int
-_release_buffer = ctypes.pythonapi.PyBuffer_Release
-_release_buffer.argtypes = [ctypes.POINTER(_PyBuffer)]
-_release_buffer.restype = None
-
-
-@contextmanager
-def held_address(obj: Any) -> Iterator[int]:
-    """The address of ``obj``'s bytes (a contiguous buffer, read-only ones included).
-
-    The buffer is exported while the context lasts, so the memory cannot go away under a copy
-    thread: an ``mmap`` refuses to close, a memoryview to be released. ctypes' ``from_buffer``
-    would do this for writable buffers only.
-    """
-    view = _PyBuffer()
-    if _get_buffer(obj, ctypes.byref(view), 0) != 0:  # PyBUF_SIMPLE; raises on failure
-        raise BufferError("not a contiguous buffer")
-    try:
-        yield view.buf or 0
-    finally:
-        _release_buffer(ctypes.byref(view))
 
 
 def idle_core() -> bool:

@@ -55,6 +55,22 @@ def test_a_put_from_a_client_buffer_is_copied_by_the_worker_from_the_memfd(daemo
         assert c.get([b"buf/later"])[0] == bytes(kept)
 
 
+def test_a_non_contiguous_value_is_put_while_the_process_has_a_buffer(daemon_factory):
+    # Looking for the buffer that holds a put's blocks asked every value for its address,
+    # and a strided view has none: the put raised a bare BufferError instead of storing it.
+    d = daemon_factory(num_workers=1)
+    with d.client(timeout=30) as c:
+        buf = c.buffer(MIB)
+        grid = np.arange(64 * 64, dtype=np.float32).reshape(64, 64)
+        strided = memoryview(grid[:, 1:])
+        inside = buf[: 4 * 1024]
+        c.put([b"nc/strided", b"nc/inside"], [strided, inside])
+        assert c.get([b"nc/strided"])[0] == grid[:, 1:].tobytes()
+        # A put wholly in the buffer still takes the buffer's path.
+        c.put([b"nc/inside"], [inside])
+        assert sum(o["bytes_in_buffer"] for o in _ops(c)) == 4 * 1024
+
+
 def _memfds() -> set[str]:
     """The memfds this process holds open (a mapping's own duplicate descriptor included)."""
     links = set()
