@@ -295,9 +295,9 @@ class Client:
             cmap = self._cluster.ensure(deadline)
             limits = cmap.limits
             views = []
-            for key, value in zip(keys, values, strict=True):
+            for pos, (key, value) in enumerate(zip(keys, values, strict=True)):
                 _check_key(key, limits)
-                mv = memoryview(value)
+                mv = _value_view(pos, value)
                 if mv.nbytes > limits.max_block_size:
                     raise LMCachedRequestError(
                         f"block for key {key[:80]!r} is {mv.nbytes} bytes; max_block_size is {limits.max_block_size}",
@@ -372,19 +372,23 @@ class Client:
     ) -> list[bool]:
         """Copy each found block into the caller's buffer of the same position; True where found.
 
-        A buffer must be writable and at least as large as the block, else LMCachedRequestError.
+        A buffer must be writable, contiguous and at least as large as the block, else
+        LMCachedRequestError (checked before anything is sent, but the size only once the
+        block is found).
         """
         if len(buffers) != len(keys):
             raise LMCachedRequestError(f"{len(keys)} keys but {len(buffers)} buffers")
+        # Checked before anything is sent: a buffer we cannot write into fails the call whole.
+        sinks = [_sink_view(pos, buf) for pos, buf in enumerate(buffers)]
         found = [False] * len(keys)
 
         def into(worker: int, pos: int, ref: SlotRef, lease: Lease) -> Any:
             # The one copy, from the arena into the caller's memory; the lease ends right after.
             try:
-                dst = memoryview(buffers[pos]).cast("B")
-                if dst.readonly or dst.nbytes < ref.length:
+                dst = sinks[pos]
+                if dst.nbytes < ref.length:
                     raise LMCachedRequestError(
-                        f"buffer {pos} is read-only or smaller than the block ({ref.length} bytes)"
+                        f"buffer {pos} is smaller than the block ({ref.length} bytes)"
                     )
                 assert self._shm is not None
                 self._shm.copy_into(worker, ref, dst)
@@ -396,12 +400,10 @@ class Client:
             if isinstance(frames, _Shared):
                 found[pos] = True
                 continue
-            dst = memoryview(buffers[pos]).cast("B")
+            dst = sinks[pos]
             size = sum(len(f) for f in frames)
-            if dst.readonly or dst.nbytes < size:
-                raise LMCachedRequestError(
-                    f"buffer {pos} is read-only or smaller than the block ({size} bytes)"
-                )
+            if dst.nbytes < size:
+                raise LMCachedRequestError(f"buffer {pos} is smaller than the block ({size} bytes)")
             off = 0
             for f in frames:
                 n = len(f)
@@ -979,6 +981,31 @@ def _weak(method: Callable[[], T]) -> Callable[[], T]:
         return bound()
 
     return call
+
+
+def _value_view(pos: int, value: Any) -> memoryview:
+    """A put's value as a memoryview; LMCachedRequestError unless it is bytes-like."""
+    try:
+        return memoryview(value)
+    except TypeError:
+        raise LMCachedRequestError(
+            f"value {pos} is a {type(value).__name__}, not a bytes-like object"
+        ) from None
+
+
+def _sink_view(pos: int, buf: Any) -> memoryview:
+    """A get_into buffer as a flat writable byte view; LMCachedRequestError if it is not one."""
+    try:
+        view = memoryview(buf)
+    except TypeError:
+        raise LMCachedRequestError(
+            f"buffer {pos} is a {type(buf).__name__}, not a writable bytes-like object"
+        ) from None
+    if view.readonly:
+        raise LMCachedRequestError(f"buffer {pos} is read-only")
+    if not view.c_contiguous:
+        raise LMCachedRequestError(f"buffer {pos} is not contiguous (a strided view)")
+    return view.cast("B") if view.format != "B" or view.ndim != 1 else view
 
 
 def _bytes_view(mv: memoryview) -> memoryview:

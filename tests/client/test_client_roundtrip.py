@@ -102,6 +102,34 @@ def test_limits_are_checked_before_sending(shared_daemon):
         assert bytes(c.get([b"after-limits"])[0]) == b"ok"
 
 
+@pytest.mark.parametrize("shared_memory", [True, False], ids=["shm", "zmq"])
+def test_values_and_buffers_that_are_not_bytes_like_get_a_one_line_error(
+    shared_daemon, shared_memory
+):
+    # They raised bare TypeErrors from memoryview (a strided get_into buffer only once its
+    # block had arrived); now LMCachedRequestError, checked before anything is sent.
+    np = pytest.importorskip("numpy")
+    with shared_daemon.client(shared_memory=shared_memory) as c:
+        c.put([b"sinks/0"], [bytes(4096)])
+        for value, says in (("text", "value 0 is a str"), (None, "value 0 is a NoneType")):
+            with pytest.raises(LMCachedRequestError, match=says):
+                c.put([b"sinks/bad"], [value])
+        grid = np.zeros((64, 128), dtype=np.uint8)
+        for sink, says in (
+            (grid[:, ::2], "buffer 0 is not contiguous"),
+            (bytes(4096), "buffer 0 is read-only"),
+            (42, "buffer 0 is a int"),
+            (bytearray(10), "buffer 0 is smaller than the block"),
+        ):
+            with pytest.raises(LMCachedRequestError, match=says):
+                c.get_into([b"sinks/0"], [sink])
+        assert c.get([b"sinks/bad"]) == [None]
+        # A contiguous array of another shape and dtype is written as bytes.
+        floats = np.ones(1024, dtype=np.float32)
+        assert c.get_into([b"sinks/0"], [floats]) == [True]
+        assert not floats.any()
+
+
 def test_batches_larger_than_the_key_limit_are_split(shared_daemon):
     with shared_daemon.client(timeout=30) as c:
         n = c.cluster_map["limits"]["max_keys_per_batch"] + 300
