@@ -47,6 +47,29 @@ def test_workers_report_their_heap_in_use_and_kept(shared_daemon):
         assert heap["arena"] <= heap["in_use"] + heap["free"]
 
 
+def test_an_idle_worker_gives_back_the_heap_a_burst_of_puts_left(daemon_factory):
+    # glibc keeps freed memory for the next message (trim threshold 512 MiB). A put of 384 MiB
+    # over ZMQ, 256 MiB of it in flight at once, on a 64 MiB budget left the worker's RSS
+    # ~250 MiB above that budget for good: memory of no cache and no budget. Once idle, the
+    # worker trims what it keeps beyond 64 MiB.
+    psutil = pytest.importorskip("psutil")
+    from lmcached.testing import wait_until
+
+    mib = 1 << 20
+    d = daemon_factory(num_workers=1, max_local_cpu_size="64MiB", max_inflight_bytes="256MiB")
+    with d.client(timeout=60, shared_memory=False) as c:
+        worker = psutil.Process(c.cluster_map["workers"][0]["pid"])
+        value = os.urandom(16 * mib)
+        c.put([f"burst/{i:02d}".encode() for i in range(24)], [value] * 24)
+        # The budget's 64 MiB of blocks, the 64 MiB the heap may keep, and the worker itself.
+        wait_until(
+            lambda: worker.memory_info().rss <= 64 * mib + 64 * mib + 40 * mib,
+            timeout=15,
+            what="the idle worker to give its kept heap back",
+        )
+        assert bytes(c.get([b"burst/23"])[0]) == value  # the newest blocks are still served
+
+
 GLIBC_CALLS = r"""
 from lmcached.malloc import heap_usage, release_free_memory, tune_for_large_messages
 tune_for_large_messages(daemon=True)
