@@ -1040,7 +1040,8 @@ def _check_keys(keys: Sequence[Any], limits: Limits) -> None:
 
 def _check_key(key: Any, limits: Limits) -> None:
     if not isinstance(key, bytes) or not key:
-        raise LMCachedRequestError(f"keys must be non-empty bytes or str, got {type(key).__name__}")
+        got = "an empty key" if isinstance(key, bytes) else type(key).__name__
+        raise LMCachedRequestError(f"keys must be non-empty bytes or str, got {got}")
     if len(key) > limits.max_key_length:
         raise LMCachedRequestError(
             f"key {key[:40]!r}... is {len(key)} bytes; max_key_length is {limits.max_key_length}",
