@@ -22,6 +22,7 @@ the scheduler itself never imports this module, the store or the registry.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import partial
@@ -308,50 +309,61 @@ def build_tiers(cfg: Config, worker_id: int) -> list[StorageBackend]:
     # With local_cpu off the CPU tier still exists with no budget, so every put is rejected
     # there and lower tiers (when configured) hold the data.
     arena = make_arena(cfg, worker_id)
-    if cfg.namespace_quotas:
-        cpu: StorageBackend = NamespacedBackend(
-            cfg.cpu_budget_per_worker,
-            cfg.namespace_quotas_per_worker,
-            cfg.eviction_policy,
-            make_partition=partial(CPUBackend, arena=arena),
-        )
-    else:
-        cpu = CPUBackend(cfg.cpu_budget_per_worker, cfg.eviction_policy, arena=arena)
-    tiers: list[StorageBackend] = [cpu]
-    key_owner = partial(owner, num_workers=cfg.num_workers)
-    if cfg.local_disk:
-        tiers.append(
-            DiskBackend(
-                cfg.local_disk,
-                worker_id,
-                cfg.disk_budget_per_worker,
-                policy=cfg.eviction_policy,
-                fsync=cfg.disk_fsync,
-                drop_cache=cfg.disk_drop_cache,
-                mmap_reads=cfg.disk_mmap_reads,
-                owner=key_owner,
-                num_workers=cfg.num_workers,
+    tiers: list[StorageBackend] = []
+    try:
+        if cfg.namespace_quotas:
+            cpu: StorageBackend = NamespacedBackend(
+                cfg.cpu_budget_per_worker,
+                cfg.namespace_quotas_per_worker,
+                cfg.eviction_policy,
+                make_partition=partial(CPUBackend, arena=arena),
             )
-        )
-    if cfg.remote_url:
-        # Every connector, built-in or external, sits behind the same verifying, fail-fast
-        # RemoteBackend.
-        connector = build_remote_connector(plan, worker_id)
-        if connector is not None:  # None: an external connector disabled at start
+        else:
+            cpu = CPUBackend(cfg.cpu_budget_per_worker, cfg.eviction_policy, arena=arena)
+        tiers.append(cpu)
+        key_owner = partial(owner, num_workers=cfg.num_workers)
+        if cfg.local_disk:
             tiers.append(
-                RemoteBackend(
-                    connector,
-                    key_prefix=cfg.remote_key_prefix.encode(),
-                    ttl=cfg.remote_ttl or None,
-                    backoff_max=cfg.remote_backoff_max,
+                DiskBackend(
+                    cfg.local_disk,
+                    worker_id,
+                    cfg.disk_budget_per_worker,
+                    policy=cfg.eviction_policy,
+                    fsync=cfg.disk_fsync,
+                    drop_cache=cfg.disk_drop_cache,
+                    mmap_reads=cfg.disk_mmap_reads,
                     owner=key_owner,
-                    worker_id=worker_id,
-                    integrity_secret=integrity_key(cfg),
-                    max_value_bytes=remote_value_cap(cfg),
+                    num_workers=cfg.num_workers,
                 )
             )
-    tiers.extend(build_external_backends(plan, worker_id))
-    return apply_tier_codecs(plan, tiers)
+        if cfg.remote_url:
+            # Every connector, built-in or external, sits behind the same verifying, fail-fast
+            # RemoteBackend.
+            connector = build_remote_connector(plan, worker_id)
+            if connector is not None:  # None: an external connector disabled at start
+                tiers.append(
+                    RemoteBackend(
+                        connector,
+                        key_prefix=cfg.remote_key_prefix.encode(),
+                        ttl=cfg.remote_ttl or None,
+                        backoff_max=cfg.remote_backoff_max,
+                        owner=key_owner,
+                        worker_id=worker_id,
+                        integrity_secret=integrity_key(cfg),
+                        max_value_bytes=remote_value_cap(cfg),
+                    )
+                )
+        tiers.extend(build_external_backends(plan, worker_id))
+        return apply_tier_codecs(plan, tiers)
+    except BaseException:
+        # A worker that cannot build its store exits at once. Its arena file must not
+        # outlive it: only the instance's next successful start would remove it.
+        for tier in reversed(tiers):
+            with contextlib.suppress(Exception):
+                tier.close()
+        if arena is not None:
+            arena.close()
+        raise
 
 
 def apply_tier_codecs(plan: StorePlan, tiers: list[StorageBackend]) -> list[StorageBackend]:

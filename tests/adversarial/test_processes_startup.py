@@ -3,6 +3,7 @@ in one line on stderr and a prompt exit, and the CLI never calls a live schedule
 
 from __future__ import annotations
 
+import glob
 import os
 import shutil
 import socket
@@ -18,6 +19,7 @@ import yaml
 
 from lmcached import config as config_mod
 from lmcached import runtime
+from lmcached.shm.layout import ARENA_PREFIX, instance_tag
 from lmcached.testing import wait_until
 
 # Generous on two loaded cores; a hang is what these tests catch, not slowness.
@@ -126,6 +128,10 @@ def test_a_config_that_passes_check_can_crash_loop_the_workers(tmp_path: Path) -
     lines = _plain_lines(out.stderr)
     assert len(lines) == 1, out.stderr
     assert "failed to start 3 times" in lines[0] and "Not a directory" in lines[0], lines[0]
+    # Each failed worker had created its shared-memory arena before its disk tier failed, and
+    # left it in /dev/shm (only the instance's next successful start would remove it).
+    tag = instance_tag(config_mod.load(cfg, environ={}).instance_dir)
+    assert not glob.glob(f"/dev/shm/{ARENA_PREFIX}{tag}-*")
 
 
 def test_status_and_stop_say_not_running_while_the_scheduler_lives(tmp_path: Path) -> None:
