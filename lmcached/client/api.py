@@ -1005,7 +1005,7 @@ def _sink_view(pos: int, buf: Any) -> memoryview:
         raise LMCachedRequestError(f"buffer {pos} is read-only")
     if not view.c_contiguous:
         raise LMCachedRequestError(f"buffer {pos} is not contiguous (a strided view)")
-    return view.cast("B") if view.format != "B" or view.ndim != 1 else view
+    return _bytes_view(view)  # contiguous: a cast, never a copy
 
 
 def _bytes_view(mv: memoryview) -> memoryview:
