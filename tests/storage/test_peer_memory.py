@@ -1,7 +1,8 @@
 """Copying a block out of a process's memory (a direct put's source), on this very process.
 
 process_vm_readv of one's own pid is allowed, so these run the worker's copy code for real:
-both the one-thread copy and the two-thread copy with in-order hashing, and their failures.
+both the one-thread copy and the two-thread copy with in-order hashing, and their failures;
+and the same for a mapped memfd (a Client.buffer), copied by memcpy.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import pytest
 import xxhash
 
 from lmcached.storage import piece_copy
+from lmcached.storage.arena import FileRange, Stage
 from lmcached.storage.peer_memory import PeerGone, PeerRange
 
 MIB = 1 << 20
@@ -73,3 +75,32 @@ def test_a_copy_abandoned_halfway_writes_nothing_after_it_returns(me, pool, monk
     after = bytes(dst)
     time.sleep(0.05)
     assert bytes(dst) == after  # no copy thread wrote into the slot after close() returned
+
+
+def _memfd_range(data: bytes, until_ns: int, pool) -> FileRange:
+    """A mapped memfd, as a worker maps a client's Client.buffer: copied by memcpy."""
+    fd = os.memfd_create("lmcached-test")
+    os.write(fd, data)
+    mapping = mmap.mmap(fd, len(data), mmap.MAP_SHARED, mmap.PROT_READ)
+    stage = Stage(fd, memoryview(mapping))
+    return FileRange(stage, 0, len(data), until_ns, pool, base=_address(mapping))
+
+
+@pytest.mark.parametrize("threads", [True, False], ids=["two-threads", "loop-thread"])
+def test_a_large_block_from_a_buffer_is_copied_whole_and_hashed_in_order(
+    pool, monkeypatch, threads
+):
+    # The worker splits a large block from a Client.buffer over its copy threads too.
+    monkeypatch.setattr(piece_copy, "idle_core", lambda: threads)
+    data = os.urandom(19 * MIB + 4321)
+    dst = bytearray(len(data))
+    src = _memfd_range(data, time.monotonic_ns() + 60 * 10**9, pool)
+    assert _copy(src, dst) == xxhash.xxh3_64_intdigest(data)
+    assert dst == data
+
+
+def test_a_large_block_from_a_buffer_read_past_its_deadline_fails(pool, monkeypatch):
+    monkeypatch.setattr(piece_copy, "idle_core", lambda: True)
+    data = os.urandom(16 * MIB)
+    with pytest.raises(OSError):
+        _copy(_memfd_range(data, time.monotonic_ns() - 1, pool), bytearray(len(data)))
