@@ -152,10 +152,13 @@ class OpStats:
 
 
 # The average block size from which the blocks of a same-host put (direct, Client.buffer, a
-# staging memfd) are copied side by side. Measured here with one worker: 2 MiB blocks from a
-# Client.buffer 0.50x -> 0.74x a memcpy; 256 KiB blocks 0.37x -> 0.26x (the loop thread's
-# Python per block, under the GIL, starved the helper).
-BATCH_MIN_BLOCK = 1 << 20
+# staging memfd) are copied side by side. Measured on a 2-core VM through the daemon, one
+# client, 32 MiB a call, alternating rounds (2026-12-03): 256 KiB blocks 1.17-1.5x faster side
+# by side (direct) and 1.24-1.27x (from a buffer); 64 KiB blocks 0.96-0.98x (direct) and
+# 0.82-0.98x (buffer): below that the loop thread's Python per block, under the GIL, starves
+# the helper. (Before the batch's copies were signalled under one condition, 256 KiB blocks
+# had lost too: 0.37x -> 0.26x a memcpy.)
+BATCH_MIN_BLOCK = 256 << 10
 
 
 class Worker:
