@@ -32,6 +32,8 @@ class DaemonProcess:
         **overrides: Any,
     ) -> None:
         """``wrapper``: a command that runs the daemon (``setpriv ...`` to drop capabilities)."""
+        # A folder we made is ours to remove at close(); a caller's is the caller's.
+        self._own_workdir = workdir is None
         self.workdir = (
             Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="lmcd-"))
         )
@@ -204,6 +206,8 @@ class DaemonProcess:
             for path in self.arena_paths():
                 os.unlink(path)
         shutil.rmtree(self._runtime, ignore_errors=True)
+        if self._own_workdir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
 
     def __enter__(self) -> DaemonProcess:
         return self.start()

@@ -1,0 +1,28 @@
+"""lmcached.testing.DaemonProcess leaves nothing behind that it made (bench runs and scripts
+start daemons without a folder of their own), and keeps what its caller gave it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lmcached.client import Client
+from lmcached.testing import DaemonProcess
+
+
+def test_a_daemon_without_a_workdir_removes_its_folders_and_arenas_at_close(tmp_path):
+    d = DaemonProcess(num_workers=1).start()
+    try:
+        with Client(d.endpoint, timeout=30) as c:
+            c.put([b"cleanup/a"], [b"x" * 4096])
+        made = [d.workdir, Path(d.cfg.runtime_dir)]
+        arenas = [Path(p) for p in d.arena_paths()]
+        assert all(p.exists() for p in made) and arenas
+    finally:
+        d.close()
+    assert not any(p.exists() for p in made + arenas)
+    d.close()  # idempotent
+
+    kept = tmp_path / "mine"
+    with DaemonProcess(kept, num_workers=1):
+        pass
+    assert (kept / "daemon.log").exists()  # the caller's folder is the caller's
