@@ -153,10 +153,10 @@ class OpStats:
 
 # The average block size from which the blocks of a same-host put (direct, Client.buffer, a
 # staging memfd) are copied side by side. Measured on a 2-core VM through the daemon, one
-# client, 32 MiB a call, alternating rounds (2026-12-03): 256 KiB blocks 1.17-1.5x faster side
-# by side (direct) and 1.24-1.27x (from a buffer); 64 KiB blocks 0.96-0.98x (direct) and
-# 0.82-0.98x (buffer): below that the loop thread's Python per block, under the GIL, starves
-# the helper. (Before the batch's copies were signalled under one condition, 256 KiB blocks
+# client, 32 MiB a call, 4 rounds in ABBA order (2026-12-03): 256 KiB blocks 1.37-1.78x faster
+# side by side (direct) and 1.17-1.48x (from a buffer); 64 KiB blocks 0.96-0.98x (direct) and
+# 0.82-0.98x (buffer, alternating rounds): below that the loop thread's Python per block,
+# under the GIL, starves the helper. (Before the batch's copies were signalled under one condition, 256 KiB blocks
 # had lost too: 0.37x -> 0.26x a memcpy.)
 BATCH_MIN_BLOCK = 256 << 10
 
@@ -680,8 +680,8 @@ class Worker:
             batch = base is not None and self._batch_copies(req.sizes)
             # As in put_direct: blocks side by side, or a large block split over the copy
             # threads, memcpy sources too. Through a daemon on a 2-core VM (2026-12-03, four
-            # alternating rounds), one 32 MiB block from a buffer took 6.7-7.1 ms a call
-            # split against 8.5-9.5 ms on the loop thread alone.
+            # rounds in ABBA order), one 32 MiB block from a buffer took 6.7-7.3 ms a call
+            # split against 9.0-9.6 ms on the loop thread alone.
             pool = None if batch else self.copy_pool
             sources = [
                 FileRange(stage, off, size, req.until, pool, None if base is None else base + off)
