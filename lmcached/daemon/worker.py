@@ -156,8 +156,8 @@ class OpStats:
 # client, 32 MiB a call, 4 rounds in ABBA order (2026-12-03): 256 KiB blocks 1.37-1.78x faster
 # side by side (direct) and 1.17-1.48x (from a buffer); 64 KiB blocks 0.96-0.98x (direct) and
 # 0.82-0.98x (buffer, alternating rounds): below that the loop thread's Python per block,
-# under the GIL, starves the helper. (Before the batch's copies were signalled under one condition, 256 KiB blocks
-# had lost too: 0.37x -> 0.26x a memcpy.)
+# under the GIL, starves the helper. (Before a batch's copies were signalled under one
+# condition, 256 KiB blocks had lost too: 0.37x -> 0.26x a memcpy.)
 BATCH_MIN_BLOCK = 256 << 10
 
 
