@@ -153,8 +153,8 @@ class OpStats:
 
 # The average block size from which the blocks of a same-host put (direct, Client.buffer, a
 # staging memfd) are copied side by side. Measured on a 2-core VM through the daemon, one
-# client, 32 MiB a call, 4 rounds in ABBA order (2026-12-03): 256 KiB blocks 1.37-1.78x faster
-# side by side (direct) and 1.17-1.48x (from a buffer); 64 KiB blocks 0.96-0.98x (direct) and
+# client, 32 MiB a call, 4 rounds in ABBA order (2026-12-03): 256 KiB blocks 1.37-2.04x faster
+# side by side (direct) and 1.17-1.48x (from a buffer); 64 KiB blocks 0.95-0.98x (direct) and
 # 0.82-0.98x (buffer, alternating rounds): below that the loop thread's Python per block,
 # under the GIL, starves the helper. (Before a batch's copies were signalled under one
 # condition, 256 KiB blocks had lost too: 0.37x -> 0.26x a memcpy.)
