@@ -4,6 +4,7 @@ $LMCACHED_CONFIG, then the default config), and `str` keys are sent as their UTF
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -89,6 +90,7 @@ def default_daemon(tmp_path: Path) -> Iterator[Path]:
             proc.kill()
             proc.wait()
         log.close()
+        shutil.rmtree(run_dir, ignore_errors=True)  # the daemon leaves its lock file there
 
 
 def test_client_without_arguments_finds_the_default_config_daemon(
