@@ -56,7 +56,7 @@ def redis_server(payload_budget: int | None = None) -> Iterator[Any]:
         yield client
     finally:
         client.close()
-        server.stop()
+        server.close()
 
 
 def redis_set_get_gbps(r: Any, size: int, total: int) -> tuple[float, float]:

@@ -25,6 +25,8 @@ class RedisServer:
         if binary is None:
             raise RuntimeError("redis-server is not installed (apt-get install -y redis-server)")
         self.binary = binary
+        # A folder we made is ours to remove at close(); a caller's is the caller's.
+        self._own_workdir = workdir is None
         self.workdir = (
             Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="lmredis-"))
         )
@@ -40,6 +42,7 @@ class RedisServer:
     def start(self, timeout: float = 10.0) -> RedisServer:
         if self.proc is not None and self.proc.poll() is None:
             return self
+        self.workdir.mkdir(parents=True, exist_ok=True)
         args = [
             self.binary,
             "--port",
@@ -80,8 +83,14 @@ class RedisServer:
                 proc.kill()
                 proc.wait()
 
+    def close(self) -> None:
+        """Stop the server for good (idempotent); stop() alone keeps the folder for a restart."""
+        self.stop()
+        if self._own_workdir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
     def __enter__(self) -> RedisServer:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
-        self.stop()
+        self.close()

@@ -1,12 +1,12 @@
-"""lmcached.testing.DaemonProcess leaves nothing behind that it made (bench runs and scripts
-start daemons without a folder of their own), and keeps what its caller gave it."""
+"""lmcached.testing's DaemonProcess and RedisServer leave nothing behind that they made (bench
+runs and scripts start them without a folder of their own), and keep what their caller gave."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from lmcached.client import Client
-from lmcached.testing import DaemonProcess
+from lmcached.testing import DaemonProcess, RedisServer
 
 
 def test_a_daemon_without_a_workdir_removes_its_folders_and_arenas_at_close(tmp_path):
@@ -26,3 +26,18 @@ def test_a_daemon_without_a_workdir_removes_its_folders_and_arenas_at_close(tmp_
     with DaemonProcess(kept, num_workers=1):
         pass
     assert (kept / "daemon.log").exists()  # the caller's folder is the caller's
+
+
+def test_a_redis_server_without_a_workdir_removes_its_folder_at_close(tmp_path):
+    server = RedisServer().start()
+    made = server.workdir
+    assert made.exists()
+    server.stop()
+    server.start()  # stop() alone keeps the folder: the server can come back
+    server.close()
+    assert not made.exists()
+    server.close()  # idempotent
+
+    with RedisServer(tmp_path / "mine"):
+        pass
+    assert (tmp_path / "mine").is_dir()  # the caller's folder is the caller's
