@@ -7,10 +7,12 @@ and the same for a mapped memfd (a Client.buffer), copied by memcpy.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import mmap
 import os
 import time
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -77,13 +79,17 @@ def test_a_copy_abandoned_halfway_writes_nothing_after_it_returns(me, pool, monk
     assert bytes(dst) == after  # no copy thread wrote into the slot after close() returned
 
 
-def _memfd_range(data: bytes, until_ns: int, pool) -> FileRange:
+@contextlib.contextmanager
+def _memfd_range(data: bytes, until_ns: int, pool) -> Iterator[FileRange]:
     """A mapped memfd, as a worker maps a client's Client.buffer: copied by memcpy."""
     fd = os.memfd_create("lmcached-test")
-    os.write(fd, data)
-    mapping = mmap.mmap(fd, len(data), mmap.MAP_SHARED, mmap.PROT_READ)
-    stage = Stage(fd, memoryview(mapping))
-    return FileRange(stage, 0, len(data), until_ns, pool, base=_address(mapping))
+    try:
+        os.write(fd, data)
+        mapping = mmap.mmap(fd, len(data), mmap.MAP_SHARED, mmap.PROT_READ)
+        stage = Stage(fd, memoryview(mapping))
+        yield FileRange(stage, 0, len(data), until_ns, pool, base=_address(mapping))
+    finally:
+        os.close(fd)
 
 
 @pytest.mark.parametrize("threads", [True, False], ids=["two-threads", "loop-thread"])
@@ -94,13 +100,13 @@ def test_a_large_block_from_a_buffer_is_copied_whole_and_hashed_in_order(
     monkeypatch.setattr(piece_copy, "idle_core", lambda: threads)
     data = os.urandom(19 * MIB + 4321)
     dst = bytearray(len(data))
-    src = _memfd_range(data, time.monotonic_ns() + 60 * 10**9, pool)
-    assert _copy(src, dst) == xxhash.xxh3_64_intdigest(data)
+    with _memfd_range(data, time.monotonic_ns() + 60 * 10**9, pool) as src:
+        assert _copy(src, dst) == xxhash.xxh3_64_intdigest(data)
     assert dst == data
 
 
 def test_a_large_block_from_a_buffer_read_past_its_deadline_fails(pool, monkeypatch):
     monkeypatch.setattr(piece_copy, "idle_core", lambda: True)
     data = os.urandom(16 * MIB)
-    with pytest.raises(OSError):
-        _copy(_memfd_range(data, time.monotonic_ns() - 1, pool), bytearray(len(data)))
+    with _memfd_range(data, time.monotonic_ns() - 1, pool) as src, pytest.raises(OSError):
+        _copy(src, bytearray(len(data)))
