@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import itertools
 import mmap
 import os
 import statistics
@@ -120,7 +121,7 @@ def main() -> int:
         values = [value] * per_call
         for keys in key_sets:  # touch every slot once
             client.put(keys, values)
-        turn = iter(range(1 << 62))
+        turn = itertools.count()
 
         def kernel() -> None:
             def half(first: int) -> None:
