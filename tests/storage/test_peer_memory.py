@@ -86,8 +86,12 @@ def _memfd_range(data: bytes, until_ns: int, pool) -> Iterator[FileRange]:
     try:
         os.write(fd, data)
         mapping = mmap.mmap(fd, len(data), mmap.MAP_SHARED, mmap.PROT_READ)
-        stage = Stage(fd, memoryview(mapping))
-        yield FileRange(stage, 0, len(data), until_ns, pool, base=_address(mapping))
+        view = memoryview(mapping)
+        try:
+            yield FileRange(Stage(fd, view), 0, len(data), until_ns, pool, base=_address(mapping))
+        finally:
+            view.release()
+            mapping.close()
     finally:
         os.close(fd)
 
