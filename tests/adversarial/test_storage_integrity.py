@@ -34,6 +34,10 @@ def _value(i: int, size: int = 64 * KiB) -> bytes:
     return bytes([i % 251]) * (size - 8) + i.to_bytes(8, "little")
 
 
+# A block larger than a 1 MiB write queue: the queue drops it even when empty.
+_QUEUE_BUSTER = 2 * MiB
+
+
 def _keys(n: int, prefix: str = "ns/m@0/any/") -> list[bytes]:
     return [f"{prefix}{i:08x}".encode() for i in range(n)]
 
@@ -174,7 +178,11 @@ def test_flush_reports_the_writes_its_queue_dropped(tmp_path: Path) -> None:
     )
     with daemon:
         with daemon.client() as c:
-            c.put(keys, [_value(i, 256 * KiB) for i in range(len(keys))])
+            # The first block is larger than the whole queue: dropped however fast the disk
+            # drains the rest (a fast disk kept up with every 256 KiB block, now and then).
+            c.put(
+                keys, [_value(i, _QUEUE_BUSTER if i == 0 else 256 * KiB) for i in range(len(keys))]
+            )
             report = c.flush()
             assert report.dropped > 0 and not report.complete
             assert c.flush().complete  # reported once, to the client that put them
@@ -237,10 +245,18 @@ def test_asyncio_client_flush_reports_drops_of_puts_made_through_any_connection(
 
     async def put_then_flush():
         async with AsyncClient.from_config(daemon.config_path, max_concurrency=4) as c:
-            # Concurrent puts go through several pooled connections.
+            # Concurrent puts go through several pooled connections. Each put's first block is
+            # larger than the whole queue, so each put has a drop, however fast the disk drains
+            # the rest (a fast disk kept up with every 256 KiB block, now and then).
             await asyncio.gather(
                 *(
-                    c.put(keys[i : i + 8], [_value(j, 256 * KiB) for j in range(i, i + 8)])
+                    c.put(
+                        keys[i : i + 8],
+                        [
+                            _value(j, _QUEUE_BUSTER if j == i else 256 * KiB)
+                            for j in range(i, i + 8)
+                        ],
+                    )
                     for i in range(0, len(keys), 8)
                 )
             )
@@ -249,6 +265,7 @@ def test_asyncio_client_flush_reports_drops_of_puts_made_through_any_connection(
     with daemon:
         report = asyncio.run(put_then_flush())
         assert report.dropped > 0
+        assert report.dropped >= len(keys) // 8  # one per put, whichever connection it took
         daemon.kill9()
         daemon.start()
         with daemon.client() as c:
