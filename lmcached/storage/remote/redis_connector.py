@@ -285,12 +285,12 @@ class RedisSentinelConnector(_RedisBase):
         )
 
     def _make_client(self) -> Any:
-        sentinel = Sentinel(  # type: ignore[no-untyped-call]
+        sentinel = Sentinel(
             self.sentinels,
             socket_timeout=self.timeout,
             socket_connect_timeout=self.timeout,
         )
-        return sentinel.master_for(  # type: ignore[no-untyped-call]
+        return sentinel.master_for(
             self.service,
             socket_timeout=self.timeout,
             socket_connect_timeout=self.timeout,
