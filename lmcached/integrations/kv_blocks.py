@@ -10,11 +10,17 @@ CPU tensors (vLLM's CPU backend) are gathered straight into a reused host buffer
 copy (``index_select(out=...)``) and scattered with one copy (``index_copy_``) from the
 received payload. CUDA tensors are gathered on the device, then copied into pinned host
 buffers that are reused from a pool, never allocated per block. Loads run layer by layer
-(lmcached.integrations.layer_loads): on CUDA each layer's host-to-device copy is issued on a
-side stream from registered (page-locked) host memory and ordered against the forward pass
-with CUDA events. The CUDA path did not run in our CI (no GPU); it uses only the documented
-``copy_``/``index_copy_``/stream/event semantics, its bookkeeping is tested on CPU, and
-``scripts/gpu_kv_load.py`` measures the same copies on a GPU host.
+(lmcached.integrations.layer_loads): on CUDA each layer's host-to-device copies are issued on
+a side stream from registered (page-locked) host memory and ordered against the forward pass
+with CUDA events.
+
+On CUDA the host's cost of issuing copies, not the bus, bounded loads made of one small copy
+per chunk and layer (1 MiB for a Llama-3-8B chunk). So nothing here waits for the stream
+until a save's last copy (index tensors go through pinned memory), and many chunks of a layer
+go through one device staging tensor and one kernel (:meth:`PagedKV.load_plan`,
+:meth:`PagedKV.gather_chunks`). CI has no GPU: the bookkeeping and the batched path are tested
+on CPU tensors, and ``scripts/gpu_connector_path.py`` runs this module with a real daemon on
+a GPU host, checking every block (docs/benchmarks.md has its figures from an H200).
 
 A block is copied whole, never in part: a backend may lay a block's token slots out in its
 own way (vLLM's CPU backend does), so only whole blocks are known to be right.
@@ -22,6 +28,7 @@ own way (vLLM's CPU backend does), so only whole blocks are known to be right.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import threading
@@ -72,6 +79,10 @@ def payload_tensor(payload: Any) -> torch.Tensor:
 # Client.buffer, which the daemon's workers copy with memcpy (docs/same-host.md).
 SLAB_BYTES = 128 << 20
 SLAB_BUFFERS = 64
+
+# A batched copy's device staging tensor holds about this much of one layer (the GPU's memory
+# belongs to the engine: a long prompt is copied in several groups rather than one big one).
+STAGING_BYTES = 64 << 20
 
 
 class _Slab:
@@ -206,6 +217,21 @@ class PagedKV:
             self.layouts.append(LayerLayout(name, dim, nbytes))
         self.block_nbytes = sum(layout.block_nbytes for layout in self.layouts)
         self.on_gpu = self.device.type == "cuda"
+        self.num_blocks = num_blocks
+        # Each layer as rows, [lead * num_blocks, *rest], where ``lead`` is the product of the
+        # dimensions before the block dimension (2 for K/V first): row ``l * num_blocks + b``
+        # is part ``l`` of block ``b``. None where the tensor's strides allow no such view.
+        self.leads = [
+            math.prod(t.shape[: lay.block_dim])
+            for t, lay in zip(self.tensors, self.layouts, strict=True)
+        ]
+        self.rows = [
+            _as_rows(tensor, layout.block_dim, lead * num_blocks)
+            for tensor, layout, lead in zip(self.tensors, self.layouts, self.leads, strict=True)
+        ]
+        # On a GPU, copy many chunks per layer with one kernel (see load_plan), not one each:
+        # the host's cost of issuing copies, not the bus, bounds a load made of small copies.
+        self.batched = self.on_gpu and all(rows is not None for rows in self.rows)
 
     def describe(self) -> str:
         """Return the per-layer shapes without the block count, to fold into the layout tag."""
@@ -228,22 +254,85 @@ class PagedKV:
             offset += nbytes
         return views
 
-    def gather(self, block_ids: Sequence[int], buffer: torch.Tensor) -> None:
-        """Copy the blocks ``block_ids`` of every layer into ``buffer`` (the chunk payload)."""
+    def device_index(self, ids: Sequence[int]) -> torch.Tensor:
+        """Return ``ids`` as an index tensor on the KV's device, without blocking the host.
+
+        A tensor built from a list on a GPU is a copy from pageable memory, which waits for
+        every kernel queued on the stream; through pinned memory it is queued like the rest.
+        """
         import torch
 
-        index = torch.tensor(list(block_ids), dtype=torch.long, device=self.device)
-        for tensor, layout, view in zip(
-            self.tensors, self.layouts, self.views(buffer, len(block_ids)), strict=True
-        ):
-            if self.on_gpu:
-                # Gather on the device (one kernel), then one DMA into the pinned host buffer.
-                view.copy_(tensor.index_select(layout.block_dim, index), non_blocking=True)
-            else:
-                # The one copy of a CPU save: paged blocks -> contiguous payload.
-                torch.index_select(tensor, layout.block_dim, index, out=view)
+        index = torch.tensor(list(ids), dtype=torch.long)
+        if not self.on_gpu:
+            return index
+        return index.pin_memory().to(self.device, non_blocking=True)
+
+    def block_index(
+        self, block_ids: Sequence[int], positions: Sequence[int] | None = None
+    ) -> BlockIndex:
+        """Where a chunk's payload goes: ``block_ids`` are the chunk's blocks in order;
+        ``positions`` (indexes into them) picks which ones to write. Default: all.
+
+        Made once per chunk and load, on the stream the copies will run on.
+        """
+        picked = list(range(len(block_ids)) if positions is None else positions)
+        targets = self.device_index([block_ids[p] for p in picked])
+        whole = len(picked) == len(block_ids)
+        return BlockIndex(targets, None if whole else self.device_index(picked), len(picked))
+
+    def gather(self, block_ids: Sequence[int], buffer: torch.Tensor) -> None:
+        """Copy the blocks ``block_ids`` of every layer into ``buffer`` (the chunk payload)."""
+        self.gather_chunks([(block_ids, buffer)])
+
+    def gather_chunks(
+        self,
+        chunks: Sequence[tuple[Sequence[int], torch.Tensor]],
+        batch: bool | None = None,
+        staging_bytes: int = STAGING_BYTES,
+    ) -> None:
+        """Gather several chunks, each ``(block_ids, buffer)``; return once all are in host
+        memory (on a GPU: every copy is queued first, then the stream is waited for once).
+
+        ``batch`` (default: :attr:`batched`): per layer, one gather of many chunks' blocks
+        into a device staging tensor of at most about ``staging_bytes``, then one copy per
+        chunk out of it.
+        """
+        import torch
+
+        if (self.batched if batch is None else batch) and None not in self.rows:
+            for group in _groups([len(ids) for ids, _ in chunks], self._row_bytes, staging_bytes):
+                self._gather_group([chunks[i] for i in group])
+        else:
+            self._gather_each(chunks)
         if self.on_gpu:
             torch.cuda.current_stream(self.device).synchronize()
+
+    def _gather_group(self, chunks: Sequence[tuple[Sequence[int], torch.Tensor]]) -> None:
+        rows = self._target_rows([ids for ids, _ in chunks])
+        outs = [self.views(buffer, len(ids)) for ids, buffer in chunks]
+        for layer, (tensor_rows, lead) in enumerate(zip(self.rows, self.leads, strict=True)):
+            assert tensor_rows is not None
+            staging = tensor_rows.index_select(0, rows[lead])  # one kernel for the group
+            offset = 0
+            for out in outs:
+                part = out[layer].view(-1, *tensor_rows.shape[1:])
+                part.copy_(staging[offset : offset + part.shape[0]], non_blocking=True)
+                offset += part.shape[0]
+
+    def _gather_each(self, chunks: Sequence[tuple[Sequence[int], torch.Tensor]]) -> None:
+        import torch
+
+        for block_ids, buffer in chunks:
+            index = self.device_index(block_ids)
+            for tensor, layout, view in zip(
+                self.tensors, self.layouts, self.views(buffer, len(block_ids)), strict=True
+            ):
+                if self.on_gpu:
+                    # Gather on the device (one kernel), then one DMA into the pinned buffer.
+                    view.copy_(tensor.index_select(layout.block_dim, index), non_blocking=True)
+                else:
+                    # The one copy of a CPU save: paged blocks -> contiguous payload.
+                    torch.index_select(tensor, layout.block_dim, index, out=view)
 
     def scatter(
         self, buffer: torch.Tensor, block_ids: Sequence[int], positions: Sequence[int] | None = None
@@ -253,35 +342,131 @@ class PagedKV:
         ``block_ids`` are the chunk's blocks in order; ``positions`` (indexes into them) picks
         which ones to write, for a chunk that is only partly needed. Default: all.
         """
-        views = self.views(buffer, len(block_ids))
-        for layer, view in enumerate(views):
-            self.scatter_layer(layer, view, block_ids, positions)
+        index = self.block_index(block_ids, positions)
+        for layer, view in enumerate(self.views(buffer, len(block_ids))):
+            self.scatter_layer(layer, view, index)
 
-    def scatter_layer(
-        self,
-        layer: int,
-        view: torch.Tensor,
-        block_ids: Sequence[int],
-        positions: Sequence[int] | None = None,
-    ) -> None:
-        """Copy one layer's part of a chunk payload (``view``, from :meth:`views`) into blocks.
+    def scatter_layer(self, layer: int, view: torch.Tensor, index: BlockIndex) -> None:
+        """Copy one layer's part of a chunk payload (``view``, from :meth:`views`) into the
+        blocks ``index`` names (from :meth:`block_index`, made on the same stream).
 
-        The one copy of a load: payload -> paged blocks (on CUDA, host -> device, issued on the
-        current stream, which a loader sets to its side stream).
+        The one copy of a load: payload -> paged blocks. On CUDA the whole chunk's layer goes
+        to the device in one DMA (asynchronous from registered or pinned memory), and the
+        device picks and places the blocks; nothing here waits for the stream.
         """
+        if not index.count:
+            return
+        tensor, layout = self.tensors[layer], self.layouts[layer]
+        source = view.to(self.device, non_blocking=True) if self.on_gpu else view
+        if index.picked is not None:
+            source = source.index_select(layout.block_dim, index.picked)
+        tensor.index_copy_(layout.block_dim, index.targets, source)
+
+    def load_plan(
+        self,
+        chunks: Sequence[tuple[Sequence[int], Sequence[int] | None]],
+        batch: bool | None = None,
+        staging_bytes: int = STAGING_BYTES,
+    ) -> LoadPlan:
+        """Plan a load of chunk payloads, each ``(block_ids, positions)`` as for
+        :meth:`block_index`; made once, on the stream the copies will run on, for every layer.
+
+        ``batch`` (default: :attr:`batched`): whole chunks are copied together, per layer and
+        per group of at most about ``staging_bytes``: one copy per chunk into a staging tensor
+        on the device, then one kernel puts all their blocks in place. Chunks that are only
+        partly needed are copied one by one.
+        """
+        batch = (self.batched if batch is None else batch) and None not in self.rows
+        alone: list[tuple[int, BlockIndex]] = []
+        whole: list[int] = []
+        for i, (ids, positions) in enumerate(chunks):
+            if batch and (positions is None or list(positions) == list(range(len(ids)))):
+                whole.append(i)
+            else:
+                alone.append((i, self.block_index(ids, positions)))
+        groups = []
+        for group in _groups([len(chunks[i][0]) for i in whole], self._row_bytes, staging_bytes):
+            members = [whole[g] for g in group]
+            groups.append((members, self._target_rows([chunks[m][0] for m in members])))
+        return LoadPlan(alone, groups)
+
+    def load_layer(self, layer: int, views: Sequence[torch.Tensor], plan: LoadPlan) -> None:
+        """Copy one layer of every planned chunk into place; ``views[i]`` is chunk ``i``'s
+        view of this layer (from :meth:`views`)."""
         import torch
 
-        tensor, layout = self.tensors[layer], self.layouts[layer]
-        picked = list(range(len(block_ids)) if positions is None else positions)
-        if not picked:
-            return
-        targets = torch.tensor([block_ids[p] for p in picked], dtype=torch.long)
-        source = view
-        if len(picked) != len(block_ids):
-            source = view.index_select(layout.block_dim, torch.tensor(picked, dtype=torch.long))
-        if self.on_gpu:
-            source = source.to(self.device, non_blocking=True)
-        tensor.index_copy_(layout.block_dim, targets.to(self.device), source)
+        for i, index in plan.alone:
+            self.scatter_layer(layer, views[i], index)
+        tensor_rows, lead = self.rows[layer], self.leads[layer]
+        for members, rows in plan.groups:
+            assert tensor_rows is not None
+            parts = [views[i].view(-1, *tensor_rows.shape[1:]) for i in members]
+            staging = torch.empty(
+                (sum(p.shape[0] for p in parts), *tensor_rows.shape[1:]),
+                dtype=tensor_rows.dtype,
+                device=self.device,
+            )
+            offset = 0
+            for part in parts:  # one DMA per chunk, from registered memory: asynchronous
+                staging[offset : offset + part.shape[0]].copy_(part, non_blocking=True)
+                offset += part.shape[0]
+            tensor_rows.index_copy_(0, rows[lead], staging)
+
+    @property
+    def _row_bytes(self) -> int:
+        """The most bytes one block takes in one layer (what a staging tensor holds per block)."""
+        return max(layout.block_nbytes for layout in self.layouts)
+
+    def _target_rows(self, chunks: Sequence[Sequence[int]]) -> dict[int, torch.Tensor]:
+        """For each lead size: the rows that ``chunks``' blocks occupy, in payload order."""
+        rows = {}
+        for lead in set(self.leads):
+            rows[lead] = self.device_index(
+                [part * self.num_blocks + b for ids in chunks for part in range(lead) for b in ids]
+            )
+        return rows
+
+
+def _groups(sizes: Sequence[int], row_bytes: int, limit: int) -> list[list[int]]:
+    """Split items of ``sizes`` blocks into consecutive groups of at most ``limit`` bytes
+    (``row_bytes`` a block), each with one item at least."""
+    groups: list[list[int]] = []
+    size = 0
+    for i, blocks in enumerate(sizes):
+        nbytes = blocks * row_bytes
+        if not groups or size + nbytes > limit:
+            groups.append([])
+            size = 0
+        groups[-1].append(i)
+        size += nbytes
+    return groups
+
+
+def _as_rows(tensor: torch.Tensor, block_dim: int, count: int) -> torch.Tensor | None:
+    """``tensor`` viewed as ``count`` rows (the dimensions up to ``block_dim`` merged), or None
+    where its strides do not allow that view."""
+    try:
+        return tensor.view(count, *tensor.shape[block_dim + 1 :])
+    except RuntimeError:
+        return None
+
+
+@dataclass(frozen=True)
+class LoadPlan:
+    """How a load's chunk payloads go into the paged KV (from :meth:`PagedKV.load_plan`)."""
+
+    alone: list[tuple[int, BlockIndex]]  # (chunk, where its blocks go): copied one by one
+    # Chunks copied together, and for each lead size the rows their blocks go to, in order.
+    groups: list[tuple[list[int], dict[int, torch.Tensor]]]
+
+
+@dataclass(frozen=True)
+class BlockIndex:
+    """The blocks one chunk payload is written to, as index tensors on the KV's device."""
+
+    targets: torch.Tensor  # block ids written
+    picked: torch.Tensor | None  # their positions in the chunk; None: every block, in order
+    count: int
 
 
 CUDA_HOST_REGISTER_READ_ONLY = 0x08  # cudaHostRegisterReadOnly

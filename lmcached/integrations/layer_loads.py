@@ -28,6 +28,10 @@ from typing import Any, Protocol
 class DeviceOrder(Protocol):
     """How the loader's copies are ordered against the forward pass on one device."""
 
+    def begin(self) -> None:
+        """Order the loader's copies after the work already queued for the forward pass
+        (called on the forward pass's thread, before the loader starts)."""
+
     def copies(self) -> Any:
         """A context manager under which the loader issues its copies."""
 
@@ -43,6 +47,9 @@ class DeviceOrder(Protocol):
 
 class HostOrder:
     """CPU tensors: a copy is complete when the loader thread returns from it."""
+
+    def begin(self) -> None:
+        return
 
     def copies(self) -> Any:
         import contextlib
@@ -71,6 +78,11 @@ class CudaOrder:
         self._device = device
         self.stream = torch_cuda.Stream(device=device)
         self.events: dict[int, Any] = {}
+
+    def begin(self) -> None:
+        # The loader writes blocks that kernels already queued on the forward stream (the edge
+        # block's copy, a previous step) may still touch; the device waits, the host does not.
+        self.stream.wait_stream(self._cuda.current_stream(self._device))
 
     def copies(self) -> Any:
         return self._cuda.stream(self.stream)
@@ -113,6 +125,7 @@ class LayerLoads:
         """Run ``work`` on the loader thread; return at once."""
         if self._thread is not None:
             raise RuntimeError("LayerLoads.start called twice")
+        self.order.begin()
         self._thread = threading.Thread(
             target=self._run, args=(work,), name="lmcached-loader", daemon=True
         )

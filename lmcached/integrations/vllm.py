@@ -895,11 +895,13 @@ class LMCachedConnector(KVConnectorBase_V1):
         """The loader thread's work: copy the fetched chunks in, layer by layer."""
         assert self._paged is not None
         views = [self._paged.views(piece.payload, len(piece.blocks)) for piece in pieces]
-        rest = [[p for p in piece.positions if p != piece.edge] for piece in pieces]
+        # Made here, on the loader's stream, once for every layer.
+        plan = self._paged.load_plan(
+            [(piece.blocks, [p for p in piece.positions if p != piece.edge]) for piece in pieces]
+        )
         for position, name in enumerate(self._forward_layers):
             layer = self._paged_index[name]
-            for piece, piece_views, positions in zip(pieces, views, rest, strict=True):
-                self._paged.scatter_layer(layer, piece_views[layer], piece.blocks, positions)
+            self._paged.load_layer(layer, [piece_views[layer] for piece_views in views], plan)
             done(position)
 
     def _fetch(self, meta: LMCachedConnectorMetadata) -> list[_LoadPiece]:
@@ -1048,12 +1050,13 @@ class LMCachedConnector(KVConnectorBase_V1):
             # One pool, so one slab, for the whole save (a partial chunk fills the start of a
             # whole chunk's buffer): its put then names one buffer (HostBufferPool).
             pool, taken = self._buffers(max(len(b) for b in save.chunk_blocks), count)
-            buffers: list[tuple[Any, HostBufferPool]] = []
-            for blocks, buffer in zip(save.chunk_blocks, taken, strict=True):
-                part = buffer[: self._paged.block_nbytes * len(blocks)]
-                self._paged.gather(blocks, part)
-                buffers.append((part, pool))
-            self._saver.submit(keys, buffers, nbytes)
+            parts = [
+                buffer[: self._paged.block_nbytes * len(blocks)]
+                for blocks, buffer in zip(save.chunk_blocks, taken, strict=True)
+            ]
+            # On a GPU every chunk's copies are queued before the one wait for them.
+            self._paged.gather_chunks(list(zip(save.chunk_blocks, parts, strict=True)))
+            self._saver.submit(keys, [(part, pool) for part in parts], nbytes)
             self.stats["saved_chunks"] += count
 
     def get_block_ids_with_load_errors(self) -> set[int]:

@@ -113,3 +113,66 @@ def test_a_tensor_without_a_block_dimension_is_a_clear_error():
         find_block_dim((3, 4, 5), NUM_BLOCKS, "model.layers.0.attn")
     with pytest.raises(ValueError, match="no KV cache tensors"):
         PagedKV({}, NUM_BLOCKS)
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [
+        (NUM_BLOCKS, 2, 4, 16),  # blocks first: one row a block
+        (2, NUM_BLOCKS, 4, 2, 8),  # K/V first: two rows a block, NUM_BLOCKS apart
+    ],
+)
+@pytest.mark.parametrize("staging_chunks", [1, 2, 8])
+def test_batched_copies_place_every_block_as_one_by_one_copies_do(shape, staging_chunks):
+    """The GPU's batched path (a staging tensor per layer and group, one kernel), on CPU."""
+    source = make_layers(shape)
+    target = {name: torch.zeros_like(t) for name, t in source.items()}
+    paged_src, paged_dst = PagedKV(source, NUM_BLOCKS), PagedKV(target, NUM_BLOCKS)
+    chunk_ids = [[7, 2], [9, 0], [4, 10], [1, 3]]
+    pool = HostBufferPool(paged_src.block_nbytes * 2, pin=False)
+    buffers = pool.acquire(len(chunk_ids))
+    staging = staging_chunks * 2 * max(lay.block_nbytes for lay in paged_src.layouts)
+    paged_src.gather_chunks(
+        list(zip(chunk_ids, buffers, strict=True)), batch=True, staging_bytes=staging
+    )
+    expected = [b.clone() for b in buffers]
+    for b in buffers:
+        b.zero_()
+    paged_src.gather_chunks(list(zip(chunk_ids, buffers, strict=True)), batch=False)
+    assert all(
+        torch.equal(a, b) for a, b in zip(expected, buffers, strict=True)
+    )  # same payload bytes
+
+    dest = [[5, 11], [6, 8], [0, 2], [3, 9]]
+    positions = [None, [0, 1], [1], None]  # the third chunk is only partly needed
+    plan = paged_dst.load_plan(
+        list(zip(dest, positions, strict=True)), batch=True, staging_bytes=staging
+    )
+    assert [i for i, _ in plan.alone] == [2]
+    assert sum(len(members) for members, _ in plan.groups) == 3
+    assert len(plan.groups) == -(-3 // staging_chunks)
+    views = [paged_dst.views(b, 2) for b in buffers]
+    for layer in range(len(paged_dst.names)):
+        paged_dst.load_layer(layer, [v[layer] for v in views], plan)
+
+    block_dim = paged_src.layouts[0].block_dim
+    moved = {5: 7, 11: 2, 6: 9, 8: 0, 2: 10, 3: 1, 9: 3}  # not block 0 of the third chunk
+    for name in source:
+        src, dst = source[name], target[name]
+        for d in range(NUM_BLOCKS):
+            if d in moved:
+                assert torch.equal(dst.select(block_dim, d), src.select(block_dim, moved[d]))
+            else:
+                assert not dst.select(block_dim, d).any()
+
+
+def test_a_layout_that_cannot_be_viewed_as_rows_is_copied_chunk_by_chunk():
+    # K/V first but the block dimension's stride is not contiguous with the K/V one.
+    layers = {"a": torch.randn(NUM_BLOCKS, 2, 4, 8).transpose(0, 1)}
+    paged = PagedKV(layers, NUM_BLOCKS)
+    assert paged.rows == [None] and not paged.batched
+    plan = paged.load_plan([([1, 2], None)], batch=True)
+    assert plan.groups == [] and [i for i, _ in plan.alone] == [0]
+    (buffer,) = HostBufferPool(paged.block_nbytes * 2, pin=False).acquire(1)
+    paged.gather_chunks([([1, 2], buffer)], batch=True)  # falls back, still right
+    assert torch.equal(paged.views(buffer, 2)[0], layers["a"].index_select(1, torch.tensor([1, 2])))

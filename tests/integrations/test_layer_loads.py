@@ -80,12 +80,17 @@ class RecordingCuda:
             def synchronize(self) -> None:
                 recorder.log.append(("synchronize", self.name))
 
+            def wait_stream(self, other: Any) -> None:
+                recorder.log.append(("wait_stream", (self.name, other.name)))
+
         class Event:
             def record(self, stream: Any) -> None:
                 self.index = sum(1 for e in recorder.log if e[0] == "record")
                 recorder.log.append(("record", (stream.name, self.index)))
 
         class Current:
+            name = "forward"
+
             def wait_event(self, event: Any) -> None:
                 recorder.log.append(("wait_event", event.index))
 
@@ -121,6 +126,8 @@ def test_cuda_copies_run_on_a_side_stream_and_each_layer_is_ordered_by_its_event
         loads.wait(name)
     loads.join()
 
+    # The side stream starts after what the forward stream had queued (the edge block's copy).
+    assert cuda.log[0] == ("wait_stream", ("side", "forward"))
     copies_and_records = [e for e in cuda.log if e[0] in ("enter", "copy", "record", "exit")]
     assert copies_and_records == [
         ("enter", "side"),
