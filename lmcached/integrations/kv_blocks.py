@@ -488,6 +488,11 @@ class HostRegistrations:
     def __init__(self, cudart: Any) -> None:
         self._cudart = cudart
         self._registered: dict[int, int] = {}  # address -> size
+        # Registered arenas: address -> a numpy array over the client's view. It holds a buffer
+        # export of the view, which keeps the mapping alive for as long as CUDA has it
+        # page-locked (a tensor from torch.frombuffer would not: it keeps the view object,
+        # but not an export, and the client's close() would unmap under it).
+        self._arenas: dict[int, Any] = {}
         self.failures = 0
 
     def register(self, address: int, size: int, read_only: bool = True) -> bool:
@@ -514,11 +519,44 @@ class HostRegistrations:
         self._registered[address] = size
         return True
 
+    def register_arenas(self, arenas: Sequence[Any]) -> None:
+        """Keep exactly ``arenas`` (views of the daemon's arenas, as the client maps them now)
+        registered, each once.
+
+        A registration holds its arena's view, so the client cannot unmap an arena that CUDA
+        has page-locked. After a worker restart the client maps the worker's new arena and lets
+        the old one go; unmapped under a live registration, the old range would keep feeding
+        the device the dead arena's pages, maybe at the very address where the new arena is
+        then mapped (CUDA leaves freeing registered memory undefined). So arenas no longer
+        listed are unregistered here first, and only then released.
+        """
+        import numpy as np
+
+        current = {}
+        for arena in arenas:
+            held = np.frombuffer(arena, dtype=np.uint8)
+            current[int(held.__array_interface__["data"][0])] = held
+        for address in [a for a in self._arenas if a not in current]:
+            self._unregister(address)
+            del self._arenas[address]  # the client may unmap it now
+        for address, held in current.items():
+            if address not in self._arenas and self.register(address, held.nbytes):
+                self._arenas[address] = held
+
+    @property
+    def arenas(self) -> list[int]:
+        """The addresses of the arenas registered now."""
+        return list(self._arenas)
+
     def __contains__(self, address: int) -> bool:
         return address in self._registered
 
-    def close(self) -> None:
-        """Unregister everything. Idempotent."""
-        registered, self._registered = self._registered, {}
-        for address in registered:
+    def _unregister(self, address: int) -> None:
+        if self._registered.pop(address, None) is not None:
             self._cudart.cudaHostUnregister(address)
+
+    def close(self) -> None:
+        """Unregister everything, then let the arenas go. Idempotent."""
+        for address in list(self._registered):
+            self._unregister(address)
+        self._arenas = {}

@@ -865,10 +865,9 @@ class LMCachedConnector(KVConnectorBase_V1):
     def _register_arenas(self) -> None:
         """Page-lock the daemon's shared-memory arenas for CUDA (once each), so that loads copy
         from them by DMA on the side stream, straight from the arena."""
-        registrations = self._registrations()
-        for arena in self._link.arenas():
-            view = payload_tensor(arena)
-            registrations.register(view.data_ptr(), view.numel())
+        arenas = self._link.arenas()
+        if arenas or not self._link.is_down:  # a daemon that is down keeps its registrations
+            self._registrations().register_arenas(arenas)
 
     def _registrations(self) -> HostRegistrations:
         if self._host_registrations is None:

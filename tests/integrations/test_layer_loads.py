@@ -183,3 +183,58 @@ def test_arenas_are_registered_with_cuda_once_and_unregistered_at_close() -> Non
         ("unregister", 1000),
         ("unregister", 2000),
     ]
+
+
+def test_a_restarted_workers_arena_is_unregistered_before_the_client_may_unmap_it() -> None:
+    """After a worker's kill -9 the client maps its new arena; CUDA's registration of the old
+    one must end before that mapping goes, or the device would copy the dead arena's pages."""
+    import logging
+    import os
+    import signal
+
+    from lmcached.client import Client
+    from lmcached.integrations.daemon_link import DaemonLink
+    from lmcached.integrations.kv_blocks import HostRegistrations
+    from lmcached.testing import wait_until
+    from lmcached.testing.daemon_process import DaemonProcess
+
+    with DaemonProcess(num_workers=1, max_local_cpu_size="64MiB", metrics_port=None) as d:
+        link = DaemonLink(
+            lambda: Client(d.endpoint, timeout=30), logging.getLogger("test"), 30.0, 0.1
+        )
+        cudart = RecordingCudart()
+        registry = HostRegistrations(cudart)
+        try:
+            assert link.put([b"before"], [b"x" * 4096])
+            registry.register_arenas(link.arenas())
+            registry.register_arenas(link.arenas())  # already registered: no second call
+            (old,) = registry.arenas
+            assert cudart.calls == [("register", old)]
+
+            with Client(d.endpoint, timeout=30) as control:
+                (worker,) = control.control("map")["map"]["workers"]
+                os.kill(worker["pid"], signal.SIGKILL)
+                wait_until(
+                    lambda: (
+                        control.control("map")["map"]["workers"][0]["pid"] != worker["pid"]
+                        and control.control("map")["map"]["workers"][0]["state"] == "up"
+                    ),
+                    60,
+                    what="the worker's restart",
+                )
+            wait_until(lambda: link.put([b"after"], [b"y" * 4096]), 30, 0.1, "a put after it")
+            # A get from the new worker names its arena: the client maps it, drops the old one.
+            assert bytes(link.get([b"after"])[0]) == b"y" * 4096
+            (arena,) = link.arenas()
+            registry.register_arenas([arena])
+            (new,) = registry.arenas
+            # The old mapping was still held, so the new one could not take its address.
+            assert new != old
+            assert cudart.calls == [("register", old), ("unregister", old), ("register", new)]
+            assert old not in registry and new in registry
+
+            registry.register_arenas([])  # a client with no arenas left (shared memory off)
+            assert registry.arenas == [] and cudart.calls[-1] == ("unregister", new)
+        finally:
+            registry.close()
+            link.close()
