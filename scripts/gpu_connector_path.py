@@ -63,6 +63,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--endpoint", help="a running daemon (default: start a private one)")
     parser.add_argument("--workers", type=int, default=2, help="workers of the private daemon")
     parser.add_argument(
+        "--kill-workers",
+        action="store_true",
+        help="kill -9 every worker after the first measured round (private daemon only): the "
+        "rounds after it run on the restarted workers' new arenas",
+    )
+    parser.add_argument(
         "--batched",
         choices=["auto", "on", "off"],
         default="auto",
@@ -71,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.tokens <= 0 or args.tokens % CHUNK_TOKENS:
         parser.error(f"--tokens must be a positive multiple of {CHUNK_TOKENS}")
+    if args.kill_workers and args.endpoint:
+        parser.error("--kill-workers needs the private daemon (no --endpoint)")
 
     import torch
 
@@ -155,7 +163,7 @@ def _run(
     loaded = [rest[c * blocks_per_chunk : (c + 1) * blocks_per_chunk] for c in range(chunks)]
 
     registrations = HostRegistrations(torch.cuda.cudart()) if on_gpu else None
-    arenas_registered: list[bool] = []  # one entry per arena mapping registered
+    arenas_seen: set[int] = set()  # addresses of every arena mapping registered
 
     def register_buffers(address: int, size: int) -> bool:
         assert registrations is not None
@@ -167,7 +175,10 @@ def _run(
         register=register_buffers if on_gpu else None,
     )
     link = DaemonLink(
-        lambda: Client(endpoint, timeout=60.0), logging.getLogger("gpu_connector_path"), 60.0
+        lambda: Client(endpoint, timeout=60.0),
+        logging.getLogger("gpu_connector_path"),
+        60.0,
+        retry_interval=0.5,
     )
     device_order: DeviceOrder = CudaOrder(torch.cuda, device) if on_gpu else HostOrder()
 
@@ -186,6 +197,10 @@ def _run(
         paged.gather_chunks(list(zip(saved, buffers, strict=True)), batch)  # wait_for_save
         gathered = time.perf_counter()
         ok = link.put(keys, [buffer.numpy() for buffer in buffers])
+        deadline = time.monotonic() + 30
+        while not ok and args.kill_workers and time.monotonic() < deadline:
+            time.sleep(link.down_for() + 0.05)  # a call that met the restart marks it down
+            ok = link.put(keys, [buffer.numpy() for buffer in buffers])
         put_done = time.perf_counter()
         pool.release(buffers)
         if not ok:
@@ -196,16 +211,14 @@ def _run(
         """start_load_kv + wait_for_layer_load per layer; returns get s, get-to-usable s."""
         sync()
         started = time.perf_counter()
+        if registrations is not None:  # LMCachedConnector._register_arenas
+            registrations.register_arenas(link.arenas())
+            arenas_seen.update(registrations.arenas)
         values = link.get(keys)
         got = time.perf_counter()
         if any(v is None for v in values):
             missing = [i for i, v in enumerate(values) if v is None]
             raise SystemExit(f"saved chunks {missing} of {len(keys)} were not found")
-        if registrations is not None:  # LMCachedConnector._register_arenas
-            for arena in link.arenas():
-                view = payload_tensor(arena)
-                if view.data_ptr() not in registrations:
-                    arenas_registered.append(registrations.register(view.data_ptr(), view.numel()))
         pieces = [payload_tensor(v) for v in values]
         views = [paged.views(piece, blocks_per_chunk) for piece in pieces]
         # As start_load_kv does when a load ends inside a block (the usual case): that block is
@@ -278,6 +291,8 @@ def _run(
             if round_:
                 for name, value in zip(rows, (gather_s, put_s, get_s, load_s), strict=True):
                     rows[name].append(value)
+            if round_ == 1 and args.kill_workers:
+                _kill_workers(Client, endpoint)
         h2d, d2h = ceiling()
     finally:
         link.close()
@@ -294,8 +309,7 @@ def _run(
     if on_gpu:
         print(
             f"save slabs registered with CUDA: {pool.shared}; arena mappings registered: "
-            f"{arenas_registered.count(True)} of {len(arenas_registered)}; "
-            f"registration failures: {failures}"
+            f"{len(arenas_seen)}; registration failures: {failures}"
         )
     save_s = med["gather"] + med["put"]
     print(f"{'step':34} {'ms':>9} {'GB/s':>7} {'x pinned copy':>14}")
@@ -314,6 +328,26 @@ def _run(
     batched = paged.batched if batch is None else batch
     print(f"every load checked block for block ({args.repeats + 1} rounds, batched: {batched})")
     return 0
+
+
+def _kill_workers(client_class: Any, endpoint: str) -> None:
+    """kill -9 every worker of the daemon and wait until each is back (a new arena each)."""
+    import os
+    import signal
+
+    from lmcached.testing import wait_until
+
+    with client_class(endpoint, timeout=30.0) as client:
+        before = {w["id"]: w["pid"] for w in client.control("map")["map"]["workers"]}
+        for pid in before.values():
+            os.kill(pid, signal.SIGKILL)
+
+        def restarted() -> bool:
+            workers = client.control("map")["map"]["workers"]
+            return all(w["state"] == "up" and w["pid"] != before[w["id"]] for w in workers)
+
+        wait_until(restarted, 60, interval=0.1, what="the workers' restart")
+    print(f"killed {len(before)} workers with SIGKILL after round 1; all restarted")
 
 
 if __name__ == "__main__":
