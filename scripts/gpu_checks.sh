@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU host's checks, in one run (the device time is scarce): the connector's GPU path
-# through a real daemon, host-to-device copies from a live worker's registered arena, the
+# through a real daemon (also across a kill -9 of every worker), host-to-device copies from a
+# live worker's registered arena, the
 # layer-wise load, then the same-host bench on that host's CPUs. Each step has its own limit and
 # writes its output to $OUT (or ./gpu-checks); a step that fails does not stop the others.
 #
@@ -25,6 +26,7 @@ step() {  # step NAME SECONDS COMMAND...: run with a limit, keep its output, rep
 
 step connector_llama8b 150 $py scripts/gpu_connector_path.py --repeats 5
 step connector_bench 90 $py scripts/gpu_connector_path.py --model bench --tokens 2048 --repeats 5
+step connector_kill9 120 $py scripts/gpu_connector_path.py --repeats 3 --kill-workers
 step arena_h2d_file 60 $py scripts/gpu_arena_h2d.py
 
 # The same measurement over a live worker's arena (its first 32 MiB after the header).

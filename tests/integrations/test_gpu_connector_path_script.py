@@ -57,3 +57,20 @@ def test_a_token_count_off_the_chunk_size_is_refused_in_one_line() -> None:
     run = _run("--tokens", "300", "--device", "cpu")
     assert run.returncode == 2
     assert "--tokens must be a positive multiple of 256" in run.stderr
+
+
+@pytest.mark.timeout(180)
+def test_the_connector_path_goes_on_with_new_arenas_after_every_worker_is_killed() -> None:
+    run = _run(
+        *("--model", "bench", "--tokens", "512", "--repeats", "2", "--device", "cpu"),
+        "--kill-workers",
+    )
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    assert "killed 2 workers with SIGKILL after round 1; all restarted" in run.stdout
+    assert "every load checked block for block (3 rounds, batched: False)" in run.stdout
+
+
+def test_killing_workers_is_refused_for_a_daemon_the_script_did_not_start() -> None:
+    run = _run("--kill-workers", "--endpoint", "ipc:///nonexistent", "--device", "cpu")
+    assert run.returncode == 2
+    assert "--kill-workers needs the private daemon" in run.stderr
