@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The GPU host's checks, in one run (the device time is scarce): the connector's GPU path
 # through a real daemon (also across a kill -9 of every worker), host-to-device copies from a
-# live worker's registered arena, the
-# layer-wise load, then the same-host bench on that host's CPUs. Each step has its own limit and
-# writes its output to $OUT (or ./gpu-checks); a step that fails does not stop the others.
+# live worker's registered arena, the layer-wise load, then the same-host bench on that host's
+# CPUs. Each step has its own limit and writes its output to $OUT (or ./gpu-checks); a step
+# that fails does not stop the others.
 #
 #   bash scripts/gpu_checks.sh            # needs torch with CUDA and lmcached's dependencies
 set -u
