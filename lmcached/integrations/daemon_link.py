@@ -147,6 +147,27 @@ class DaemonLink:
             )
         )
 
+    @staticmethod
+    def lost(values: Sequence[Any]) -> list[int]:
+        """Return the indexes of ``values`` (from :meth:`get`) whose slot was reused under them.
+
+        A same-host get returns views of the worker's arena, each held by a lease. A lease
+        that ran out (a load stalled past ``lease_timeout``) lets the worker reuse the slot, so
+        bytes read from the view may belong to another block. Call this after the reads are
+        complete (on a GPU: after the copies' stream is synchronized): whatever it does not
+        name was read whole, before any reuse.
+        """
+        from lmcached.client.shared import check_view
+        from lmcached.errors import LMCachedLeaseExpired
+
+        lost = []
+        for i, value in enumerate(values):
+            try:
+                check_view(value)
+            except LMCachedLeaseExpired:
+                lost.append(i)
+        return lost
+
     def arenas(self) -> list[Any]:
         """Return the daemon's shared-memory arenas this client maps (buffer-like), if any.
 

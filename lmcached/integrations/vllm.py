@@ -465,6 +465,7 @@ class _LoadPiece:
     """One fetched chunk of a load, ready to copy into its blocks (worker side)."""
 
     payload: Any  # uint8 tensor viewing the received bytes
+    received: Any  # what the get returned (a leased view of the arena, on the same host)
     blocks: list[int]  # the chunk's blocks, in order
     positions: list[int]  # which of them to write
     edge: int | None  # position of the block the load ends inside of (shared with the forward)
@@ -849,6 +850,11 @@ class LMCachedConnector(KVConnectorBase_V1):
         if self._load_mode() == "sync":
             for piece in pieces:
                 self._paged.scatter(piece.payload, piece.blocks, piece.positions)
+            if self._paged.on_gpu:
+                import torch
+
+                torch.cuda.current_stream(self._paged.device).synchronize()  # reads done
+            self._report_lost(pieces)
             return
         # A load that ends inside a block shares that block with this step's forward pass,
         # which writes a layer's new KV into it *before* it asks for that layer's loaded KV.
@@ -970,6 +976,7 @@ class LMCachedConnector(KVConnectorBase_V1):
             pieces.append(
                 _LoadPiece(
                     payload=payload_tensor(value),
+                    received=value,
                     blocks=blocks,
                     positions=wanted,
                     edge=wanted[-1] if ends_here and ends_inside_a_block else None,
@@ -985,7 +992,8 @@ class LMCachedConnector(KVConnectorBase_V1):
         if loads is None:
             return
         pieces = list(loads.sources)
-        loads.join()
+        loads.join()  # every copy is complete (the side stream waited for the edge copies too)
+        self._report_lost(pieces)
         self.stats["layers_waited"] += loads.waits
         self.stats["layers_overlapped"] += loads.overlapped
         if loads.error is not None:
@@ -999,6 +1007,23 @@ class LMCachedConnector(KVConnectorBase_V1):
             failed.update(b for piece in pieces for b in piece.load_blocks)
             with self._errors_lock:
                 self._load_errors.update(failed)
+
+    def _report_lost(self, pieces: list[_LoadPiece]) -> None:
+        """Report the chunks whose slot was reused while they were copied as load errors
+        (vLLM recomputes them, and discards what this step computed from them)."""
+        lost = self._link.lost([piece.received for piece in pieces])
+        if not lost:
+            return
+        self._link.log.warning(
+            "lease",
+            "LMCachedConnector: %d loaded chunks outlived their lease (lease_timeout); "
+            "recomputing them",
+            len(lost),
+        )
+        with self._errors_lock:
+            for i in lost:
+                self._load_errors.update(pieces[i].load_blocks)
+        self.stats["failed_chunks"] += len(lost)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         """Wait until ``layer_name``'s loaded KV is in place (layer-wise loads)."""

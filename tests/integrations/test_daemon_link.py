@@ -73,3 +73,31 @@ def test_rate_limited_log_counts_what_it_suppressed(caplog: pytest.LogCaptureFix
         log.warning("other", "another kind")
     assert [r.getMessage() for r in caplog.records] == ["down 0", "another kind"]
     assert log.suppressed == {"down": 4}
+
+
+def test_lost_names_the_views_whose_slot_was_reused_past_their_lease(tmp_path: Path) -> None:
+    """A load that stalls past lease_timeout may have read another block's bytes: the
+    connector asks ``lost`` after its copies and recomputes what it names."""
+    import os
+
+    mib = 1 << 20
+    with DaemonProcess(
+        tmp_path / "d", num_workers=1, max_local_cpu_size="8MiB", lease_timeout=0.5
+    ) as daemon:
+        link = link_for(daemon)
+        link.timeout = 30.0
+        kept, late = [b"kept", b"late"], os.urandom(mib)
+        assert link.put(kept, [b"k" * 4096, late])
+        values = link.get(kept)
+        assert link.lost(values) == []  # fresh views: nothing lost
+        with Client.from_config(daemon.config_path, timeout=30) as c:
+
+            def pinned() -> int:
+                return int(c.stats()["workers"][0]["stats"]["store"]["cpu"]["arena_pinned"])
+
+            wait_until(lambda: pinned() == 0, 20, what="lease expiry")
+            for i in range(40):  # the worker reuses the freed slots for these
+                c.put([f"flood/{i}".encode()], [os.urandom(mib)])
+        assert link.lost(values) == [0, 1]
+        assert link.lost([b"bytes", None]) == []  # not from shared memory: nothing to lose
+        link.close()
