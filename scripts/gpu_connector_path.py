@@ -245,6 +245,9 @@ def _run(
         loads.join()
         if loads.error is not None:
             raise SystemExit(f"the layer-wise load failed: {loads.error!r}")
+        lost = link.lost(values)  # LMCachedConnector._report_lost
+        if lost:
+            raise SystemExit(f"chunks {lost} outlived their lease during the load")
         return got - started, usable - started
 
     def check() -> None:
