@@ -211,11 +211,11 @@ def _run(
         """start_load_kv + wait_for_layer_load per layer; returns get s, get-to-usable s."""
         sync()
         started = time.perf_counter()
-        if registrations is not None:  # LMCachedConnector._register_arenas
-            registrations.register_arenas(link.arenas())
-            arenas_seen.update(registrations.arenas)
         values = link.get(keys)
         got = time.perf_counter()
+        if registrations is not None:  # LMCachedConnector._register_arenas, after the get
+            registrations.register_arenas(link.arenas())
+            arenas_seen.update(registrations.arenas)
         if any(v is None for v in values):
             missing = [i for i, v in enumerate(values) if v is None]
             raise SystemExit(f"saved chunks {missing} of {len(keys)} were not found")

@@ -844,9 +844,11 @@ class LMCachedConnector(KVConnectorBase_V1):
         meta = self._connector_metadata
         if not isinstance(meta, LMCachedConnectorMetadata) or not meta.loads or self._paged is None:
             return
-        if self._paged.on_gpu:
-            self._register_arenas()
         pieces = self._fetch(meta)
+        if self._paged.on_gpu:
+            # After the get: it maps the arenas it reads from (the first ones, or a restarted
+            # worker's new one), so this step's copies already run from registered memory.
+            self._register_arenas()
         if self._load_mode() == "sync":
             for piece in pieces:
                 self._paged.scatter(piece.payload, piece.blocks, piece.positions)
