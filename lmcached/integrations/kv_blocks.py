@@ -493,6 +493,8 @@ class HostRegistrations:
         # page-locked (a tensor from torch.frombuffer would not: it keeps the view object,
         # but not an export, and the client's close() would unmap under it).
         self._arenas: dict[int, Any] = {}
+        # Arenas CUDA would not register, held the same way: not tried again while mapped.
+        self._refused: dict[int, Any] = {}
         self.failures = 0
 
     def register(self, address: int, size: int, read_only: bool = True) -> bool:
@@ -539,9 +541,14 @@ class HostRegistrations:
         for address in [a for a in self._arenas if a not in current]:
             self._unregister(address)
             del self._arenas[address]  # the client may unmap it now
+        self._refused = {a: held for a, held in self._refused.items() if a in current}
         for address, held in current.items():
-            if address not in self._arenas and self.register(address, held.nbytes):
+            if address in self._arenas or address in self._refused:
+                continue
+            if self.register(address, held.nbytes):
                 self._arenas[address] = held
+            else:  # copies from it stay synchronous; asking again each step would cost a call
+                self._refused[address] = held
 
     @property
     def arenas(self) -> list[int]:
@@ -560,3 +567,4 @@ class HostRegistrations:
         for address in list(self._registered):
             self._unregister(address)
         self._arenas = {}
+        self._refused = {}

@@ -238,3 +238,23 @@ def test_a_restarted_workers_arena_is_unregistered_before_the_client_may_unmap_i
         finally:
             registry.close()
             link.close()
+
+
+def test_an_arena_cuda_refuses_is_not_asked_for_again_while_it_is_mapped() -> None:
+    from lmcached.integrations.kv_blocks import HostRegistrations
+
+    class RefusingCudart(RecordingCudart):
+        def cudaHostRegister(self, address: int, size: int, flags: int) -> int:
+            super().cudaHostRegister(address, size, flags)
+            return 1
+
+    cudart = RefusingCudart()
+    registry = HostRegistrations(cudart)
+    arena, other = bytearray(8192), bytearray(8192)
+    for _ in range(3):  # one step after another
+        registry.register_arenas([arena])
+    assert len(cudart.calls) == 2  # read-only, then default: once, not every step
+    assert registry.arenas == [] and registry.failures == 1
+    registry.register_arenas([other])  # the first arena is gone: a new one is tried
+    assert len(cudart.calls) == 4 and registry.failures == 2
+    registry.close()
