@@ -231,7 +231,12 @@ class PagedKV:
         ]
         # On a GPU, copy many chunks per layer with one kernel (see load_plan), not one each:
         # the host's cost of issuing copies, not the bus, bounds a load made of small copies.
-        self.batched = self.on_gpu and all(rows is not None for rows in self.rows)
+        self.batched = self._batching(None)
+
+    def _batching(self, batch: bool | None) -> bool:
+        """Whether copies go through staging tensors: ``batch``, by default on a GPU, and
+        only where every layer can be viewed as rows."""
+        return (self.on_gpu if batch is None else batch) and None not in self.rows
 
     def describe(self) -> str:
         """Return the per-layer shapes without the block count, to fold into the layout tag."""
@@ -277,8 +282,8 @@ class PagedKV:
         """
         picked = list(range(len(block_ids)) if positions is None else positions)
         targets = self.device_index([block_ids[p] for p in picked])
-        whole = len(picked) == len(block_ids)
-        return BlockIndex(targets, None if whole else self.device_index(picked), len(picked))
+        every = _every_block(block_ids, picked)
+        return BlockIndex(targets, None if every else self.device_index(picked), len(picked))
 
     def gather(self, block_ids: Sequence[int], buffer: torch.Tensor) -> None:
         """Copy the blocks ``block_ids`` of every layer into ``buffer`` (the chunk payload)."""
@@ -299,7 +304,7 @@ class PagedKV:
         """
         import torch
 
-        if (self.batched if batch is None else batch) and None not in self.rows:
+        if self._batching(batch):
             for group in _groups([len(ids) for ids, _ in chunks], self._row_bytes, staging_bytes):
                 self._gather_group([chunks[i] for i in group])
         else:
@@ -376,11 +381,11 @@ class PagedKV:
         on the device, then one kernel puts all their blocks in place. Chunks that are only
         partly needed are copied one by one.
         """
-        batch = (self.batched if batch is None else batch) and None not in self.rows
+        batch = self._batching(batch)
         alone: list[tuple[int, BlockIndex]] = []
         whole: list[int] = []
         for i, (ids, positions) in enumerate(chunks):
-            if batch and (positions is None or list(positions) == list(range(len(ids)))):
+            if batch and _every_block(ids, positions):
                 whole.append(i)
             else:
                 alone.append((i, self.block_index(ids, positions)))
@@ -425,6 +430,11 @@ class PagedKV:
                 [part * self.num_blocks + b for ids in chunks for part in range(lead) for b in ids]
             )
         return rows
+
+
+def _every_block(block_ids: Sequence[int], positions: Sequence[int] | None) -> bool:
+    """Whether ``positions`` picks every block of a chunk, in order (None: it does)."""
+    return positions is None or list(positions) == list(range(len(block_ids)))
 
 
 def _groups(sizes: Sequence[int], row_bytes: int, limit: int) -> list[list[int]]:
